@@ -1,0 +1,1 @@
+//! Sans-IO decision logic for Ringway.
