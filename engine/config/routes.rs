@@ -1,0 +1,194 @@
+//! Checks for `[[routes]]`: match conditions and references to listeners, upstreams, filters.
+
+use std::collections::{HashMap, HashSet};
+
+use super::raw::{OrderedMap, RawMatch, RawRoute, S};
+use super::toml_key;
+use super::types::*;
+use super::validate::{is_token, Ck};
+
+/// Resolves every route against the already resolved listeners, upstreams and filters.
+pub(crate) fn routes(
+    ck: &mut Ck,
+    raw: &[RawRoute],
+    listeners: &[Listener],
+    upstreams: &[Upstream],
+    filters: &[FilterConf],
+) -> Vec<Route> {
+    let mut names = HashMap::new();
+    let upstream_names: HashSet<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+    let must_be_upstream = |ck: &mut Ck, key: String, v: &S<String>| {
+        if !upstream_names.contains(v.get_ref().as_str()) {
+            ck.err(
+                key,
+                v.span(),
+                format!("no upstream named {:?} in [[upstreams]]", v.get_ref()),
+            );
+        }
+    };
+    let mut out = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let k = |f: &str| format!("routes[{i}].{f}");
+        ck.unique(&mut names, "route", &k("name"), &r.name);
+
+        if let Some(l) = &r.listener {
+            if !listeners.iter().any(|x| &x.name == l.get_ref()) {
+                ck.err(
+                    k("listener"),
+                    l.span(),
+                    format!("no listener named {:?} in [[listeners]]", l.get_ref()),
+                );
+            }
+        }
+        must_be_upstream(ck, k("upstream"), &r.upstream);
+
+        let mut seen = HashSet::new();
+        for (j, f) in r.filters.iter().enumerate() {
+            let name = f.get_ref();
+            if !filters.iter().any(|x| &x.name == name) {
+                ck.err(
+                    format!("routes[{i}].filters[{j}]"),
+                    f.span(),
+                    format!("no filter named {name:?} in [[filters]]"),
+                );
+            } else if !seen.insert(name) {
+                ck.err(
+                    format!("routes[{i}].filters[{j}]"),
+                    f.span(),
+                    format!("filter {name:?} is listed twice"),
+                );
+            }
+        }
+
+        let matcher = route_match(ck, i, &r.matcher);
+        if let Some(s) = &r.strip_prefix {
+            if *s.get_ref() && matcher.path_prefix.is_none() {
+                ck.err(
+                    k("strip_prefix"),
+                    s.span(),
+                    "strip_prefix = true needs match.path_prefix",
+                );
+            }
+        }
+
+        for (glob, up) in &r.models.0 {
+            must_be_upstream(ck, format!("routes[{i}].models.{}", toml_key(glob)), up);
+        }
+        check_globs(ck, &format!("routes[{i}].models"), &r.models);
+        check_globs(ck, &format!("routes[{i}].model_map"), &r.model_map);
+        for (glob, model) in &r.model_map.0 {
+            if model.get_ref().is_empty() {
+                ck.err(
+                    format!("routes[{i}].model_map.{}", toml_key(glob)),
+                    model.span(),
+                    "the new model name must not be empty",
+                );
+            }
+        }
+
+        out.push(Route {
+            name: r.name.get_ref().clone(),
+            listener: r.listener.as_ref().map(|l| l.get_ref().clone()),
+            matcher,
+            upstream: r.upstream.get_ref().clone(),
+            filters: r.filters.iter().map(|f| f.get_ref().clone()).collect(),
+            strip_prefix: r.strip_prefix.as_ref().is_some_and(|s| *s.get_ref()),
+            models: pairs(&r.models),
+            model_map: pairs(&r.model_map),
+            include_usage: r.include_usage.unwrap_or(true),
+        });
+    }
+    out
+}
+
+fn pairs(m: &OrderedMap<S<String>>) -> Vec<(String, String)> {
+    m.0.iter()
+        .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+        .collect()
+}
+
+fn check_globs(ck: &mut Ck, key: &str, m: &OrderedMap<S<String>>) {
+    for (glob, v) in &m.0 {
+        if glob.is_empty() {
+            ck.err(
+                format!("{key}.\"\""),
+                v.span(),
+                "a model glob must not be empty; use \"*\" for any model",
+            );
+        }
+    }
+}
+
+fn route_match(ck: &mut Ck, i: usize, m: &RawMatch) -> RouteMatch {
+    let k = |f: &str| format!("routes[{i}].match.{f}");
+    let host = m.host.as_ref().map(|h| {
+        let v = h.get_ref().to_ascii_lowercase();
+        // Requests are matched on the Host header without its port.
+        let v = match v.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+            _ => v,
+        };
+        if v.is_empty() {
+            ck.err(k("host"), h.span(), "must not be empty");
+        }
+        v
+    });
+    let mut slash = |f: &str, v: &Option<S<String>>| {
+        v.as_ref().map(|p| {
+            if !p.get_ref().starts_with('/') {
+                ck.err(
+                    k(f),
+                    p.span(),
+                    format!("must start with \"/\", got {:?}", p.get_ref()),
+                );
+            }
+            p.get_ref().clone()
+        })
+    };
+    let path_prefix = slash("path_prefix", &m.path_prefix);
+    let path = slash("path", &m.path);
+    if let (Some(_), Some(p)) = (&m.path_prefix, &m.path) {
+        ck.err(
+            k("path"),
+            p.span(),
+            "set either path or path_prefix, not both",
+        );
+    }
+    let methods = m
+        .methods
+        .iter()
+        .enumerate()
+        .map(|(j, v)| {
+            if !is_token(v.get_ref()) {
+                ck.err(
+                    format!("routes[{i}].match.methods[{j}]"),
+                    v.span(),
+                    format!("{:?} is not an HTTP method", v.get_ref()),
+                );
+            }
+            v.get_ref().to_ascii_uppercase()
+        })
+        .collect();
+    let headers = m
+        .headers
+        .0
+        .iter()
+        .map(|(name, v)| {
+            if !is_token(name) {
+                ck.err(
+                    format!("routes[{i}].match.headers.{}", toml_key(name)),
+                    v.span(),
+                    format!("{name:?} is not a valid header name"),
+                );
+            }
+            (name.to_ascii_lowercase(), v.get_ref().clone())
+        })
+        .collect();
+    RouteMatch {
+        host,
+        path_prefix,
+        path,
+        methods,
+        headers,
+    }
+}

@@ -1,0 +1,220 @@
+//! Checks for `[[upstreams]]`: endpoints, balancing, pool sizes and health checks.
+
+use std::collections::HashMap;
+use std::net::Ipv6Addr;
+use std::time::Duration;
+
+use super::raw::{RawUpstream, S};
+use super::types::*;
+use super::validate::{is_token, usize_of, Ck};
+
+/// Checks "host:port" / "[v6]:port"; the engine resolves host names later, on the control core.
+pub(crate) fn check_host_port(s: &str) -> Result<(), String> {
+    if s.contains("://") {
+        return Err(format!("{s:?}: expected host:port without a scheme"));
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("{s:?}: expected [ipv6]:port"))?;
+        if h.parse::<Ipv6Addr>().is_err() {
+            return Err(format!("{s:?}: {h:?} is not an IPv6 address"));
+        }
+        (h, p)
+    } else {
+        let (h, p) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected host:port, the port is required"))?;
+        let host_ok = !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if !host_ok {
+            return Err(format!("{s:?}: {h:?} is not a valid host"));
+        }
+        (h, p)
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!(
+            "{s:?}: port {port:?} of {host} must be a number from 1 to 65535"
+        )),
+    }
+}
+
+/// Normalises a `hash_key`, or says which forms are accepted.
+fn hash_key(v: &str) -> Result<String, String> {
+    let named = |prefix: &str, lower: bool| {
+        v.strip_prefix(prefix).and_then(|n| {
+            is_token(n).then(|| {
+                let n = if lower {
+                    n.to_ascii_lowercase()
+                } else {
+                    n.to_string()
+                };
+                format!("{prefix}{n}")
+            })
+        })
+    };
+    match v {
+        "ip" | "consumer" => Ok(v.to_string()),
+        _ => named("header:", true)
+            .or_else(|| named("cookie:", false))
+            .ok_or_else(|| {
+                format!(
+                    "expected \"header:NAME\", \"ip\", \"cookie:NAME\" or \"consumer\", got {v:?}"
+                )
+            }),
+    }
+}
+
+pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
+    let mut names = HashMap::new();
+    let mut out = Vec::new();
+    for (i, u) in raw.iter().enumerate() {
+        let k = |f: &str| format!("upstreams[{i}].{f}");
+        ck.unique(&mut names, "upstream", &k("name"), &u.name);
+
+        if u.endpoints.get_ref().is_empty() {
+            ck.err(
+                k("endpoints"),
+                u.endpoints.span(),
+                "needs at least one endpoint",
+            );
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for (j, e) in u.endpoints.get_ref().iter().enumerate() {
+            let ek = format!("upstreams[{i}].endpoints[{j}]");
+            let raw_e = e.get_ref();
+            if let Err(m) = check_host_port(&raw_e.address) {
+                ck.err(ek.as_str(), e.span(), m);
+            } else if endpoints.iter().any(|x| x.address == raw_e.address) {
+                ck.err(
+                    ek.as_str(),
+                    e.span(),
+                    format!("duplicate endpoint {:?}", raw_e.address),
+                );
+            }
+            let weight = raw_e.weight.unwrap_or(1);
+            if weight == 0 {
+                ck.err(format!("{ek}.weight"), e.span(), "must be at least 1");
+            }
+            endpoints.push(Endpoint {
+                address: raw_e.address.clone(),
+                weight,
+            });
+        }
+
+        let balance = u
+            .balance
+            .as_ref()
+            .map_or(Balance::RoundRobin, |b| *b.get_ref());
+        let hash = u
+            .hash_key
+            .as_ref()
+            .and_then(|h| match hash_key(h.get_ref()) {
+                Ok(v) => Some(v),
+                Err(m) => {
+                    ck.err(k("hash_key"), h.span(), m);
+                    None
+                }
+            });
+        match (&u.balance, &u.hash_key) {
+            (Some(b), None) if balance == Balance::Hash => ck.err(
+                k("hash_key"),
+                b.span(),
+                "balance = \"hash\" needs hash_key = \"header:NAME\" | \"ip\" | \"cookie:NAME\" | \"consumer\"",
+            ),
+            (_, Some(h)) if balance != Balance::Hash => ck.err(
+                k("hash_key"),
+                h.span(),
+                "hash_key is only used with balance = \"hash\"",
+            ),
+            _ => {}
+        }
+
+        let max_connections = ck.count(&k("max_connections"), &u.max_connections, 512, 1, u64::MAX);
+        let max_idle = ck.count(&k("max_idle"), &u.max_idle, 64, 0, u64::MAX);
+        if max_idle > max_connections {
+            let (key, span) = match (&u.max_idle, &u.max_connections) {
+                (Some(s), _) => (k("max_idle"), s.span()),
+                (None, Some(s)) => (k("max_connections"), s.span()),
+                (None, None) => (k("max_idle"), u.name.span()),
+            };
+            ck.err(
+                key,
+                span,
+                format!(
+                    "max_idle ({max_idle}) must not exceed max_connections ({max_connections})"
+                ),
+            );
+        }
+
+        let health = u.health.as_ref().map(|h| {
+            let hk = |f: &str| format!("upstreams[{i}].health.{f}");
+            if !h.path.get_ref().starts_with('/') {
+                ck.err(hk("path"), h.path.span(), "must start with \"/\"");
+            }
+            let interval = h.interval.get_ref().0;
+            if interval.is_zero() {
+                ck.err(
+                    hk("interval"),
+                    h.interval.span(),
+                    "must be greater than zero",
+                );
+            }
+            let timeout = ck.dur(&hk("timeout"), &h.timeout, Duration::from_secs(1));
+            if let Some(t) = &h.timeout {
+                if !interval.is_zero() && timeout > interval {
+                    ck.err(
+                        hk("timeout"),
+                        t.span(),
+                        "must not exceed the health interval",
+                    );
+                }
+            }
+            let mut at_least_one = |f: &str, v: &Option<S<u32>>, d: u32| match v {
+                Some(s) if *s.get_ref() == 0 => {
+                    ck.err(hk(f), s.span(), "must be at least 1");
+                    0
+                }
+                Some(s) => *s.get_ref(),
+                None => d,
+            };
+            Health {
+                path: h.path.get_ref().clone(),
+                interval,
+                timeout,
+                healthy_after: at_least_one("healthy_after", &h.healthy_after, 2),
+                unhealthy_after: at_least_one("unhealthy_after", &h.unhealthy_after, 3),
+            }
+        });
+
+        out.push(Upstream {
+            name: u.name.get_ref().clone(),
+            endpoints,
+            balance,
+            hash_key: hash,
+            max_connections: usize_of(max_connections),
+            max_idle: usize_of(max_idle),
+            idle_timeout: ck.dur(&k("idle_timeout"), &u.idle_timeout, Duration::from_secs(60)),
+            connect_timeout: ck.dur(
+                &k("connect_timeout"),
+                &u.connect_timeout,
+                Duration::from_secs(2),
+            ),
+            response_timeout: ck.dur(
+                &k("response_timeout"),
+                &u.response_timeout,
+                Duration::from_secs(60),
+            ),
+            retries: u.retries.unwrap_or(1),
+            health,
+            resolve_interval: ck.dur(
+                &k("resolve_interval"),
+                &u.resolve_interval,
+                Duration::from_secs(30),
+            ),
+        });
+    }
+    out
+}
