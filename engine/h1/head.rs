@@ -1,0 +1,1145 @@
+//! Request and response head parsing, plus the framing decisions of RFC 9112 §6.
+//!
+//! Syntax is checked by httparse in its strict default configuration; this
+//! module adds what httparse lets through (LF-only line endings) and the
+//! semantic checks a proxy needs to avoid request smuggling: one exact
+//! Content-Length, a Transfer-Encoding of exactly `chunked`, never both.
+
+use std::mem::MaybeUninit;
+
+use httparse::{Header, ParserConfig, Status};
+
+use super::error::HeadError;
+
+/// The most distinct Connection tokens a head may carry; more is
+/// [`HeadError::TooManyConnectionTokens`]. Real clients send one or two.
+pub const MAX_CONNECTION_TOKENS: usize = 8;
+
+/// Size limits for one message head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest accepted head, request line through the empty line, in bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields; the caller's header storage has this length.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    /// 16 KiB of head and 100 fields.
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// How the message body is framed (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    /// No body: no framing header on a request, or a response that cannot have one.
+    None,
+    /// Exactly this many bytes follow the head.
+    Length(u64),
+    /// The chunked transfer coding; decode with `ChunkedDecoder`.
+    Chunked,
+    /// Responses only: "the message body length is determined by the number of
+    /// octets received prior to the server closing the connection."
+    CloseDelimited,
+}
+
+/// The tokens of all Connection fields of a head, in order, without duplicates.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnTokens<'b> {
+    /// Token slices borrowed from the head; only `..len` are meaningful.
+    tokens: [&'b [u8]; MAX_CONNECTION_TOKENS],
+    /// How many of `tokens` are set.
+    len: usize,
+}
+
+impl<'b> ConnTokens<'b> {
+    /// The tokens as byte slices, in the order they appeared.
+    pub fn as_slice(&self) -> &[&'b [u8]] {
+        &self.tokens[..self.len]
+    }
+
+    /// Iterates over the tokens.
+    pub fn iter(&self) -> impl Iterator<Item = &'b [u8]> + '_ {
+        self.as_slice().iter().copied()
+    }
+
+    /// The number of distinct tokens.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no Connection field (or only empty ones) was present.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True when `name` is one of the tokens (ASCII case-insensitive); a proxy
+    /// drops the header fields so named.
+    pub fn contains(&self, name: &str) -> bool {
+        self.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    }
+
+    /// Adds a token unless already present.
+    fn push(&mut self, token: &'b [u8]) -> Result<(), HeadError> {
+        if self.iter().any(|t| t.eq_ignore_ascii_case(token)) {
+            return Ok(());
+        }
+        let slot = self
+            .tokens
+            .get_mut(self.len)
+            .ok_or(HeadError::TooManyConnectionTokens)?;
+        *slot = token;
+        self.len += 1;
+        Ok(())
+    }
+}
+
+/// A parsed request head borrowing the read buffer (`'b`) and header storage (`'h`).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'b, 'h> {
+    /// The method token, case-sensitive.
+    pub method: &'b str,
+    /// The request target, origin-form, absolute-form `http://` or `*`.
+    pub target: &'b str,
+    /// The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    /// All header fields, in order, values with surrounding whitespace trimmed.
+    pub headers: &'h [Header<'b>],
+    /// Bytes of the head including the final empty line; the body starts here.
+    pub head_len: usize,
+    /// The body framing; `None` when there is no Content-Length or Transfer-Encoding.
+    pub body: BodyKind,
+    /// Whether the connection may be reused: the version default, then
+    /// `close` / `keep-alive` Connection tokens (`close` wins).
+    pub keep_alive: bool,
+    /// The Connection field has the `upgrade` token and an Upgrade field is present.
+    pub upgrade: bool,
+    /// `Expect: 100-continue` on HTTP/1.1 (ignored on HTTP/1.0 per RFC 9110 §10.1.1).
+    pub expect_continue: bool,
+    /// The Host value, syntax-checked; `None` only on HTTP/1.0 without Host.
+    pub host: Option<&'b [u8]>,
+    /// The Connection tokens, so the proxy can drop the fields they name.
+    pub connection_tokens: ConnTokens<'b>,
+}
+
+/// A parsed response head borrowing the read buffer (`'b`) and header storage (`'h`).
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseHead<'b, 'h> {
+    /// The status code, 100..=999.
+    pub status: u16,
+    /// The reason phrase; empty when absent or not ASCII.
+    pub reason: &'b str,
+    /// The minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    /// All header fields, in order, values with surrounding whitespace trimmed.
+    pub headers: &'h [Header<'b>],
+    /// Bytes of the head including the final empty line; the body starts here.
+    pub head_len: usize,
+    /// The body framing, given the status and whether the request was HEAD.
+    pub body: BodyKind,
+    /// Whether the upstream connection may be reused; false for close-delimited bodies.
+    pub keep_alive: bool,
+    /// The Connection tokens, so the proxy can drop the fields they name.
+    pub connection_tokens: ConnTokens<'b>,
+}
+
+/// The outcome of parsing a possibly incomplete head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed<T> {
+    /// The whole head was in the buffer.
+    Complete(T),
+    /// More bytes are needed; nothing in the buffer is wrong so far.
+    Partial,
+}
+
+/// Parses a request head from the start of `buf`.
+///
+/// `headers` is caller storage of length `limits.max_headers` (a stack array
+/// sliced to that length); a longer slice is cut to `max_headers`.
+pub fn parse_request<'b, 'h>(
+    buf: &'b [u8],
+    headers: &'h mut [MaybeUninit<Header<'b>>],
+    limits: &Limits,
+) -> Result<Parsed<RequestHead<'b, 'h>>, HeadError> {
+    let n = limits.max_headers.min(headers.len());
+    let storage = &mut headers[..n];
+    let mut req = httparse::Request::new(&mut []);
+    let status = ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, storage)
+        .map_err(from_httparse)?;
+    let head_len = match check_status(status, buf, limits)? {
+        Some(len) => len,
+        None => return Ok(Parsed::Partial),
+    };
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed);
+    };
+    let headers: &'h [Header<'b>] = req.headers;
+    check_target(method, target)?;
+    let facts = Facts::scan(headers, Role::Request)?;
+    let body = facts.body_framing(version)?;
+    if version == 1 && facts.host.is_none() {
+        return Err(HeadError::MissingHost);
+    }
+    Ok(Parsed::Complete(RequestHead {
+        method,
+        target,
+        version,
+        headers,
+        head_len,
+        body,
+        keep_alive: facts.keep_alive(version),
+        upgrade: facts.upgrade_field && facts.conn.contains("upgrade"),
+        expect_continue: version == 1 && facts.expect_continue,
+        host: facts.host,
+        connection_tokens: facts.conn,
+    }))
+}
+
+/// Parses a response head from the start of `buf`.
+///
+/// `request_method_head`: the request was HEAD; `status` 1xx/204/304 and HEAD
+/// mean [`BodyKind::None`]; no Content-Length or Transfer-Encoding means
+/// [`BodyKind::CloseDelimited`].
+pub fn parse_response<'b, 'h>(
+    buf: &'b [u8],
+    headers: &'h mut [MaybeUninit<Header<'b>>],
+    limits: &Limits,
+    request_method_head: bool,
+) -> Result<Parsed<ResponseHead<'b, 'h>>, HeadError> {
+    let n = limits.max_headers.min(headers.len());
+    let storage = &mut headers[..n];
+    let mut res = httparse::Response::new(&mut []);
+    let status = ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, storage)
+        .map_err(from_httparse)?;
+    let head_len = match check_status(status, buf, limits)? {
+        Some(len) => len,
+        None => return Ok(Parsed::Partial),
+    };
+    let (Some(code), Some(version)) = (res.code, res.version) else {
+        return Err(HeadError::Malformed);
+    };
+    if code < 100 {
+        return Err(HeadError::InvalidStatus);
+    }
+    let reason = res.reason.unwrap_or("");
+    let headers: &'h [Header<'b>] = res.headers;
+    let facts = Facts::scan(headers, Role::Response)?;
+    let framing = facts.body_framing(version)?;
+    // RFC 9112 §6.3 items 1 and 3-7; 101 switches protocols and has no body either.
+    let body = if request_method_head || (100..200).contains(&code) || code == 204 || code == 304 {
+        BodyKind::None
+    } else if framing == BodyKind::None {
+        BodyKind::CloseDelimited
+    } else {
+        framing
+    };
+    Ok(Parsed::Complete(ResponseHead {
+        status: code,
+        reason,
+        version,
+        headers,
+        head_len,
+        body,
+        keep_alive: facts.keep_alive(version) && body != BodyKind::CloseDelimited,
+        connection_tokens: facts.conn,
+    }))
+}
+
+/// True for the connection-specific fields a proxy must not forward
+/// (RFC 9110 §7.6.1): Connection, Keep-Alive, Proxy-Connection, TE,
+/// Transfer-Encoding, Upgrade.
+///
+/// Trailer and Proxy-Authenticate are end-to-end in RFC 9110 and stay; fields
+/// named by Connection tokens are dropped separately via [`ConnTokens`].
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const HOP_BY_HOP: [&str; 6] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Splits an absolute-form target `http://authority[/path]` into authority and
+/// path (`"/"` when empty).
+///
+/// Only the `http` scheme (any case) is accepted; `None` for other schemes,
+/// userinfo (`@`), an empty or invalid authority, or a query or fragment
+/// directly after the authority (the path could not be rewritten without a copy).
+pub fn split_absolute_form(target: &str) -> Option<(&str, &str)> {
+    const SCHEME: &str = "http://";
+    let scheme = target.get(..SCHEME.len())?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    let rest = &target[SCHEME.len()..];
+    let end = rest
+        .bytes()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || !authority.bytes().all(is_authority_byte) {
+        return None;
+    }
+    match path.as_bytes().first() {
+        None => Some((authority, "/")),
+        Some(b'/') => Some((authority, path)),
+        Some(_) => None,
+    }
+}
+
+/// Which side a head comes from; only requests carry Host and Expect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Request,
+    Response,
+}
+
+/// What one pass over the header fields learned.
+#[derive(Default)]
+struct Facts<'b> {
+    /// The single Content-Length value, if any.
+    content_length: Option<u64>,
+    /// A Transfer-Encoding field was present (and its list was exactly `chunked`).
+    transfer_encoding: bool,
+    /// The Host value (requests only).
+    host: Option<&'b [u8]>,
+    /// An Upgrade field was present.
+    upgrade_field: bool,
+    /// `Expect: 100-continue` was present (requests only).
+    expect_continue: bool,
+    /// All Connection tokens.
+    conn: ConnTokens<'b>,
+}
+
+impl<'b> Facts<'b> {
+    /// Checks every framing-relevant field in one pass.
+    fn scan(headers: &[Header<'b>], role: Role) -> Result<Self, HeadError> {
+        let mut facts = Facts::default();
+        // Elements of the combined Transfer-Encoding list across all fields.
+        let mut te_elements = 0usize;
+        for h in headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                if facts.content_length.is_some() {
+                    return Err(HeadError::DuplicateContentLength);
+                }
+                facts.content_length = Some(parse_content_length(h.value)?);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                facts.transfer_encoding = true;
+                for element in h.value.split(|&b| b == b',') {
+                    te_elements += 1;
+                    if !trim_ows(element).eq_ignore_ascii_case(b"chunked") {
+                        return Err(HeadError::UnsupportedTransferEncoding);
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("connection") {
+                for element in h.value.split(|&b| b == b',') {
+                    let token = trim_ows(element);
+                    // RFC 9110 §5.6.1: recipients accept empty list elements.
+                    if token.is_empty() {
+                        continue;
+                    }
+                    if !token.iter().all(|&b| is_token_byte(b)) {
+                        return Err(HeadError::InvalidConnection);
+                    }
+                    facts.conn.push(token)?;
+                }
+            } else if name.eq_ignore_ascii_case("upgrade") {
+                facts.upgrade_field = true;
+            } else if role == Role::Request && name.eq_ignore_ascii_case("host") {
+                if facts.host.is_some() {
+                    return Err(HeadError::DuplicateHost);
+                }
+                if !h.value.iter().all(|&b| is_authority_byte(b)) {
+                    return Err(HeadError::InvalidHost);
+                }
+                facts.host = Some(h.value);
+            } else if role == Role::Request && name.eq_ignore_ascii_case("expect") {
+                facts.expect_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
+            }
+        }
+        if facts.transfer_encoding && te_elements != 1 {
+            return Err(HeadError::UnsupportedTransferEncoding);
+        }
+        Ok(facts)
+    }
+
+    /// The framing the fields announce, before status-based rules.
+    fn body_framing(&self, version: u8) -> Result<BodyKind, HeadError> {
+        match (self.transfer_encoding, self.content_length) {
+            (true, Some(_)) => Err(HeadError::ContentLengthWithTransferEncoding),
+            // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
+            (true, None) if version == 0 => Err(HeadError::TransferEncodingOnHttp10),
+            (true, None) => Ok(BodyKind::Chunked),
+            (false, Some(len)) => Ok(BodyKind::Length(len)),
+            (false, None) => Ok(BodyKind::None),
+        }
+    }
+
+    /// The version default for persistence, then the Connection tokens.
+    fn keep_alive(&self, version: u8) -> bool {
+        if self.conn.contains("close") {
+            false
+        } else {
+            version == 1 || self.conn.contains("keep-alive")
+        }
+    }
+}
+
+/// Maps an httparse error: too many fields is 431, anything else is malformed.
+fn from_httparse(err: httparse::Error) -> HeadError {
+    match err {
+        httparse::Error::TooManyHeaders => HeadError::TooManyHeaders,
+        _ => HeadError::Malformed,
+    }
+}
+
+/// Applies the size limit and line-ending checks; `Some(head_len)` when complete.
+fn check_status(
+    status: Status<usize>,
+    buf: &[u8],
+    limits: &Limits,
+) -> Result<Option<usize>, HeadError> {
+    match status {
+        Status::Complete(len) => {
+            if len > limits.max_header_bytes {
+                return Err(HeadError::HeadTooLarge);
+            }
+            check_line_endings(buf.get(..len).ok_or(HeadError::Malformed)?, true)?;
+            Ok(Some(len))
+        }
+        Status::Partial => {
+            if buf.len() > limits.max_header_bytes {
+                return Err(HeadError::HeadTooLarge);
+            }
+            check_line_endings(buf, false)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Rejects LF without a preceding CR, and CR without a following LF (a CR at
+/// the very end of an incomplete head may still get its LF).
+fn check_line_endings(head: &[u8], complete: bool) -> Result<(), HeadError> {
+    for i in memchr::memchr_iter(b'\n', head) {
+        if i == 0 || head[i - 1] != b'\r' {
+            return Err(HeadError::BareLineFeed);
+        }
+    }
+    for i in memchr::memchr_iter(b'\r', head) {
+        match head.get(i + 1) {
+            Some(b'\n') => {}
+            None if !complete => {}
+            _ => return Err(HeadError::Malformed),
+        }
+    }
+    Ok(())
+}
+
+/// Checks the request target form for the method (RFC 9112 §3.2).
+fn check_target(method: &str, target: &str) -> Result<(), HeadError> {
+    if method == "CONNECT" {
+        return Err(HeadError::UnsupportedMethod);
+    }
+    match target.as_bytes() {
+        [b'/', ..] => Ok(()),
+        b"*" if method == "OPTIONS" => Ok(()),
+        _ if split_absolute_form(target).is_some() => Ok(()),
+        _ => Err(HeadError::InvalidTarget),
+    }
+}
+
+/// Parses `1*DIGIT` without sign, whitespace, list or leading zeros into u64.
+fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
+    match value {
+        [] => Err(HeadError::InvalidContentLength),
+        [b'0'] => Ok(0),
+        [b'0', ..] => Err(HeadError::InvalidContentLength),
+        digits => digits.iter().try_fold(0u64, |acc, &b| {
+            if !b.is_ascii_digit() {
+                return Err(HeadError::InvalidContentLength);
+            }
+            acc.checked_mul(10)
+                .and_then(|acc| acc.checked_add(u64::from(b - b'0')))
+                .ok_or(HeadError::InvalidContentLength)
+        }),
+    }
+}
+
+/// Trims optional whitespace (SP / HTAB) from both ends.
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+pub(crate) fn is_token_byte(b: u8) -> bool {
+    matches!(b,
+        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'
+        | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+'
+        | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
+}
+
+/// Bytes of `uri-host [":" port]`: unreserved, pct-encoded, sub-delims, `:`, `[`, `]`.
+fn is_authority_byte(b: u8) -> bool {
+    matches!(b,
+        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9'
+        | b'-' | b'.' | b'_' | b'~' | b'%'
+        | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+        | b':' | b'[' | b']')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_header_bytes: 1024,
+        max_headers: 16,
+    };
+
+    /// Storage for one parse: a stack array as the engine uses.
+    fn storage<'b>() -> [MaybeUninit<Header<'b>>; 16] {
+        [const { MaybeUninit::uninit() }; 16]
+    }
+
+    /// Parses a request that must be complete and valid, then runs `check` on it.
+    fn req_ok(buf: &[u8], check: impl FnOnce(&RequestHead<'_, '_>)) {
+        let mut h = storage();
+        match parse_request(buf, &mut h, &LIMITS) {
+            Ok(Parsed::Complete(head)) => check(&head),
+            other => panic!("{:?}: expected complete, got {other:?}", show(buf)),
+        }
+    }
+
+    /// Asserts that a request head is rejected with `want`.
+    fn req_err(buf: &[u8], want: HeadError) {
+        let mut h = storage();
+        match parse_request(buf, &mut h, &LIMITS) {
+            Err(got) => assert_eq!(got, want, "{:?}", show(buf)),
+            Ok(other) => panic!("{:?}: expected {want:?}, got {other:?}", show(buf)),
+        }
+    }
+
+    /// Asserts that a request head is incomplete.
+    fn req_partial(buf: &[u8]) {
+        let mut h = storage();
+        match parse_request(buf, &mut h, &LIMITS) {
+            Ok(Parsed::Partial) => {}
+            other => panic!("{:?}: expected partial, got {other:?}", show(buf)),
+        }
+    }
+
+    /// Parses a response that must be complete and valid, then runs `check` on it.
+    fn res_ok(buf: &[u8], head_req: bool, check: impl FnOnce(&ResponseHead<'_, '_>)) {
+        let mut h = storage();
+        match parse_response(buf, &mut h, &LIMITS, head_req) {
+            Ok(Parsed::Complete(head)) => check(&head),
+            other => panic!("{:?}: expected complete, got {other:?}", show(buf)),
+        }
+    }
+
+    /// Asserts that a response head is rejected with `want`.
+    fn res_err(buf: &[u8], want: HeadError) {
+        let mut h = storage();
+        match parse_response(buf, &mut h, &LIMITS, false) {
+            Err(got) => assert_eq!(got, want, "{:?}", show(buf)),
+            Ok(other) => panic!("{:?}: expected {want:?}, got {other:?}", show(buf)),
+        }
+    }
+
+    fn show(buf: &[u8]) -> String {
+        String::from_utf8_lossy(buf).into_owned()
+    }
+
+    /// A valid HTTP/1.1 request with `extra` header lines (each ending in CRLF).
+    fn req_with(extra: &str) -> Vec<u8> {
+        format!("POST /up HTTP/1.1\r\nHost: a.example\r\n{extra}\r\n").into_bytes()
+    }
+
+    // Valid requests
+
+    #[test]
+    fn simple_get_is_parsed() {
+        let buf = b"GET /index.html?q=1 HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n";
+        req_ok(buf, |r| {
+            assert_eq!(r.method, "GET");
+            assert_eq!(r.target, "/index.html?q=1");
+            assert_eq!(r.version, 1);
+            assert_eq!(r.headers.len(), 2);
+            assert_eq!(r.head_len, buf.len());
+            assert_eq!(r.body, BodyKind::None);
+            assert!(r.keep_alive);
+            assert!(!r.upgrade);
+            assert!(!r.expect_continue);
+            assert_eq!(r.host, Some(&b"example.com"[..]));
+            assert!(r.connection_tokens.is_empty());
+        });
+    }
+
+    #[test]
+    fn head_len_excludes_pipelined_bytes() {
+        let buf = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\n";
+        req_ok(buf, |r| assert_eq!(r.head_len, 27));
+    }
+
+    #[test]
+    fn post_with_content_length_has_length_body() {
+        req_ok(&req_with("Content-Length: 42\r\n"), |r| {
+            assert_eq!(r.body, BodyKind::Length(42))
+        });
+        req_ok(&req_with("Content-Length: 0\r\n"), |r| {
+            assert_eq!(r.body, BodyKind::Length(0))
+        });
+        req_ok(&req_with("content-length: 18446744073709551615\r\n"), |r| {
+            assert_eq!(r.body, BodyKind::Length(u64::MAX))
+        });
+    }
+
+    #[test]
+    fn chunked_request_is_case_insensitive_with_ows() {
+        req_ok(&req_with("Transfer-Encoding: chunked\r\n"), |r| {
+            assert_eq!(r.body, BodyKind::Chunked)
+        });
+        req_ok(&req_with("transfer-encoding:   ChUnKeD  \r\n"), |r| {
+            assert_eq!(r.body, BodyKind::Chunked)
+        });
+    }
+
+    #[test]
+    fn absolute_form_target_is_accepted_and_split() {
+        req_ok(
+            b"GET http://api.example:8080/v1/x?y HTTP/1.1\r\nHost: other\r\n\r\n",
+            |r| {
+                assert_eq!(
+                    split_absolute_form(r.target),
+                    Some(("api.example:8080", "/v1/x?y"))
+                )
+            },
+        );
+        assert_eq!(split_absolute_form("HTTP://h"), Some(("h", "/")));
+        assert_eq!(
+            split_absolute_form("http://[::1]:80/"),
+            Some(("[::1]:80", "/"))
+        );
+        assert_eq!(split_absolute_form("http://"), None);
+        assert_eq!(split_absolute_form("http://u@h/"), None);
+        assert_eq!(split_absolute_form("https://h/"), None);
+        assert_eq!(split_absolute_form("http://h?q"), None);
+        assert_eq!(split_absolute_form("/p"), None);
+    }
+
+    #[test]
+    fn asterisk_target_is_only_for_options() {
+        req_ok(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", |r| {
+            assert_eq!(r.target, "*")
+        });
+        req_err(
+            b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
+            HeadError::InvalidTarget,
+        );
+    }
+
+    #[test]
+    fn http10_defaults_to_close_and_may_omit_host() {
+        req_ok(b"GET / HTTP/1.0\r\n\r\n", |r| {
+            assert_eq!(r.version, 0);
+            assert!(!r.keep_alive);
+            assert_eq!(r.host, None);
+        });
+    }
+
+    #[test]
+    fn http10_keep_alive_token_enables_reuse() {
+        req_ok(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", |r| {
+            assert!(r.keep_alive);
+            assert!(r.connection_tokens.contains("keep-alive"));
+        });
+    }
+
+    #[test]
+    fn close_token_disables_reuse_on_http11() {
+        req_ok(&req_with("Connection: keep-alive, close\r\n"), |r| {
+            assert!(!r.keep_alive)
+        });
+    }
+
+    #[test]
+    fn connection_tokens_are_collected_across_fields() {
+        req_ok(
+            &req_with("Connection: X-Foo, ,x-bar\r\nConnection: x-foo\r\nX-Foo: 1\r\n"),
+            |r| {
+                let tokens: Vec<&[u8]> = r.connection_tokens.iter().collect();
+                assert_eq!(tokens, [&b"X-Foo"[..], &b"x-bar"[..]]);
+                assert!(r.connection_tokens.contains("x-foo"));
+            },
+        );
+    }
+
+    #[test]
+    fn upgrade_needs_token_and_field() {
+        req_ok(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            |r| assert!(r.upgrade),
+        );
+        req_ok(&req_with("Upgrade: websocket\r\n"), |r| assert!(!r.upgrade));
+        req_ok(&req_with("Connection: upgrade\r\n"), |r| {
+            assert!(!r.upgrade)
+        });
+    }
+
+    #[test]
+    fn expect_continue_is_case_insensitive_and_ignored_on_http10() {
+        req_ok(&req_with("Expect: 100-Continue\r\n"), |r| {
+            assert!(r.expect_continue)
+        });
+        req_ok(
+            b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            |r| assert!(!r.expect_continue),
+        );
+    }
+
+    #[test]
+    fn leading_empty_line_is_skipped() {
+        req_ok(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", |r| {
+            assert_eq!(r.head_len, 29)
+        });
+    }
+
+    #[test]
+    fn hop_by_hop_fields_follow_rfc9110() {
+        for name in [
+            "Connection",
+            "keep-alive",
+            "Proxy-Connection",
+            "TE",
+            "transfer-encoding",
+            "UPGRADE",
+        ] {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in ["Trailer", "Proxy-Authenticate", "Host", "Content-Length"] {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
+    }
+
+    // Partial heads
+
+    #[test]
+    fn partial_heads_return_partial() {
+        req_partial(b"");
+        req_partial(b"GE");
+        req_partial(b"GET / HTTP/1.1\r");
+        req_partial(b"GET / HTTP/1.1\r\nHost: a\r\n");
+        req_partial(b"GET / HTTP/1.1\r\nHost: a\r\n\r");
+    }
+
+    #[test]
+    fn partial_head_over_the_limit_is_too_large() {
+        let mut buf = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        buf.resize(LIMITS.max_header_bytes + 1, b'a');
+        req_err(&buf, HeadError::HeadTooLarge);
+    }
+
+    #[test]
+    fn complete_head_over_the_limit_is_too_large() {
+        let long = "a".repeat(LIMITS.max_header_bytes);
+        req_err(
+            &req_with(&format!("X-Long: {long}\r\n")),
+            HeadError::HeadTooLarge,
+        );
+    }
+
+    #[test]
+    fn too_many_headers_is_rejected() {
+        req_err(&req_with(&"X: 1\r\n".repeat(16)), HeadError::TooManyHeaders);
+        assert_eq!(HeadError::TooManyHeaders.status(), 431);
+    }
+
+    // Line endings and bytes that must not appear
+
+    #[test]
+    fn lf_only_line_endings_are_rejected() {
+        req_err(b"GET / HTTP/1.1\nHost: a\n\n", HeadError::BareLineFeed);
+        req_err(b"GET / HTTP/1.1\r\nHost: a\n\r\n", HeadError::BareLineFeed);
+        req_err(b"GET / HTTP/1.1\r\nHost: a\r\n\n", HeadError::BareLineFeed);
+        // Rejected before the head is complete.
+        req_err(b"GET / HTTP/1.1\nHo", HeadError::BareLineFeed);
+    }
+
+    #[test]
+    fn bare_cr_is_rejected() {
+        req_err(b"GET / HTTP/1.1\rHost: a\r\n\r\n", HeadError::Malformed);
+        req_err(
+            b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+            HeadError::Malformed,
+        );
+        req_err(b"GET / HTTP/1.1\r\nHost: a\r\n\rX", HeadError::Malformed);
+    }
+
+    #[test]
+    fn nul_in_header_value_is_rejected() {
+        req_err(&req_with("X-A: a\0b\r\n"), HeadError::Malformed);
+    }
+
+    #[test]
+    fn obs_fold_is_rejected() {
+        req_err(&req_with("X-A: a\r\n\tb\r\n"), HeadError::Malformed);
+        req_err(&req_with("X-A: a\r\n b\r\n"), HeadError::Malformed);
+    }
+
+    #[test]
+    fn tab_prefixed_transfer_encoding_continuation_is_rejected() {
+        req_err(
+            &req_with("X-A: a\r\n\tTransfer-Encoding: chunked\r\n"),
+            HeadError::Malformed,
+        );
+    }
+
+    #[test]
+    fn space_before_colon_is_rejected() {
+        req_err(
+            &req_with("Transfer-Encoding : chunked\r\n"),
+            HeadError::Malformed,
+        );
+    }
+
+    #[test]
+    fn empty_or_invalid_header_name_is_rejected() {
+        req_err(&req_with(": value\r\n"), HeadError::Malformed);
+        req_err(&req_with("X(A): 1\r\n"), HeadError::Malformed);
+    }
+
+    #[test]
+    fn bad_request_line_is_rejected() {
+        req_err(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", HeadError::Malformed);
+        req_err(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", HeadError::Malformed);
+        req_err(b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", HeadError::Malformed);
+    }
+
+    // Content-Length
+
+    #[test]
+    fn content_length_with_sign_is_rejected() {
+        req_err(
+            &req_with("Content-Length: +5\r\n"),
+            HeadError::InvalidContentLength,
+        );
+        req_err(
+            &req_with("Content-Length: -5\r\n"),
+            HeadError::InvalidContentLength,
+        );
+    }
+
+    #[test]
+    fn content_length_with_leading_zero_is_rejected() {
+        req_err(
+            &req_with("Content-Length: 05\r\n"),
+            HeadError::InvalidContentLength,
+        );
+        req_err(
+            &req_with("Content-Length: 00\r\n"),
+            HeadError::InvalidContentLength,
+        );
+    }
+
+    #[test]
+    fn content_length_list_is_rejected() {
+        req_err(
+            &req_with("Content-Length: 5, 5\r\n"),
+            HeadError::InvalidContentLength,
+        );
+        req_err(
+            &req_with("Content-Length: 5 5\r\n"),
+            HeadError::InvalidContentLength,
+        );
+    }
+
+    #[test]
+    fn content_length_empty_hex_or_overflowing_is_rejected() {
+        req_err(
+            &req_with("Content-Length:\r\n"),
+            HeadError::InvalidContentLength,
+        );
+        req_err(
+            &req_with("Content-Length: 0x5\r\n"),
+            HeadError::InvalidContentLength,
+        );
+        req_err(
+            &req_with("Content-Length: 18446744073709551616\r\n"),
+            HeadError::InvalidContentLength,
+        );
+    }
+
+    #[test]
+    fn two_content_lengths_are_rejected_even_if_equal() {
+        req_err(
+            &req_with("Content-Length: 5\r\ncontent-length: 5\r\n"),
+            HeadError::DuplicateContentLength,
+        );
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_rejected() {
+        req_err(
+            &req_with("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"),
+            HeadError::ContentLengthWithTransferEncoding,
+        );
+        req_err(
+            &req_with("Transfer-Encoding: chunked\r\nContent-Length: 5\r\n"),
+            HeadError::ContentLengthWithTransferEncoding,
+        );
+    }
+
+    // Transfer-Encoding
+
+    #[test]
+    fn transfer_encoding_other_than_chunked_is_rejected() {
+        for te in [
+            "xchunked",
+            "chunked, identity",
+            "gzip, chunked",
+            "identity",
+            "",
+            "chunked,",
+            "chunked;q=1",
+            "\"chunked\"",
+        ] {
+            req_err(
+                &req_with(&format!("Transfer-Encoding: {te}\r\n")),
+                HeadError::UnsupportedTransferEncoding,
+            );
+        }
+    }
+
+    #[test]
+    fn two_transfer_encoding_fields_are_rejected() {
+        req_err(
+            &req_with("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"),
+            HeadError::UnsupportedTransferEncoding,
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_on_http10_is_rejected() {
+        req_err(
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            HeadError::TransferEncodingOnHttp10,
+        );
+    }
+
+    // Host
+
+    #[test]
+    fn http11_without_host_is_rejected() {
+        req_err(
+            b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+            HeadError::MissingHost,
+        );
+    }
+
+    #[test]
+    fn duplicate_host_is_rejected() {
+        req_err(&req_with("Host: b.example\r\n"), HeadError::DuplicateHost);
+    }
+
+    #[test]
+    fn host_with_invalid_bytes_is_rejected() {
+        req_err(
+            b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            HeadError::InvalidHost,
+        );
+        req_err(
+            b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            HeadError::InvalidHost,
+        );
+    }
+
+    // Targets and methods
+
+    #[test]
+    fn connect_is_not_implemented() {
+        req_err(
+            b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+            HeadError::UnsupportedMethod,
+        );
+        assert_eq!(HeadError::UnsupportedMethod.status(), 501);
+    }
+
+    #[test]
+    fn authority_form_without_connect_is_rejected() {
+        req_err(
+            b"GET a.example:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+            HeadError::InvalidTarget,
+        );
+        req_err(
+            b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            HeadError::InvalidTarget,
+        );
+    }
+
+    // Connection
+
+    #[test]
+    fn too_many_connection_tokens_are_rejected() {
+        req_err(
+            &req_with("Connection: a, b, c, d, e, f, g, h, i\r\n"),
+            HeadError::TooManyConnectionTokens,
+        );
+        // Duplicates do not count.
+        req_ok(
+            &req_with("Connection: a, a, a, a, a, a, a, a, a, A\r\n"),
+            |r| assert_eq!(r.connection_tokens.len(), 1),
+        );
+    }
+
+    #[test]
+    fn non_token_connection_element_is_rejected() {
+        req_err(
+            &req_with("Connection: keep alive\r\n"),
+            HeadError::InvalidConnection,
+        );
+    }
+
+    // Responses
+
+    #[test]
+    fn response_with_content_length_is_parsed() {
+        let buf = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc";
+        res_ok(buf, false, |r| {
+            assert_eq!(r.status, 200);
+            assert_eq!(r.reason, "OK");
+            assert_eq!(r.version, 1);
+            assert_eq!(r.head_len, buf.len() - 3);
+            assert_eq!(r.body, BodyKind::Length(3));
+            assert!(r.keep_alive);
+        });
+    }
+
+    #[test]
+    fn response_without_framing_is_close_delimited() {
+        res_ok(b"HTTP/1.1 200 OK\r\n\r\n", false, |r| {
+            assert_eq!(r.body, BodyKind::CloseDelimited);
+            assert!(!r.keep_alive);
+        });
+    }
+
+    #[test]
+    fn chunked_response_is_parsed() {
+        res_ok(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+            |r| assert_eq!(r.body, BodyKind::Chunked),
+        );
+    }
+
+    #[test]
+    fn bodiless_statuses_and_head_have_no_body() {
+        for status in [
+            "100 Continue",
+            "101 Switching Protocols",
+            "204 No Content",
+            "304 Not Modified",
+        ] {
+            let buf = format!("HTTP/1.1 {status}\r\nContent-Length: 10\r\n\r\n");
+            res_ok(buf.as_bytes(), false, |r| {
+                assert_eq!(r.body, BodyKind::None)
+            });
+        }
+        res_ok(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+            true,
+            |r| assert_eq!(r.body, BodyKind::None),
+        );
+    }
+
+    #[test]
+    fn http10_response_keep_alive_follows_tokens() {
+        res_ok(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+            |r| assert!(r.keep_alive),
+        );
+        res_ok(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+            false,
+            |r| assert!(!r.keep_alive),
+        );
+    }
+
+    #[test]
+    fn response_framing_errors_are_rejected() {
+        res_err(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            HeadError::DuplicateContentLength,
+        );
+        res_err(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            HeadError::ContentLengthWithTransferEncoding,
+        );
+        res_err(
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            HeadError::InvalidContentLength,
+        );
+        res_err(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            HeadError::UnsupportedTransferEncoding,
+        );
+        res_err(
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            HeadError::TransferEncodingOnHttp10,
+        );
+    }
+
+    #[test]
+    fn response_status_below_100_is_rejected() {
+        res_err(b"HTTP/1.1 099 Odd\r\n\r\n", HeadError::InvalidStatus);
+        res_err(b"HTTP/1.1 20 OK\r\n\r\n", HeadError::Malformed);
+        res_ok(b"HTTP/1.1 999 Odd\r\n\r\n", false, |r| {
+            assert_eq!(r.status, 999)
+        });
+    }
+
+    #[test]
+    fn response_lf_only_line_endings_are_rejected() {
+        res_err(
+            b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+            HeadError::BareLineFeed,
+        );
+    }
+
+    #[test]
+    fn partial_response_returns_partial() {
+        let mut h = storage();
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-", &mut h, &LIMITS, false),
+            Ok(Parsed::Partial)
+        ));
+    }
+
+    #[test]
+    fn errors_have_status_and_message() {
+        assert_eq!(HeadError::Malformed.status(), 400);
+        assert_eq!(HeadError::HeadTooLarge.status(), 431);
+        assert_eq!(
+            HeadError::MissingHost.to_string(),
+            HeadError::MissingHost.message()
+        );
+    }
+}
