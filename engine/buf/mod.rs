@@ -1,0 +1,7 @@
+//! Memory on the data path: the fixed buffer pool and the splice pipes.
+
+pub mod pipe;
+pub mod pool;
+
+pub use pipe::PipePool;
+pub use pool::{BufPool, PoolBuf, PoolError};

@@ -1,0 +1,322 @@
+//! The per-worker buffer pool: a fixed budget of `buffer_size` slots.
+//!
+//! Every byte a worker reads or writes on the data path lives in a [`PoolBuf`].
+//! The pool never allocates past `buffers_per_worker × buffer_size`: when the
+//! budget is spent, [`BufPool::acquire`] waits, and the connection stops reading
+//! (backpressure). Buffers go back to the pool when dropped, on every path,
+//! including a task dropped mid-operation (monoio keeps the buffer alive until
+//! the kernel lets go of it, then drops it here).
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    future::poll_fn,
+    ops::{Deref, DerefMut},
+    rc::Rc,
+    task::{Poll, Waker},
+    time::Duration,
+};
+
+/// A worker's buffer pool; cheap to clone (an `Rc`).
+#[derive(Clone)]
+pub struct BufPool {
+    inner: Rc<PoolInner>,
+}
+
+struct PoolInner {
+    /// Size of one slot; ordinary buffers are exactly one slot.
+    slot_size: usize,
+    /// The budget, in slots.
+    slots_total: usize,
+    /// Slots handed out (ordinary and large buffers together).
+    slots_used: Cell<usize>,
+    /// Ordinary buffers returned and kept for reuse, so steady traffic never
+    /// reaches the allocator.
+    free: RefCell<Vec<Vec<u8>>>,
+    /// Tasks waiting for a slot, woken in arrival order.
+    waiters: RefCell<VecDeque<Waker>>,
+    /// Highest `slots_used` seen, for /stats.
+    peak: Cell<usize>,
+}
+
+/// Why a buffer could not be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolError {
+    /// The pool stayed empty for the whole wait.
+    Exhausted,
+    /// The request is larger than the whole budget.
+    TooLarge,
+}
+
+impl BufPool {
+    /// A pool of `slots` buffers of `slot_size` bytes; nothing is allocated yet.
+    pub fn new(slot_size: usize, slots: usize) -> Self {
+        Self {
+            inner: Rc::new(PoolInner {
+                slot_size,
+                slots_total: slots,
+                slots_used: Cell::new(0),
+                free: RefCell::new(Vec::new()),
+                waiters: RefCell::new(VecDeque::new()),
+                peak: Cell::new(0),
+            }),
+        }
+    }
+
+    /// Size of one ordinary buffer.
+    pub fn slot_size(&self) -> usize {
+        self.inner.slot_size
+    }
+
+    /// Slots in use now.
+    pub fn in_use(&self) -> usize {
+        self.inner.slots_used.get()
+    }
+
+    /// The budget, in slots.
+    pub fn capacity(&self) -> usize {
+        self.inner.slots_total
+    }
+
+    /// Highest number of slots in use at once since start.
+    pub fn peak(&self) -> usize {
+        self.inner.peak.get()
+    }
+
+    /// Takes one ordinary buffer now, if the budget allows.
+    pub fn try_acquire(&self) -> Option<PoolBuf> {
+        self.try_acquire_bytes(self.inner.slot_size)
+    }
+
+    /// Takes a buffer of at least `bytes` bytes now, if the budget allows.
+    /// Buffers larger than one slot cost several slots and are freed on drop.
+    pub fn try_acquire_bytes(&self, bytes: usize) -> Option<PoolBuf> {
+        let inner = &self.inner;
+        let slots = bytes.div_ceil(inner.slot_size).max(1);
+        let used = inner.slots_used.get();
+        if used + slots > inner.slots_total {
+            return None;
+        }
+        inner.slots_used.set(used + slots);
+        if used + slots > inner.peak.get() {
+            inner.peak.set(used + slots);
+        }
+        let data = if slots == 1 {
+            inner
+                .free
+                .borrow_mut()
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(inner.slot_size))
+        } else {
+            Vec::with_capacity(slots * inner.slot_size)
+        };
+        Some(PoolBuf {
+            data,
+            slots,
+            pool: self.inner.clone(),
+        })
+    }
+
+    /// Waits until one ordinary buffer is free.
+    pub async fn acquire(&self) -> PoolBuf {
+        loop {
+            if let Some(buf) = self.try_acquire() {
+                return buf;
+            }
+            self.wait_for_release().await;
+        }
+    }
+
+    /// Waits up to `limit` for a buffer of at least `bytes` bytes.
+    pub async fn acquire_within(
+        &self,
+        bytes: usize,
+        limit: Duration,
+    ) -> Result<PoolBuf, PoolError> {
+        if bytes.div_ceil(self.inner.slot_size) > self.inner.slots_total {
+            return Err(PoolError::TooLarge);
+        }
+        if let Some(buf) = self.try_acquire_bytes(bytes) {
+            return Ok(buf);
+        }
+        let wait = async {
+            loop {
+                self.wait_for_release().await;
+                if let Some(buf) = self.try_acquire_bytes(bytes) {
+                    return buf;
+                }
+            }
+        };
+        monoio::time::timeout(limit, wait)
+            .await
+            .map_err(|_| PoolError::Exhausted)
+    }
+
+    /// Resolves after the next release (or at once if a slot is already free).
+    async fn wait_for_release(&self) {
+        let mut registered = false;
+        poll_fn(|cx| {
+            if registered || self.inner.slots_used.get() < self.inner.slots_total {
+                return Poll::Ready(());
+            }
+            registered = true;
+            self.inner
+                .waiters
+                .borrow_mut()
+                .push_back(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// A buffer owned by one connection until dropped; its length is the bytes
+/// filled so far and its capacity never changes.
+pub struct PoolBuf {
+    data: Vec<u8>,
+    slots: usize,
+    pool: Rc<PoolInner>,
+}
+
+impl PoolBuf {
+    /// Total bytes this buffer can hold.
+    pub fn capacity(&self) -> usize {
+        self.data.capacity()
+    }
+
+    /// Bytes still free after the filled part.
+    pub fn spare(&self) -> usize {
+        self.data.capacity() - self.data.len()
+    }
+
+    /// Forgets the contents.
+    pub fn clear(&mut self) {
+        self.data.clear();
+    }
+
+    /// Drops the first `n` filled bytes, moving the rest to the front.
+    pub fn consume(&mut self, n: usize) {
+        if n >= self.data.len() {
+            self.data.clear();
+        } else {
+            self.data.drain(..n);
+        }
+    }
+
+    /// Shortens the filled part to `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        self.data.truncate(len);
+    }
+
+    /// Appends `bytes` if they fit; never grows the buffer.
+    pub fn put(&mut self, bytes: &[u8]) -> Result<(), Full> {
+        if bytes.len() > self.spare() {
+            return Err(Full);
+        }
+        self.data.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// A [`PoolBuf::put`] that did not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+impl Deref for PoolBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl DerefMut for PoolBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        let pool = &self.pool;
+        pool.slots_used.set(pool.slots_used.get() - self.slots);
+        if self.slots == 1 {
+            let mut data = std::mem::take(&mut self.data);
+            data.clear();
+            pool.free.borrow_mut().push(data);
+        }
+        // Wake every waiter: a large request may need several releases, and a
+        // waiter that finds nothing simply registers again.
+        let waiters: Vec<Waker> = pool.waiters.borrow_mut().drain(..).collect();
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+// SAFETY: the pointer is the Vec's heap block, which never moves or grows
+// (every write is bounded by `capacity`), and `bytes_init` is its length.
+unsafe impl monoio::buf::IoBuf for PoolBuf {
+    fn read_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
+    }
+    fn bytes_init(&self) -> usize {
+        self.data.len()
+    }
+}
+
+// SAFETY: as above; the kernel writes at most `bytes_total` bytes and the
+// runtime then reports how many were initialised.
+unsafe impl monoio::buf::IoBufMut for PoolBuf {
+    fn write_ptr(&mut self) -> *mut u8 {
+        self.data.as_mut_ptr()
+    }
+    fn bytes_total(&mut self) -> usize {
+        self.data.capacity()
+    }
+    unsafe fn set_init(&mut self, pos: usize) {
+        self.data.set_len(pos);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_is_never_exceeded() {
+        let pool = BufPool::new(1024, 3);
+        let a = pool.try_acquire().unwrap();
+        let b = pool.try_acquire_bytes(2048).unwrap();
+        assert_eq!(pool.in_use(), 3);
+        assert!(pool.try_acquire().is_none());
+        drop(a);
+        assert_eq!(pool.in_use(), 2);
+        assert!(pool.try_acquire_bytes(2048).is_none());
+        drop(b);
+        assert_eq!(pool.in_use(), 0);
+        assert_eq!(pool.peak(), 3);
+    }
+
+    #[test]
+    fn ordinary_buffers_are_reused() {
+        let pool = BufPool::new(1024, 2);
+        let mut a = pool.try_acquire().unwrap();
+        a.put(b"hello").unwrap();
+        let ptr = a.as_ptr();
+        drop(a);
+        let b = pool.try_acquire().unwrap();
+        assert_eq!(b.as_ptr(), ptr);
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn put_never_grows_the_buffer() {
+        let pool = BufPool::new(8, 1);
+        let mut a = pool.try_acquire().unwrap();
+        assert_eq!(a.put(b"12345678"), Ok(()));
+        assert_eq!(a.put(b"9"), Err(Full));
+        assert_eq!(a.capacity(), 8);
+        a.consume(3);
+        assert_eq!(&a[..], b"45678");
+    }
+}
