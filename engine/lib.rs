@@ -1,1 +1,24 @@
+//! Ringway: an io_uring, thread-per-core API and AI gateway.
+//!
+//! # Layout (in the order a request meets it)
+//!
+//! - [`config`]: the TOML file, validated, every error naming key and line.
+//! - [`runtime`]: worker threads, one monoio runtime each, their listeners.
+//! - [`proxy`]: one client connection: heads, routing, bodies, responses.
+//! - [`h1`]: the sans-IO HTTP/1.1 codec (head parsing, chunked framing).
+//! - [`route`]: matching a request to a route.
+//! - [`upstream`]: resolved endpoints and per-worker connection pools.
+//! - [`buf`]: the fixed buffer pool and splice pipes.
+//! - [`control`]: the control core, the only thread that may block.
 
+pub mod buf;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod h1;
+pub mod log;
+pub mod proxy;
+pub mod route;
+pub mod runtime;
+pub mod stats;
+pub mod upstream;

@@ -1,0 +1,233 @@
+//! Command line: `ringway [--conf FILE]`, `ringway check --conf FILE`.
+
+use std::{path::PathBuf, thread};
+
+use crate::{config, control, log, runtime};
+
+const USAGE: &str =
+    "usage: ringway [--conf FILE]          run (the embedded default config without --conf)
+       ringway check --conf FILE    validate a config file, print every error
+       ringway --version";
+
+enum Command {
+    Run(Option<PathBuf>),
+    Check(Option<PathBuf>),
+    Version,
+}
+
+fn parse(args: &[String]) -> Result<Command, String> {
+    let mut conf = None;
+    let mut check = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "check" => check = true,
+            "--conf" | "-c" => {
+                let v = it.next().ok_or("--conf needs a file")?;
+                conf = Some(PathBuf::from(v));
+            }
+            "--version" | "-V" => return Ok(Command::Version),
+            "--help" | "-h" => return Err(String::new()),
+            other => return Err(format!("unknown argument: {other}")),
+        }
+    }
+    Ok(if check {
+        Command::Check(conf)
+    } else {
+        Command::Run(conf)
+    })
+}
+
+/// Runs the command line; returns the exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let cmd = match parse(&args) {
+        Ok(c) => c,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("ringway: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return 2;
+        }
+    };
+    match cmd {
+        Command::Version => {
+            println!("ringway {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Command::Check(path) => match load(path.as_deref()) {
+            Ok(cfg) => match check_supported(&cfg) {
+                Ok(()) => {
+                    println!("ok");
+                    0
+                }
+                Err(msgs) => {
+                    for m in msgs {
+                        eprintln!("{m}");
+                    }
+                    1
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        },
+        Command::Run(path) => match load(path.as_deref()) {
+            Ok(cfg) => run(cfg),
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        },
+    }
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<config::Config, config::ConfigErrors> {
+    match path {
+        Some(p) => config::load_file(p),
+        None => config::load_str(config::EMBEDDED, "conf/ringway.toml (embedded)"),
+    }
+}
+
+/// Refuses settings this build accepts in the file but cannot honour yet,
+/// rather than silently ignoring them.
+fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
+    let mut errs = Vec::new();
+    for (i, f) in cfg.filters.iter().enumerate() {
+        let used = cfg.routes.iter().any(|r| r.filters.contains(&f.name));
+        if used {
+            errs.push(format!(
+                "filters[{i}] ({}): filter kinds are not available in this build yet",
+                f.name
+            ));
+        }
+    }
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        if u.balance != config::Balance::RoundRobin {
+            errs.push(format!(
+                "upstreams[{i}].balance: only \"round_robin\" is available in this build yet"
+            ));
+        }
+        if u.health.is_some() {
+            errs.push(format!(
+                "upstreams[{i}].health: health checks are not available in this build yet"
+            ));
+        }
+    }
+    for (i, r) in cfg.routes.iter().enumerate() {
+        if !r.models.is_empty() || !r.model_map.is_empty() {
+            errs.push(format!(
+                "routes[{i}].models: model routing is not available in this build yet"
+            ));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
+fn run(cfg: config::Config) -> i32 {
+    log::set_level(&cfg.log.level);
+    if let Err(msgs) = check_supported(&cfg) {
+        for m in msgs {
+            log::error(&m);
+        }
+        return 1;
+    }
+    for l in &cfg.listeners {
+        if let Err(e) = runtime::listen::check_free(&l.name, l.address) {
+            log::error(&e);
+            return 1;
+        }
+    }
+    let workers = cfg.server.workers;
+    let pin = cfg.server.pin_cores;
+    let want = cfg.server.driver;
+    let listeners: Vec<_> = cfg
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.address))
+        .collect();
+    let shared = match runtime::Shared::build(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error(&e);
+            return 1;
+        }
+    };
+    let cores = if pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let core_for = |i: usize| {
+        if cores.is_empty() {
+            None
+        } else {
+            Some(cores[i % cores.len()])
+        }
+    };
+
+    if let Err(e) = control::spawn(shared.clone(), core_for(workers)) {
+        log::error(&format!("cannot start the control thread: {e}"));
+        return 1;
+    }
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(usize, &'static str), String>>();
+    let mut handles = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let shared = shared.clone();
+        let core = core_for(i);
+        let tx = ready_tx.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("ringway-w{i}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(c);
+                }
+                let tx2 = tx.clone();
+                let res = runtime::driver::run(
+                    want,
+                    move |d| {
+                        let _ = tx2.send(Ok((i, d.name())));
+                    },
+                    move || {
+                        let w = std::rc::Rc::new(runtime::Worker::new(i, shared));
+                        w.run()
+                    },
+                );
+                if let Err(e) = res {
+                    let _ = tx.send(Err(format!("worker {i}: cannot start a runtime: {e}")));
+                }
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                log::error(&format!("cannot start worker {i}: {e}"));
+                return 1;
+            }
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..workers {
+        match ready_rx.recv() {
+            Ok(Ok((i, driver))) => log::info(&format!("worker {i}: driver {driver}")),
+            Ok(Err(e)) => {
+                log::error(&e);
+                return 1;
+            }
+            Err(_) => break,
+        }
+    }
+    for (name, addr) in &listeners {
+        log::info(&format!(
+            "listener {name}: listening on {addr} with {workers} workers"
+        ));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    0
+}

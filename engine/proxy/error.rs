@@ -1,0 +1,177 @@
+//! Errors the gateway answers itself, as JSON in OpenAI's shape:
+//! `{"error":{"message":"…","type":"…","code":"…"}}`.
+
+/// A response Ringway writes itself instead of the upstream's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reject {
+    /// HTTP status.
+    pub status: u16,
+    /// Human-readable message (static: no allocation to reject).
+    pub message: &'static str,
+    /// Machine-readable code.
+    pub code: &'static str,
+    /// Whether the client connection must close after this response.
+    pub close: bool,
+}
+
+impl Reject {
+    /// A rejection that closes the connection.
+    pub const fn closing(status: u16, code: &'static str, message: &'static str) -> Self {
+        Self {
+            status,
+            message,
+            code,
+            close: true,
+        }
+    }
+
+    /// A rejection after which the connection may serve the next request.
+    pub const fn keep(status: u16, code: &'static str, message: &'static str) -> Self {
+        Self {
+            status,
+            message,
+            code,
+            close: false,
+        }
+    }
+
+    /// The same rejection, closing the connection when `close` holds.
+    pub const fn closing_if(mut self, close: bool) -> Self {
+        self.close = self.close || close;
+        self
+    }
+
+    /// The error `type` field for this status.
+    pub fn kind(&self) -> &'static str {
+        match self.status {
+            400 | 405 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_exceeded",
+            431 => "request_header_fields_too_large",
+            502 => "bad_gateway",
+            503 => "service_unavailable",
+            504 => "gateway_timeout",
+            _ => "api_error",
+        }
+    }
+
+    /// The whole response, head and body. `head_only` leaves the body out
+    /// (the request was HEAD) while keeping its Content-Length.
+    pub fn render(&self, head_only: bool, extra_headers: &str) -> Vec<u8> {
+        let body = format!(
+            "{{\"error\":{{\"message\":\"{}\",\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
+            self.message,
+            self.kind(),
+            self.code
+        );
+        let mut out =
+            format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{}\r\n",
+            self.status,
+            reason(self.status),
+            body.len(),
+            if self.close { "connection: close\r\n" } else { "" },
+            extra_headers,
+        )
+            .into_bytes();
+        if !head_only {
+            out.extend_from_slice(body.as_bytes());
+        }
+        out
+    }
+}
+
+/// The reason phrase for the statuses Ringway writes.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// No route matched.
+pub const NO_ROUTE: Reject = Reject::keep(404, "route_not_found", "no route matches this request");
+/// The body announced by Content-Length exceeds `max_body_bytes`.
+pub const BODY_TOO_LARGE: Reject =
+    Reject::closing(413, "body_too_large", "request body exceeds max_body_bytes");
+/// The upstream refused or reset the connection, or answered garbage.
+pub const BAD_GATEWAY: Reject =
+    Reject::keep(502, "upstream_error", "the upstream failed to answer");
+/// The upstream could not be connected to.
+pub const CONNECT_FAILED: Reject = Reject::keep(
+    502,
+    "upstream_connect_failed",
+    "cannot connect to the upstream",
+);
+/// No upstream address is known.
+pub const NO_ENDPOINT: Reject = Reject::keep(
+    502,
+    "no_upstream_endpoint",
+    "the upstream has no resolved endpoint",
+);
+/// The upstream sent an invalid response head.
+pub const BAD_RESPONSE: Reject = Reject::closing(
+    502,
+    "upstream_bad_response",
+    "the upstream sent an invalid response",
+);
+/// All upstream connection slots stayed busy.
+pub const NO_SLOT: Reject = Reject::keep(
+    503,
+    "upstream_busy",
+    "no upstream connection slot became free in time",
+);
+/// The buffer pool stayed empty.
+pub const NO_BUFFER: Reject = Reject::keep(503, "gateway_busy", "the gateway is out of buffers");
+/// Connecting took longer than `connect_timeout`.
+pub const CONNECT_TIMEOUT: Reject = Reject::keep(
+    504,
+    "upstream_connect_timeout",
+    "connecting to the upstream timed out",
+);
+/// The response head took longer than `response_timeout`.
+pub const RESPONSE_TIMEOUT: Reject = Reject::closing(
+    504,
+    "upstream_timeout",
+    "the upstream did not answer in time",
+);
+/// The request body was invalid or ended early.
+pub const BAD_BODY: Reject = Reject::closing(400, "invalid_body", "invalid request body framing");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_is_json_with_length() {
+        let out = String::from_utf8(NO_ROUTE.render(false, "")).unwrap();
+        assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert!(body.contains("\"type\":\"not_found_error\""));
+        assert!(!head.contains("connection: close"));
+    }
+
+    #[test]
+    fn head_request_gets_no_body() {
+        let out = BAD_GATEWAY.render(true, "");
+        assert!(out.ends_with(b"\r\n\r\n"));
+    }
+}

@@ -1,0 +1,9 @@
+//! The proxy: one task per client connection, from head to response.
+
+pub mod conn;
+pub mod error;
+pub mod request;
+pub mod response;
+pub mod transfer;
+
+pub use conn::serve;

@@ -1,0 +1,229 @@
+//! The request head phase: parse, check framing, route, and rewrite the head
+//! for the upstream — synchronously, with no allocation.
+//!
+//! The client's head is read at [`HEADROOM`] into its buffer. The rewritten
+//! head is built in the worker's scratch and copied back so that it ends
+//! exactly where the original ended: the head and the first body bytes then
+//! leave in one write.
+
+use std::{io::Write as _, mem::MaybeUninit, net::IpAddr};
+
+use crate::{
+    buf::PoolBuf,
+    h1::{self, BodyKind, HeadError, Parsed},
+    proxy::error::{self, Reject},
+    route::RequestView,
+    runtime::Worker,
+};
+
+/// Bytes kept free before every head, so a rewritten head that grew still
+/// fits in front of the body that follows it.
+pub const HEADROOM: usize = 512;
+
+/// Most header slots a parse may use; `server.max_headers` is at most this.
+pub const MAX_HEADERS_CAP: usize = 256;
+
+/// What the rest of the exchange needs to know about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Index of the matched route.
+    pub route: usize,
+    /// Index of its upstream.
+    pub upstream: usize,
+    /// The request body's framing.
+    pub body: BodyKind,
+    /// Whether the client wants the connection kept open.
+    pub keep_alive: bool,
+    /// 0 for an HTTP/1.0 client, 1 for HTTP/1.1.
+    pub version: u8,
+    /// The client waits for `100 Continue` before sending the body.
+    pub expect_continue: bool,
+    /// A `Connection: upgrade` request (WebSocket).
+    pub upgrade: bool,
+    /// HEAD: the response has no body whatever its headers say.
+    pub is_head: bool,
+    /// Safe to send twice (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+    /// Where the rewritten head starts in the client buffer.
+    pub head_start: usize,
+    /// Where it ends; body bytes read with the head follow here.
+    pub head_end: usize,
+}
+
+/// Maps a head parse error to the response the client gets.
+pub fn reject_for(e: HeadError) -> Reject {
+    Reject::closing(e.status(), "invalid_request", e.message())
+}
+
+/// Parses the head in `buf[HEADROOM..]`, routes it, and rewrites it in place.
+/// `Partial` means more bytes are needed.
+pub fn plan_request(
+    w: &Worker,
+    buf: &mut PoolBuf,
+    listener: usize,
+    peer: IpAddr,
+) -> Result<Parsed<Plan>, Reject> {
+    let shared = w.shared();
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    let max_headers = w.limits.max_headers.min(MAX_HEADERS_CAP);
+    let mut scratch = w.scratch.borrow_mut();
+    scratch.clear();
+
+    let (plan, old_end) = {
+        let data = &buf[HEADROOM..];
+        let head = match h1::parse_request(data, &mut storage[..max_headers], &w.limits) {
+            Ok(Parsed::Complete(h)) => h,
+            Ok(Parsed::Partial) => return Ok(Parsed::Partial),
+            Err(e) => return Err(reject_for(e)),
+        };
+        if let BodyKind::Length(n) = head.body {
+            if n > w.max_body {
+                return Err(error::BODY_TOO_LARGE);
+            }
+        }
+        // Absolute-form: the authority replaces Host (RFC 9112 §3.2.2).
+        let (target, authority) = match h1::split_absolute_form(head.target) {
+            Some((auth, path)) => (path, Some(auth)),
+            None => (head.target, None),
+        };
+        let path = match memchr::memchr(b'?', target.as_bytes()) {
+            Some(q) => &target[..q],
+            None => target,
+        };
+        let host = authority.map(str::as_bytes).or(head.host);
+        let view = RequestView {
+            listener,
+            host,
+            method: head.method,
+            path,
+            headers: head.headers,
+        };
+        let route_idx = match shared.routes.find(&view) {
+            Some(r) => r,
+            None => {
+                let mut rej = error::NO_ROUTE;
+                rej.close = !matches!(head.body, BodyKind::None) || !head.keep_alive;
+                return Err(rej);
+            }
+        };
+        let route = shared.routes.get(route_idx);
+        let upstream = &shared.upstreams[route.upstream];
+
+        // Request line, with the route's prefix stripped.
+        let out = &mut *scratch;
+        out.extend_from_slice(head.method.as_bytes());
+        out.push(b' ');
+        let rest = &target[route.strip.min(target.len())..];
+        if !rest.starts_with('/') {
+            out.push(b'/');
+        }
+        out.extend_from_slice(rest.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+
+        let mut has_request_id = false;
+        let mut has_xff = false;
+        for h in head.headers {
+            let name = h.name;
+            if h1::is_hop_by_hop(name) {
+                // An upgrade keeps its Upgrade header; Connection is rewritten below.
+                if !(head.upgrade && name.eq_ignore_ascii_case("upgrade")) {
+                    continue;
+                }
+            } else if head.connection_tokens.contains(name) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("expect") && head.expect_continue {
+                // Ringway answers 100 Continue itself.
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-for") {
+                // Merged with the client address below.
+                has_xff = true;
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-proto") {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("host") && authority.is_some() {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-request-id") {
+                has_request_id = true;
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if let Some(auth) = authority {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(auth.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        } else if head.host.is_none() {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(upstream.default_host.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if matches!(head.body, BodyKind::Chunked) {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if has_xff {
+            // Every earlier hop, in order, then this client.
+            for h in head
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+            {
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b", ");
+            }
+        }
+        let _ = write!(out, "{peer}");
+        out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+        if !has_request_id {
+            out.extend_from_slice(b"x-request-id: ");
+            w.next_request_id(out);
+            out.extend_from_slice(b"\r\n");
+        }
+        if head.upgrade {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+
+        let method = head.method;
+        let plan = Plan {
+            route: route_idx,
+            upstream: route.upstream,
+            body: head.body,
+            keep_alive: head.keep_alive,
+            version: head.version,
+            expect_continue: head.expect_continue,
+            upgrade: head.upgrade,
+            is_head: method == "HEAD",
+            idempotent: matches!(
+                method,
+                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+            ),
+            head_start: 0,
+            head_end: 0,
+        };
+        (plan, HEADROOM + head.head_len)
+    };
+
+    let new_len = scratch.len();
+    if new_len > old_end {
+        return Err(Reject::closing(
+            431,
+            "header_too_large",
+            "request head too large after rewriting",
+        ));
+    }
+    let start = old_end - new_len;
+    buf[start..old_end].copy_from_slice(&scratch);
+    Ok(Parsed::Complete(Plan {
+        head_start: start,
+        head_end: old_end,
+        ..plan
+    }))
+}

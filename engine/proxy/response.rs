@@ -1,0 +1,127 @@
+//! The response head phase: parse the upstream's head, decide framing for
+//! both sides, and rewrite the head for the client in place.
+
+use std::mem::MaybeUninit;
+
+use crate::{
+    buf::PoolBuf,
+    h1::{self, BodyKind, Parsed},
+    proxy::{
+        error::{self, Reject},
+        request::{Plan, HEADROOM, MAX_HEADERS_CAP},
+    },
+    runtime::Worker,
+};
+
+/// What the client side needs to know about a response.
+#[derive(Debug, Clone, Copy)]
+pub struct RespPlan {
+    /// The upstream's status.
+    pub status: u16,
+    /// The body's framing as the upstream sends it.
+    pub body: BodyKind,
+    /// The upstream allows another request on this connection.
+    pub upstream_keep_alive: bool,
+    /// The client connection closes after this response.
+    pub client_close: bool,
+    /// The body is chunked but the client speaks HTTP/1.0: send payload only.
+    pub dechunk: bool,
+    /// An interim response (1xx other than 101): forward and read the next head.
+    pub interim: bool,
+    /// Where the rewritten head starts in the upstream buffer.
+    pub head_start: usize,
+    /// Where it ends; body bytes read with the head follow here.
+    pub head_end: usize,
+}
+
+/// Parses the head in `buf[HEADROOM..]` and rewrites it for the client.
+pub fn plan_response(
+    w: &Worker,
+    buf: &mut PoolBuf,
+    req: &Plan,
+    draining: bool,
+) -> Result<Parsed<RespPlan>, Reject> {
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
+    let max_headers = w.limits.max_headers.min(MAX_HEADERS_CAP);
+    let mut scratch = w.scratch.borrow_mut();
+    scratch.clear();
+
+    let (plan, old_end) = {
+        let data = &buf[HEADROOM..];
+        let head =
+            match h1::parse_response(data, &mut storage[..max_headers], &w.limits, req.is_head) {
+                Ok(Parsed::Complete(h)) => h,
+                Ok(Parsed::Partial) => return Ok(Parsed::Partial),
+                Err(_) => return Err(error::BAD_RESPONSE),
+            };
+        let status = head.status;
+        let switching = status == 101;
+        if switching && !req.upgrade {
+            return Err(error::BAD_RESPONSE);
+        }
+        let interim = (100..200).contains(&status) && !switching;
+        let chunked = matches!(head.body, BodyKind::Chunked);
+        let dechunk = chunked && req.version == 0;
+        let close_delimited = matches!(head.body, BodyKind::CloseDelimited);
+        let client_close =
+            !interim && (!req.keep_alive || close_delimited || dechunk || draining) && !switching;
+
+        let out = &mut *scratch;
+        out.extend_from_slice(b"HTTP/1.1 ");
+        let mut code = itoa::Buffer::new();
+        out.extend_from_slice(code.format(status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(head.reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in head.headers {
+            let name = h.name;
+            if h1::is_hop_by_hop(name) {
+                if !(switching && name.eq_ignore_ascii_case("upgrade")) {
+                    continue;
+                }
+            } else if head.connection_tokens.contains(name) {
+                continue;
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if chunked && !dechunk {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if switching {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+        } else if !interim {
+            if client_close {
+                out.extend_from_slice(b"connection: close\r\n");
+            } else if req.version == 0 {
+                out.extend_from_slice(b"connection: keep-alive\r\n");
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        let plan = RespPlan {
+            status,
+            body: head.body,
+            upstream_keep_alive: head.keep_alive && !close_delimited,
+            client_close,
+            dechunk,
+            interim,
+            head_start: 0,
+            head_end: 0,
+        };
+        (plan, HEADROOM + head.head_len)
+    };
+
+    let new_len = scratch.len();
+    if new_len > old_end {
+        return Err(error::BAD_RESPONSE);
+    }
+    let start = old_end - new_len;
+    buf[start..old_end].copy_from_slice(&scratch);
+    Ok(Parsed::Complete(RespPlan {
+        head_start: start,
+        head_end: old_end,
+        ..plan
+    }))
+}

@@ -1,0 +1,274 @@
+//! Moving body bytes from one socket to another, by framing.
+//!
+//! Every function here holds at most one pool buffer (or one pipe), never
+//! reads past the end of the message it moves (pipelined bytes stay where the
+//! next request will find them), and reports which side failed.
+
+use std::{io, ops::Range, time::Duration};
+
+use monoio::{
+    buf::{IoBuf, IoBufMut},
+    io::{
+        splice::{SpliceDestination, SpliceSource},
+        AsyncReadRent, AsyncWriteRentExt, Splitable,
+    },
+    net::TcpStream,
+};
+
+use crate::{
+    buf::{pipe::SPLICE_CHUNK, PipePool, PoolBuf},
+    h1::{ChunkError, ChunkedDecoder},
+};
+
+/// Which connection a transfer error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The downstream client.
+    Client,
+    /// The upstream server.
+    Upstream,
+}
+
+/// What went wrong while moving bytes.
+#[derive(Debug)]
+pub enum XferError {
+    /// A read or write failed.
+    Io(Side, io::Error),
+    /// The source closed before the message ended.
+    Eof(Side),
+    /// No progress within the allowed time.
+    Timeout(Side),
+    /// The chunked framing from this side is invalid.
+    Chunk(Side, ChunkError),
+}
+
+impl XferError {
+    /// The side at fault.
+    pub fn side(&self) -> Side {
+        match self {
+            XferError::Io(s, _)
+            | XferError::Eof(s)
+            | XferError::Timeout(s)
+            | XferError::Chunk(s, _) => *s,
+        }
+    }
+}
+
+/// One direction of a transfer: where bytes come from and go to.
+pub struct Route<'a> {
+    /// The socket read from.
+    pub src: &'a mut TcpStream,
+    /// Who `src` is.
+    pub src_side: Side,
+    /// The socket written to.
+    pub dst: &'a mut TcpStream,
+    /// Who `dst` is.
+    pub dst_side: Side,
+    /// Longest wait for any single read or write.
+    pub idle: Duration,
+}
+
+/// Reads into `buf`'s spare capacity, at most `max` bytes; returns the count (0 at EOF).
+///
+/// On error the buffer is gone (a timed-out read is cancelled with the buffer
+/// inside it): every caller closes the connection then.
+pub async fn read_some(
+    stream: &mut TcpStream,
+    buf: PoolBuf,
+    max: usize,
+    idle: Duration,
+    side: Side,
+) -> Result<(usize, PoolBuf), XferError> {
+    let start = buf.len();
+    let end = start + max.min(buf.capacity() - start);
+    match monoio::time::timeout(idle, stream.read(buf.slice_mut(start..end))).await {
+        Ok((Ok(n), slice)) => Ok((n, slice.into_inner())),
+        Ok((Err(e), _)) => Err(XferError::Io(side, e)),
+        Err(_) => Err(XferError::Timeout(side)),
+    }
+}
+
+/// Writes `buf[range]` whole.
+pub async fn write_range(
+    stream: &mut TcpStream,
+    buf: PoolBuf,
+    range: Range<usize>,
+    idle: Duration,
+    side: Side,
+) -> Result<PoolBuf, XferError> {
+    if range.is_empty() {
+        return Ok(buf);
+    }
+    match monoio::time::timeout(idle, stream.write_all(buf.slice(range))).await {
+        Ok((Ok(_), slice)) => Ok(slice.into_inner()),
+        Ok((Err(e), _)) => Err(XferError::Io(side, e)),
+        Err(_) => Err(XferError::Timeout(side)),
+    }
+}
+
+/// Moves exactly `n` bytes with a read/write loop through `buf`.
+pub async fn copy_exact(
+    r: &mut Route<'_>,
+    mut buf: PoolBuf,
+    mut n: u64,
+) -> Result<PoolBuf, XferError> {
+    while n > 0 {
+        buf.clear();
+        let want = usize::try_from(n).unwrap_or(usize::MAX);
+        let (got, b) = read_some(r.src, buf, want, r.idle, r.src_side).await?;
+        if got == 0 {
+            return Err(XferError::Eof(r.src_side));
+        }
+        n -= got as u64;
+        let len = b.len();
+        buf = write_range(r.dst, b, 0..len, r.idle, r.dst_side).await?;
+    }
+    buf.clear();
+    Ok(buf)
+}
+
+/// Moves everything until `src` closes (a close-delimited body); returns the byte count.
+pub async fn copy_to_eof(r: &mut Route<'_>, mut buf: PoolBuf) -> Result<u64, XferError> {
+    let mut total = 0u64;
+    loop {
+        buf.clear();
+        let cap = buf.capacity();
+        let (got, b) = read_some(r.src, buf, cap, r.idle, r.src_side).await?;
+        if got == 0 {
+            return Ok(total);
+        }
+        total += got as u64;
+        let len = b.len();
+        buf = write_range(r.dst, b, 0..len, r.idle, r.dst_side).await?;
+    }
+}
+
+/// Moves exactly `n` bytes with splice through a pooled pipe, 64 KiB at a time.
+pub async fn splice_exact(
+    r: &mut Route<'_>,
+    pipes: &PipePool,
+    mut n: u64,
+) -> Result<(), XferError> {
+    let mut pipe = pipes.take().map_err(|e| XferError::Io(r.dst_side, e))?;
+    while n > 0 {
+        let want = n.min(u64::from(SPLICE_CHUNK)) as u32;
+        let got = match monoio::time::timeout(r.idle, r.src.splice_to_pipe(&mut pipe.write, want))
+            .await
+        {
+            Ok(Ok(0)) => return Err(XferError::Eof(r.src_side)),
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => return Err(XferError::Io(r.src_side, e)),
+            Err(_) => return Err(XferError::Timeout(r.src_side)),
+        };
+        let mut left = got;
+        while left > 0 {
+            match monoio::time::timeout(r.idle, r.dst.splice_from_pipe(&mut pipe.read, left)).await
+            {
+                Ok(Ok(0)) => return Err(XferError::Eof(r.dst_side)),
+                Ok(Ok(put)) => left -= put,
+                Ok(Err(e)) => return Err(XferError::Io(r.dst_side, e)),
+                Err(_) => return Err(XferError::Timeout(r.dst_side)),
+            }
+        }
+        n -= u64::from(got);
+    }
+    // Only a drained pipe goes back; every error path above drops it.
+    pipes.give_back(pipe);
+    Ok(())
+}
+
+/// Forwards a chunked body. `buf` holds bytes already read (the start of the
+/// body); on success it holds whatever followed the body (pipelined bytes).
+///
+/// With `dechunk`, only the payload is written (for HTTP/1.0 clients, who
+/// cannot read chunked framing); otherwise the validated bytes go verbatim.
+pub async fn forward_chunked(
+    r: &mut Route<'_>,
+    mut buf: PoolBuf,
+    decoder: &mut ChunkedDecoder,
+    dechunk: bool,
+) -> Result<PoolBuf, XferError> {
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    loop {
+        if !buf.is_empty() {
+            ranges.clear();
+            let progress = decoder
+                .decode(&buf, &mut |range| {
+                    if dechunk {
+                        ranges.push(range)
+                    }
+                })
+                .map_err(|e| XferError::Chunk(r.src_side, e))?;
+            let consumed = progress.consumed;
+            if dechunk {
+                // Pack the payload ranges at the front (they only move left),
+                // write them, then drop the consumed input.
+                let mut at = 0;
+                for range in &ranges {
+                    let len = range.len();
+                    buf.copy_within(range.clone(), at);
+                    at += len;
+                }
+                buf = write_range(r.dst, buf, 0..at, r.idle, r.dst_side).await?;
+            } else {
+                buf = write_range(r.dst, buf, 0..consumed, r.idle, r.dst_side).await?;
+            }
+            buf.consume(consumed);
+            if progress.done {
+                return Ok(buf);
+            }
+        }
+        if decoder.is_done() {
+            return Ok(buf);
+        }
+        let spare = buf.spare();
+        let (got, b) = read_some(r.src, buf, spare, r.idle, r.src_side).await?;
+        if got == 0 {
+            return Err(XferError::Eof(r.src_side));
+        }
+        buf = b;
+    }
+}
+
+/// Copies both directions until either side closes (an upgraded connection).
+pub async fn tunnel(
+    client: TcpStream,
+    upstream: TcpStream,
+    cbuf: PoolBuf,
+    ubuf: PoolBuf,
+    idle: Duration,
+) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let up = pump(&mut cr, &mut uw, cbuf, idle);
+    let down = pump(&mut ur, &mut cw, ubuf, idle);
+    // When one direction ends, the other is dropped with it: a half-closed
+    // tunnel is closed whole, as proxies for WebSocket do.
+    monoio::select! {
+        _ = up => {},
+        _ = down => {},
+    }
+}
+
+async fn pump<R: AsyncReadRent, W: AsyncWriteRentExt>(
+    r: &mut R,
+    w: &mut W,
+    mut buf: PoolBuf,
+    idle: Duration,
+) {
+    loop {
+        if !buf.is_empty() {
+            let len = buf.len();
+            match monoio::time::timeout(idle, w.write_all(buf.slice(0..len))).await {
+                Ok((Ok(_), s)) => buf = s.into_inner(),
+                _ => return,
+            }
+            buf.clear();
+        }
+        let cap = buf.capacity();
+        match monoio::time::timeout(idle, r.read(buf.slice_mut(0..cap))).await {
+            Ok((Ok(n), s)) if n > 0 => buf = s.into_inner(),
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Workers: one pinned thread per core, each running its own monoio runtime
+//! with its own listeners, buffer pool, pipes and upstream pools.
+
+pub mod driver;
+pub mod listen;
+pub mod worker;
+
+pub use worker::{Shared, Worker};
