@@ -88,24 +88,29 @@ async fn exchange(
 ) -> Next {
     let (plan, cbuf) = match read_request_head(w, client, peer, listener, buf).await {
         Ok(v) => v,
-        Err(Some(rej)) => return reject(w, client, rej, false).await,
-        Err(None) => return Next::Close,
+        Err(HeadFail::Reject(rej, keep)) => return reject(w, client, rej, false, keep).await,
+        Err(HeadFail::Gone) => return Next::Close,
     };
     let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
-
     let pool = w.upstream(plan.upstream);
+
     let mut conn = match pool.checkout(false).await {
         Ok(c) => c,
         Err(e) => {
-            let mut rej = match e {
+            let rej = match e {
                 CheckoutError::NoEndpoint => error::NO_ENDPOINT,
                 CheckoutError::NoSlot => error::NO_SLOT,
                 CheckoutError::Connect(_) => error::CONNECT_FAILED,
                 CheckoutError::ConnectTimeout => error::CONNECT_TIMEOUT,
             };
             // An unread body cannot stay on the connection.
-            rej.close |= has_body || !plan.keep_alive;
-            return reject(w, client, rej, plan.is_head).await;
+            let rej = rej.closing_if(has_body || !plan.keep_alive);
+            let keep = if rej.close {
+                None
+            } else {
+                keep_pipelined(cbuf, &plan)
+            };
+            return reject(w, client, rej, plan.is_head, keep).await;
         }
     };
 
@@ -113,72 +118,60 @@ async fn exchange(
     // starts, in case the pooled connection turns out to be closed.
     let retryable = conn.reused && plan.idempotent && !has_body && !plan.upgrade;
 
-    // Send the head, then the body by its framing.
-    let sent = send_request(w, client, &mut conn, cbuf, &plan).await;
-    let leftover = match sent {
-        Ok(b) => b,
-        Err(SendError::Upstream) => {
-            return reject(w, client, error::BAD_GATEWAY.closing_if(true), plan.is_head).await
-        }
+    let mut cbuf = match send_request(w, client, &mut conn, cbuf, &plan).await {
+        Ok(Sent::HeadKept(b)) if retryable => Sent::HeadKept(b),
+        Ok(Sent::HeadKept(b)) => Sent::Pipelined(keep_pipelined(b, &plan)),
+        Ok(sent) => sent,
         Err(SendError::Client) => return Next::Close,
-        Err(SendError::Reject(rej)) => return reject(w, client, rej, plan.is_head).await,
+        Err(SendError::Reject(rej)) => return reject(w, client, rej, plan.is_head, None).await,
     };
-    let mut cbuf: Option<PoolBuf> = leftover;
 
-    // Read the response head (interim 1xx responses are relayed on the way).
-    let ubuf = match w
-        .pool
-        .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
-        .await
-    {
-        Ok(b) => b,
-        Err(_) => return reject(w, client, error::NO_BUFFER.closing_if(true), plan.is_head).await,
-    };
-    let head = read_response_head(w, client, &mut conn, ubuf, &plan, retryable).await;
-    let (rp, ubuf) = match head {
-        Ok(v) => v,
-        Err(RespError::Stale) if retryable => {
-            // The pooled connection was closed under us: once more, fresh.
-            let Some(b) = cbuf.take() else {
-                return Next::Close;
-            };
-            let b = match retry_fresh(w, &mut conn, b, &plan).await {
-                Ok(b) => b,
-                Err(rej) => return reject(w, client, rej, plan.is_head).await,
-            };
-            cbuf = b;
-            let ubuf = match w
-                .pool
-                .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
+    let up_idle = pool.shared.conf.response_timeout;
+    let mut stale_ok = retryable;
+    let (rp, ubuf) = loop {
+        let ubuf = match w
+            .pool
+            .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
+            .await
+        {
+            Ok(b) => b,
+            Err(_) => {
+                return reject(
+                    w,
+                    client,
+                    error::NO_BUFFER.closing_if(true),
+                    plan.is_head,
+                    None,
+                )
                 .await
-            {
-                Ok(b) => b,
-                Err(_) => {
-                    return reject(w, client, error::NO_BUFFER.closing_if(true), plan.is_head).await
-                }
-            };
-            match read_response_head(w, client, &mut conn, ubuf, &plan, false).await {
-                Ok(v) => v,
-                Err(RespError::Reject(rej)) => {
-                    return reject(w, client, rej.closing_if(true), plan.is_head).await
-                }
-                Err(RespError::Stale) => {
-                    return reject(w, client, error::BAD_GATEWAY.closing_if(true), plan.is_head)
-                        .await
-                }
-                Err(RespError::Client) => return Next::Close,
             }
+        };
+        match read_response_head(w, client, &mut conn, ubuf, &plan, stale_ok).await {
+            Ok(v) => break v,
+            Err(RespError::Stale) => {
+                // The pooled connection was closed under us: once more, fresh.
+                stale_ok = false;
+                let Sent::HeadKept(b) = cbuf else {
+                    return Next::Close;
+                };
+                cbuf = match retry_fresh(w, &mut conn, b, &plan).await {
+                    Ok(b) => Sent::HeadKept(b),
+                    Err(rej) => {
+                        return reject(w, client, rej.closing_if(true), plan.is_head, None).await
+                    }
+                };
+            }
+            Err(RespError::Reject(rej)) => {
+                return reject(w, client, rej.closing_if(true), plan.is_head, None).await
+            }
+            Err(RespError::Client) => return Next::Close,
         }
-        Err(RespError::Stale) => {
-            return reject(w, client, error::BAD_GATEWAY.closing_if(true), plan.is_head).await
-        }
-        Err(RespError::Reject(rej)) => {
-            return reject(w, client, rej.closing_if(true), plan.is_head).await
-        }
-        Err(RespError::Client) => return Next::Close,
     };
-    // The head may still be held for a retry; its job is done now.
-    let cbuf = cbuf.and_then(|b| keep_pipelined(b, plan.head_end, &plan));
+    // The head was only kept for a retry; its job is done now.
+    let cbuf = match cbuf {
+        Sent::HeadKept(b) => keep_pipelined(b, &plan),
+        Sent::Pipelined(p) => p,
+    };
 
     if rp.status == 101 {
         let Some(up) = conn.into_stream() else {
@@ -203,18 +196,11 @@ async fn exchange(
         return Next::Tunnel(up, cbuf, ubuf);
     }
 
-    match relay_response(
-        w,
-        client,
-        &mut conn,
-        ubuf,
-        &rp,
-        pool.shared.conf.response_timeout,
-    )
-    .await
+    if relay_response(w, client, &mut conn, ubuf, &rp, up_idle)
+        .await
+        .is_err()
     {
-        Ok(()) => {}
-        Err(_) => return Next::Close,
+        return Next::Close;
     }
     if rp.upstream_keep_alive {
         conn.set_reusable();
@@ -226,92 +212,105 @@ async fn exchange(
     Next::KeepAlive(cbuf)
 }
 
+/// Where the client buffer stands once the request is sent.
+enum Sent {
+    /// The rewritten head is still in place (a retry may resend it).
+    HeadKept(PoolBuf),
+    /// Only pipelined bytes remain, behind the headroom (or nothing).
+    Pipelined(Option<PoolBuf>),
+}
+
+/// Why no request head could be planned.
+enum HeadFail {
+    /// Answer this; keep the connection with these pipelined bytes if the
+    /// rejection allows it.
+    Reject(Reject, Option<PoolBuf>),
+    /// The client went away or timed out: close silently.
+    Gone,
+}
+
 /// Reads until a whole head is in the buffer and planned.
-/// `Err(None)`: the client went away or timed out (close silently).
 async fn read_request_head(
     w: &Worker,
     client: &mut TcpStream,
     peer: SocketAddr,
     listener: usize,
     mut buf: PoolBuf,
-) -> Result<(Plan, PoolBuf), Option<Reject>> {
+) -> Result<(Plan, PoolBuf), HeadFail> {
     let deadline = Instant::now() + w.server.header_timeout;
     loop {
         if buf.len() > HEADROOM {
             match plan_request(w, &mut buf, listener, peer.ip()) {
                 Ok(Parsed::Complete(plan)) => return Ok((plan, buf)),
                 Ok(Parsed::Partial) => {}
-                Err(rej) => return Err(Some(rej)),
+                Err(rejected) => {
+                    let keep = match rejected.head_end {
+                        Some(end) if !rejected.reject.close => keep_from(buf, end),
+                        _ => None,
+                    };
+                    return Err(HeadFail::Reject(rejected.reject, keep));
+                }
             }
         }
         if buf.spare() == 0 {
-            buf = grow(w, buf, deadline).await?;
+            buf = grow(w, buf, deadline)
+                .await
+                .map_err(|rej| HeadFail::Reject(rej, None))?;
         }
         let (len, cap) = (buf.len(), buf.capacity());
         match monoio::time::timeout_at(deadline, client.read(buf.slice_mut(len..cap))).await {
-            Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(None),
+            Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(HeadFail::Gone),
             Ok((Ok(_), s)) => buf = s.into_inner(),
         }
     }
 }
 
 /// Moves a head that outgrew one buffer into a buffer of `max_header_bytes`.
-async fn grow(w: &Worker, buf: PoolBuf, deadline: Instant) -> Result<PoolBuf, Option<Reject>> {
+async fn grow(w: &Worker, buf: PoolBuf, deadline: Instant) -> Result<PoolBuf, Reject> {
     let want = HEADROOM + w.limits.max_header_bytes + 1;
     if buf.capacity() >= want {
-        return Err(Some(Reject::closing(
+        return Err(Reject::closing(
             431,
             "header_too_large",
             "request head exceeds max_header_bytes",
-        )));
+        ));
     }
     let left = deadline.saturating_duration_since(Instant::now());
     let mut big = w
         .pool
         .acquire_within(want, left)
         .await
-        .map_err(|_| Some(error::NO_BUFFER.closing_if(true)))?;
+        .map_err(|_| error::NO_BUFFER.closing_if(true))?;
     let _ = big.put(&buf);
     Ok(big)
 }
 
 enum SendError {
-    /// Writing the head failed (maybe a stale pooled connection); the head
-    /// is lost with the buffer, so a retry rebuilds nothing: it fails over.
-    Upstream,
     /// The client went away.
     Client,
     /// Answer the client with this.
     Reject(Reject),
 }
 
-/// Sends the planned head and the body. Returns the client buffer when it
-/// must be kept: for a retry (head still in place) or for pipelined bytes.
+/// Sends the planned head and the body.
 async fn send_request(
     w: &Worker,
     client: &mut TcpStream,
     conn: &mut UpConn,
     mut cbuf: PoolBuf,
     plan: &Plan,
-) -> Result<Option<PoolBuf>, SendError> {
+) -> Result<Sent, SendError> {
     let up_idle = w.upstream(plan.upstream).shared.conf.response_timeout;
     let in_buf = cbuf.len() - plan.head_end;
     match plan.body {
         BodyKind::None | BodyKind::CloseDelimited => {
-            // Keep the head: a retry resends it. `write_range` only loses the
-            // buffer on timeout, which is no stale-connection symptom.
-            match transfer::write_range(
-                conn.stream(),
-                cbuf,
-                plan.head_start..plan.head_end,
-                up_idle,
-                Side::Upstream,
-            )
-            .await
-            {
-                Ok(b) => Ok(Some(b)),
-                Err(_) => Err(SendError::Upstream),
-            }
+            // A write to a pooled connection the upstream already closed
+            // still succeeds (the reset comes later), so failing here is a
+            // real upstream failure, not a stale connection.
+            write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
+                .await
+                .map(Sent::HeadKept)
+                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))
         }
         BodyKind::Length(n) => {
             let first = (n.min(in_buf as u64)) as usize;
@@ -321,7 +320,7 @@ async fn send_request(
                 .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))?;
             let remaining = n - first as u64;
             if remaining == 0 {
-                return Ok(Some(cbuf));
+                return Ok(Sent::HeadKept(cbuf));
             }
             if plan.expect_continue {
                 continue_100(client, w.server.body_timeout).await?;
@@ -333,18 +332,18 @@ async fn send_request(
                 dst_side: Side::Upstream,
                 idle: w.server.body_timeout,
             };
+            // The body did not fit with the head, so nothing follows it yet.
             let res = if remaining >= w.splice_min {
                 drop(cbuf);
-                transfer::splice_exact(&mut route, &w.pipes, remaining)
-                    .await
-                    .map(|()| None)
+                transfer::splice_exact(&mut route, &w.pipes, remaining).await
             } else {
                 cbuf.clear();
                 transfer::copy_exact(&mut route, cbuf, remaining)
                     .await
-                    .map(|_| None)
+                    .map(drop)
             };
-            res.map_err(request_body_error)
+            res.map(|()| Sent::Pipelined(None))
+                .map_err(request_body_error)
         }
         BodyKind::Chunked => {
             cbuf = write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
@@ -366,19 +365,23 @@ async fn send_request(
                 .await
                 .map_err(request_body_error)?;
             // Pipelined bytes after the body go back behind the headroom.
-            Ok(rebase(rest))
+            Ok(Sent::Pipelined(rebase(rest)))
         }
     }
 }
 
-/// The client buffer after a request: pipelined bytes moved behind the
-/// headroom, or nothing when there are none.
-fn keep_pipelined(mut buf: PoolBuf, head_end: usize, plan: &Plan) -> Option<PoolBuf> {
+/// The client buffer after a request whose head (and Content-Length body,
+/// if any) is still in it: what follows is pipelined.
+fn keep_pipelined(buf: PoolBuf, plan: &Plan) -> Option<PoolBuf> {
     let body_in_buf = match plan.body {
         BodyKind::Length(n) => n,
         _ => 0,
     };
-    let from = head_end.saturating_add(body_in_buf as usize);
+    keep_from(buf, plan.head_end.saturating_add(body_in_buf as usize))
+}
+
+/// Keeps `buf[from..]` behind a fresh headroom, or nothing when it is empty.
+fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
     if buf.len() <= from {
         return None;
     }
@@ -428,7 +431,7 @@ async fn retry_fresh(
     conn: &mut UpConn,
     cbuf: PoolBuf,
     plan: &Plan,
-) -> Result<Option<PoolBuf>, Reject> {
+) -> Result<PoolBuf, Reject> {
     let pool = w.upstream(plan.upstream);
     let fresh = match pool.checkout(true).await {
         Ok(c) => c,
@@ -439,10 +442,9 @@ async fn retry_fresh(
     // The old guard drops here, closing the stale stream.
     *conn = fresh;
     let idle = pool.shared.conf.response_timeout;
-    match write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, idle).await {
-        Ok(b) => Ok(Some(b)),
-        Err(()) => Err(error::BAD_GATEWAY.closing_if(true)),
-    }
+    write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, idle)
+        .await
+        .map_err(|()| error::BAD_GATEWAY.closing_if(true))
 }
 
 enum RespError {
@@ -638,8 +640,15 @@ async fn write_all(
         .map_err(|_| ())
 }
 
-/// Writes a rejection and decides the connection's fate.
-async fn reject(w: &Worker, client: &mut TcpStream, rej: Reject, head_only: bool) -> Next {
+/// Writes a rejection and decides the connection's fate; `keep` holds the
+/// pipelined bytes that follow the rejected request, if it stays open.
+async fn reject(
+    w: &Worker,
+    client: &mut TcpStream,
+    rej: Reject,
+    head_only: bool,
+    keep: Option<PoolBuf>,
+) -> Next {
     let bytes = rej.render(head_only, "");
     let ok = matches!(
         monoio::time::timeout(w.server.body_timeout, client.write_all(bytes)).await,
@@ -649,10 +658,11 @@ async fn reject(w: &Worker, client: &mut TcpStream, rej: Reject, head_only: bool
         return Next::Close;
     }
     if rej.close {
+        drop(keep);
         linger(w, client).await;
         return Next::Close;
     }
-    Next::KeepAlive(None)
+    Next::KeepAlive(keep)
 }
 
 /// Half-closes and discards what the client still sends for a moment, so the

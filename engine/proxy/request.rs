@@ -51,8 +51,30 @@ pub struct Plan {
 }
 
 /// Maps a head parse error to the response the client gets.
-pub fn reject_for(e: HeadError) -> Reject {
-    Reject::closing(e.status(), "invalid_request", e.message())
+pub fn reject_for(e: HeadError) -> Rejected {
+    Rejected {
+        reject: Reject::closing(e.status(), "invalid_request", e.message()),
+        head_end: None,
+    }
+}
+
+/// A request answered by Ringway itself.
+#[derive(Debug)]
+pub struct Rejected {
+    /// The answer.
+    pub reject: Reject,
+    /// End of the request head in the buffer, when the connection may go on
+    /// (bytes after it are the next pipelined request).
+    pub head_end: Option<usize>,
+}
+
+impl From<Reject> for Rejected {
+    fn from(reject: Reject) -> Self {
+        Rejected {
+            reject,
+            head_end: None,
+        }
+    }
 }
 
 /// Parses the head in `buf[HEADROOM..]`, routes it, and rewrites it in place.
@@ -62,7 +84,7 @@ pub fn plan_request(
     buf: &mut PoolBuf,
     listener: usize,
     peer: IpAddr,
-) -> Result<Parsed<Plan>, Reject> {
+) -> Result<Parsed<Plan>, Rejected> {
     let shared = w.shared();
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
     let max_headers = w.limits.max_headers.min(MAX_HEADERS_CAP);
@@ -78,7 +100,7 @@ pub fn plan_request(
         };
         if let BodyKind::Length(n) = head.body {
             if n > w.max_body {
-                return Err(error::BODY_TOO_LARGE);
+                return Err(error::BODY_TOO_LARGE.into());
             }
         }
         // Absolute-form: the authority replaces Host (RFC 9112 §3.2.2).
@@ -98,12 +120,30 @@ pub fn plan_request(
             path,
             headers: head.headers,
         };
+        // A Connection header must not make a proxy drop the framing or Host.
+        if head.connection_tokens.contains("content-length")
+            || head.connection_tokens.contains("host")
+        {
+            return Err(Reject::closing(
+                400,
+                "invalid_request",
+                "Connection names a header a proxy must keep",
+            )
+            .into());
+        }
         let route_idx = match shared.routes.find(&view) {
             Some(r) => r,
             None => {
-                let mut rej = error::NO_ROUTE;
-                rej.close = !matches!(head.body, BodyKind::None) || !head.keep_alive;
-                return Err(rej);
+                let body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
+                let reject = error::NO_ROUTE.closing_if(body || !head.keep_alive);
+                let body_len = match head.body {
+                    BodyKind::Length(n) => n as usize,
+                    _ => 0,
+                };
+                return Err(Rejected {
+                    reject,
+                    head_end: Some(HEADROOM + head.head_len + body_len),
+                });
             }
         };
         let route = shared.routes.get(route_idx);
@@ -217,7 +257,8 @@ pub fn plan_request(
             431,
             "header_too_large",
             "request head too large after rewriting",
-        ));
+        )
+        .into());
     }
     let start = old_end - new_len;
     buf[start..old_end].copy_from_slice(&scratch);
