@@ -143,6 +143,10 @@ fn run(cfg: config::Config) -> i32 {
             return 1;
         }
     }
+    if let Err(e) = runtime::shutdown::install_signal_thread() {
+        log::error(&format!("cannot start the signal thread: {e}"));
+        return 1;
+    }
     let workers = cfg.server.workers;
     let pin = cfg.server.pin_cores;
     let want = cfg.server.driver;
@@ -229,5 +233,6 @@ fn run(cfg: config::Config) -> i32 {
     for h in handles {
         let _ = h.join();
     }
+    log::info("drained; exiting");
     0
 }

@@ -7,6 +7,7 @@
 //! including a task dropped mid-operation (monoio keeps the buffer alive until
 //! the kernel lets go of it, then drops it here).
 
+use crate::runtime::deadline;
 use std::{
     cell::{Cell, RefCell},
     collections::VecDeque,
@@ -147,7 +148,7 @@ impl BufPool {
                 }
             }
         };
-        monoio::time::timeout(limit, wait)
+        deadline::timeout(limit, wait)
             .await
             .map_err(|_| PoolError::Exhausted)
     }

@@ -5,14 +5,15 @@
 //! (its head, the first body bytes, pipelined bytes after it) and, while the
 //! response is read, the upstream buffer. Nothing else is allocated per request.
 
+use crate::runtime::{deadline, shutdown};
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use monoio::{
     buf::IoBufMut as _,
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
     net::TcpStream,
-    time::Instant,
 };
+use std::time::Instant;
 
 use crate::{
     buf::PoolBuf,
@@ -53,7 +54,8 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
                 } else {
                     w.server.keepalive_timeout
                 };
-                match monoio::time::timeout(wait, client.readable(false)).await {
+                // An idle wait also ends when the worker starts draining.
+                match deadline::idle_timeout(wait, client.readable(false)).await {
                     Ok(Ok(())) => {}
                     _ => return,
                 }
@@ -64,14 +66,23 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
             }
         };
         first = false;
-        match exchange(&w, &mut client, peer, listener, buf).await {
+        // Boxed: the exchange's state is large and lives only while a request
+        // is in flight, so an idle connection's task stays a few hundred bytes.
+        match Box::pin(exchange(&w, &mut client, peer, listener, buf)).await {
             Next::KeepAlive(p) => pending = p,
             Next::Close => {
                 let _ = client.shutdown().await;
                 return;
             }
             Next::Tunnel(up, cbuf, ubuf) => {
-                transfer::tunnel(client, up, cbuf, ubuf, w.server.keepalive_timeout).await;
+                Box::pin(transfer::tunnel(
+                    client,
+                    up,
+                    cbuf,
+                    ubuf,
+                    w.server.keepalive_timeout,
+                ))
+                .await;
                 return;
             }
         }
@@ -258,7 +269,7 @@ async fn read_request_head(
                 .map_err(|rej| HeadFail::Reject(rej, None))?;
         }
         let (len, cap) = (buf.len(), buf.capacity());
-        match monoio::time::timeout_at(deadline, client.read(buf.slice_mut(len..cap))).await {
+        match deadline::timeout_at(deadline, client.read(buf.slice_mut(len..cap))).await {
             Ok((Ok(0), _)) | Ok((Err(_), _)) | Err(_) => return Err(HeadFail::Gone),
             Ok((Ok(_), s)) => buf = s.into_inner(),
         }
@@ -419,7 +430,7 @@ fn request_body_error(e: XferError) -> SendError {
 
 async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), SendError> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
-    match monoio::time::timeout(idle, client.write_all(CONTINUE)).await {
+    match deadline::timeout(idle, client.write_all(CONTINUE)).await {
         Ok((Ok(_), _)) => Ok(()),
         _ => Err(SendError::Client),
     }
@@ -473,7 +484,7 @@ async fn read_response_head(
     let mut got_any = false;
     loop {
         if ubuf.len() > HEADROOM {
-            match plan_response(w, &mut ubuf, plan, false) {
+            match plan_response(w, &mut ubuf, plan, shutdown::is_draining()) {
                 Ok(Parsed::Complete(rp)) if rp.interim => {
                     // 100 Continue was already answered by Ringway; others
                     // (103 Early Hints) go to HTTP/1.1 clients.
@@ -506,8 +517,7 @@ async fn read_response_head(
             ubuf = big;
         }
         let (len, cap) = (ubuf.len(), ubuf.capacity());
-        match monoio::time::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap))).await
-        {
+        match deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap))).await {
             Ok((Ok(0), _)) | Ok((Err(_), _)) if may_be_stale && !got_any => {
                 return Err(RespError::Stale)
             }
@@ -651,7 +661,7 @@ async fn reject(
 ) -> Next {
     let bytes = rej.render(head_only, "");
     let ok = matches!(
-        monoio::time::timeout(w.server.body_timeout, client.write_all(bytes)).await,
+        deadline::timeout(w.server.body_timeout, client.write_all(bytes)).await,
         Ok((Ok(_), _))
     );
     if !ok {
@@ -679,12 +689,28 @@ async fn linger(w: &Worker, client: &mut TcpStream) {
     while total < 1 << 20 {
         let cap = buf.capacity();
         buf.clear();
-        match monoio::time::timeout_at(deadline, client.read(buf.slice_mut(0..cap))).await {
+        match deadline::timeout_at(deadline, client.read(buf.slice_mut(0..cap))).await {
             Ok((Ok(n), b)) if n > 0 => {
                 total += n;
                 buf = b.into_inner();
             }
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, D, Fut>(_: impl Fn(A, B, C, D) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn connection_task_stays_small() {
+        let serve_size = future_size(serve);
+        // An idle keep-alive connection is this future plus its socket.
+        assert!(serve_size <= 768, "serve future grew to {serve_size} bytes");
     }
 }

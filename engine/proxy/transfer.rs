@@ -4,6 +4,7 @@
 //! reads past the end of the message it moves (pipelined bytes stay where the
 //! next request will find them), and reports which side failed.
 
+use crate::runtime::deadline;
 use std::{io, ops::Range, time::Duration};
 
 use monoio::{
@@ -81,7 +82,7 @@ pub async fn read_some(
 ) -> Result<(usize, PoolBuf), XferError> {
     let start = buf.len();
     let end = start + max.min(buf.capacity() - start);
-    match monoio::time::timeout(idle, stream.read(buf.slice_mut(start..end))).await {
+    match deadline::timeout(idle, stream.read(buf.slice_mut(start..end))).await {
         Ok((Ok(n), slice)) => Ok((n, slice.into_inner())),
         Ok((Err(e), _)) => Err(XferError::Io(side, e)),
         Err(_) => Err(XferError::Timeout(side)),
@@ -99,7 +100,7 @@ pub async fn write_range(
     if range.is_empty() {
         return Ok(buf);
     }
-    match monoio::time::timeout(idle, stream.write_all(buf.slice(range))).await {
+    match deadline::timeout(idle, stream.write_all(buf.slice(range))).await {
         Ok((Ok(_), slice)) => Ok(slice.into_inner()),
         Ok((Err(e), _)) => Err(XferError::Io(side, e)),
         Err(_) => Err(XferError::Timeout(side)),
@@ -152,8 +153,7 @@ pub async fn splice_exact(
     let mut pipe = pipes.take().map_err(|e| XferError::Io(r.dst_side, e))?;
     while n > 0 {
         let want = n.min(u64::from(SPLICE_CHUNK)) as u32;
-        let got = match monoio::time::timeout(r.idle, r.src.splice_to_pipe(&mut pipe.write, want))
-            .await
+        let got = match deadline::timeout(r.idle, r.src.splice_to_pipe(&mut pipe.write, want)).await
         {
             Ok(Ok(0)) => return Err(XferError::Eof(r.src_side)),
             Ok(Ok(got)) => got,
@@ -162,8 +162,7 @@ pub async fn splice_exact(
         };
         let mut left = got;
         while left > 0 {
-            match monoio::time::timeout(r.idle, r.dst.splice_from_pipe(&mut pipe.read, left)).await
-            {
+            match deadline::timeout(r.idle, r.dst.splice_from_pipe(&mut pipe.read, left)).await {
                 Ok(Ok(0)) => return Err(XferError::Eof(r.dst_side)),
                 Ok(Ok(put)) => left -= put,
                 Ok(Err(e)) => return Err(XferError::Io(r.dst_side, e)),
@@ -259,14 +258,14 @@ async fn pump<R: AsyncReadRent, W: AsyncWriteRentExt>(
     loop {
         if !buf.is_empty() {
             let len = buf.len();
-            match monoio::time::timeout(idle, w.write_all(buf.slice(0..len))).await {
+            match deadline::timeout(idle, w.write_all(buf.slice(0..len))).await {
                 Ok((Ok(_), s)) => buf = s.into_inner(),
                 _ => return,
             }
             buf.clear();
         }
         let cap = buf.capacity();
-        match monoio::time::timeout(idle, r.read(buf.slice_mut(0..cap))).await {
+        match deadline::timeout(idle, r.read(buf.slice_mut(0..cap))).await {
             Ok((Ok(n), s)) if n > 0 => buf = s.into_inner(),
             _ => return,
         }

@@ -1,8 +1,10 @@
 //! Workers: one pinned thread per core, each running its own monoio runtime
 //! with its own listeners, buffer pool, pipes and upstream pools.
 
+pub mod deadline;
 pub mod driver;
 pub mod listen;
+pub mod shutdown;
 pub mod worker;
 
 pub use worker::{Shared, Worker};

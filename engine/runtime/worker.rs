@@ -10,6 +10,7 @@ use std::{
 
 use monoio::net::{ListenerOpts, TcpListener};
 
+use super::shutdown;
 use crate::{
     buf::{BufPool, PipePool},
     config::{self, Config},
@@ -143,6 +144,7 @@ impl Worker {
 
     /// Binds this worker's listeners and serves until the process exits.
     pub async fn run(self: Rc<Self>) {
+        monoio::spawn(super::deadline::install());
         let sweeper = self.clone();
         monoio::spawn(async move {
             loop {
@@ -171,6 +173,18 @@ impl Worker {
         for t in tasks {
             t.await;
         }
+        // Draining: listeners are closed; wait for connections to finish.
+        let limit = std::time::Instant::now() + self.server.drain_timeout;
+        while self.stats.connections() > 0 && std::time::Instant::now() < limit {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.stats.connections() > 0 {
+            log::warn(&format!(
+                "worker {}: drain_timeout passed with {} connections open",
+                self.id,
+                self.stats.connections()
+            ));
+        }
     }
 }
 
@@ -185,8 +199,14 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(w: Rc<Worker>, listener: TcpListener, idx: usize) {
+    // One drain watcher for the loop's lifetime: it registers its waker once.
+    let mut drain = std::pin::pin!(shutdown::drained());
     loop {
-        match listener.accept().await {
+        let accepted = monoio::select! {
+            a = listener.accept() => a,
+            _ = &mut drain => return,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let w = w.clone();
                 monoio::spawn(proxy::serve(w, stream, peer, idx));

@@ -5,6 +5,7 @@
 //! the idle list (when the exchange ended cleanly) or closes it, and frees
 //! its slot for the next waiter either way.
 
+use crate::runtime::deadline;
 use std::{
     cell::{Cell, RefCell},
     collections::VecDeque,
@@ -16,7 +17,8 @@ use std::{
     task::{Poll, Waker},
 };
 
-use monoio::{net::TcpStream, time::Instant};
+use monoio::net::TcpStream;
+use std::time::Instant;
 
 use super::UpstreamShared;
 
@@ -108,7 +110,7 @@ impl UpstreamPool {
         // The slot is ours from here on: a guard gives it back on every failure.
         let slot = SlotGuard(self);
         let connect = TcpStream::connect_addr(addr);
-        let stream = match monoio::time::timeout_at(deadline, connect).await {
+        let stream = match deadline::timeout_at(deadline, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(CheckoutError::Connect(e)),
             Err(_) => return Err(CheckoutError::ConnectTimeout),
@@ -164,7 +166,7 @@ impl UpstreamPool {
                 self.waiters.borrow_mut().push_back(cx.waker().clone());
                 Poll::Pending
             });
-            if monoio::time::timeout_at(deadline, wait).await.is_err() {
+            if deadline::timeout_at(deadline, wait).await.is_err() {
                 return Err(CheckoutError::NoSlot);
             }
         }

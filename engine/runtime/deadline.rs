@@ -1,0 +1,243 @@
+//! Coarse per-worker deadlines for connection timeouts.
+//!
+//! monoio's timer entry is 640 bytes, and every idle keep-alive connection
+//! waits under a timeout: with it, an idle connection's task costs over a
+//! kilobyte. Here a deadline is a 40-byte future registered in a ring of
+//! buckets that one ticker task per worker fires every [`TICK`]; a timeout
+//! therefore fires up to one tick late, which is fine for header, keep-alive,
+//! body and response timeouts (configured in seconds).
+//!
+//! Registrations are removed when their future drops, so a connection that
+//! serves a million requests leaves nothing behind in the ring.
+
+use std::{
+    cell::{Cell, RefCell},
+    future::Future,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+/// Resolution of every deadline.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Buckets in the ring: deadlines further out than this many ticks park in
+/// the last bucket and re-register when it fires.
+const SLOTS: u64 = 128;
+
+struct Bucket {
+    wakers: Vec<Option<Waker>>,
+    free: Vec<u32>,
+    /// Bumped each time the bucket fires, invalidating its registrations.
+    epoch: u64,
+}
+
+struct Wheel {
+    /// Set once the process drains: idle waits resolve at once.
+    draining: Cell<bool>,
+    start: Instant,
+    /// Ticks fired so far.
+    now: Cell<u64>,
+    buckets: RefCell<Vec<Bucket>>,
+}
+
+thread_local! {
+    static WHEEL: RefCell<Option<Rc<Wheel>>> = const { RefCell::new(None) };
+}
+
+/// Installs this thread's wheel and returns the ticker to spawn on its runtime.
+pub fn install() -> impl Future<Output = ()> {
+    let wheel = Rc::new(Wheel {
+        draining: Cell::new(false),
+        start: Instant::now(),
+        now: Cell::new(0),
+        buckets: RefCell::new(
+            (0..SLOTS)
+                .map(|_| Bucket {
+                    wakers: Vec::new(),
+                    free: Vec::new(),
+                    epoch: 0,
+                })
+                .collect(),
+        ),
+    });
+    WHEEL.with(|w| *w.borrow_mut() = Some(wheel.clone()));
+    async move {
+        loop {
+            monoio::time::sleep(TICK).await;
+            if !wheel.draining.get() && super::shutdown::is_draining() {
+                // Wake every waiter: idle ones see the flag and give up.
+                wheel.draining.set(true);
+                for t in 0..SLOTS {
+                    fire(&wheel, t);
+                }
+            }
+            // Catch up on ticks missed while the worker was busy.
+            let target = (wheel.start.elapsed().as_millis() / TICK.as_millis()) as u64;
+            while wheel.now.get() < target {
+                let t = wheel.now.get() + 1;
+                wheel.now.set(t);
+                fire(&wheel, t);
+            }
+        }
+    }
+}
+
+fn fire(wheel: &Wheel, tick: u64) {
+    let wakers: Vec<Waker> = {
+        let mut buckets = wheel.buckets.borrow_mut();
+        let b = &mut buckets[(tick % SLOTS) as usize];
+        b.epoch += 1;
+        b.free.clear();
+        b.wakers.drain(..).flatten().collect()
+    };
+    for w in wakers {
+        w.wake();
+    }
+}
+
+fn wheel() -> Option<Rc<Wheel>> {
+    WHEEL.with(|w| w.borrow().clone())
+}
+
+/// Resolves once `after` has passed (to within one tick).
+pub struct Expire {
+    wheel: Option<Rc<Wheel>>,
+    due: u64,
+    /// An idle wait: it also resolves when the worker drains.
+    idle: bool,
+    key: Option<(usize, u32, u64)>,
+}
+
+impl Expire {
+    /// A deadline `after` from now. Without a wheel on this thread (no
+    /// worker runtime) it never fires.
+    pub fn after(after: Duration) -> Self {
+        let wheel = wheel();
+        let due = match &wheel {
+            Some(w) => {
+                let ticks = after.as_millis().div_ceil(TICK.as_millis()) as u64;
+                w.now.get() + ticks.max(1)
+            }
+            None => u64::MAX,
+        };
+        Self {
+            wheel,
+            due,
+            idle: false,
+            key: None,
+        }
+    }
+
+    fn unregister(&mut self) {
+        if let (Some(w), Some((b, slot, epoch))) = (&self.wheel, self.key.take()) {
+            let mut buckets = w.buckets.borrow_mut();
+            let bucket = &mut buckets[b];
+            if bucket.epoch == epoch {
+                bucket.wakers[slot as usize] = None;
+                bucket.free.push(slot);
+            }
+        }
+    }
+}
+
+impl Future for Expire {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(wheel) = self.wheel.clone() else {
+            return Poll::Pending;
+        };
+        let now = wheel.now.get();
+        if now >= self.due || (self.idle && wheel.draining.get()) {
+            self.unregister();
+            return Poll::Ready(());
+        }
+        let mut buckets = wheel.buckets.borrow_mut();
+        if let Some((b, slot, epoch)) = self.key {
+            let bucket = &mut buckets[b];
+            if bucket.epoch == epoch {
+                // Still registered: refresh the waker only if it changed.
+                let entry = &mut bucket.wakers[slot as usize];
+                if !entry.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *entry = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+        }
+        let ahead = (self.due - now).min(SLOTS - 1);
+        let b = ((now + ahead) % SLOTS) as usize;
+        let bucket = &mut buckets[b];
+        let slot = match bucket.free.pop() {
+            Some(s) => {
+                bucket.wakers[s as usize] = Some(cx.waker().clone());
+                s
+            }
+            None => {
+                bucket.wakers.push(Some(cx.waker().clone()));
+                (bucket.wakers.len() - 1) as u32
+            }
+        };
+        let epoch = bucket.epoch;
+        drop(buckets);
+        self.key = Some((b, slot, epoch));
+        Poll::Pending
+    }
+}
+
+impl Drop for Expire {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+/// `fut` ran past its deadline (it was dropped, cancelling its operation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+pin_project_lite::pin_project! {
+    /// `fut`, abandoned at a deadline.
+    pub struct Timeout<F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        expire: Expire,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match this.expire.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Runs `fut` for at most `limit` (to within one tick).
+pub fn timeout<F: Future>(limit: Duration, fut: F) -> Timeout<F> {
+    Timeout {
+        fut,
+        expire: Expire::after(limit),
+    }
+}
+
+/// Like [`timeout`], for waits on an idle connection: these also end when
+/// the process starts draining, so idle keep-alives close promptly.
+pub fn idle_timeout<F: Future>(limit: Duration, fut: F) -> Timeout<F> {
+    let mut expire = Expire::after(limit);
+    expire.idle = true;
+    Timeout { fut, expire }
+}
+
+/// Runs `fut` until `deadline` (to within one tick).
+pub fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Timeout<F> {
+    timeout(deadline.saturating_duration_since(Instant::now()), fut)
+}
