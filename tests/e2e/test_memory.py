@@ -1,0 +1,219 @@
+"""Memory is a function of connections, never of body size: RSS stays bounded and returns to baseline."""
+
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from backend import pattern_chunks, pattern_sha256
+from conftest import BUFFER_SIZE, BUFFERS_PER_WORKER, WORKERS
+from helpers import RawConn, request_bytes
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+POOL_CAP = WORKERS * BUFFERS_PER_WORKER * BUFFER_SIZE   # 8 MiB with the test config
+PEAK_SLACK = 16 * MiB
+RETURN_SLACK = 8 * MiB
+
+
+class PeakSampler:
+    """Samples VmRSS of a pid every 20 ms from a thread; keeps the maximum."""
+
+    def __init__(self, rw):
+        self.rw = rw
+        self.max_rss = rw.rss()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            try:
+                v = self.rw.rss()
+            except (FileNotFoundError, ProcessLookupError, KeyError):
+                return
+            self.samples += 1
+            if v > self.max_rss:
+                self.max_rss = v
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+
+
+def _start(ringway_fn, backend):
+    return ringway_fn.start(
+        upstreams=[{"name": "b", "endpoints": [backend.addr], "max_connections": 64, "max_idle": 16}],
+        routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "b"}],
+        server={"max_body_bytes": "2GiB"},
+        name="memory")
+
+
+def _url(rw, path):
+    return "http://127.0.0.1:%d%s" % (rw.port, path)
+
+
+def _warm_up(rw):
+    """Touch every code path once at the test's concurrency with small bodies, then take the baseline."""
+    body = os.urandom(64 * 1024)
+
+    def one(i):
+        with requests.Session() as s:
+            assert s.post(_url(rw, "/upload"), data=body, timeout=30).json()["len"] == len(body)
+            assert len(s.get(_url(rw, "/bytes/%d" % MiB), timeout=30).content) == MiB
+            assert len(s.get(_url(rw, "/chunked/%d" % MiB), timeout=30).content) == MiB
+
+    with ThreadPoolExecutor(10) as ex:
+        list(ex.map(one, range(20)))
+
+
+def _assert_returns_to_baseline(rw, baseline, what):
+    deadline = time.monotonic() + 5.0
+    while True:
+        now = rw.rss()
+        if now <= baseline + RETURN_SLACK:
+            return now
+        if time.monotonic() > deadline:
+            pytest.fail("%s: RSS %.1f MiB did not return within 8 MiB of baseline %.1f MiB (5 s after traffic)"
+                        % (what, now / MiB, baseline / MiB))
+        time.sleep(0.05)
+
+
+def _assert_peak_bounded(rw, sampler, baseline, what):
+    bound = baseline + POOL_CAP + PEAK_SLACK
+    peak = max(sampler.max_rss, rw.hwm())
+    assert sampler.samples > 0, "the RSS sampler took no samples"
+    assert peak <= bound, ("%s: peak RSS %.1f MiB exceeds baseline %.1f MiB + pool cap %.1f MiB + 16 MiB"
+                           % (what, peak / MiB, baseline / MiB, POOL_CAP / MiB))
+    return peak
+
+
+def _image_json(seed):
+    raw = hashlib.sha256(b"img%d" % seed).digest() * (4_500_000 // 32)  # ~4.5 MB -> ~6 MB base64
+    b64 = base64.b64encode(raw).decode()
+    doc = {"model": "gpt-4o", "max_tokens": 16,
+           "messages": [{"role": "user", "content": [
+               {"type": "text", "text": "what is in this image?"},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64}}]}]}
+    return json.dumps(doc).encode()
+
+
+def test_6mb_base64_json_posts_keep_memory_bounded(ringway_fn, backend):
+    """50 POSTs of a 6 MB JSON body with a base64 image, 10 at a time: intact, peak and final RSS bounded."""
+    rw = _start(ringway_fn, backend)
+    bodies = [_image_json(i) for i in range(5)]
+    digests = [hashlib.sha256(b).hexdigest() for b in bodies]
+    assert all(len(b) > 6_000_000 for b in bodies)
+    _warm_up(rw)
+    baseline = rw.rss()
+    local = threading.local()
+
+    def one(i):
+        s = getattr(local, "s", None)
+        if s is None:
+            s = local.s = requests.Session()
+        k = i % len(bodies)
+        r = s.post(_url(rw, "/upload"), data=bodies[k], headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["sha256"] == digests[k] and r.json()["len"] == len(bodies[k])
+        return True
+
+    with PeakSampler(rw) as sampler:
+        with ThreadPoolExecutor(10) as ex:
+            assert sum(ex.map(one, range(50))) == 50
+    peak = _assert_peak_bounded(rw, sampler, baseline, "6 MB JSON uploads")
+    after = _assert_returns_to_baseline(rw, baseline, "6 MB JSON uploads")
+    print("json uploads: baseline %.1f MiB, peak %.1f MiB, after %.1f MiB"
+          % (baseline / MiB, peak / MiB, after / MiB))
+
+
+def test_25mb_downloads_keep_memory_bounded(ringway_fn, backend):
+    """100 downloads of a 25 MB file over 8 threads: checksums match, peak and final RSS bounded."""
+    rw = _start(ringway_fn, backend)
+    n = 25 * 1000 * 1000
+    expected = pattern_sha256(n)
+    _warm_up(rw)
+    baseline = rw.rss()
+    local = threading.local()
+
+    def one(i):
+        s = getattr(local, "s", None)
+        if s is None:
+            s = local.s = requests.Session()
+        path = "/bytes/%d" % n if i % 2 == 0 else "/chunked/%d" % n
+        h = hashlib.sha256()
+        got = 0
+        with s.get(_url(rw, path), stream=True, timeout=60) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_content(MiB):
+                h.update(chunk)
+                got += len(chunk)
+        assert got == n and h.hexdigest() == expected, "download %d (%s) corrupted" % (i, path)
+        return True
+
+    with PeakSampler(rw) as sampler:
+        with ThreadPoolExecutor(8) as ex:
+            assert sum(ex.map(one, range(100))) == 100
+    peak = _assert_peak_bounded(rw, sampler, baseline, "25 MB downloads")
+    after = _assert_returns_to_baseline(rw, baseline, "25 MB downloads")
+    print("downloads: baseline %.1f MiB, peak %.1f MiB, after %.1f MiB" % (baseline / MiB, peak / MiB, after / MiB))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_1gib_upload_memory_growth_under_8mib(ringway_fn, backend, framing):
+    """A 1 GiB upload streams through: the backend gets every byte, RSS grows by less than 8 MiB."""
+    rw = _start(ringway_fn, backend)
+    _warm_up(rw)
+    expected = pattern_sha256(GiB)
+    baseline = rw.rss()
+    with PeakSampler(rw) as sampler:
+        with RawConn(rw.port, timeout=60) as c:
+            if framing == "content-length":
+                c.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % GiB)
+                for chunk in pattern_chunks(GiB):
+                    c.send(chunk)
+            else:
+                c.send(b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for chunk in pattern_chunks(GiB):
+                    c.send(b"%x\r\n" % len(chunk))
+                    c.send(chunk)
+                    c.send(b"\r\n")
+                c.send(b"0\r\n\r\n")
+            r = c.read_response()
+    assert r.status == 200, r
+    assert r.json()["len"] == GiB and r.json()["sha256"] == expected
+    growth = sampler.max_rss - baseline
+    assert growth < RETURN_SLACK, "RSS grew %.1f MiB during a 1 GiB upload" % (growth / MiB)
+    _assert_peak_bounded(rw, sampler, baseline, "1 GiB upload")
+    _assert_returns_to_baseline(rw, baseline, "1 GiB upload")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framing", ["bytes", "chunked"])
+def test_1gib_download_memory_growth_under_8mib(ringway_fn, backend, framing):
+    """A 1 GiB download streams through: the client gets every byte, RSS grows by less than 8 MiB."""
+    rw = _start(ringway_fn, backend)
+    _warm_up(rw)
+    expected = pattern_sha256(GiB)
+    baseline = rw.rss()
+    with PeakSampler(rw) as sampler:
+        with RawConn(rw.port, timeout=60) as c:
+            c.send(request_bytes("GET", "/%s/%d" % (framing, GiB)))
+            r = c.read_response(keep_body=False)
+    assert r.status == 200
+    assert r.body_len == GiB and r.sha256 == expected
+    growth = sampler.max_rss - baseline
+    assert growth < RETURN_SLACK, "RSS grew %.1f MiB during a 1 GiB download" % (growth / MiB)
+    _assert_peak_bounded(rw, sampler, baseline, "1 GiB download")
+    _assert_returns_to_baseline(rw, baseline, "1 GiB download")
