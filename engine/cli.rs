@@ -155,13 +155,14 @@ fn run(cfg: config::Config) -> i32 {
         .iter()
         .map(|l| (l.name.clone(), l.address))
         .collect();
-    let shared = match runtime::Shared::build(cfg) {
+    let shared = match runtime::Shared::build(cfg, None) {
         Ok(s) => s,
         Err(e) => {
             log::error(&e);
             return 1;
         }
     };
+    runtime::publish(shared.clone());
     let cores = if pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -175,7 +176,7 @@ fn run(cfg: config::Config) -> i32 {
         }
     };
 
-    if let Err(e) = control::spawn(shared.clone(), core_for(workers)) {
+    if let Err(e) = control::spawn(core_for(workers)) {
         log::error(&format!("cannot start the control thread: {e}"));
         return 1;
     }

@@ -24,8 +24,8 @@ use crate::{
         response::{plan_response, RespPlan},
         transfer::{self, Route, Side, XferError},
     },
-    runtime::Worker,
-    upstream::{CheckoutError, UpConn},
+    runtime::{Generation, Worker},
+    upstream::{pool::Pick, CheckoutError, UpConn},
 };
 
 /// What happens to the client connection after one exchange.
@@ -39,9 +39,9 @@ enum Next {
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, listener: usize) {
+pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, listener: SocketAddr) {
     let _ = client.set_nodelay(true);
-    let _conn = w.stats.connection();
+    let _conn = ConnGuard::new(&w);
     let mut pending: Option<PoolBuf> = None;
     let mut first = true;
     loop {
@@ -49,10 +49,13 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
             Some(b) => b,
             None => {
                 // Wait with no buffer held: an idle keep-alive costs no pool memory.
-                let wait = if first {
-                    w.server.header_timeout
-                } else {
-                    w.server.keepalive_timeout
+                let wait = {
+                    let g = w.generation();
+                    if first {
+                        g.server.header_timeout
+                    } else {
+                        g.server.keepalive_timeout
+                    }
                 };
                 // An idle wait also ends when the worker starts draining.
                 match deadline::idle_timeout(wait, client.readable(false)).await {
@@ -66,79 +69,121 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
             }
         };
         first = false;
+        // A request runs on the configuration in force when it starts.
+        let g = w.generation();
+        let Some(listener_idx) = g.listener_index(listener) else {
+            // The listener was removed by a reload: finish with this connection.
+            return;
+        };
         // Boxed: the exchange's state is large and lives only while a request
         // is in flight, so an idle connection's task stays a few hundred bytes.
-        match Box::pin(exchange(&w, &mut client, peer, listener, buf)).await {
+        match Box::pin(exchange(&w, &g, &mut client, peer, listener_idx, buf)).await {
             Next::KeepAlive(p) => pending = p,
             Next::Close => {
                 let _ = client.shutdown().await;
                 return;
             }
             Next::Tunnel(up, cbuf, ubuf) => {
-                Box::pin(transfer::tunnel(
-                    client,
-                    up,
-                    cbuf,
-                    ubuf,
-                    w.server.keepalive_timeout,
-                ))
-                .await;
+                let idle = g.server.keepalive_timeout;
+                drop(g);
+                Box::pin(transfer::tunnel(client, up, cbuf, ubuf, idle)).await;
                 return;
             }
         }
     }
 }
 
+/// Counts an open client connection in the worker's gauge.
+struct ConnGuard(Rc<Worker>);
+
+impl ConnGuard {
+    fn new(w: &Rc<Worker>) -> Self {
+        w.stats.connections.add(1);
+        Self(w.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.stats.connections.sub(1);
+    }
+}
+
 /// Reads one request head, forwards the request, relays the response.
 async fn exchange(
     w: &Worker,
+    g: &Generation,
     client: &mut TcpStream,
     peer: SocketAddr,
     listener: usize,
     buf: PoolBuf,
 ) -> Next {
-    let (plan, cbuf) = match read_request_head(w, client, peer, listener, buf).await {
+    let (plan, cbuf) = match read_request_head(w, g, client, peer, listener, buf).await {
         Ok(v) => v,
-        Err(HeadFail::Reject(rej, keep)) => return reject(w, client, rej, false, keep).await,
+        Err(HeadFail::Reject(rej, keep)) => {
+            w.stats.rejected.add(1);
+            return reject(w, g, client, rej, false, keep).await;
+        }
         Err(HeadFail::Gone) => return Next::Close,
     };
+    let mut record = Record::new(g, plan.route);
     let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
-    let pool = w.upstream(plan.upstream);
+    let pool = g.upstream(plan.upstream);
+    let retries = pool.shared.conf.retries as usize;
+    let mut tried = Tried::default();
 
-    let mut conn = match pool.checkout(false).await {
-        Ok(c) => c,
-        Err(e) => {
-            let rej = match e {
-                CheckoutError::NoEndpoint => error::NO_ENDPOINT,
-                CheckoutError::NoSlot => error::NO_SLOT,
-                CheckoutError::Connect(_) => error::CONNECT_FAILED,
-                CheckoutError::ConnectTimeout => error::CONNECT_TIMEOUT,
-            };
-            // An unread body cannot stay on the connection.
-            let rej = rej.closing_if(has_body || !plan.keep_alive);
-            let keep = if rej.close {
-                None
-            } else {
-                keep_pipelined(cbuf, &plan)
-            };
-            return reject(w, client, rej, plan.is_head, keep).await;
+    // Connect, moving on to another endpoint on failure, `retries` times.
+    let mut conn = loop {
+        let pick = Pick {
+            exclude: tried.as_slice(),
+            hash_key: plan.hash_key,
+        };
+        let err = match pool.checkout(&pick, false).await {
+            Ok(c) => break c,
+            Err(e) => e,
+        };
+        if let CheckoutError::Connect(idx, _) | CheckoutError::ConnectTimeout(idx) = err {
+            pool.report_failure(idx);
+            if tried.len() < retries && tried.push(idx) {
+                pool.stats.retries.add(1);
+                continue;
+            }
         }
+        let rej = match err {
+            CheckoutError::NoEndpoint => error::NO_ENDPOINT,
+            CheckoutError::AllDown => error::ALL_DOWN,
+            CheckoutError::NoSlot => error::NO_SLOT,
+            CheckoutError::Connect(..) => error::CONNECT_FAILED,
+            CheckoutError::ConnectTimeout(_) => error::CONNECT_TIMEOUT,
+        };
+        // An unread body cannot stay on the connection.
+        let rej = rej.closing_if(has_body || !plan.keep_alive);
+        let keep = if rej.close {
+            None
+        } else {
+            keep_pipelined(cbuf, &plan)
+        };
+        record.status = rej.status;
+        return reject(w, g, client, rej, plan.is_head, keep).await;
     };
 
     // A request that can be sent twice keeps its head until the response
-    // starts, in case the pooled connection turns out to be closed.
-    let retryable = conn.reused && plan.idempotent && !has_body && !plan.upgrade;
+    // starts, in case the connection fails before answering.
+    let replayable = plan.idempotent && !has_body && !plan.upgrade;
 
-    let mut cbuf = match send_request(w, client, &mut conn, cbuf, &plan).await {
-        Ok(Sent::HeadKept(b)) if retryable => Sent::HeadKept(b),
+    let mut cbuf = match send_request(w, g, client, &mut conn, cbuf, &plan).await {
+        Ok(Sent::HeadKept(b)) if replayable => Sent::HeadKept(b),
         Ok(Sent::HeadKept(b)) => Sent::Pipelined(keep_pipelined(b, &plan)),
         Ok(sent) => sent,
         Err(SendError::Client) => return Next::Close,
-        Err(SendError::Reject(rej)) => return reject(w, client, rej, plan.is_head, None).await,
+        Err(SendError::Reject(rej)) => {
+            record.status = rej.status;
+            return reject(w, g, client, rej, plan.is_head, None).await;
+        }
     };
 
     let up_idle = pool.shared.conf.response_timeout;
-    let mut stale_ok = retryable;
+    let mut stale_retry_left = true;
     let (rp, ubuf) = loop {
         let ubuf = match w
             .pool
@@ -147,49 +192,83 @@ async fn exchange(
         {
             Ok(b) => b,
             Err(_) => {
+                record.status = 503;
                 return reject(
                     w,
+                    g,
                     client,
                     error::NO_BUFFER.closing_if(true),
                     plan.is_head,
                     None,
                 )
-                .await
+                .await;
             }
         };
-        match read_response_head(w, client, &mut conn, ubuf, &plan, stale_ok).await {
+        let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan).await {
             Ok(v) => break v,
-            Err(RespError::Stale) => {
-                // The pooled connection was closed under us: once more, fresh.
-                stale_ok = false;
-                let Sent::HeadKept(b) = cbuf else {
-                    return Next::Close;
-                };
-                cbuf = match retry_fresh(w, &mut conn, b, &plan).await {
-                    Ok(b) => Sent::HeadKept(b),
-                    Err(rej) => {
-                        return reject(w, client, rej.closing_if(true), plan.is_head, None).await
-                    }
-                };
-            }
-            Err(RespError::Reject(rej)) => {
-                return reject(w, client, rej.closing_if(true), plan.is_head, None).await
-            }
             Err(RespError::Client) => return Next::Close,
-        }
+            Err(RespError::Reject(rej)) => {
+                // A garbage head or a timeout is the endpoint's failure.
+                if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
+                    pool.report_failure(conn.idx);
+                }
+                rej
+            }
+            Err(RespError::NoAnswer) => {
+                // Closed or reset before a single response byte. A pooled
+                // connection the upstream had already closed is replaced once
+                // for free; otherwise that endpoint failed and, for a request
+                // that can be replayed, another one gets it.
+                let stale = conn.reused && stale_retry_left;
+                if !stale {
+                    pool.report_failure(conn.idx);
+                }
+                let again = match &cbuf {
+                    Sent::HeadKept(_) if stale => {
+                        stale_retry_left = false;
+                        true
+                    }
+                    Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
+                    Sent::Pipelined(_) => false,
+                };
+                if !again {
+                    error::BAD_GATEWAY
+                } else {
+                    pool.stats.retries.add(1);
+                    let Sent::HeadKept(b) = cbuf else {
+                        return Next::Close;
+                    };
+                    match resend(g, &mut conn, b, &plan, tried.as_slice(), stale).await {
+                        Ok(b) => {
+                            cbuf = Sent::HeadKept(b);
+                            continue;
+                        }
+                        Err(rej) => rej,
+                    }
+                }
+            }
+        };
+        record.status = rej.status;
+        return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
     };
     // The head was only kept for a retry; its job is done now.
     let cbuf = match cbuf {
         Sent::HeadKept(b) => keep_pipelined(b, &plan),
         Sent::Pipelined(p) => p,
     };
+    record.status = rp.status;
+    if rp.status >= 500 {
+        pool.report_failure(conn.idx);
+    } else {
+        pool.report_success(conn.idx);
+    }
 
     if rp.status == 101 {
         let Some(up) = conn.into_stream() else {
             return Next::Close;
         };
         let end = ubuf.len();
-        let Ok(mut ubuf) = write_all(client, ubuf, rp.head_start..end, w.server.body_timeout).await
+        let Ok(mut ubuf) = write_all(client, ubuf, rp.head_start..end, g.server.body_timeout).await
         else {
             return Next::Close;
         };
@@ -207,7 +286,7 @@ async fn exchange(
         return Next::Tunnel(up, cbuf, ubuf);
     }
 
-    if relay_response(w, client, &mut conn, ubuf, &rp, up_idle)
+    if relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle)
         .await
         .is_err()
     {
@@ -221,6 +300,59 @@ async fn exchange(
         return Next::Close;
     }
     Next::KeepAlive(cbuf)
+}
+
+/// Endpoints a request has already failed on (bounded: retries are few).
+#[derive(Default)]
+struct Tried {
+    idx: [usize; 16],
+    len: usize,
+}
+
+impl Tried {
+    fn as_slice(&self) -> &[usize] {
+        &self.idx[..self.len]
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    /// Adds `i`; false when full.
+    fn push(&mut self, i: usize) -> bool {
+        if self.len == self.idx.len() {
+            return false;
+        }
+        self.idx[self.len] = i;
+        self.len += 1;
+        true
+    }
+}
+
+/// Counts a request in its route's metrics when the exchange ends, on every
+/// path: 499 (as nginx logs it) when the client left before an answer.
+struct Record<'g> {
+    g: &'g Generation,
+    route: usize,
+    start: Instant,
+    status: u16,
+}
+
+impl<'g> Record<'g> {
+    fn new(g: &'g Generation, route: usize) -> Self {
+        Self {
+            g,
+            route,
+            start: Instant::now(),
+            status: 499,
+        }
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        self.g
+            .route_metrics(self.route)
+            .observe(self.status, self.start.elapsed());
+    }
 }
 
 /// Where the client buffer stands once the request is sent.
@@ -243,15 +375,16 @@ enum HeadFail {
 /// Reads until a whole head is in the buffer and planned.
 async fn read_request_head(
     w: &Worker,
+    g: &Generation,
     client: &mut TcpStream,
     peer: SocketAddr,
     listener: usize,
     mut buf: PoolBuf,
 ) -> Result<(Plan, PoolBuf), HeadFail> {
-    let deadline = Instant::now() + w.server.header_timeout;
+    let deadline = Instant::now() + g.server.header_timeout;
     loop {
         if buf.len() > HEADROOM {
-            match plan_request(w, &mut buf, listener, peer.ip()) {
+            match plan_request(w, g, &mut buf, listener, peer.ip()) {
                 Ok(Parsed::Complete(plan)) => return Ok((plan, buf)),
                 Ok(Parsed::Partial) => {}
                 Err(rejected) => {
@@ -264,7 +397,7 @@ async fn read_request_head(
             }
         }
         if buf.spare() == 0 {
-            buf = grow(w, buf, deadline)
+            buf = grow(w, g, buf, deadline)
                 .await
                 .map_err(|rej| HeadFail::Reject(rej, None))?;
         }
@@ -277,8 +410,13 @@ async fn read_request_head(
 }
 
 /// Moves a head that outgrew one buffer into a buffer of `max_header_bytes`.
-async fn grow(w: &Worker, buf: PoolBuf, deadline: Instant) -> Result<PoolBuf, Reject> {
-    let want = HEADROOM + w.limits.max_header_bytes + 1;
+async fn grow(
+    w: &Worker,
+    g: &Generation,
+    buf: PoolBuf,
+    deadline: Instant,
+) -> Result<PoolBuf, Reject> {
+    let want = HEADROOM + g.limits.max_header_bytes + 1;
     if buf.capacity() >= want {
         return Err(Reject::closing(
             431,
@@ -306,12 +444,13 @@ enum SendError {
 /// Sends the planned head and the body.
 async fn send_request(
     w: &Worker,
+    g: &Generation,
     client: &mut TcpStream,
     conn: &mut UpConn,
     mut cbuf: PoolBuf,
     plan: &Plan,
 ) -> Result<Sent, SendError> {
-    let up_idle = w.upstream(plan.upstream).shared.conf.response_timeout;
+    let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
     let in_buf = cbuf.len() - plan.head_end;
     match plan.body {
         BodyKind::None | BodyKind::CloseDelimited => {
@@ -334,17 +473,17 @@ async fn send_request(
                 return Ok(Sent::HeadKept(cbuf));
             }
             if plan.expect_continue {
-                continue_100(client, w.server.body_timeout).await?;
+                continue_100(client, g.server.body_timeout).await?;
             }
             let mut route = Route {
                 src: client,
                 src_side: Side::Client,
                 dst: conn.stream(),
                 dst_side: Side::Upstream,
-                idle: w.server.body_timeout,
+                idle: g.server.body_timeout,
             };
             // The body did not fit with the head, so nothing follows it yet.
-            let res = if remaining >= w.splice_min {
+            let res = if remaining >= g.splice_min {
                 drop(cbuf);
                 transfer::splice_exact(&mut route, &w.pipes, remaining).await
             } else {
@@ -361,16 +500,16 @@ async fn send_request(
                 .await
                 .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))?;
             if plan.expect_continue && in_buf == 0 {
-                continue_100(client, w.server.body_timeout).await?;
+                continue_100(client, g.server.body_timeout).await?;
             }
             cbuf.consume(plan.head_end);
-            let mut decoder = ChunkedDecoder::new(w.max_body);
+            let mut decoder = ChunkedDecoder::new(g.max_body);
             let mut route = Route {
                 src: client,
                 src_side: Side::Client,
                 dst: conn.stream(),
                 dst_side: Side::Upstream,
-                idle: w.server.body_timeout,
+                idle: g.server.body_timeout,
             };
             let rest = transfer::forward_chunked(&mut route, cbuf, &mut decoder, false)
                 .await
@@ -436,21 +575,36 @@ async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), Send
     }
 }
 
-/// Replaces a stale pooled connection with a fresh one and resends the head.
-async fn retry_fresh(
-    w: &Worker,
+/// Sends the kept head again on a new connection: to any endpoint after a
+/// stale pooled connection, else to one not tried yet.
+async fn resend(
+    g: &Generation,
     conn: &mut UpConn,
     cbuf: PoolBuf,
     plan: &Plan,
+    tried: &[usize],
+    stale: bool,
 ) -> Result<PoolBuf, Reject> {
-    let pool = w.upstream(plan.upstream);
-    let fresh = match pool.checkout(true).await {
-        Ok(c) => c,
-        Err(CheckoutError::ConnectTimeout) => return Err(error::CONNECT_TIMEOUT),
-        Err(CheckoutError::NoSlot) => return Err(error::NO_SLOT),
-        Err(_) => return Err(error::CONNECT_FAILED),
+    let pool = g.upstream(plan.upstream);
+    let pick = Pick {
+        exclude: if stale { &[] } else { tried },
+        hash_key: plan.hash_key,
     };
-    // The old guard drops here, closing the stale stream.
+    let fresh = match pool.checkout(&pick, true).await {
+        Ok(c) => c,
+        Err(CheckoutError::ConnectTimeout(idx)) => {
+            pool.report_failure(idx);
+            return Err(error::CONNECT_TIMEOUT);
+        }
+        Err(CheckoutError::Connect(idx, _)) => {
+            pool.report_failure(idx);
+            return Err(error::CONNECT_FAILED);
+        }
+        Err(CheckoutError::NoSlot) => return Err(error::NO_SLOT),
+        Err(CheckoutError::AllDown) => return Err(error::ALL_DOWN),
+        Err(CheckoutError::NoEndpoint) => return Err(error::NO_ENDPOINT),
+    };
+    // The old guard drops here, closing the failed stream.
     *conn = fresh;
     let idle = pool.shared.conf.response_timeout;
     write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, idle)
@@ -459,8 +613,8 @@ async fn retry_fresh(
 }
 
 enum RespError {
-    /// Nothing came back on a reused connection: it was likely closed.
-    Stale,
+    /// The connection closed or reset before a single response byte.
+    NoAnswer,
     /// Answer the client with this.
     Reject(Reject),
     /// The client went away while interim responses were relayed.
@@ -471,26 +625,26 @@ enum RespError {
 /// interim (1xx) responses to the client on the way.
 async fn read_response_head(
     w: &Worker,
+    g: &Generation,
     client: &mut TcpStream,
     conn: &mut UpConn,
     mut ubuf: PoolBuf,
     plan: &Plan,
-    may_be_stale: bool,
 ) -> Result<(RespPlan, PoolBuf), RespError> {
-    let conf = &w.upstream(plan.upstream).shared.conf;
+    let conf = &g.upstream(plan.upstream).shared.conf;
     let deadline = Instant::now() + conf.response_timeout;
     ubuf.clear();
     let _ = ubuf.put(&[0u8; HEADROOM]);
     let mut got_any = false;
     loop {
         if ubuf.len() > HEADROOM {
-            match plan_response(w, &mut ubuf, plan, shutdown::is_draining()) {
+            match plan_response(w, g, &mut ubuf, plan, shutdown::is_draining()) {
                 Ok(Parsed::Complete(rp)) if rp.interim => {
                     // 100 Continue was already answered by Ringway; others
                     // (103 Early Hints) go to HTTP/1.1 clients.
                     if rp.status != 100 && plan.version == 1 {
                         let r = rp.head_start..rp.head_end;
-                        ubuf = write_all(client, ubuf, r, w.server.body_timeout)
+                        ubuf = write_all(client, ubuf, r, g.server.body_timeout)
                             .await
                             .map_err(|()| RespError::Client)?;
                     }
@@ -504,7 +658,7 @@ async fn read_response_head(
             }
         }
         if ubuf.spare() == 0 {
-            let want = HEADROOM + w.limits.max_header_bytes + 1;
+            let want = HEADROOM + g.limits.max_header_bytes + 1;
             if ubuf.capacity() >= want {
                 return Err(RespError::Reject(error::BAD_RESPONSE));
             }
@@ -518,9 +672,7 @@ async fn read_response_head(
         }
         let (len, cap) = (ubuf.len(), ubuf.capacity());
         match deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap))).await {
-            Ok((Ok(0), _)) | Ok((Err(_), _)) if may_be_stale && !got_any => {
-                return Err(RespError::Stale)
-            }
+            Ok((Ok(0), _)) | Ok((Err(_), _)) if !got_any => return Err(RespError::NoAnswer),
             Ok((Ok(0), _)) | Ok((Err(_), _)) => {
                 return Err(RespError::Reject(error::BAD_GATEWAY.closing_if(true)))
             }
@@ -536,6 +688,7 @@ async fn read_response_head(
 /// Sends the response head and body to the client.
 async fn relay_response(
     w: &Worker,
+    g: &Generation,
     client: &mut TcpStream,
     conn: &mut UpConn,
     mut ubuf: PoolBuf,
@@ -550,7 +703,7 @@ async fn relay_response(
                 client,
                 ubuf,
                 rp.head_start..rp.head_end,
-                w.server.body_timeout,
+                g.server.body_timeout,
             )
             .await
             .map_err(write_err)?;
@@ -566,7 +719,7 @@ async fn relay_response(
                 client,
                 ubuf,
                 rp.head_start..rp.head_end + first,
-                w.server.body_timeout,
+                g.server.body_timeout,
             )
             .await
             .map_err(write_err)?;
@@ -584,7 +737,7 @@ async fn relay_response(
                 dst_side: Side::Client,
                 idle,
             };
-            if remaining >= w.splice_min {
+            if remaining >= g.splice_min {
                 drop(ubuf);
                 transfer::splice_exact(&mut route, &w.pipes, remaining).await
             } else {
@@ -599,7 +752,7 @@ async fn relay_response(
                 client,
                 ubuf,
                 rp.head_start..rp.head_end,
-                w.server.body_timeout,
+                g.server.body_timeout,
             )
             .await
             .map_err(write_err)?;
@@ -621,7 +774,7 @@ async fn relay_response(
         }
         BodyKind::CloseDelimited => {
             let end = ubuf.len();
-            ubuf = write_all(client, ubuf, rp.head_start..end, w.server.body_timeout)
+            ubuf = write_all(client, ubuf, rp.head_start..end, g.server.body_timeout)
                 .await
                 .map_err(write_err)?;
             ubuf.clear();
@@ -654,6 +807,7 @@ async fn write_all(
 /// pipelined bytes that follow the rejected request, if it stays open.
 async fn reject(
     w: &Worker,
+    g: &Generation,
     client: &mut TcpStream,
     rej: Reject,
     head_only: bool,
@@ -661,7 +815,7 @@ async fn reject(
 ) -> Next {
     let bytes = rej.render(head_only, "");
     let ok = matches!(
-        deadline::timeout(w.server.body_timeout, client.write_all(bytes)).await,
+        deadline::timeout(g.server.body_timeout, client.write_all(bytes)).await,
         Ok((Ok(_), _))
     );
     if !ok {

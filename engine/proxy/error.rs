@@ -132,6 +132,12 @@ pub const BAD_RESPONSE: Reject = Reject::closing(
     "upstream_bad_response",
     "the upstream sent an invalid response",
 );
+/// Every endpoint of the upstream is ejected as unhealthy.
+pub const ALL_DOWN: Reject = Reject::keep(
+    503,
+    "no_healthy_upstream",
+    "every upstream endpoint is down",
+);
 /// All upstream connection slots stayed busy.
 pub const NO_SLOT: Reject = Reject::keep(
     503,

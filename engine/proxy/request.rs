@@ -13,7 +13,8 @@ use crate::{
     h1::{self, BodyKind, HeadError, Parsed},
     proxy::error::{self, Reject},
     route::RequestView,
-    runtime::Worker,
+    runtime::{Generation, Worker},
+    upstream::{balance::hash_bytes, cookie_value, HashSource},
 };
 
 /// Bytes kept free before every head, so a rewritten head that grew still
@@ -44,6 +45,8 @@ pub struct Plan {
     pub is_head: bool,
     /// Safe to send twice (RFC 9110 §9.2.2).
     pub idempotent: bool,
+    /// The key `balance = "hash"` places this request by.
+    pub hash_key: Option<u64>,
     /// Where the rewritten head starts in the client buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
@@ -81,25 +84,26 @@ impl From<Reject> for Rejected {
 /// `Partial` means more bytes are needed.
 pub fn plan_request(
     w: &Worker,
+    g: &Generation,
     buf: &mut PoolBuf,
     listener: usize,
     peer: IpAddr,
 ) -> Result<Parsed<Plan>, Rejected> {
-    let shared = w.shared();
+    let shared = &*g.shared;
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
-    let max_headers = w.limits.max_headers.min(MAX_HEADERS_CAP);
+    let max_headers = g.limits.max_headers.min(MAX_HEADERS_CAP);
     let mut scratch = w.scratch.borrow_mut();
     scratch.clear();
 
     let (plan, old_end) = {
         let data = &buf[HEADROOM..];
-        let head = match h1::parse_request(data, &mut storage[..max_headers], &w.limits) {
+        let head = match h1::parse_request(data, &mut storage[..max_headers], &g.limits) {
             Ok(Parsed::Complete(h)) => h,
             Ok(Parsed::Partial) => return Ok(Parsed::Partial),
             Err(e) => return Err(reject_for(e)),
         };
         if let BodyKind::Length(n) = head.body {
-            if n > w.max_body {
+            if n > g.max_body {
                 return Err(error::BODY_TOO_LARGE.into());
             }
         }
@@ -231,8 +235,25 @@ pub fn plan_request(
         }
         out.extend_from_slice(b"\r\n");
 
+        let hash_key = upstream.hash_source.as_ref().and_then(|src| match src {
+            HashSource::Ip => Some(hash_ip(peer)),
+            HashSource::Header(name) => head
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| hash_bytes(h.value)),
+            HashSource::Cookie(name) => head
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+                .find_map(|h| cookie_value(h.value, name))
+                .map(hash_bytes),
+            // Consumers come with key auth; until then, no key: round robin.
+            HashSource::Consumer => None,
+        });
         let method = head.method;
         let plan = Plan {
+            hash_key,
             route: route_idx,
             upstream: route.upstream,
             body: head.body,
@@ -267,4 +288,12 @@ pub fn plan_request(
         head_end: old_end,
         ..plan
     }))
+}
+
+/// The hash of a client address, for `hash_key = "ip"`.
+fn hash_ip(ip: IpAddr) -> u64 {
+    match ip {
+        IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+        IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+    }
 }

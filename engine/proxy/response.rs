@@ -10,7 +10,7 @@ use crate::{
         error::{self, Reject},
         request::{Plan, HEADROOM, MAX_HEADERS_CAP},
     },
-    runtime::Worker,
+    runtime::{Generation, Worker},
 };
 
 /// What the client side needs to know about a response.
@@ -37,19 +37,20 @@ pub struct RespPlan {
 /// Parses the head in `buf[HEADROOM..]` and rewrites it for the client.
 pub fn plan_response(
     w: &Worker,
+    g: &Generation,
     buf: &mut PoolBuf,
     req: &Plan,
     draining: bool,
 ) -> Result<Parsed<RespPlan>, Reject> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
-    let max_headers = w.limits.max_headers.min(MAX_HEADERS_CAP);
+    let max_headers = g.limits.max_headers.min(MAX_HEADERS_CAP);
     let mut scratch = w.scratch.borrow_mut();
     scratch.clear();
 
     let (plan, old_end) = {
         let data = &buf[HEADROOM..];
         let head =
-            match h1::parse_response(data, &mut storage[..max_headers], &w.limits, req.is_head) {
+            match h1::parse_response(data, &mut storage[..max_headers], &g.limits, req.is_head) {
                 Ok(Parsed::Complete(h)) => h,
                 Ok(Parsed::Partial) => return Ok(Parsed::Partial),
                 Err(_) => return Err(error::BAD_RESPONSE),

@@ -7,4 +7,4 @@ pub mod listen;
 pub mod shutdown;
 pub mod worker;
 
-pub use worker::{Shared, Worker};
+pub use worker::{current, publish, Generation, Shared, Worker};

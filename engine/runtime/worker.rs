@@ -1,23 +1,35 @@
 //! A worker's state and its main loop: accept, spawn one task per connection.
+//!
+//! Configuration comes in generations: the process publishes a new compiled
+//! [`Shared`] on reload, and each worker's watcher task notices within one
+//! tick, builds its own [`Generation`] (keeping the pools of upstreams that did
+//! not change) and binds or closes listeners. Requests take the generation in
+//! force when they start and finish on it.
 
 use std::{
     cell::{Cell, RefCell},
     net::SocketAddr,
     rc::Rc,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    task::Waker,
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use monoio::net::{ListenerOpts, TcpListener};
 
-use super::shutdown;
+use super::{deadline, shutdown};
 use crate::{
     buf::{BufPool, PipePool},
     config::{self, Config},
-    h1, log, proxy,
+    h1, log,
+    metrics::{registry, RouteShard, WorkerShard},
+    proxy,
     route::RouteTable,
-    stats::WorkerStats,
-    upstream::{UpConn, UpstreamPool, UpstreamShared},
+    upstream::{UpstreamPool, UpstreamShared},
 };
 
 /// What all workers share for one configuration: read-only.
@@ -31,15 +43,20 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Compiles a loaded configuration; resolves endpoint names (blocking,
-    /// so only ever called off the workers).
-    pub fn build(cfg: Config) -> Result<Arc<Self>, String> {
+    /// Compiles a loaded configuration, keeping the resolved endpoints of
+    /// unchanged upstreams from `previous`; resolves new names (blocking, so
+    /// only ever called off the workers).
+    pub fn build(cfg: Config, previous: Option<&Shared>) -> Result<Arc<Self>, String> {
         let routes = RouteTable::build(&cfg)?;
         let upstreams = cfg
             .upstreams
             .iter()
-            .cloned()
-            .map(UpstreamShared::new)
+            .map(|u| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|old| old.conf == *u))
+                    .cloned()
+                    .unwrap_or_else(|| UpstreamShared::new(u.clone()))
+            })
             .collect();
         Ok(Arc::new(Self {
             cfg,
@@ -49,45 +66,81 @@ impl Shared {
     }
 }
 
-/// One worker's state, owned by its thread.
-pub struct Worker {
-    /// Worker index, 0-based.
-    pub id: usize,
-    shared: Arc<Shared>,
+struct Current {
+    shared: ArcSwap<Shared>,
+    generation: AtomicU64,
+}
+
+static CURRENT: OnceLock<Current> = OnceLock::new();
+
+/// Makes `shared` the configuration in force; workers pick it up within a tick.
+pub fn publish(shared: Arc<Shared>) {
+    let cur = CURRENT.get_or_init(|| Current {
+        shared: ArcSwap::new(shared.clone()),
+        generation: AtomicU64::new(0),
+    });
+    cur.shared.store(shared);
+    cur.generation.fetch_add(1, Ordering::Release);
+}
+
+/// The configuration in force.
+pub fn current() -> Option<Arc<Shared>> {
+    CURRENT.get().map(|c| c.shared.load_full())
+}
+
+fn current_generation() -> u64 {
+    CURRENT
+        .get()
+        .map_or(0, |c| c.generation.load(Ordering::Acquire))
+}
+
+/// One worker's view of one configuration.
+pub struct Generation {
+    /// The shared, compiled configuration.
+    pub shared: Arc<Shared>,
+    /// Which publication this is.
+    pub number: u64,
     /// `[server]` settings (timeouts).
     pub server: config::Server,
     /// Head limits for the parser.
     pub limits: h1::Limits,
     /// `max_body_bytes`.
     pub max_body: u64,
-    /// `splice_min`, as a byte count comparable with body lengths.
+    /// `splice_min`, comparable with body lengths.
     pub splice_min: u64,
-    /// The fixed buffer pool.
-    pub pool: BufPool,
-    /// Reusable splice pipes.
-    pub pipes: PipePool,
     /// Connection pools, by upstream index.
     upstreams: Vec<Rc<UpstreamPool>>,
-    /// Where rewritten heads are built (never held across an await).
-    pub scratch: RefCell<Vec<u8>>,
-    /// Counters for /stats and metrics.
-    pub stats: WorkerStats,
-    request_id_seed: u64,
-    request_seq: Cell<u64>,
+    /// Metrics, by route index.
+    routes: Vec<Arc<RouteShard>>,
 }
 
-impl Worker {
-    /// A worker for `shared`; nothing is bound yet.
-    pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+impl Generation {
+    fn build(
+        worker: usize,
+        shared: Arc<Shared>,
+        number: u64,
+        previous: Option<&Generation>,
+    ) -> Self {
         let s = &shared.cfg.server;
         let upstreams = shared
             .upstreams
             .iter()
-            .cloned()
-            .map(UpstreamPool::new)
+            .map(|u| {
+                previous
+                    .and_then(|p| p.upstreams.iter().find(|old| Arc::ptr_eq(&old.shared, u)))
+                    .cloned()
+                    .unwrap_or_else(|| UpstreamPool::new(u.clone(), worker))
+            })
+            .collect();
+        let routes = (0..shared.routes.len())
+            .map(|i| {
+                let name = &shared.routes.get(i).name;
+                previous
+                    .and_then(|p| p.route_shard_by_name(name))
+                    .unwrap_or_else(|| registry().route_shard(name, worker))
+            })
             .collect();
         Self {
-            id,
             server: s.clone(),
             limits: h1::Limits {
                 max_header_bytes: s.max_header_bytes,
@@ -95,20 +148,17 @@ impl Worker {
             },
             max_body: s.max_body_bytes,
             splice_min: s.splice_min as u64,
-            pool: BufPool::new(s.buffer_size, s.buffers_per_worker),
-            pipes: PipePool::new(),
             upstreams,
-            scratch: RefCell::new(Vec::with_capacity(s.max_header_bytes + 1024)),
-            stats: WorkerStats::default(),
-            request_id_seed: seed(id),
-            request_seq: Cell::new(0),
+            routes,
+            number,
             shared,
         }
     }
 
-    /// The configuration snapshot in force.
-    pub fn shared(&self) -> &Shared {
-        &self.shared
+    fn route_shard_by_name(&self, name: &str) -> Option<Arc<RouteShard>> {
+        (0..self.shared.routes.len())
+            .find(|&i| self.shared.routes.get(i).name == name)
+            .map(|i| self.routes[i].clone())
     }
 
     /// The pool for upstream `idx`.
@@ -116,19 +166,91 @@ impl Worker {
         &self.upstreams[idx]
     }
 
-    /// All upstream pools.
-    pub fn upstream_pools(&self) -> &[Rc<UpstreamPool>] {
-        &self.upstreams
+    /// Metrics for route `idx`.
+    pub fn route_metrics(&self, idx: usize) -> &RouteShard {
+        &self.routes[idx]
     }
 
-    /// Idle time allowed while relaying a body from this connection's upstream.
-    pub fn upstream_idle(&self, conn: &UpConn) -> Duration {
-        let _ = conn;
+    /// Index of the listener bound to `addr` in this configuration.
+    pub fn listener_index(&self, addr: SocketAddr) -> Option<usize> {
         self.shared
-            .upstreams
-            .first()
-            .map(|u| u.conf.response_timeout)
-            .unwrap_or(Duration::from_secs(60))
+            .cfg
+            .listeners
+            .iter()
+            .position(|l| l.address == addr)
+    }
+}
+
+/// Tells one accept loop to stop.
+#[derive(Default)]
+struct Stop {
+    stopped: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Stop {
+    fn fire(&self) {
+        self.stopped.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.stopped.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// One worker's state, owned by its thread.
+pub struct Worker {
+    /// Worker index, 0-based.
+    pub id: usize,
+    gen: RefCell<Rc<Generation>>,
+    /// The fixed buffer pool.
+    pub pool: BufPool,
+    /// Reusable splice pipes.
+    pub pipes: PipePool,
+    /// Where rewritten heads are built (never held across an await).
+    pub scratch: RefCell<Vec<u8>>,
+    /// Counters for /stats and metrics.
+    pub stats: Arc<WorkerShard>,
+    listeners: RefCell<Vec<(SocketAddr, Rc<Stop>)>>,
+    request_id_seed: u64,
+    request_seq: Cell<u64>,
+}
+
+impl Worker {
+    /// A worker for the configuration in force; nothing is bound yet.
+    pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+        let s = &shared.cfg.server;
+        let pool = BufPool::new(s.buffer_size, s.buffers_per_worker);
+        let scratch = RefCell::new(Vec::with_capacity(s.max_header_bytes + 1024));
+        let stats = registry().worker_shard(id);
+        stats.buffers_capacity.set(s.buffers_per_worker as u64);
+        let gen = Generation::build(id, shared, current_generation(), None);
+        Self {
+            id,
+            gen: RefCell::new(Rc::new(gen)),
+            pool,
+            pipes: PipePool::new(),
+            scratch,
+            stats,
+            listeners: RefCell::new(Vec::new()),
+            request_id_seed: seed(id),
+            request_seq: Cell::new(0),
+        }
+    }
+
+    /// The configuration generation new requests use.
+    pub fn generation(&self) -> Rc<Generation> {
+        self.gen.borrow().clone()
     }
 
     /// Appends a fresh 32-hex-digit request id: unique per process run
@@ -142,47 +264,90 @@ impl Worker {
         out.extend_from_slice(&hex);
     }
 
-    /// Binds this worker's listeners and serves until the process exits.
+    /// Picks up a newly published configuration, if any.
+    fn refresh(self: &Rc<Self>) {
+        let number = current_generation();
+        if number == self.gen.borrow().number {
+            return;
+        }
+        let Some(shared) = current() else { return };
+        let next = Generation::build(self.id, shared, number, Some(&self.gen.borrow()));
+        *self.gen.borrow_mut() = Rc::new(next);
+        self.sync_listeners();
+    }
+
+    /// Binds listeners the configuration added and stops those it removed.
+    fn sync_listeners(self: &Rc<Self>) {
+        if shutdown::is_draining() {
+            return;
+        }
+        let gen = self.generation();
+        let wanted: Vec<SocketAddr> = gen.shared.cfg.listeners.iter().map(|l| l.address).collect();
+        let mut current = self.listeners.borrow_mut();
+        current.retain(|(addr, stop)| {
+            let keep = wanted.contains(addr);
+            if !keep {
+                stop.fire();
+            }
+            keep
+        });
+        for addr in wanted {
+            if current.iter().any(|(a, _)| *a == addr) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(listener) => {
+                    let stop = Rc::new(Stop::default());
+                    current.push((addr, stop.clone()));
+                    monoio::spawn(accept_loop(self.clone(), listener, addr, stop));
+                }
+                Err(e) => log::error(&format!("worker {}: cannot bind {addr}: {e}", self.id)),
+            }
+        }
+    }
+
+    /// Binds this worker's listeners and serves until the process drains.
     pub async fn run(self: Rc<Self>) {
-        monoio::spawn(super::deadline::install());
-        let sweeper = self.clone();
+        monoio::spawn(deadline::install());
+        self.sync_listeners();
+        if self.listeners.borrow().is_empty() {
+            log::error(&format!("worker {}: no listener could be bound", self.id));
+            std::process::exit(1);
+        }
+        let watcher = self.clone();
         monoio::spawn(async move {
+            let mut ticks = 0u32;
             loop {
-                monoio::time::sleep(Duration::from_secs(1)).await;
-                for p in sweeper.upstream_pools() {
-                    p.sweep();
+                monoio::time::sleep(deadline::TICK).await;
+                watcher.refresh();
+                watcher
+                    .stats
+                    .buffers_in_use
+                    .set(watcher.pool.in_use() as u64);
+                watcher.stats.buffers_peak.set(watcher.pool.peak() as u64);
+                ticks = ticks.wrapping_add(1);
+                if ticks % 10 == 0 {
+                    for p in watcher.generation().upstreams.iter() {
+                        p.sweep();
+                    }
                 }
             }
         });
-        let listeners = self.shared.cfg.listeners.clone();
-        let mut tasks = Vec::new();
-        for (idx, l) in listeners.iter().enumerate() {
-            let listener = match bind(l.address) {
-                Ok(l) => l,
-                Err(e) => {
-                    log::error(&format!(
-                        "worker {}: cannot bind {} ({}): {e}",
-                        self.id, l.name, l.address
-                    ));
-                    std::process::exit(1);
-                }
-            };
-            let w = self.clone();
-            tasks.push(monoio::spawn(accept_loop(w, listener, idx)));
-        }
-        for t in tasks {
-            t.await;
+        shutdown::drained().await;
+        for (_, stop) in self.listeners.borrow_mut().drain(..) {
+            stop.fire();
         }
         // Draining: listeners are closed; wait for connections to finish.
-        let limit = std::time::Instant::now() + self.server.drain_timeout;
-        while self.stats.connections() > 0 && std::time::Instant::now() < limit {
+        let drain = self.generation().server.drain_timeout;
+        let limit = std::time::Instant::now() + drain;
+        while self.stats.connections.get() > 0 && std::time::Instant::now() < limit {
             monoio::time::sleep(Duration::from_millis(20)).await;
         }
-        if self.stats.connections() > 0 {
+        if self.stats.connections.get() > 0 {
             log::warn(&format!(
                 "worker {}: drain_timeout passed with {} connections open",
                 self.id,
-                self.stats.connections()
+                self.stats.connections.get()
             ));
         }
     }
@@ -198,18 +363,16 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(addr, &opts)
 }
 
-async fn accept_loop(w: Rc<Worker>, listener: TcpListener, idx: usize) {
-    // One drain watcher for the loop's lifetime: it registers its waker once.
-    let mut drain = std::pin::pin!(shutdown::drained());
+async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, stop: Rc<Stop>) {
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
-            _ = &mut drain => return,
+            _ = stop.wait() => return,
         };
         match accepted {
             Ok((stream, peer)) => {
-                let w = w.clone();
-                monoio::spawn(proxy::serve(w, stream, peer, idx));
+                w.stats.accepted.add(1);
+                monoio::spawn(proxy::serve(w.clone(), stream, peer, addr));
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.

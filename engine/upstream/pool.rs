@@ -1,11 +1,11 @@
 //! A worker's connections to one upstream: at most `max_connections` open,
-//! at most `max_idle` kept idle for `idle_timeout`, reused last-in first-out.
+//! at most `max_idle` kept idle for `idle_timeout`, reused last-in first-out;
+//! plus the worker's balancing state (round-robin weights, requests in flight).
 //!
 //! [`UpConn`] is the checkout guard: dropped, it either returns its stream to
 //! the idle list (when the exchange ended cleanly) or closes it, and frees
 //! its slot for the next waiter either way.
 
-use crate::runtime::deadline;
 use std::{
     cell::{Cell, RefCell},
     collections::VecDeque,
@@ -15,29 +15,38 @@ use std::{
     rc::Rc,
     sync::Arc,
     task::{Poll, Waker},
+    time::Instant,
 };
 
 use monoio::net::TcpStream;
-use std::time::Instant;
 
-use super::UpstreamShared;
+use super::{balance, health::now_ms, UpstreamShared};
+use crate::{
+    config::Balance,
+    metrics::{registry, UpstreamShard},
+    runtime::deadline,
+};
 
 /// A worker's pool for one upstream.
 pub struct UpstreamPool {
-    /// Settings and resolved endpoints, shared with the other workers.
+    /// Settings, endpoints and health, shared with the other workers.
     pub shared: Arc<UpstreamShared>,
     idle: RefCell<Vec<Idle>>,
-    /// Open connections, idle ones included.
-    open: Cell<usize>,
     /// Requests waiting for a connection slot.
     waiters: RefCell<VecDeque<Waker>>,
-    /// Round-robin position.
-    next: Cell<usize>,
-    /// Connections made since start (not reused), for /stats.
-    connects: Cell<u64>,
+    /// Smooth weighted round-robin state.
+    rr: RefCell<balance::SmoothRr>,
+    /// Requests in flight per endpoint (for least_requests).
+    inflight: RefCell<Vec<u32>>,
+    /// Tie-breaker rotation for least_requests.
+    turn: Cell<usize>,
+    /// Counters for /metrics and /stats; `open` and `idle` are also the
+    /// pool's own bookkeeping.
+    pub stats: Arc<UpstreamShard>,
 }
 
 struct Idle {
+    idx: usize,
     addr: SocketAddr,
     stream: TcpStream,
     since: Instant,
@@ -48,100 +57,148 @@ struct Idle {
 pub enum CheckoutError {
     /// No endpoint address is known (DNS has not resolved any).
     NoEndpoint,
+    /// Every resolved endpoint is ejected as unhealthy.
+    AllDown,
     /// Every slot stayed busy for `connect_timeout`.
     NoSlot,
-    /// The connection attempt failed.
-    Connect(io::Error),
-    /// The connection attempt took longer than `connect_timeout`.
-    ConnectTimeout,
+    /// The connection attempt to endpoint `.0` failed.
+    Connect(usize, io::Error),
+    /// The connection attempt to endpoint `.0` took longer than `connect_timeout`.
+    ConnectTimeout(usize),
+}
+
+/// What the balancer may use to pick.
+pub struct Pick<'a> {
+    /// Endpoints already tried for this request.
+    pub exclude: &'a [usize],
+    /// The request's hash key, for `balance = "hash"`.
+    pub hash_key: Option<u64>,
 }
 
 impl UpstreamPool {
-    /// An empty pool.
-    pub fn new(shared: Arc<UpstreamShared>) -> Rc<Self> {
+    /// An empty pool for worker `worker`.
+    pub fn new(shared: Arc<UpstreamShared>, worker: usize) -> Rc<Self> {
+        let n = shared.conf.endpoints.len();
+        let stats = registry().upstream_shard(&shared.conf.name, worker);
         Rc::new(Self {
             shared,
             idle: RefCell::new(Vec::new()),
-            open: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
-            next: Cell::new(0),
-            connects: Cell::new(0),
+            rr: RefCell::new(balance::SmoothRr::default()),
+            inflight: RefCell::new(vec![0; n]),
+            turn: Cell::new(0),
+            stats,
         })
     }
 
-    /// Open connections (busy and idle).
-    pub fn open(&self) -> usize {
-        self.open.get()
-    }
-
-    /// Idle connections.
-    pub fn idle(&self) -> usize {
-        self.idle.borrow().len()
-    }
-
-    /// Connections made since start.
-    pub fn connects(&self) -> u64 {
-        self.connects.get()
-    }
-
-    /// The next endpoint by weighted round robin.
-    fn pick(&self) -> Option<SocketAddr> {
+    /// Picks an endpoint: resolved, not ejected, not excluded.
+    fn pick(&self, p: &Pick<'_>) -> Result<(usize, SocketAddr), CheckoutError> {
         let addrs = self.shared.addrs.load();
-        if addrs.is_empty() {
-            return None;
+        let active = self.shared.conf.health.is_some();
+        let now = now_ms();
+        let weights = &self.shared.conf.endpoints;
+        let resolved = |i: usize| addrs.get(i).copied().flatten().is_some();
+        if !(0..addrs.len()).any(resolved) {
+            return Err(CheckoutError::NoEndpoint);
         }
-        let i = self.next.get();
-        self.next.set(i.wrapping_add(1));
-        Some(addrs[i % addrs.len()])
+        let usable = |i: usize| {
+            resolved(i) && !p.exclude.contains(&i) && self.shared.health[i].is_usable(active, now)
+        };
+        let candidates = (0..addrs.len())
+            .filter(|&i| usable(i))
+            .map(|i| (i, weights[i].weight));
+        let idx = match (self.shared.conf.balance, p.hash_key) {
+            (Balance::Hash, Some(key)) => self.shared.ring.pick(key, usable),
+            (Balance::LeastRequests, _) => {
+                let t = self.turn.get();
+                self.turn.set(t.wrapping_add(1));
+                balance::least_requests(candidates, &self.inflight.borrow(), t)
+            }
+            _ => self.rr.borrow_mut().pick(candidates),
+        };
+        match idx.and_then(|i| addrs[i].map(|a| (i, a))) {
+            Some(v) => Ok(v),
+            None => Err(CheckoutError::AllDown),
+        }
     }
 
     /// A connection to the next endpoint: an idle one when there is one,
     /// else a new one. `fresh` skips the idle list (a retry after a stale one).
-    pub async fn checkout(self: &Rc<Self>, fresh: bool) -> Result<UpConn, CheckoutError> {
-        let addr = self.pick().ok_or(CheckoutError::NoEndpoint)?;
+    pub async fn checkout(
+        self: &Rc<Self>,
+        p: &Pick<'_>,
+        fresh: bool,
+    ) -> Result<UpConn, CheckoutError> {
+        let (idx, addr) = self.pick(p)?;
         if !fresh {
-            if let Some(stream) = self.take_idle(addr) {
-                return Ok(UpConn::new(self.clone(), stream, addr, true));
+            if let Some(stream) = self.take_idle(idx, addr) {
+                return Ok(UpConn::new(self.clone(), stream, idx, addr, true));
             }
         }
         let conf = &self.shared.conf;
-        let deadline = Instant::now() + conf.connect_timeout;
-        self.reserve_slot(deadline).await?;
+        let deadline_at = Instant::now() + conf.connect_timeout;
+        self.reserve_slot(deadline_at).await?;
         // The slot is ours from here on: a guard gives it back on every failure.
         let slot = SlotGuard(self);
         let connect = TcpStream::connect_addr(addr);
-        let stream = match deadline::timeout_at(deadline, connect).await {
+        let stream = match deadline::timeout_at(deadline_at, connect).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(CheckoutError::Connect(e)),
-            Err(_) => return Err(CheckoutError::ConnectTimeout),
+            Ok(Err(e)) => {
+                self.stats.connect_errors.add(1);
+                return Err(CheckoutError::Connect(idx, e));
+            }
+            Err(_) => {
+                self.stats.connect_errors.add(1);
+                return Err(CheckoutError::ConnectTimeout(idx));
+            }
         };
         std::mem::forget(slot);
         let _ = stream.set_nodelay(true);
-        self.connects.set(self.connects.get() + 1);
-        Ok(UpConn::new(self.clone(), stream, addr, false))
+        self.stats.connects.add(1);
+        Ok(UpConn::new(self.clone(), stream, idx, addr, false))
     }
 
-    /// Pops the most recently used live idle connection to `addr`.
-    fn take_idle(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// Records a failure of endpoint `idx` (connect error, reset, 5xx).
+    pub fn report_failure(&self, idx: usize) {
+        let h = &self.shared.health[idx];
+        if h.failure(self.shared.unhealthy_after(), now_ms()) {
+            crate::log::warn(&format!(
+                "upstream {}: endpoint {} ejected after {} failures in a row",
+                self.shared.conf.name,
+                self.shared.conf.endpoints[idx].address,
+                self.shared.unhealthy_after()
+            ));
+        }
+    }
+
+    /// Records a success of endpoint `idx`.
+    pub fn report_success(&self, idx: usize) {
+        self.shared.health[idx].success();
+    }
+
+    /// Pops the most recently used live idle connection to `idx` at `addr`.
+    fn take_idle(&self, idx: usize, addr: SocketAddr) -> Option<TcpStream> {
         let ttl = self.shared.conf.idle_timeout;
         let mut idle = self.idle.borrow_mut();
-        while let Some(pos) = idle.iter().rposition(|c| c.addr == addr) {
+        while let Some(pos) = idle.iter().rposition(|c| c.idx == idx) {
             let c = idle.remove(pos);
-            if c.since.elapsed() < ttl {
+            self.stats.idle.sub(1);
+            if c.addr == addr && c.since.elapsed() < ttl {
                 return Some(c.stream);
             }
-            self.open.set(self.open.get() - 1);
+            // Expired, or the name now resolves elsewhere: close it.
+            self.stats.open.sub(1);
         }
         None
     }
 
     /// Takes a connection slot, closing an idle connection to another endpoint
-    /// if that is what stands in the way, or waiting until `deadline`.
-    async fn reserve_slot(&self, deadline: Instant) -> Result<(), CheckoutError> {
-        let max = self.shared.conf.max_connections;
+    /// if that is what stands in the way, or waiting until `deadline_at`.
+    async fn reserve_slot(&self, deadline_at: Instant) -> Result<(), CheckoutError> {
+        let max = self.shared.conf.max_connections as u64;
         loop {
-            if self.open.get() < max {
-                self.open.set(self.open.get() + 1);
+            if self.stats.open.get() < max {
+                self.stats.open.add(1);
                 return Ok(());
             }
             let evicted = {
@@ -150,6 +207,7 @@ impl UpstreamPool {
                     false
                 } else {
                     idle.remove(0);
+                    self.stats.idle.sub(1);
                     true
                 }
             };
@@ -166,14 +224,14 @@ impl UpstreamPool {
                 self.waiters.borrow_mut().push_back(cx.waker().clone());
                 Poll::Pending
             });
-            if deadline::timeout_at(deadline, wait).await.is_err() {
+            if deadline::timeout_at(deadline_at, wait).await.is_err() {
                 return Err(CheckoutError::NoSlot);
             }
         }
     }
 
     fn release_slot(&self) {
-        self.open.set(self.open.get() - 1);
+        self.stats.open.sub(1);
         self.wake_one();
     }
 
@@ -192,14 +250,15 @@ impl UpstreamPool {
         let closed = before - idle.len();
         drop(idle);
         if closed > 0 {
-            self.open.set(self.open.get() - closed);
+            self.stats.idle.sub(closed as u64);
+            self.stats.open.sub(closed as u64);
             for _ in 0..closed {
                 self.wake_one();
             }
         }
     }
 
-    fn put_idle(&self, addr: SocketAddr, stream: TcpStream) {
+    fn put_idle(&self, idx: usize, addr: SocketAddr, stream: TcpStream) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= self.shared.conf.max_idle {
             drop(idle);
@@ -208,11 +267,13 @@ impl UpstreamPool {
             return;
         }
         idle.push(Idle {
+            idx,
             addr,
             stream,
             since: Instant::now(),
         });
         drop(idle);
+        self.stats.idle.add(1);
         // A waiter that needs a slot can now evict or reuse.
         self.wake_one();
     }
@@ -231,7 +292,9 @@ impl Drop for SlotGuard<'_> {
 pub struct UpConn {
     pool: Rc<UpstreamPool>,
     stream: Option<TcpStream>,
-    /// The endpoint this connection goes to.
+    /// Index of the endpoint in the upstream's list.
+    pub idx: usize,
+    /// The endpoint's address.
     pub addr: SocketAddr,
     /// Whether it came from the idle list (it may have been closed meanwhile).
     pub reused: bool,
@@ -239,10 +302,20 @@ pub struct UpConn {
 }
 
 impl UpConn {
-    fn new(pool: Rc<UpstreamPool>, stream: TcpStream, addr: SocketAddr, reused: bool) -> Self {
+    fn new(
+        pool: Rc<UpstreamPool>,
+        stream: TcpStream,
+        idx: usize,
+        addr: SocketAddr,
+        reused: bool,
+    ) -> Self {
+        if let Some(n) = pool.inflight.borrow_mut().get_mut(idx) {
+            *n += 1;
+        }
         Self {
             pool,
             stream: Some(stream),
+            idx,
             addr,
             reused,
             reusable: false,
@@ -273,8 +346,11 @@ impl UpConn {
 
 impl Drop for UpConn {
     fn drop(&mut self) {
+        if let Some(n) = self.pool.inflight.borrow_mut().get_mut(self.idx) {
+            *n = n.saturating_sub(1);
+        }
         match self.stream.take() {
-            Some(stream) if self.reusable => self.pool.put_idle(self.addr, stream),
+            Some(stream) if self.reusable => self.pool.put_idle(self.idx, self.addr, stream),
             _ => self.pool.release_slot(),
         }
     }

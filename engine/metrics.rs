@@ -1,0 +1,594 @@
+//! Counters for /metrics and /stats.
+//!
+//! Every counter has exactly one writer (a worker), so it is bumped with a
+//! relaxed load and store — no locked instruction, no shared cache line.
+//! Readers (the admin thread) sum the shards when scraped. Shards are found
+//! through a process-wide registry of weak references: a shard dropped with
+//! an old configuration simply disappears from the next scrape.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock, Weak,
+    },
+    time::Duration,
+};
+
+/// A counter with one writer.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n` (only ever called by the owning worker).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Subtracts `n` (for gauges).
+    #[inline]
+    pub fn sub(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_sub(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Sets the value (for gauges).
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A counter many threads add to (rare events: drops, evictions).
+#[derive(Default)]
+pub struct SharedCounter(AtomicU64);
+
+impl SharedCounter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the request duration histogram, in seconds.
+pub const DURATION_BUCKETS: [f64; 13] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Lowest status code counted.
+const STATUS_MIN: usize = 100;
+/// Status codes counted: 100..=599.
+const STATUS_SLOTS: usize = 500;
+
+/// One worker's counters for one route.
+pub struct RouteShard {
+    /// Requests answered, by status code.
+    status: Box<[Counter]>,
+    /// Request duration histogram buckets (cumulative on export).
+    buckets: [Counter; DURATION_BUCKETS.len() + 1],
+    /// Sum of durations in microseconds.
+    duration_us: Counter,
+    /// Bytes received from clients (heads and bodies).
+    pub bytes_in: Counter,
+    /// Bytes sent to clients.
+    pub bytes_out: Counter,
+}
+
+impl Default for RouteShard {
+    fn default() -> Self {
+        Self {
+            status: (0..STATUS_SLOTS).map(|_| Counter::default()).collect(),
+            buckets: Default::default(),
+            duration_us: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+        }
+    }
+}
+
+impl RouteShard {
+    /// Records one answered request.
+    pub fn observe(&self, status: u16, elapsed: Duration) {
+        let idx = (status as usize)
+            .saturating_sub(STATUS_MIN)
+            .min(STATUS_SLOTS - 1);
+        self.status[idx].add(1);
+        let secs = elapsed.as_secs_f64();
+        let b = DURATION_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[b].add(1);
+        self.duration_us.add(elapsed.as_micros() as u64);
+    }
+}
+
+/// One worker's counters for one upstream.
+#[derive(Default)]
+pub struct UpstreamShard {
+    /// Connections open (busy and idle).
+    pub open: Counter,
+    /// Idle connections kept.
+    pub idle: Counter,
+    /// Connections made.
+    pub connects: Counter,
+    /// Failed connection attempts.
+    pub connect_errors: Counter,
+    /// Requests retried on another endpoint or a fresh connection.
+    pub retries: Counter,
+}
+
+/// One worker's process-level counters.
+#[derive(Default)]
+pub struct WorkerShard {
+    /// Client connections open now.
+    pub connections: Counter,
+    /// Client connections accepted since start.
+    pub accepted: Counter,
+    /// Pool buffers in use now.
+    pub buffers_in_use: Counter,
+    /// Pool capacity, in buffers.
+    pub buffers_capacity: Counter,
+    /// Highest pool use seen.
+    pub buffers_peak: Counter,
+    /// 0 epoll, 1 io_uring, 2 io_uring with COOP_TASKRUN/SINGLE_ISSUER.
+    pub driver: Counter,
+    /// Requests Ringway answered itself, by reason.
+    pub rejected: Counter,
+}
+
+struct Entry<T> {
+    labels: Vec<(&'static str, String)>,
+    shard: Weak<T>,
+}
+
+/// Every live shard, for scraping.
+#[derive(Default)]
+pub struct Registry {
+    routes: Mutex<Vec<Entry<RouteShard>>>,
+    upstreams: Mutex<Vec<Entry<UpstreamShard>>>,
+    workers: Mutex<Vec<Entry<WorkerShard>>>,
+    /// Access-log lines dropped because the writer could not keep up or write.
+    pub access_log_dropped: SharedCounter,
+    /// Successful reloads.
+    pub reloads: SharedCounter,
+    /// Refused reloads.
+    pub reload_errors: SharedCounter,
+}
+
+/// The process registry.
+pub fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Registry::default)
+}
+
+fn push<T>(list: &Mutex<Vec<Entry<T>>>, labels: Vec<(&'static str, String)>, shard: &Arc<T>) {
+    if let Ok(mut l) = list.lock() {
+        l.retain(|e| e.shard.strong_count() > 0);
+        l.push(Entry {
+            labels,
+            shard: Arc::downgrade(shard),
+        });
+    }
+}
+
+impl Registry {
+    /// A new route shard for `route` on `worker`.
+    pub fn route_shard(&self, route: &str, worker: usize) -> Arc<RouteShard> {
+        let s = Arc::new(RouteShard::default());
+        push(
+            &self.routes,
+            vec![("route", route.to_string()), ("worker", worker.to_string())],
+            &s,
+        );
+        s
+    }
+
+    /// A new upstream shard for `upstream` on `worker`.
+    pub fn upstream_shard(&self, upstream: &str, worker: usize) -> Arc<UpstreamShard> {
+        let s = Arc::new(UpstreamShard::default());
+        push(
+            &self.upstreams,
+            vec![
+                ("upstream", upstream.to_string()),
+                ("worker", worker.to_string()),
+            ],
+            &s,
+        );
+        s
+    }
+
+    /// A new process shard for `worker`.
+    pub fn worker_shard(&self, worker: usize) -> Arc<WorkerShard> {
+        let s = Arc::new(WorkerShard::default());
+        push(&self.workers, vec![("worker", worker.to_string())], &s);
+        s
+    }
+
+    /// Per-worker snapshots for /stats.
+    pub fn worker_stats(&self) -> Vec<(usize, WorkerSnapshot)> {
+        let mut out = Vec::new();
+        if let Ok(l) = self.workers.lock() {
+            for e in l.iter() {
+                let Some(s) = e.shard.upgrade() else { continue };
+                let id = e.labels[0].1.parse().unwrap_or(0);
+                out.push((
+                    id,
+                    WorkerSnapshot {
+                        connections: s.connections.get(),
+                        accepted: s.accepted.get(),
+                        buffers_in_use: s.buffers_in_use.get(),
+                        buffers_capacity: s.buffers_capacity.get(),
+                        buffers_peak: s.buffers_peak.get(),
+                        driver: match s.driver.get() {
+                            2 => "io_uring (coop_taskrun, single_issuer)",
+                            1 => "io_uring",
+                            _ => "epoll",
+                        },
+                    },
+                ));
+            }
+        }
+        out.sort_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// Per-worker, per-upstream pool sizes for /stats.
+    pub fn upstream_stats(&self) -> Vec<(String, usize, u64, u64, u64)> {
+        let mut out = Vec::new();
+        if let Ok(l) = self.upstreams.lock() {
+            for e in l.iter() {
+                let Some(s) = e.shard.upgrade() else { continue };
+                let worker = e.labels[1].1.parse().unwrap_or(0);
+                out.push((
+                    e.labels[0].1.clone(),
+                    worker,
+                    s.open.get(),
+                    s.idle.get(),
+                    s.connects.get(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        // Routes: summed over workers, keyed by route name.
+        let mut routes: Vec<(String, Vec<u64>, Vec<u64>, u64, u64, u64)> = Vec::new();
+        if let Ok(l) = self.routes.lock() {
+            for e in l.iter() {
+                let Some(s) = e.shard.upgrade() else { continue };
+                let name = &e.labels[0].1;
+                let idx = match routes.iter().position(|r| &r.0 == name) {
+                    Some(i) => i,
+                    None => {
+                        routes.push((
+                            name.clone(),
+                            vec![0; STATUS_SLOTS],
+                            vec![0; DURATION_BUCKETS.len() + 1],
+                            0,
+                            0,
+                            0,
+                        ));
+                        routes.len() - 1
+                    }
+                };
+                let r = &mut routes[idx];
+                for (i, c) in s.status.iter().enumerate() {
+                    r.1[i] += c.get();
+                }
+                for (i, c) in s.buckets.iter().enumerate() {
+                    r.2[i] += c.get();
+                }
+                r.3 += s.duration_us.get();
+                r.4 += s.bytes_in.get();
+                r.5 += s.bytes_out.get();
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_requests_total Requests answered, by route and status."
+        );
+        let _ = writeln!(out, "# TYPE ringway_requests_total counter");
+        for r in &routes {
+            for (i, &n) in r.1.iter().enumerate() {
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "ringway_requests_total{{route=\"{}\",status=\"{}\"}} {n}",
+                        esc(&r.0),
+                        i + STATUS_MIN
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_request_duration_seconds Time from request head to end of response."
+        );
+        let _ = writeln!(out, "# TYPE ringway_request_duration_seconds histogram");
+        for r in &routes {
+            let mut cum = 0;
+            for (i, le) in DURATION_BUCKETS.iter().enumerate() {
+                cum += r.2[i];
+                let _ = writeln!(
+                    out,
+                    "ringway_request_duration_seconds_bucket{{route=\"{}\",le=\"{le}\"}} {cum}",
+                    esc(&r.0)
+                );
+            }
+            cum += r.2[DURATION_BUCKETS.len()];
+            let _ = writeln!(
+                out,
+                "ringway_request_duration_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {cum}",
+                esc(&r.0)
+            );
+            let _ = writeln!(
+                out,
+                "ringway_request_duration_seconds_sum{{route=\"{}\"}} {}",
+                esc(&r.0),
+                r.3 as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "ringway_request_duration_seconds_count{{route=\"{}\"}} {cum}",
+                esc(&r.0)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_request_bytes_total Bytes received from clients, by route."
+        );
+        let _ = writeln!(out, "# TYPE ringway_request_bytes_total counter");
+        for r in &routes {
+            let _ = writeln!(
+                out,
+                "ringway_request_bytes_total{{route=\"{}\"}} {}",
+                esc(&r.0),
+                r.4
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_response_bytes_total Bytes sent to clients, by route."
+        );
+        let _ = writeln!(out, "# TYPE ringway_response_bytes_total counter");
+        for r in &routes {
+            let _ = writeln!(
+                out,
+                "ringway_response_bytes_total{{route=\"{}\"}} {}",
+                esc(&r.0),
+                r.5
+            );
+        }
+
+        // Upstreams, summed over workers.
+        let mut ups: Vec<(String, [u64; 5])> = Vec::new();
+        if let Ok(l) = self.upstreams.lock() {
+            for e in l.iter() {
+                let Some(s) = e.shard.upgrade() else { continue };
+                let name = &e.labels[0].1;
+                let idx = match ups.iter().position(|u| &u.0 == name) {
+                    Some(i) => i,
+                    None => {
+                        ups.push((name.clone(), [0; 5]));
+                        ups.len() - 1
+                    }
+                };
+                let v = &mut ups[idx].1;
+                v[0] += s.open.get();
+                v[1] += s.idle.get();
+                v[2] += s.connects.get();
+                v[3] += s.connect_errors.get();
+                v[4] += s.retries.get();
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_connections Upstream connections open, by state."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_connections gauge");
+        for (name, v) in &ups {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_connections{{upstream=\"{}\",state=\"active\"}} {}",
+                esc(name),
+                v[0].saturating_sub(v[1])
+            );
+            let _ = writeln!(
+                out,
+                "ringway_upstream_connections{{upstream=\"{}\",state=\"idle\"}} {}",
+                esc(name),
+                v[1]
+            );
+        }
+        for (metric, help, i) in [
+            (
+                "ringway_upstream_connects_total",
+                "Upstream connections made.",
+                2,
+            ),
+            (
+                "ringway_upstream_connect_errors_total",
+                "Failed upstream connection attempts.",
+                3,
+            ),
+            ("ringway_upstream_retries_total", "Requests retried.", 4),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}");
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            for (name, v) in &ups {
+                let _ = writeln!(out, "{metric}{{upstream=\"{}\"}} {}", esc(name), v[i]);
+            }
+        }
+
+        // Workers.
+        let workers = self.worker_stats();
+        for (metric, help, kind, get) in [
+            (
+                "ringway_connections",
+                "Client connections open.",
+                "gauge",
+                (|s: &WorkerSnapshot| s.connections) as fn(&WorkerSnapshot) -> u64,
+            ),
+            (
+                "ringway_connections_accepted_total",
+                "Client connections accepted.",
+                "counter",
+                |s| s.accepted,
+            ),
+            (
+                "ringway_buffer_pool_in_use",
+                "Pool buffers in use.",
+                "gauge",
+                |s| s.buffers_in_use,
+            ),
+            (
+                "ringway_buffer_pool_capacity",
+                "Pool buffers available at most.",
+                "gauge",
+                |s| s.buffers_capacity,
+            ),
+            (
+                "ringway_buffer_pool_peak",
+                "Most pool buffers in use at once.",
+                "gauge",
+                |s| s.buffers_peak,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}");
+            let _ = writeln!(out, "# TYPE {metric} {kind}");
+            for (id, s) in &workers {
+                let _ = writeln!(out, "{metric}{{worker=\"{id}\"}} {}", get(s));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_driver_info The I/O driver each worker runs on."
+        );
+        let _ = writeln!(out, "# TYPE ringway_driver_info gauge");
+        for (id, s) in &workers {
+            let _ = writeln!(
+                out,
+                "ringway_driver_info{{worker=\"{id}\",driver=\"{}\"}} 1",
+                s.driver
+            );
+        }
+        for (metric, help, v) in [
+            (
+                "ringway_access_log_dropped_total",
+                "Access-log lines dropped.",
+                self.access_log_dropped.get(),
+            ),
+            (
+                "ringway_reloads_total",
+                "Configuration reloads applied.",
+                self.reloads.get(),
+            ),
+            (
+                "ringway_reload_errors_total",
+                "Configuration reloads refused.",
+                self.reload_errors.get(),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {metric} {help}");
+            let _ = writeln!(out, "# TYPE {metric} counter");
+            let _ = writeln!(out, "{metric} {v}");
+        }
+        render_process(out);
+    }
+}
+
+/// A worker's figures at one moment.
+pub struct WorkerSnapshot {
+    /// Client connections open.
+    pub connections: u64,
+    /// Client connections accepted.
+    pub accepted: u64,
+    /// Pool buffers in use.
+    pub buffers_in_use: u64,
+    /// Pool capacity.
+    pub buffers_capacity: u64,
+    /// Pool high-water mark.
+    pub buffers_peak: u64,
+    /// Driver name.
+    pub driver: &'static str,
+}
+
+/// Escapes a label value for the text format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The standard `process_*` metrics, read from /proc.
+fn render_process(out: &mut String) {
+    use std::fmt::Write;
+    let ticks = 100.0; // USER_HZ is 100 on every Linux ABI Ringway runs on.
+    let page = 4096.0;
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may contain spaces).
+        if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
+            let f: Vec<&str> = rest.split(' ').collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // rest[0] is field 3 (state): utime=14, stime=15, starttime=22, vsize=23, rss=24.
+            let cpu = (num(11) + num(12)) / ticks;
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds."
+            );
+            let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+            let _ = writeln!(out, "process_cpu_seconds_total {cpu}");
+            let _ = writeln!(
+                out,
+                "# HELP process_virtual_memory_bytes Virtual memory size in bytes."
+            );
+            let _ = writeln!(out, "# TYPE process_virtual_memory_bytes gauge");
+            let _ = writeln!(out, "process_virtual_memory_bytes {}", num(20));
+            let _ = writeln!(
+                out,
+                "# HELP process_resident_memory_bytes Resident memory size in bytes."
+            );
+            let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+            let _ = writeln!(out, "process_resident_memory_bytes {}", num(21) * page);
+            if let Some(boot) = boot_time() {
+                let _ = writeln!(out, "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.");
+                let _ = writeln!(out, "# TYPE process_start_time_seconds gauge");
+                let _ = writeln!(out, "process_start_time_seconds {}", boot + num(19) / ticks);
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors."
+        );
+        let _ = writeln!(out, "# TYPE process_open_fds gauge");
+        let _ = writeln!(out, "process_open_fds {}", dir.count());
+    }
+}
+
+fn boot_time() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
