@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Helpers for scripts/bench.sh (standard library only).
+
+  benchlib.py freeports N                     print N free TCP ports on 127.0.0.1
+  benchlib.py parse-wrk FILE                  wrk --latency output -> one TSV line
+  benchlib.py idle HOST PORT N PATH READYFILE open N keep-alive connections, one request each,
+                                              write "ok failed" to READYFILE, hold them until
+                                              SIGTERM, then print how many were still open
+  benchlib.py report RESULTS.tsv META.txt     markdown report on stdout
+"""
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import statistics
+import sys
+import time
+
+PROXIES = ["ringway", "nginx", "haproxy"]
+
+
+# ---------------------------------------------------------------- free ports
+def freeports(n):
+    socks, ports = [], []
+    while len(ports) < n:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        socks.append(s)
+        if p in (8080, 9901, 6379):
+            continue
+        ports.append(p)
+    for s in socks:
+        s.close()
+    print(" ".join(map(str, ports)))
+
+
+# ---------------------------------------------------------------- wrk output
+_LAT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_SIZE = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def _lat_ms(tok):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", tok)
+    return float(m.group(1)) * _LAT[m.group(2)] if m else float("nan")
+
+
+def parse_wrk(path):
+    """Fields: requests rps p50_ms p99_ms bytes_read non2xx sock_errors"""
+    txt = open(path, errors="replace").read()
+    req = re.search(r"^\s*(\d+) requests in ([0-9.]+\w+), ([0-9.]+)(B|KB|MB|GB|TB) read", txt, re.M)
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", txt, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", txt, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", txt, re.M)
+    non2 = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", txt)
+    se = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", txt)
+    requests = int(req.group(1)) if req else 0
+    bytes_read = int(float(req.group(3)) * _SIZE[req.group(4)]) if req else 0
+    sock = sum(int(x) for x in se.groups()) if se else 0
+    sock_detail = "c%s/r%s/w%s/t%s" % se.groups() if se else "0"
+    print("\t".join(str(x) for x in [
+        requests,
+        rps.group(1) if rps else "0",
+        "%.4f" % (_lat_ms(p50.group(1)) if p50 else float("nan")),
+        "%.4f" % (_lat_ms(p99.group(1)) if p99 else float("nan")),
+        bytes_read,
+        non2.group(1) if non2 else 0,
+        sock,
+        sock_detail,
+    ]))
+
+
+# ---------------------------------------------------------------- idle connections
+def idle(host, port, n, path, readyfile):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, n + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (path, host, port)).encode()
+    conns, failed, batch = [], 0, 500
+    t0 = time.time()
+    while len(conns) + failed < n:
+        todo = min(batch, n - len(conns) - failed)
+        cur = []
+        for _ in range(todo):
+            try:
+                s = socket.create_connection((host, port), timeout=10)
+                s.sendall(req)
+                cur.append(s)
+            except OSError:
+                failed += 1
+        for s in cur:
+            try:
+                if _read_response(s):
+                    conns.append(s)
+                else:
+                    failed += 1
+                    s.close()
+            except OSError:
+                failed += 1
+                s.close()
+    elapsed = time.time() - t0
+    with open(readyfile + ".tmp", "w") as f:
+        f.write("%d %d %.2f\n" % (len(conns), failed, elapsed))
+    os.rename(readyfile + ".tmp", readyfile)
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    while not stop:
+        time.sleep(0.1)
+    # How many are still open? A closed one is readable and returns b"".
+    closed = 0
+    for s in conns:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed += 1
+    print("idle: opened %d failed %d still_open %d" % (len(conns), failed, len(conns) - closed))
+    for s in conns:
+        s.close()
+
+
+def _read_response(s):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    status = head.split(b" ", 2)[1]
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    need = int(m.group(1)) if m else 0
+    while len(body) < need:
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        body += chunk
+    return status == b"200"
+
+
+# ---------------------------------------------------------------- report
+def med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fnum(x, nd=1):
+    if x != x:
+        return "n/a"
+    return "{:,.{}f}".format(x, nd)
+
+
+def ratio(a, b):
+    if a != a or b != b or b == 0:
+        return "n/a"
+    return "%.2f×" % (a / b)
+
+
+def report(tsv, meta):
+    rows = [l.rstrip("\n").split("\t") for l in open(tsv) if l.strip() and not l.startswith("#")]
+    out = []
+    w = out.append
+    w(open(meta).read().rstrip() + "\n")
+
+    # wrk scenarios: kind scenario proxy round requests rps p50 p99 cpu_us_per_req hwm_kb bytes_read
+    #                non2xx sockerr sockdetail bytes_ok
+    wrk_rows = [r for r in rows if r[0] == "wrk"]
+    scen_order = []
+    for r in wrk_rows:
+        if r[1] not in scen_order:
+            scen_order.append(r[1])
+    summary = []
+    meds = {}
+    for sc in scen_order:
+        desc = next(r[15] for r in wrk_rows if r[1] == sc)
+        w("\n### %s — %s\n" % (sc, desc))
+        w("| proxy | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | req/s vs nginx | p99 vs nginx | CPU vs nginx | RSS vs nginx | runs | non-2xx | socket errors | check |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        m = {}
+        for p in PROXIES:
+            rs = [r for r in wrk_rows if r[1] == sc and r[2] == p]
+            if not rs:
+                continue
+            m[p] = dict(
+                rps=med([float(r[5]) for r in rs]),
+                p50=med([float(r[6]) for r in rs]),
+                p99=med([float(r[7]) for r in rs]),
+                cpu=med([float(r[8]) for r in rs]),
+                rss=med([float(r[9]) / 1024 for r in rs]),
+                non2=sum(int(r[11]) for r in rs),
+                sock=sum(int(r[12]) for r in rs),
+                sockd=",".join(r[13] for r in rs if r[13] != "0"),
+                bytes_ok=all(r[14] == "ok" for r in rs),
+                n=len(rs),
+            )
+        meds[sc] = m
+        n = m.get("nginx")
+        for p, x in m.items():
+            flag = "ok"
+            if x["non2"] or x["sock"] or not x["bytes_ok"]:
+                flag = "**FLAGGED**" + ("" if x["bytes_ok"] else " (short bodies)")
+            w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %d | %s | %s |" % (
+                p, fnum(x["rps"], 0), fnum(x["p50"], 2), fnum(x["p99"], 2), fnum(x["cpu"], 2),
+                fnum(x["rss"], 1),
+                ratio(x["rps"], n["rps"]) if n else "n/a",
+                ratio(x["p99"], n["p99"]) if n else "n/a",
+                ratio(x["cpu"], n["cpu"]) if n else "n/a",
+                ratio(x["rss"], n["rss"]) if n else "n/a",
+                x["n"], x["non2"], x["sock"] if not x["sockd"] else "%d (%s)" % (x["sock"], x["sockd"]),
+                flag))
+        parts = []
+        for p, x in m.items():
+            parts.append("%s %s req/s (%s), p99 %s ms (%s), %s µs/req (%s)%s" % (
+                p, fnum(x["rps"], 0), ratio(x["rps"], n["rps"]) if n else "n/a",
+                fnum(x["p99"], 2), ratio(x["p99"], n["p99"]) if n else "n/a",
+                fnum(x["cpu"], 2), ratio(x["cpu"], n["cpu"]) if n else "n/a",
+                "" if (not x["non2"] and not x["sock"] and x["bytes_ok"]) else " [ERRORS]"))
+        summary.append("%s: %s" % (sc, "; ".join(parts)))
+
+    # 1 GiB download: dl scenario target round http_code size speed_Bps cpu_ms hwm_kb
+    dl = [r for r in rows if r[0] == "dl"]
+    dlm = {}
+    if dl:
+        w("\n### download1g — 1 GiB GET with curl, through each proxy and direct to the backend\n")
+        w("| target | MiB/s | vs direct | proxy CPU s per GiB | peak RSS MiB | runs | all 200 + 1073741824 bytes |")
+        w("|---|---|---|---|---|---|---|")
+        for t in ["direct"] + PROXIES:
+            rs = [r for r in dl if r[2] == t]
+            if not rs:
+                continue
+            sp = med([float(r[6]) / 2**20 for r in rs])
+            cpu = med([float(r[7]) / 1000 for r in rs]) if t != "direct" else float("nan")
+            rss = med([float(r[8]) / 1024 for r in rs]) if t != "direct" else float("nan")
+            ok = all(r[4] == "200" and r[5] == "1073741824" for r in rs)
+            dlm[t] = dict(speed=sp, ok=ok)
+            w("| %s | %s | %s | %s | %s | %d | %s |" % (
+                t, fnum(sp, 0), "%.0f%%" % (100 * sp / dlm["direct"]["speed"]) if "direct" in dlm else "n/a",
+                fnum(cpu, 2) if t != "direct" else "—", fnum(rss, 1) if t != "direct" else "—",
+                len(rs), "yes" if ok else "**NO** (%s)" % ",".join(r[4] + "/" + r[5] for r in rs)))
+        if "direct" in dlm:
+            summary.append("download1g: direct %s MiB/s; %s" % (fnum(dlm["direct"]["speed"], 0), "; ".join(
+                "%s %s MiB/s (%.0f%% of direct)%s" % (t, fnum(dlm[t]["speed"], 0),
+                                                       100 * dlm[t]["speed"] / dlm["direct"]["speed"],
+                                                       "" if dlm[t]["ok"] else " [ERRORS]")
+                for t in PROXIES if t in dlm)))
+
+    # idle: idle scenario proxy round n_open n_failed still_open rss_before_kb rss_after_kb
+    idl = [r for r in rows if r[0] == "idle"]
+    idm = {}
+    if idl:
+        want = idl[0][8]
+        w("\n### idle%s — %s idle keep-alive connections (one GET /hello each), proxy RSS before and after\n" % ("", want))
+        w("| proxy | RSS before MiB | RSS after MiB | user-space bytes per idle conn | vs nginx | opened | failed | still open at end | runs |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        for p in PROXIES:
+            rs = [r for r in idl if r[2] == p]
+            if not rs:
+                continue
+            idm[p] = dict(
+                per=med([(float(r[7]) - float(r[6])) * 1024 / max(1, int(r[3])) for r in rs]),
+                before=med([float(r[6]) / 1024 for r in rs]), after=med([float(r[7]) / 1024 for r in rs]),
+                opened=min(int(r[3]) for r in rs), failed=max(int(r[4]) for r in rs),
+                still=min(int(r[5]) for r in rs), n=len(rs))
+        for p, x in idm.items():
+            w("| %s | %s | %s | %s | %s | %d | %d | %d | %d |" % (
+                p, fnum(x["before"], 1), fnum(x["after"], 1), fnum(x["per"], 0),
+                ratio(x["per"], idm["nginx"]["per"]) if "nginx" in idm else "n/a",
+                x["opened"], x["failed"], x["still"], x["n"]))
+        summary.append("idle: " + "; ".join("%s %s B/conn (opened %d, failed %d, still open %d)" % (
+            p, fnum(x["per"], 0), x["opened"], x["failed"], x["still"]) for p, x in idm.items()))
+
+    # targets
+    w("\n### Targets (Ringway, from the medians above)\n")
+    w("| target | value | met? |")
+    w("|---|---|---|")
+
+    def tgt(name, val, ok):
+        w("| %s | %s | %s |" % (name, val, "n/a" if ok is None else ("**met**" if ok else "**missed**")))
+    sm = meds.get("small64", {})
+    if "ringway" in sm and "nginx" in sm:
+        r, n = sm["ringway"], sm["nginx"]
+        tgt("CPU µs per small request ≤ 0.8 × nginx (small64)", "%.2f vs %.2f µs = %s" % (r["cpu"], n["cpu"], ratio(r["cpu"], n["cpu"])), r["cpu"] <= 0.8 * n["cpu"])
+        tgt("req/s with one worker ≥ 1.25 × nginx (small64)", "%s vs %s = %s" % (fnum(r["rps"], 0), fnum(n["rps"], 0), ratio(r["rps"], n["rps"])), r["rps"] >= 1.25 * n["rps"])
+    for sc, m in meds.items():
+        if "ringway" in m and "nginx" in m:
+            r, n = m["ringway"], m["nginx"]
+            tgt("p99 ≤ nginx (%s)" % sc, "%.2f vs %.2f ms" % (r["p99"], n["p99"]), r["p99"] <= n["p99"])
+    for sc, m in meds.items():
+        if "ringway" in m:
+            r = m["ringway"]
+            if r["non2"] or r["sock"] or not r["bytes_ok"]:
+                tgt("no errors (%s)" % sc, "non-2xx %d, socket errors %d, bodies %s" % (r["non2"], r["sock"], "ok" if r["bytes_ok"] else "SHORT"), False)
+    if "ringway" in dlm and "direct" in dlm:
+        pct = 100 * dlm["ringway"]["speed"] / dlm["direct"]["speed"]
+        tgt("1 GiB download ≥ 80% of direct", "%.0f%%" % pct, pct >= 80 and dlm["ringway"]["ok"])
+    if "ringway" in idm:
+        x = idm["ringway"]
+        tgt("≤ 1 KiB per idle connection", "%s B" % fnum(x["per"], 0), x["per"] <= 1024 and x["failed"] == 0)
+
+    w("\n### Summary\n")
+    for s in summary:
+        w("- " + s)
+
+    w("\n<details><summary>Every run (raw)</summary>\n")
+    w("```")
+    w("# wrk: kind scenario proxy round requests rps p50_ms p99_ms cpu_us_per_req peak_rss_kb bytes_read non2xx sock_errors sock_detail bytes_check desc")
+    w("# dl: kind scenario target round http_code size_bytes speed_Bps proxy_cpu_ms peak_rss_kb")
+    w("# idle: kind scenario proxy opened failed still_open rss_before_kb rss_after_kb wanted round")
+    for r in rows:
+        w("\t".join(r))
+    w("```\n</details>")
+    print("\n".join(out))
+    return summary
+
+
+def main():
+    cmd = sys.argv[1]
+    if cmd == "freeports":
+        freeports(int(sys.argv[2]))
+    elif cmd == "parse-wrk":
+        parse_wrk(sys.argv[2])
+    elif cmd == "idle":
+        idle(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    elif cmd == "report":
+        report(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("unknown command " + cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+#!/usr/bin/env bash
+# Ringway vs nginx vs HAProxy, the same nginx origin behind each.
+#
+#   scripts/bench.sh [--quick] [--rounds R] [--duration S] [--workers N] [--backend-workers N]
+#                    [--only LIST] [--idle N] [--ringway PATH] [--out DIR]
+#
+# Scenarios (--only takes a comma list of these names):
+#   small64    GET /hello (13-byte body), wrk -c64
+#   small1000  GET /hello, wrk -c1000
+#   resp16k    GET /16k (16 KiB body), wrk -c64
+#   resp1m     GET /1m (1 MiB body), wrk -c64
+#   post64k    POST /upload with a 64 KiB body (benches/wrk/post64k.lua), wrk -c64
+#   download1g GET a 1 GiB file with curl through each proxy and direct, R runs each
+#   idle       open N (10000) idle keep-alive connections, RSS before/after -> bytes per connection
+#
+# Every wrk scenario runs the proxies interleaved (ringway nginx haproxy, ringway nginx haproxy, ...)
+# for R rounds; each run starts the proxy afresh, checks one request with curl (status and exact
+# byte count), warms up for 1 s, then measures one `wrk -t1 -cC -dD --latency` run. Reported are
+# the MEDIANS over rounds of req/s, p50/p99 latency, CPU µs per request (proxy user+sys from
+# /proc/PID/stat utime+stime, all threads and all its processes, / CLK_TCK / requests served),
+# and peak RSS (VmHWM summed over the proxy's processes), with ratios to nginx. Runs with non-2xx
+# responses, socket errors or short bodies are flagged.
+#
+# Output: markdown on stdout and in bench-out/<timestamp>.md (raw numbers in bench-out/<timestamp>.tsv).
+# Needs: nginx, haproxy, wrk, curl, python3, taskset. The Ringway binary: --ringway PATH, or
+# $RINGWAY_BIN, or /work/bin/ringway, or target/release/ringway (copied to the temp dir first).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCHES="$ROOT/benches"
+LIB="$BENCHES/benchlib.py"
+
+ROUNDS=3
+DURATION=5
+WARMUP=1
+WORKERS=1
+BACKEND_WORKERS=""
+ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle"
+IDLE_N=10000
+QUICK=0
+OUTDIR="$ROOT/bench-out"
+RINGWAY_SRC="${RINGWAY_BIN:-}"
+CMDLINE="scripts/bench.sh $*"
+
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; ROUNDS=1; DURATION=2; shift ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --duration) DURATION="$2"; shift 2 ;;
+    --workers) WORKERS="$2"; shift 2 ;;
+    --backend-workers) BACKEND_WORKERS="$2"; shift 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    --idle) IDLE_N="$2"; shift 2 ;;
+    --ringway) RINGWAY_SRC="$2"; shift 2 ;;
+    --out) OUTDIR="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "bench: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+for c in nginx haproxy wrk curl python3 taskset; do
+  command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || die "$c not found"
+done
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
+
+if [ -z "$RINGWAY_SRC" ]; then
+  for c in /work/bin/ringway "$ROOT/target/release/ringway"; do
+    if [ -x "$c" ]; then RINGWAY_SRC="$c"; break; fi
+  done
+fi
+[ -n "$RINGWAY_SRC" ] && [ -x "$RINGWAY_SRC" ] || die "no ringway binary (use --ringway PATH)"
+
+# ------------------------------------------------------------------ temp dir, cleanup
+WORK="$(mktemp -d /tmp/ringway-bench.XXXXXX)"
+chmod 755 "$WORK"   # nginx workers run as nobody when started by root
+declare -A LIVE=()   # pids this script started and has not reaped yet
+cleanup() {
+  local rc=$?
+  set +e
+  local p
+  for p in "${!LIVE[@]}"; do
+    if kill -0 "$p" 2>/dev/null; then kill -TERM "$p" 2>/dev/null; fi
+  done
+  for p in "${!LIVE[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null
+  done
+  wait 2>/dev/null
+  if [ "${KEEP_WORK:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+  exit $rc
+}
+trap cleanup EXIT
+set -E
+trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
+trap 'exit 130' INT TERM
+
+mkdir -p "$WORK/bin"; cp "$RINGWAY_SRC" "$WORK/bin/ringway"
+RINGWAY="$WORK/bin/ringway"
+RINGWAY_VERSION="$("$RINGWAY" --version 2>&1 | awk 'NR == 1' || true)"
+RINGWAY_SUM="$(sha256sum "$RINGWAY" | cut -c1-12)"
+
+# ------------------------------------------------------------------ limits, cores, pinning
+HARD_NOFILE="$(ulimit -Hn)"
+if [ "$HARD_NOFILE" = unlimited ]; then HARD_NOFILE=1048576; fi
+ulimit -n "$HARD_NOFILE" 2>/dev/null || true
+NOFILE="$(ulimit -n)"
+if [ "$NOFILE" -lt 2200 ]; then die "ulimit -n is $NOFILE; -c1000 needs more (raise the hard limit)"; fi
+if [ $((IDLE_N + 300)) -gt "$NOFILE" ]; then
+  log "ulimit -n $NOFILE: idle connections lowered from $IDLE_N to $((NOFILE - 300))"
+  IDLE_N=$((NOFILE - 300))
+fi
+# HAProxy refuses to start unless 2 * maxconn + 14 fds fit under the hard limit, and it refuses
+# connections beyond maxconn, so the idle count must fit under its maxconn (same count for all).
+HAPROXY_MAXCONN=$(( (NOFILE - 14) / 2 ))
+if [ $((IDLE_N + 50)) -gt "$HAPROXY_MAXCONN" ]; then
+  log "ulimit -n $NOFILE: HAProxy maxconn is $HAPROXY_MAXCONN; idle connections lowered from $IDLE_N to $((HAPROXY_MAXCONN - 50))"
+  IDLE_N=$((HAPROXY_MAXCONN - 50))
+fi
+
+NCPU="$(nproc)"
+CLK_TCK="$(getconf CLK_TCK)"
+PROXY_CPUS="" WRK_CPUS="" BACKEND_CPUS=""
+if [ "$NCPU" -ge 4 ] && [ $((WORKERS + 2)) -le "$NCPU" ]; then
+  PROXY_CPUS="0-$((WORKERS - 1))"
+  WRK_CPUS="$WORKERS"
+  BACKEND_CPUS="$((WORKERS + 1))-$((NCPU - 1))"
+  : "${BACKEND_WORKERS:=$(( NCPU - WORKERS - 1 > 4 ? 4 : NCPU - WORKERS - 1 ))}"
+  PIN_NOTE="proxy on cores $PROXY_CPUS, wrk/curl on core $WRK_CPUS, backend on cores $BACKEND_CPUS (taskset)"
+else
+  : "${BACKEND_WORKERS:=1}"
+  PIN_NOTE="NO pinning: $NCPU cores (< 4 or fewer than workers+2), so proxy, wrk and backend share cores"
+fi
+# Command prefixes (taskset execs, so $! of a backgrounded command is the program's own pid).
+PIN_PROXY=() PIN_WRK=() PIN_BACKEND=()
+if [ -n "$PROXY_CPUS" ]; then
+  PIN_PROXY=(taskset -c "$PROXY_CPUS"); PIN_WRK=(taskset -c "$WRK_CPUS"); PIN_BACKEND=(taskset -c "$BACKEND_CPUS")
+fi
+
+read -r PORT_BACKEND PORT_RINGWAY PORT_NGINX PORT_HAPROXY <<<"$(python3 "$LIB" freeports 4)"
+declare -A PORT=([ringway]=$PORT_RINGWAY [nginx]=$PORT_NGINX [haproxy]=$PORT_HAPROXY [direct]=$PORT_BACKEND)
+
+fill() { # template -> output, substituting @NAME@ placeholders
+  sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@BACKEND_PORT@|$PORT_BACKEND|g" \
+      -e "s|@WORKERS@|$WORKERS|g" -e "s|@BACKEND_WORKERS@|$BACKEND_WORKERS|g" \
+      -e "s|@NOFILE@|$NOFILE|g" -e "s|@MAXCONN@|$HAPROXY_MAXCONN|g" "$1" > "$2"
+}
+
+wait_http() { # url, timeout seconds
+  local i
+  for i in $(seq $(( $2 * 20 ))); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null)" = 200 ]; then return 0; fi
+    sleep 0.05
+  done
+  return 1
+}
+
+# ------------------------------------------------------------------ backend
+start_backend() {
+  local d="$WORK/backend"
+  mkdir -p "$d/www" "$d/client_body" "$d/proxy" "$d/fastcgi" "$d/uwsgi" "$d/scgi"
+  head -c 16384 /dev/urandom > "$d/www/16k"
+  head -c 1048576 /dev/urandom > "$d/www/1m"
+  if want download1g; then
+    # Real bytes (not a hole) so sendfile/splice move data; `yes` is fast and not all zeros.
+    { yes 'ringway bench 1 GiB payload' || true; } | head -c 1073741824 > "$d/www/1g"
+  fi
+  : > "$d/www/upload"
+  chmod -R a+rX "$d"
+  fill "$BENCHES/backend/nginx-backend.conf" "$d/nginx-backend.conf" "$d" ""
+  "${PIN_BACKEND[@]}" "$NGINX" -p "$d" -e "$d/error.log" -c "$d/nginx-backend.conf" >"$d/stdout" 2>&1 &
+  BACKEND_PID=$!
+  LIVE[$BACKEND_PID]=1
+  wait_http "http://127.0.0.1:$PORT_BACKEND/hello" 10 || { cat "$d/error.log" >&2; die "backend did not start"; }
+  if want download1g; then cat "$d/www/1g" > /dev/null; fi   # into the page cache
+}
+
+# ------------------------------------------------------------------ proxies
+PROXY_PID=""
+start_proxy() { # name
+  local name="$1" d="$WORK/$1" port="${PORT[$1]}"
+  mkdir -p "$d" "$d/client_body" "$d/proxy" "$d/fastcgi" "$d/uwsgi" "$d/scgi"
+  chmod 755 "$d"
+  case "$name" in
+    ringway)
+      fill "$BENCHES/proxies/ringway.toml" "$d/ringway.toml" "$d" "$port"
+      "${PIN_PROXY[@]}" "$RINGWAY" --conf "$d/ringway.toml" >>"$d/stdout" 2>&1 &
+      ;;
+    nginx)
+      fill "$BENCHES/proxies/nginx-proxy.conf" "$d/nginx-proxy.conf" "$d" "$port"
+      "${PIN_PROXY[@]}" "$NGINX" -p "$d" -e "$d/error.log" -c "$d/nginx-proxy.conf" >>"$d/stdout" 2>&1 &
+      ;;
+    haproxy)
+      fill "$BENCHES/proxies/haproxy.cfg" "$d/haproxy.cfg" "$d" "$port"
+      "${PIN_PROXY[@]}" "$HAPROXY" -db -f "$d/haproxy.cfg" >>"$d/stdout" 2>&1 &
+      ;;
+  esac
+  PROXY_PID=$!
+  LIVE[$PROXY_PID]=1
+  if ! wait_http "http://127.0.0.1:$port/hello" 10; then
+    tail -20 "$d/stdout" "$d/error.log" >&2 2>/dev/null || true
+    die "$name did not answer 200 on /hello"
+  fi
+}
+
+stop_proxy() {
+  local p="$PROXY_PID" i
+  [ -n "$p" ] || return 0
+  kill -TERM "$p" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+  if kill -0 "$p" 2>/dev/null; then
+    log "WARNING: $CUR_PROXY (pid $p) still running 5 s after SIGTERM; killing it"
+    echo "- $CUR_PROXY did not exit within 5 s of SIGTERM during $CUR_SCEN (killed)" >> "$WORK/anomalies"
+    kill -KILL "$p" 2>/dev/null || true
+  fi
+  wait "$p" 2>/dev/null || true
+  unset "LIVE[$p]"
+  PROXY_PID=""
+}
+
+proc_tree() { # pid and its direct children (nginx master + workers)
+  echo "$1"
+  ps -o pid= --ppid "$1" 2>/dev/null || true
+}
+cpu_ticks() { # user+sys ticks of the process (all threads) and its children processes
+  local t=0 p v
+  for p in $(proc_tree "$1"); do
+    v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+mem_kb() { # VmHWM or VmRSS summed over the process tree
+  local t=0 p v
+  for p in $(proc_tree "$2"); do
+    v=$(awk -v k="$1:" '$1 == k {print $2}' "/proc/$p/status" 2>/dev/null) || v=0
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
+# ------------------------------------------------------------------ checks
+# One request through the proxy: status 200 and exactly the expected number of body bytes.
+check_once() { # name path expected_bytes [post]
+  local url="http://127.0.0.1:${PORT[$1]}$2" got
+  if [ "${4:-}" = post ]; then
+    got=$(curl -s -o "$WORK/check.body" -w '%{http_code} %{size_download}' --max-time 20 \
+      --data-binary @"$WORK/post64k.bin" -H 'Content-Type: application/octet-stream' "$url" || echo "000 0")
+  else
+    got=$(curl -s -o "$WORK/check.body" -w '%{http_code} %{size_download}' --max-time 20 "$url" || echo "000 0")
+  fi
+  if [ "$got" != "200 $3" ]; then
+    log "WARNING: $1 $2 returned '$got', expected '200 $3'"
+    echo "- $1: one curl to $2 returned status/size '$got', expected '200 $3' (scenario $CUR_SCEN)" >> "$WORK/anomalies"
+    return 1
+  fi
+}
+
+# ------------------------------------------------------------------ scenarios
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+: > "$WORK/anomalies"
+head -c 65536 /dev/zero | tr '\0' 'x' > "$WORK/post64k.bin"
+PROXY_LIST=(ringway nginx haproxy)
+CUR_PROXY="" CUR_SCEN=""
+
+run_wrk_scenario() { # scen path conns body_bytes desc [lua]
+  local scen="$1" path="$2" conns="$3" body="$4" desc="$5" lua="${6:-}" r p
+  want "$scen" || return 0
+  CUR_SCEN="$scen"
+  log "scenario $scen: $desc ($ROUNDS round(s) x ${DURATION}s)"
+  local args=(-t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s)
+  [ -n "$lua" ] && args+=(-s "$lua")
+  for r in $(seq "$ROUNDS"); do
+    for p in "${PROXY_LIST[@]}"; do
+      CUR_PROXY="$p"
+      start_proxy "$p"
+      local url="http://127.0.0.1:${PORT[$p]}$path" check="ok"
+      check_once "$p" "$path" "$body" ${lua:+post} || check="curl-check-failed"
+      "${PIN_WRK[@]}" wrk -t1 "-c$conns" "-d${WARMUP}s" --timeout 5s ${lua:+-s "$lua"} "$url" > "$WORK/warm.out" 2>&1 || true
+      local t0 t1 out="$WORK/wrk-$scen-$p-$r.out"
+      t0=$(cpu_ticks "$PROXY_PID")
+      "${PIN_WRK[@]}" wrk "${args[@]}" "$url" > "$out" 2>&1 || log "wrk exited non-zero ($p, $scen)"
+      t1=$(cpu_ticks "$PROXY_PID")
+      local hwm; hwm=$(mem_kb VmHWM "$PROXY_PID")
+      kill -0 "$PROXY_PID" 2>/dev/null || { echo "- $p died during $scen round $r" >> "$WORK/anomalies"; check="proxy-died"; }
+      stop_proxy
+      local req rps p50 p99 bytes non2 sock sockd
+      IFS=$'\t' read -r req rps p50 p99 bytes non2 sock sockd < <(python3 "$LIB" parse-wrk "$out")
+      local cpu_us
+      cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { if (n > 0) printf "%.3f", d / hz * 1e6 / n; else print "nan" }')
+      # Responses must carry the whole body: bytes read per request >= body size (heads add more).
+      if [ "$check" = ok ] && [ "$body" -ge 16384 ] && [ -z "$lua" ]; then
+        awk -v b="$bytes" -v n="$req" -v s="$body" 'BEGIN { exit !(n > 0 && b / n >= s * 0.99) }' || check="short-bodies"
+      fi
+      [ "$req" -gt 0 ] || check="no-requests"
+      if [ "$non2" != 0 ] || [ "$sock" != 0 ] || [ "$check" != ok ]; then
+        echo "- $p $scen round $r: non-2xx $non2, socket errors $sock ($sockd), check $check (wrk output: see raw table)" >> "$WORK/anomalies"
+        cp "$out" "$OUTDIR/$STAMP-wrk-$scen-$p-$r.out" 2>/dev/null || true
+      fi
+      printf 'wrk\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$scen" "$p" "$r" "$req" "$rps" "$p50" "$p99" "$cpu_us" "$hwm" "$bytes" "$non2" "$sock" "$sockd" "$check" "$desc" >> "$RESULTS"
+      log "  $scen r$r $p: $rps req/s p50 ${p50}ms p99 ${p99}ms cpu ${cpu_us}us/req hwm ${hwm}kB non2xx $non2 sockerr $sock $check"
+    done
+  done
+}
+
+run_download() {
+  want download1g || return 0
+  CUR_SCEN=download1g
+  log "scenario download1g: 1 GiB GET with curl, $ROUNDS round(s), direct + 3 proxies"
+  local r t
+  for r in $(seq "$ROUNDS"); do
+    for t in direct "${PROXY_LIST[@]}"; do
+      CUR_PROXY="$t"
+      local t0=0 t1=0 hwm=0
+      if [ "$t" != direct ]; then start_proxy "$t"; t0=$(cpu_ticks "$PROXY_PID"); fi
+      local res
+      res=$("${PIN_WRK[@]}" curl -s -o /dev/null --max-time 120 -w '%{http_code} %{size_download} %{speed_download}' \
+        "http://127.0.0.1:${PORT[$t]}/1g" || echo "000 0 0")
+      if [ "$t" != direct ]; then
+        t1=$(cpu_ticks "$PROXY_PID"); hwm=$(mem_kb VmHWM "$PROXY_PID"); stop_proxy
+      fi
+      local code size speed; read -r code size speed <<<"$res"
+      local cpu_ms=$(( (t1 - t0) * 1000 / CLK_TCK ))
+      if [ "$code" != 200 ] || [ "$size" != 1073741824 ]; then
+        echo "- $t download1g round $r: status $code, $size bytes (expected 200, 1073741824)" >> "$WORK/anomalies"
+      fi
+      printf 'dl\tdownload1g\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "$code" "$size" "$speed" "$cpu_ms" "$hwm" >> "$RESULTS"
+      log "  download1g r$r $t: $code $size bytes $(awk -v s="$speed" 'BEGIN{printf "%.0f", s/1048576}') MiB/s cpu ${cpu_ms}ms hwm ${hwm}kB"
+    done
+  done
+}
+
+run_idle() {
+  want idle || return 0
+  CUR_SCEN=idle
+  log "scenario idle: $IDLE_N idle keep-alive connections, $ROUNDS round(s)"
+  local r p
+  for r in $(seq "$ROUNDS"); do
+    for p in "${PROXY_LIST[@]}"; do
+      CUR_PROXY="$p"
+      start_proxy "$p"
+      local url="http://127.0.0.1:${PORT[$p]}/hello"
+      "${PIN_WRK[@]}" wrk -t1 -c64 -d1s "$url" > /dev/null 2>&1 || true   # warm pools and buffers
+      sleep 0.5
+      local before after ready="$WORK/idle.ready" ipid
+      before=$(mem_kb VmRSS "$PROXY_PID")
+      rm -f "$ready"
+      "${PIN_WRK[@]}" python3 "$LIB" idle 127.0.0.1 "${PORT[$p]}" "$IDLE_N" /hello "$ready" > "$WORK/idle.out" 2>&1 &
+      ipid=$!
+      LIVE[$ipid]=1
+      local i
+      for i in $(seq 1200); do [ -f "$ready" ] && break; kill -0 "$ipid" 2>/dev/null || break; sleep 0.1; done
+      sleep 1
+      after=$(mem_kb VmRSS "$PROXY_PID")
+      local opened=0 failed="$IDLE_N" secs=0
+      [ -f "$ready" ] && read -r opened failed secs < "$ready"
+      kill -TERM "$ipid" 2>/dev/null || true
+      wait "$ipid" 2>/dev/null || true
+      unset "LIVE[$ipid]"
+      local still; still=$(awk '/^idle:/ {print $7}' "$WORK/idle.out"); still=${still:-0}
+      stop_proxy
+      if [ "$failed" != 0 ] || [ "$still" != "$opened" ]; then
+        echo "- $p idle round $r: opened $opened, failed $failed, still open at the end $still" >> "$WORK/anomalies"
+      fi
+      printf 'idle\tidle\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$p" "$opened" "$failed" "$still" "$before" "$after" "$IDLE_N" "$r" >> "$RESULTS"
+      log "  idle r$r $p: opened $opened failed $failed (${secs}s) still-open $still rss ${before}kB -> ${after}kB"
+    done
+  done
+}
+
+mkdir -p "$OUTDIR"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+START_TS="$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+log "work dir $WORK; ports backend $PORT_BACKEND ringway $PORT_RINGWAY nginx $PORT_NGINX haproxy $PORT_HAPROXY"
+log "$PIN_NOTE"
+start_backend
+
+run_wrk_scenario small64   /hello  64   13      "GET /hello (13-byte body), 64 connections"
+run_wrk_scenario small1000 /hello  1000 13      "GET /hello (13-byte body), 1000 connections"
+run_wrk_scenario resp16k   /16k    64   16384   "GET /16k (16 KiB body), 64 connections"
+run_wrk_scenario resp1m    /1m     64   1048576 "GET /1m (1 MiB body), 64 connections"
+run_wrk_scenario post64k   /upload 64   3       "POST /upload with a 64 KiB body, 64 connections" "$BENCHES/wrk/post64k.lua"
+run_download
+run_idle
+
+LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
+META="$WORK/meta.md"
+{
+  echo "## Ringway benchmark — $START_TS"
+  echo
+  echo "- command: \`$CMDLINE\` ($([ "$QUICK" = 1 ] && echo "QUICK run: " )$ROUNDS round(s), ${DURATION}s per wrk run after a ${WARMUP}s warm-up, medians over rounds)"
+  echo "- machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM"
+  echo "- load average (1/5/15 min) before: $LOAD_BEFORE, after: $LOAD_AFTER (other work shares this machine unless these are near 0)"
+  echo "- pinning: $PIN_NOTE"
+  echo "- workers: proxy $WORKERS (Ringway workers, nginx worker_processes, HAProxy nbthread); backend nginx $BACKEND_WORKERS worker(s); wrk -t1"
+  echo "- ringway: $RINGWAY_SRC ($RINGWAY_VERSION, sha256 $RINGWAY_SUM); $("$NGINX" -v 2>&1); $("$HAPROXY" -v 2>&1 | awk 'NR == 1 {print $1, $2, $3}'); $(wrk -v 2>&1 | awk 'NR == 1 {print $1, $2}' || true)"
+  echo "- CPU µs/req = proxy (all processes and threads) utime+stime delta over the measured wrk run / CLK_TCK($CLK_TCK) / requests completed; peak RSS = VmHWM summed over the proxy's processes (nginx: master + workers)"
+  echo "- ulimit -n $NOFILE"
+  if [ -s "$WORK/anomalies" ]; then
+    echo
+    echo "**Anomalies (runs flagged):**"
+    echo
+    cat "$WORK/anomalies"
+  else
+    echo "- anomalies: none (every run: only 2xx, no socket errors, byte counts as expected)"
+  fi
+} > "$META"
+
+cp "$RESULTS" "$OUTDIR/$STAMP.tsv"
+python3 "$LIB" report "$RESULTS" "$META" | tee "$OUTDIR/$STAMP.md"
+log "written $OUTDIR/$STAMP.md"
