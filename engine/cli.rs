@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, thread};
 
-use crate::{config, control, log, runtime};
+use crate::{admin, config, control, log, reload, runtime};
 
 const USAGE: &str =
     "usage: ringway [--conf FILE]          run (the embedded default config without --conf)
@@ -74,7 +74,10 @@ pub fn main(args: Vec<String>) -> i32 {
             }
         },
         Command::Run(path) => match load(path.as_deref()) {
-            Ok(cfg) => run(cfg),
+            Ok(cfg) => {
+                reload::set_source(path);
+                run(cfg)
+            }
             Err(e) => {
                 eprintln!("{e}");
                 1
@@ -92,7 +95,7 @@ fn load(path: Option<&std::path::Path>) -> Result<config::Config, config::Config
 
 /// Refuses settings this build accepts in the file but cannot honour yet,
 /// rather than silently ignoring them.
-fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
+pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
     let mut errs = Vec::new();
     for (i, f) in cfg.filters.iter().enumerate() {
         let used = cfg.routes.iter().any(|r| r.filters.contains(&f.name));
@@ -176,6 +179,12 @@ fn run(cfg: config::Config) -> i32 {
         }
     };
 
+    if let Some(a) = &shared.cfg.admin {
+        if let Err(e) = admin::spawn(a.listen) {
+            log::error(&e);
+            return 1;
+        }
+    }
     if let Err(e) = control::spawn(core_for(workers)) {
         log::error(&format!("cannot start the control thread: {e}"));
         return 1;

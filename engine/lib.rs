@@ -10,7 +10,9 @@
 //! - [`upstream`]: resolved endpoints and per-worker connection pools.
 //! - [`buf`]: the fixed buffer pool and splice pipes.
 //! - [`control`]: the control core, the only thread that may block.
+//! - [`admin`], [`reload`], [`metrics`]: operating a running gateway.
 
+pub mod admin;
 pub mod buf;
 pub mod cli;
 pub mod config;
@@ -19,6 +21,7 @@ pub mod h1;
 pub mod log;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod upstream;

@@ -7,14 +7,11 @@
 //! including a task dropped mid-operation (monoio keeps the buffer alive until
 //! the kernel lets go of it, then drops it here).
 
-use crate::runtime::deadline;
+use crate::runtime::{deadline, waitq::WaitQueue};
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
-    future::poll_fn,
     ops::{Deref, DerefMut},
     rc::Rc,
-    task::{Poll, Waker},
     time::Duration,
 };
 
@@ -34,8 +31,8 @@ struct PoolInner {
     /// Ordinary buffers returned and kept for reuse, so steady traffic never
     /// reaches the allocator.
     free: RefCell<Vec<Vec<u8>>>,
-    /// Tasks waiting for a slot, woken in arrival order.
-    waiters: RefCell<VecDeque<Waker>>,
+    /// Tasks waiting for a slot, woken one per release in arrival order.
+    waiters: WaitQueue,
     /// Highest `slots_used` seen, for /stats.
     peak: Cell<usize>,
 }
@@ -58,7 +55,7 @@ impl BufPool {
                 slots_total: slots,
                 slots_used: Cell::new(0),
                 free: RefCell::new(Vec::new()),
-                waiters: RefCell::new(VecDeque::new()),
+                waiters: WaitQueue::default(),
                 peak: Cell::new(0),
             }),
         }
@@ -120,11 +117,17 @@ impl BufPool {
 
     /// Waits until one ordinary buffer is free.
     pub async fn acquire(&self) -> PoolBuf {
-        loop {
+        // Newcomers queue behind waiters, so a release goes to the oldest.
+        if self.inner.waiters.is_empty() {
             if let Some(buf) = self.try_acquire() {
                 return buf;
             }
-            self.wait_for_release().await;
+        }
+        loop {
+            self.inner.waiters.wait().await;
+            if let Some(buf) = self.try_acquire() {
+                return buf;
+            }
         }
     }
 
@@ -137,12 +140,14 @@ impl BufPool {
         if bytes.div_ceil(self.inner.slot_size) > self.inner.slots_total {
             return Err(PoolError::TooLarge);
         }
-        if let Some(buf) = self.try_acquire_bytes(bytes) {
-            return Ok(buf);
+        if self.inner.waiters.is_empty() {
+            if let Some(buf) = self.try_acquire_bytes(bytes) {
+                return Ok(buf);
+            }
         }
         let wait = async {
             loop {
-                self.wait_for_release().await;
+                self.inner.waiters.wait().await;
                 if let Some(buf) = self.try_acquire_bytes(bytes) {
                     return buf;
                 }
@@ -151,23 +156,6 @@ impl BufPool {
         deadline::timeout(limit, wait)
             .await
             .map_err(|_| PoolError::Exhausted)
-    }
-
-    /// Resolves after the next release (or at once if a slot is already free).
-    async fn wait_for_release(&self) {
-        let mut registered = false;
-        poll_fn(|cx| {
-            if registered || self.inner.slots_used.get() < self.inner.slots_total {
-                return Poll::Ready(());
-            }
-            registered = true;
-            self.inner
-                .waiters
-                .borrow_mut()
-                .push_back(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
     }
 }
 
@@ -245,11 +233,10 @@ impl Drop for PoolBuf {
             data.clear();
             pool.free.borrow_mut().push(data);
         }
-        // Wake every waiter: a large request may need several releases, and a
-        // waiter that finds nothing simply registers again.
-        let waiters: Vec<Waker> = pool.waiters.borrow_mut().drain(..).collect();
-        for w in waiters {
-            w.wake();
+        // One waiter per released slot; a woken waiter that still finds too
+        // little (a large head buffer) waits again at the back.
+        for _ in 0..self.slots {
+            pool.waiters.wake_one();
         }
     }
 }

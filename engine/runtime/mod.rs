@@ -5,6 +5,7 @@ pub mod deadline;
 pub mod driver;
 pub mod listen;
 pub mod shutdown;
+pub mod waitq;
 pub mod worker;
 
 pub use worker::{current, publish, Generation, Shared, Worker};

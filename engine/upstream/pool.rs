@@ -8,13 +8,10 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
-    future::poll_fn,
     io,
     net::SocketAddr,
     rc::Rc,
     sync::Arc,
-    task::{Poll, Waker},
     time::Instant,
 };
 
@@ -24,7 +21,7 @@ use super::{balance, health::now_ms, UpstreamShared};
 use crate::{
     config::Balance,
     metrics::{registry, UpstreamShard},
-    runtime::deadline,
+    runtime::{deadline, waitq::WaitQueue},
 };
 
 /// A worker's pool for one upstream.
@@ -32,8 +29,8 @@ pub struct UpstreamPool {
     /// Settings, endpoints and health, shared with the other workers.
     pub shared: Arc<UpstreamShared>,
     idle: RefCell<Vec<Idle>>,
-    /// Requests waiting for a connection slot.
-    waiters: RefCell<VecDeque<Waker>>,
+    /// Requests waiting for a connection slot or an idle connection.
+    waiters: WaitQueue,
     /// Smooth weighted round-robin state.
     rr: RefCell<balance::SmoothRr>,
     /// Requests in flight per endpoint (for least_requests).
@@ -83,7 +80,7 @@ impl UpstreamPool {
         Rc::new(Self {
             shared,
             idle: RefCell::new(Vec::new()),
-            waiters: RefCell::new(VecDeque::new()),
+            waiters: WaitQueue::default(),
             rr: RefCell::new(balance::SmoothRr::default()),
             inflight: RefCell::new(vec![0; n]),
             turn: Cell::new(0),
@@ -137,7 +134,10 @@ impl UpstreamPool {
         }
         let conf = &self.shared.conf;
         let deadline_at = Instant::now() + conf.connect_timeout;
-        self.reserve_slot(deadline_at).await?;
+        if let Some(stream) = self.reserve_slot(idx, addr, fresh, deadline_at).await? {
+            // While waiting, a connection to this endpoint came back idle.
+            return Ok(UpConn::new(self.clone(), stream, idx, addr, true));
+        }
         // The slot is ours from here on: a guard gives it back on every failure.
         let slot = SlotGuard(self);
         let connect = TcpStream::connect_addr(addr);
@@ -192,41 +192,54 @@ impl UpstreamPool {
         None
     }
 
-    /// Takes a connection slot, closing an idle connection to another endpoint
-    /// if that is what stands in the way, or waiting until `deadline_at`.
-    async fn reserve_slot(&self, deadline_at: Instant) -> Result<(), CheckoutError> {
+    /// Takes a connection slot, or waits (until `deadline_at`) for one to
+    /// free up. A connection to `idx` returned idle meanwhile is taken
+    /// instead (`Some`); an idle connection to another endpoint is closed to
+    /// make room.
+    async fn reserve_slot(
+        &self,
+        idx: usize,
+        addr: SocketAddr,
+        fresh: bool,
+        deadline_at: Instant,
+    ) -> Result<Option<TcpStream>, CheckoutError> {
         let max = self.shared.conf.max_connections as u64;
+        let mut waited = false;
         loop {
-            if self.stats.open.get() < max {
-                self.stats.open.add(1);
-                return Ok(());
-            }
-            let evicted = {
-                let mut idle = self.idle.borrow_mut();
-                if idle.is_empty() {
-                    false
-                } else {
-                    idle.remove(0);
+            // Queue order is kept: only the woken waiter (or a newcomer when
+            // nobody waits) takes what a release freed.
+            if waited || self.waiters.is_empty() {
+                if waited && !fresh {
+                    if let Some(s) = self.take_idle(idx, addr) {
+                        return Ok(Some(s));
+                    }
+                }
+                if self.stats.open.get() < max {
+                    self.stats.open.add(1);
+                    return Ok(None);
+                }
+                let evicted = {
+                    let mut idle = self.idle.borrow_mut();
+                    if idle.is_empty() {
+                        false
+                    } else {
+                        idle.remove(0);
+                        true
+                    }
+                };
+                if evicted {
+                    // The evicted stream closed; its slot is now ours.
                     self.stats.idle.sub(1);
-                    true
+                    return Ok(None);
                 }
-            };
-            if evicted {
-                // The evicted stream closed; its slot is now ours.
-                return Ok(());
             }
-            let mut registered = false;
-            let wait = poll_fn(|cx| {
-                if registered {
-                    return Poll::Ready(());
-                }
-                registered = true;
-                self.waiters.borrow_mut().push_back(cx.waker().clone());
-                Poll::Pending
-            });
-            if deadline::timeout_at(deadline_at, wait).await.is_err() {
+            if deadline::timeout_at(deadline_at, self.waiters.wait())
+                .await
+                .is_err()
+            {
                 return Err(CheckoutError::NoSlot);
             }
+            waited = true;
         }
     }
 
@@ -236,9 +249,7 @@ impl UpstreamPool {
     }
 
     fn wake_one(&self) {
-        if let Some(w) = self.waiters.borrow_mut().pop_front() {
-            w.wake();
-        }
+        self.waiters.wake_one();
     }
 
     /// Closes idle connections older than `idle_timeout`; run periodically.
