@@ -281,7 +281,8 @@ mod tests {
 
     #[test]
     fn query_param_returns_the_first_match_decoded() {
-        let cases: &[(&[u8], &str, Option<&[u8]>)] = &[
+        type Case<'a> = (&'a [u8], &'a str, Option<&'a [u8]>);
+        let cases: &[Case] = &[
             (b"key=sk-1", "key", Some(b"sk-1")),
             (b"?a=1&key=sk-1&key=sk-2", "key", Some(b"sk-1")),
             (b"a=1&key=sk%2D1", "key", Some(b"sk-1")),
