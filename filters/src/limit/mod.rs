@@ -15,4 +15,4 @@ pub mod table;
 pub mod window;
 
 pub use rule::{Match, Rule, RuleHit, RuleMatcher};
-// pub use table::{Decision, LocalTable};
+pub use table::{Decision, LocalTable};
