@@ -4,8 +4,8 @@
 //! and no clock reads. Time comes in as `now_ms: u64` (Unix milliseconds) from the engine, which
 //! owns the clock, so every decision is reproducible in a test with a manual clock.
 //!
-//! The only process-wide shared state is made of atomics (`limit::LocalTable`,
-//! `LeaseSlot`); the engine puts those in an `Arc` and hands them to its workers.
+//! The only process-wide shared state is made of atomics ([`limit::LocalTable`],
+//! [`limit::lease::LeaseSlot`]); the engine puts those in an `Arc` and hands them to its workers.
 //!
 //! # Layout
 //!
@@ -27,7 +27,7 @@ pub mod limit;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::OnceLock;
 
-/// The hash that names a limiter key in `limit::LocalTable`: SipHash-1-3 over the filter id and
+/// The hash that names a limiter key in [`limit::LocalTable`]: SipHash-1-3 over the filter id and
 /// the key value.
 ///
 /// The SipHash keys are random per process (std's `RandomState`, drawn once and shared by every
