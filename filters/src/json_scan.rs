@@ -84,14 +84,25 @@ enum St {
     /// After a value inside a container: `,` or the closing bracket.
     AfterValue,
     /// Inside a string (key or value).
-    Str { key: bool },
+    Str {
+        key: bool,
+    },
     /// After a backslash in a string.
-    Esc { key: bool },
+    Esc {
+        key: bool,
+    },
     /// Inside `\uXXXX`: `n` hex digits read so far.
-    Uni { key: bool, n: u8, acc: u16 },
+    Uni {
+        key: bool,
+        n: u8,
+        acc: u16,
+    },
     Num(Num),
     /// Inside `true`/`false`/`null`: `i` bytes matched.
-    Lit { kind: Kind, i: u8 },
+    Lit {
+        kind: Kind,
+        i: u8,
+    },
     /// The top-level value is complete: only whitespace may follow.
     Done,
     Failed(JsonError),
@@ -296,9 +307,7 @@ impl Scanner {
                             sink.string_bytes(key, &run[..k]);
                         }
                         self.pos = base + input.len() as u64;
-                        return Err(JsonError::Syntax {
-                            at: at + k as u64,
-                        });
+                        return Err(JsonError::Syntax { at: at + k as u64 });
                     }
                     if !run.is_empty() {
                         self.flush_high(key, sink);

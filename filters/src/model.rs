@@ -259,7 +259,10 @@ mod tests {
         let ModelScan::Found { value_range, .. } = &r else {
             panic!("{r:?}")
         };
-        assert_eq!(&body[value_range.start as usize..value_range.end as usize], b"claude-3");
+        assert_eq!(
+            &body[value_range.start as usize..value_range.end as usize],
+            b"claude-3"
+        );
     }
 
     #[test]
@@ -292,7 +295,10 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            body.push(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[(x % 64) as usize]);
+            body.push(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+                    [(x % 64) as usize],
+            );
         }
         body.extend_from_slice(br#""}}]}],"model":"gpt-4o-mini"}"#);
         let mut s = ModelScanner::new();
@@ -323,12 +329,20 @@ mod tests {
             br#"{"model":"a"} x"#,
             br#"{"model":"\ud800\u"}"#,
         ] {
-            assert_eq!(scan(body), ModelScan::Invalid, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                scan(body),
+                ModelScan::Invalid,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         let long = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_LEN + 1));
         assert_eq!(scan_split(long.as_bytes(), &[]), ModelScan::Invalid);
         let ok = format!(r#"{{"model":"{}"}}"#, "m".repeat(MAX_MODEL_LEN));
-        assert!(matches!(scan_split(ok.as_bytes(), &[]), ModelScan::Found { .. }));
+        assert!(matches!(
+            scan_split(ok.as_bytes(), &[]),
+            ModelScan::Found { .. }
+        ));
     }
 
     #[test]
