@@ -537,10 +537,6 @@ impl<const N: usize> SmallBuf<N> {
     pub(crate) fn get(&self) -> Option<&[u8]> {
         (!self.overflow).then(|| &self.buf[..self.len])
     }
-
-    pub(crate) fn overflowed(&self) -> bool {
-        self.overflow
-    }
 }
 
 #[cfg(test)]
