@@ -1147,4 +1147,104 @@ mod tests {
         assert!(!e.is_invalid());
         assert!(e.include_usage_injection().is_some());
     }
+
+    /// Tiny xorshift so the fuzz inputs are the same on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// 10k pseudo-random inputs (random bytes from a JSON/SSE-heavy alphabet, and mutated
+    /// fixtures) into every parser: none may panic, bounds must hold, and each answer must not
+    /// depend on where the input was split.
+    #[test]
+    fn fuzz_no_panic_and_split_independent() {
+        const ALPHABET: &[u8] =
+            b"{}[]:,\"\\ \r\nu0123456789abcdeflmnorstuy-+.eE:dat\xC3\xA9\xEF\xBB\xBF\x00";
+        let seeds: Vec<&[u8]> = ALL
+            .iter()
+            .map(|s| s.as_bytes())
+            .chain([
+                &br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#
+                    [..],
+                br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"model":"m"}"#,
+                br#"{"a":"\ud83d\ude00","b":[1.5e3,-0,true,null]}"#,
+            ])
+            .collect();
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..10_000 {
+            let input: Vec<u8> = if round % 2 == 0 {
+                let n = rng.below(200);
+                (0..n)
+                    .map(|_| ALPHABET[rng.below(ALPHABET.len())])
+                    .collect()
+            } else {
+                let mut v = seeds[rng.below(seeds.len())].to_vec();
+                for _ in 0..=rng.below(4) {
+                    let at = rng.below(v.len() + 1);
+                    let b = ALPHABET[rng.below(ALPHABET.len())];
+                    match rng.below(3) {
+                        0 if at < v.len() => v[at] = b,
+                        1 if at < v.len() => {
+                            v.remove(at);
+                        }
+                        _ => v.insert(at, b),
+                    }
+                }
+                v
+            };
+            let cut = rng.below(input.len() + 1);
+            let cuts: &[usize] = &[cut];
+
+            let max = 1 + rng.below(300);
+            let mut sse = |cuts: &[usize]| {
+                let mut p = SseParser::new(max);
+                let mut t = UsageTracker::new();
+                let mut seen = Vec::new();
+                let mut prev = 0;
+                for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+                    p.feed(&input[prev..c], &mut |e| {
+                        t.on_event(&e);
+                        let _ = is_usage_only_chunk(e.data);
+                        seen.push((e.event.to_vec(), e.data.to_vec(), e.raw_len));
+                    });
+                    assert!(p.held_bytes() <= max);
+                    prev = c;
+                }
+                p.finish(&mut |e| seen.push((e.event.to_vec(), e.data.to_vec(), e.raw_len)));
+                (seen, p.unparsed_frames(), t.usage(0), t.content_chars())
+            };
+            assert_eq!(sse(cuts), sse(&[]), "sse round {round}");
+
+            let model = |cuts: &[usize]| {
+                let mut m = crate::model::ModelScanner::new();
+                let mut prev = 0;
+                for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+                    m.feed(&input[prev..c]);
+                    prev = c;
+                }
+                (m.finish(), m.top_level_end())
+            };
+            assert_eq!(model(cuts), model(&[]), "model round {round}");
+            assert_eq!(
+                scan_body(&input, cuts),
+                scan_body(&input, &[]),
+                "usage round {round}"
+            );
+            assert_eq!(
+                view(&estimate(&input, cuts)),
+                view(&estimate(&input, &[])),
+                "estimator round {round}"
+            );
+        }
+    }
 }
