@@ -1206,7 +1206,7 @@ mod tests {
             let cuts: &[usize] = &[cut];
 
             let max = 1 + rng.below(300);
-            let mut sse = |cuts: &[usize]| {
+            let sse = |cuts: &[usize]| {
                 let mut p = SseParser::new(max);
                 let mut t = UsageTracker::new();
                 let mut seen = Vec::new();
