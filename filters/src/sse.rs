@@ -59,6 +59,32 @@ pub struct FrameEnd<'a> {
     pub oversized: bool,
 }
 
+/// What [`SseParser::feed_items`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SseItem<'a> {
+    /// A frame completed.
+    End(FrameEnd<'a>),
+    /// A piece of the data of a frame longer than `max_frame`, reported as it passes instead of
+    /// being held: the pieces of one frame, concatenated, are its data lines joined with `\n`.
+    /// A streaming consumer can still read a bounded field out of it (the Responses API's
+    /// `response.completed` repeats the whole output, so it often exceeds any `max_frame`, yet
+    /// carries the usage). The frame's `End` follows with `oversized: true`.
+    OversizedData(&'a [u8]),
+}
+
+/// While skipping an oversized frame: where the current line stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OLine {
+    /// Reading the field name (only `data` matters, so five bytes are enough to tell).
+    Name { buf: [u8; 5], len: u8 },
+    /// Just after `data:`: one optional space to skip.
+    DataSpace,
+    /// Inside a `data` value: bytes stream out.
+    Data,
+    /// Any other line: ignored.
+    Skip,
+}
+
 /// UTF-8 byte order mark, which the standard's decoder strips from the start of the stream.
 const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
 
@@ -81,6 +107,8 @@ pub struct SseParser {
     after_cr: bool,
     /// The current frame passed `max_frame`: skip to its end.
     oversized: bool,
+    /// Line state while skipping an oversized frame.
+    oline: OLine,
     /// BOM bytes matched at the start of the stream; 3 once decided.
     bom: u8,
     unparsed: u64,
@@ -100,6 +128,10 @@ impl SseParser {
             frame_raw: 0,
             after_cr: false,
             oversized: false,
+            oline: OLine::Name {
+                buf: [0; 5],
+                len: 0,
+            },
             bom: 0,
             unparsed: 0,
         }
@@ -139,6 +171,16 @@ impl SseParser {
     /// Feeds the next slice and calls `out` for every frame that completes in it, with its end
     /// offset in `input` (see the module documentation).
     pub fn feed_frames(&mut self, input: &[u8], out: &mut impl FnMut(FrameEnd<'_>)) {
+        self.feed_items(input, &mut |item: SseItem<'_>| {
+            if let SseItem::End(f) = item {
+                out(f);
+            }
+        });
+    }
+
+    /// Feeds the next slice and reports both completed frames and, for frames longer than
+    /// `max_frame`, their data as it passes (see [`SseItem::OversizedData`]).
+    pub fn feed_items(&mut self, input: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
         let mut i = 0;
         while self.bom < 3 && i < input.len() {
             if input[i] == BOM[usize::from(self.bom)] {
@@ -167,12 +209,13 @@ impl SseParser {
                 // A partial line: keep it (within the bound) until its end arrives.
                 self.frame_raw += rest.len();
                 self.line_len += rest.len();
-                if !self.oversized {
-                    if self.frame_raw > self.max_frame {
-                        self.overflow();
-                    } else {
-                        self.line.extend_from_slice(rest);
-                    }
+                if !self.oversized && self.frame_raw > self.max_frame {
+                    self.overflow(out);
+                }
+                if self.oversized {
+                    self.skip_line_bytes(rest, out);
+                } else {
+                    self.line.extend_from_slice(rest);
                 }
                 return;
             };
@@ -182,27 +225,29 @@ impl SseParser {
             self.after_cr = rest[j] == b'\r';
             i += j + 1;
             if !self.oversized && self.frame_raw > self.max_frame {
-                self.overflow();
+                self.overflow(out);
             }
             if blank {
                 self.end_frame(i, out);
-            } else if !self.oversized {
-                if self.line.is_empty() {
-                    self.field(&rest[..j]);
-                } else {
-                    let mut line = std::mem::take(&mut self.line);
-                    line.extend_from_slice(&rest[..j]);
-                    self.field(&line);
-                    line.clear();
-                    self.line = line;
-                }
+            } else if self.oversized {
+                self.skip_line_bytes(&rest[..j], out);
+                self.skip_line_end(out);
+            } else if self.line.is_empty() {
+                self.field(&rest[..j]);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&rest[..j]);
+                self.field(&line);
+                line.clear();
+                self.line = line;
             }
         }
     }
 
     /// End of the body. The standard discards an unterminated last frame; this parser instead
     /// dispatches it if it has data (a stream cut after its last `data:` line still carries the
-    /// usage the gateway must count, and the client already received those bytes).
+    /// usage the gateway must count, and the client already received those bytes). An
+    /// unterminated oversized frame is counted unparsed.
     pub fn finish(&mut self, out: &mut impl FnMut(SseEvent<'_>)) {
         if self.oversized {
             if self.frame_raw > 0 {
@@ -226,12 +271,79 @@ impl SseParser {
         self.line_len = 0;
     }
 
-    fn overflow(&mut self) {
+    /// The current frame passed `max_frame`: hand over the data gathered so far, drop every
+    /// buffer, and from here on stream the frame's data instead of holding it.
+    fn overflow(&mut self, out: &mut impl FnMut(SseItem<'_>)) {
         self.oversized = true;
-        self.line.clear();
+        if self.has_data && !self.data.is_empty() {
+            out(SseItem::OversizedData(&self.data));
+        }
         self.data.clear();
         self.event.clear();
-        self.has_data = false;
+        // The partial line restarts through the streaming line machine.
+        self.oline = OLine::Name {
+            buf: [0; 5],
+            len: 0,
+        };
+        let line = std::mem::take(&mut self.line);
+        self.skip_line_bytes(&line, out);
+    }
+
+    /// Bytes of a line of an oversized frame: find its field name, stream `data` values.
+    fn skip_line_bytes(&mut self, mut b: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
+        while !b.is_empty() {
+            match &mut self.oline {
+                OLine::Name { buf, len } => {
+                    let c = b[0];
+                    b = &b[1..];
+                    if c == b':' {
+                        if &buf[..usize::from(*len)] == b"data" {
+                            self.start_data_line(out);
+                            self.oline = OLine::DataSpace;
+                        } else {
+                            self.oline = OLine::Skip;
+                        }
+                    } else if usize::from(*len) == buf.len() {
+                        self.oline = OLine::Skip;
+                    } else {
+                        buf[usize::from(*len)] = c;
+                        *len += 1;
+                    }
+                }
+                OLine::DataSpace => {
+                    if b[0] == b' ' {
+                        b = &b[1..];
+                    }
+                    self.oline = OLine::Data;
+                }
+                OLine::Data => {
+                    out(SseItem::OversizedData(b));
+                    return;
+                }
+                OLine::Skip => return,
+            }
+        }
+    }
+
+    /// A line of an oversized frame ended.
+    fn skip_line_end(&mut self, out: &mut impl FnMut(SseItem<'_>)) {
+        // A bare `data` line (no colon) is a data line with an empty value.
+        if let OLine::Name { buf, len: 4 } = self.oline {
+            if &buf[..4] == b"data" {
+                self.start_data_line(out);
+            }
+        }
+        self.oline = OLine::Name {
+            buf: [0; 5],
+            len: 0,
+        };
+    }
+
+    fn start_data_line(&mut self, out: &mut impl FnMut(SseItem<'_>)) {
+        if self.has_data {
+            out(SseItem::OversizedData(b"\n"));
+        }
+        self.has_data = true;
     }
 
     fn reset_frame(&mut self) {
@@ -240,14 +352,18 @@ impl SseParser {
         self.has_data = false;
         self.oversized = false;
         self.frame_raw = 0;
+        self.oline = OLine::Name {
+            buf: [0; 5],
+            len: 0,
+        };
     }
 
-    fn end_frame(&mut self, end: usize, out: &mut impl FnMut(FrameEnd<'_>)) {
+    fn end_frame(&mut self, end: usize, out: &mut impl FnMut(SseItem<'_>)) {
         let raw_len = self.frame_raw;
         if self.oversized {
             self.unparsed += 1;
         }
-        out(FrameEnd {
+        out(SseItem::End(FrameEnd {
             end,
             raw_len,
             event: (self.has_data && !self.oversized).then_some(SseEvent {
@@ -256,7 +372,7 @@ impl SseParser {
                 raw_len,
             }),
             oversized: self.oversized,
-        });
+        }));
         self.reset_frame();
     }
 
@@ -395,9 +511,14 @@ mod tests {
         let mut p = SseParser::new(max);
         let mut frames = Vec::new();
         let mut prev = 0;
+        let mut big = Vec::new();
         for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
             let base = prev;
-            p.feed_frames(&stream[prev..c], &mut |f: FrameEnd<'_>| {
+            p.feed_items(&stream[prev..c], &mut |item: SseItem<'_>| {
+                let f = match item {
+                    SseItem::OversizedData(d) => return big.extend_from_slice(d),
+                    SseItem::End(f) => f,
+                };
                 let (e, d) = match f.event {
                     Some(ev) => {
                         assert_eq!(ev.raw_len, f.raw_len);
@@ -406,7 +527,10 @@ mod tests {
                             String::from_utf8_lossy(ev.data).into_owned(),
                         )
                     }
-                    None if f.oversized => ("<oversized>".into(), String::new()),
+                    None if f.oversized => (
+                        "<oversized>".into(),
+                        String::from_utf8_lossy(&std::mem::take(&mut big)).into_owned(),
+                    ),
                     None => ("<none>".into(), String::new()),
                 };
                 frames.push((e, d, f.raw_len, base + f.end));
@@ -504,11 +628,36 @@ mod tests {
         let (frames, unparsed) = shotgun(big.as_bytes(), 100);
         assert_eq!(unparsed, 1);
         assert_eq!(frames[0].0, "<oversized>");
+        // Its data still streamed out, joined as the standard joins it.
+        assert_eq!(frames[0].1, format!("{}\nmore", "x".repeat(300)));
         assert_eq!(frames[1].1, "after");
         // Exactly max_frame is still parsed; one more byte is not.
         let exact = "data: 0123456789\n\n";
         assert_eq!(run(exact.as_bytes(), exact.len(), &[]).1, 0);
         assert_eq!(run(exact.as_bytes(), exact.len() - 1, &[]).1, 1);
+    }
+
+    #[test]
+    fn oversized_data_equals_what_a_large_max_frame_would_parse() {
+        for s in ALL {
+            let normal = shotgun(s.as_bytes(), 4096).0;
+            for max in [1, 20, 90, 150] {
+                let (small, unparsed) = shotgun(s.as_bytes(), max);
+                assert_eq!(small.len(), normal.len());
+                let mut n = 0;
+                for (a, b) in small.iter().zip(&normal) {
+                    if a.0 == "<oversized>" {
+                        n += 1;
+                        let want = if b.0 == "<none>" { "" } else { b.1.as_str() };
+                        assert_eq!(a.1, want, "max {max}");
+                    } else {
+                        assert_eq!(a, b);
+                    }
+                    assert_eq!((a.2, a.3), (b.2, b.3));
+                }
+                assert_eq!(n, unparsed);
+            }
+        }
     }
 
     #[test]
