@@ -152,6 +152,8 @@ pub struct UsageTracker {
     content_seen: bool,
     events: u64,
     unparsable: u64,
+    /// Streaming scan of the current oversized event's data (see `on_oversized_data`).
+    oversized: Option<Box<JsonUsageScanner>>,
 }
 
 impl UsageTracker {
@@ -216,6 +218,36 @@ impl UsageTracker {
         if out.content_chars > 0 && !self.content_seen {
             self.content_seen = true;
             out.first_content = true;
+        }
+        out
+    }
+
+    /// A piece of the data of an event too large for the SSE parser to hold
+    /// ([`crate::sse::SseItem::OversizedData`]). The pieces are scanned as they pass, keeping at
+    /// most [`MAX_USAGE_BYTES`] of a `usage` object, so usage in a huge Responses API
+    /// `response.completed` (which repeats the whole output) is still found.
+    pub fn on_oversized_data(&mut self, piece: &[u8]) {
+        self.oversized
+            .get_or_insert_with(|| Box::new(JsonUsageScanner::for_event()))
+            .feed(piece);
+    }
+
+    /// The oversized event whose data came through [`on_oversized_data`](Self::on_oversized_data)
+    /// ended (an `End` with `oversized: true`). Its content characters are not counted; its
+    /// usage is.
+    pub fn on_oversized_end(&mut self) -> EventOutcome {
+        let mut out = EventOutcome::default();
+        let Some(mut s) = self.oversized.take() else {
+            return out;
+        };
+        s.finish();
+        if let Some(c) = s.counts {
+            self.counts.merge(c);
+            // Anthropic's `message_start` output count is provisional; every other usage is final.
+            if s.sink.ty.get() != Some(b"message_start") {
+                self.final_output |= c.output.is_some();
+            }
+            out.usage = true;
         }
         out
     }
@@ -308,11 +340,6 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
             .is_some_and(Vec::is_empty)
 }
 
-/// Reads top-level object keys a scanner cares about into a fixed buffer.
-fn key_is(buf: &SmallBuf<24>, k: &[u8]) -> bool {
-    buf.get() == Some(k)
-}
-
 /// Top-level keys of a response body that [`JsonUsageScanner`] wants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum RespKey {
@@ -320,23 +347,33 @@ enum RespKey {
     Other,
     Usage,
     Model,
+    Type,
+    /// `response` or `message`: an SSE event's envelope holding `usage` one level down.
+    Envelope,
 }
 
 #[derive(Debug, Default)]
 struct RespSink {
+    /// Also look for `response.usage` / `message.usage` (an SSE event's data, not a body).
+    nested: bool,
     key: SmallBuf<24>,
     cur: RespKey,
-    /// Absolute offsets of the `usage` object being captured (end once seen).
+    /// The current depth-2 key is `usage`.
+    key2_usage: bool,
+    /// Absolute offsets of the `usage` object being captured (end once seen), and its depth.
     usage_start: Option<u64>,
     usage_end: Option<u64>,
+    usage_depth: usize,
     in_model: bool,
     model: SmallBuf<MAX_MODEL_BYTES>,
     model_done: bool,
+    in_type: bool,
+    ty: SmallBuf<64>,
 }
 
 impl Sink for RespSink {
     fn key_start(&mut self, depth: usize) {
-        if depth == 1 {
+        if depth <= 2 {
             self.key.clear();
         }
     }
@@ -345,45 +382,54 @@ impl Sink for RespSink {
             self.key.push(bytes);
         } else if self.in_model {
             self.model.push(bytes);
+        } else if self.in_type {
+            self.ty.push(bytes);
         }
     }
     fn key_end(&mut self, depth: usize) {
         if depth == 1 {
-            self.cur = if key_is(&self.key, b"usage") {
-                RespKey::Usage
-            } else if key_is(&self.key, b"model") {
-                RespKey::Model
-            } else {
-                RespKey::Other
+            self.cur = match self.key.get() {
+                Some(b"usage") => RespKey::Usage,
+                Some(b"model") => RespKey::Model,
+                Some(b"type") => RespKey::Type,
+                Some(b"response" | b"message") if self.nested => RespKey::Envelope,
+                _ => RespKey::Other,
             };
+        } else if depth == 2 {
+            self.key2_usage = self.key.get() == Some(b"usage");
         }
     }
     fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
-        if depth != 1 {
-            return;
+        let usage_here = match depth {
+            1 => self.cur == RespKey::Usage,
+            2 => self.cur == RespKey::Envelope && self.key2_usage,
+            _ => false,
+        };
+        // The first usage object wins; `"usage": null` is skipped.
+        if usage_here && kind == Kind::Object && self.usage_start.is_none() {
+            self.usage_start = Some(at);
+            self.usage_depth = depth;
         }
-        match (self.cur, kind) {
-            // The first usage object wins; `"usage": null` is skipped.
-            (RespKey::Usage, Kind::Object) if self.usage_start.is_none() => {
-                self.usage_start = Some(at);
-            }
-            (RespKey::Model, Kind::String) if !self.model_done => {
+        if depth == 1 && kind == Kind::String {
+            if self.cur == RespKey::Model && !self.model_done {
                 self.model.clear();
                 self.in_model = true;
+            } else if self.cur == RespKey::Type {
+                self.ty.clear();
+                self.in_type = true;
             }
-            _ => {}
         }
     }
     fn value_end(&mut self, _kind: Kind, depth: usize, end: u64) {
-        if depth != 1 {
-            return;
-        }
-        if self.in_model {
-            self.in_model = false;
-            self.model_done = true;
-        }
-        if self.usage_start.is_some() && self.usage_end.is_none() && self.cur == RespKey::Usage {
+        if self.usage_start.is_some() && self.usage_end.is_none() && depth == self.usage_depth {
             self.usage_end = Some(end);
+        }
+        if depth == 1 {
+            if self.in_model {
+                self.in_model = false;
+                self.model_done = true;
+            }
+            self.in_type = false;
         }
     }
 }
@@ -454,6 +500,14 @@ impl JsonUsageScanner {
         if !self.invalid && self.scan.finish(&mut self.sink).is_err() {
             self.invalid = true;
         }
+    }
+
+    /// A scanner for one SSE event's data too large for the SSE parser to hold: it also finds
+    /// `response.usage` and `message.usage`, and the top-level `type`.
+    fn for_event() -> Self {
+        let mut s = Self::default();
+        s.sink.nested = true;
+        s
     }
 
     /// The reported usage, once the whole `usage` object has passed. Counts it lacks are 0.
@@ -823,17 +877,22 @@ impl RequestEstimator {
 mod tests {
     use super::*;
     use crate::sse::fixtures::*;
-    use crate::sse::SseParser;
+    use crate::sse::{SseItem, SseParser};
 
     /// Final usage, total content chars, index of the first-content event, indices of the
     /// usage-only events.
     type Outcome = (Usage, u64, Option<usize>, Vec<usize>);
 
     fn track(stream: &[u8], cuts: &[usize]) -> Outcome {
-        let mut p = SseParser::new(8192);
+        track_max(stream, cuts, 8192)
+    }
+
+    /// Drives parser and tracker the way the engine does.
+    fn track_max(stream: &[u8], cuts: &[usize], max: usize) -> Outcome {
+        let mut p = SseParser::new(max);
         let mut t = UsageTracker::new();
         let (mut n, mut first, mut only) = (0, None, Vec::new());
-        let mut on = |e: SseEvent<'_>| {
+        let mut on = |t: &mut UsageTracker, e: SseEvent<'_>| {
             let o = t.on_event(&e);
             assert_eq!(o.usage_only, is_usage_only_chunk(e.data));
             if o.first_content {
@@ -847,11 +906,52 @@ mod tests {
         };
         let mut prev = 0;
         for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
-            p.feed(&stream[prev..c], &mut on);
+            p.feed_items(&stream[prev..c], &mut |item| match item {
+                SseItem::OversizedData(d) => t.on_oversized_data(d),
+                SseItem::End(f) => match f.event {
+                    Some(e) => on(&mut t, e),
+                    None if f.oversized => {
+                        t.on_oversized_end();
+                    }
+                    None => {}
+                },
+            });
             prev = c;
         }
-        p.finish(&mut on);
+        p.finish(&mut |e| on(&mut t, e));
         (t.usage(1000), t.content_chars(), first, only)
+    }
+
+    #[test]
+    fn usage_is_found_even_when_its_frame_exceeds_max_frame() {
+        for s in ALL {
+            let want = track(s.as_bytes(), &[]).0;
+            for max in [1, 40, 100, 200] {
+                let (got, ..) = track_max(s.as_bytes(), &[], max);
+                assert_eq!(got.source, want.source);
+                assert_eq!(
+                    (got.input, got.cache_read, got.cache_write),
+                    (want.input, want.cache_read, want.cache_write)
+                );
+                if want.source == UsageSource::Reported {
+                    assert_eq!(got.output, want.output, "max {max}");
+                }
+                let bytes: Vec<usize> = (1..s.len()).collect();
+                assert_eq!(track_max(s.as_bytes(), &bytes, max).0, got);
+            }
+        }
+    }
+
+    #[test]
+    fn huge_response_completed_frame_still_reports_usage() {
+        let text = "lorem ipsum ".repeat(20_000);
+        let stream = format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"content\":[{{\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":10,\"output_tokens\":60000}}}}}}\n\n"
+        );
+        let (u, chars, ..) = track_max(stream.as_bytes(), &[1000, 70_000, 150_001], 16 * 1024);
+        assert_eq!(u, reported(10, 60_000, 0, 0));
+        assert_eq!(chars, 2);
     }
 
     fn shotgun(stream: &str) -> Outcome {
@@ -1212,10 +1312,17 @@ mod tests {
                 let mut seen = Vec::new();
                 let mut prev = 0;
                 for &c in cuts.iter().chain(std::iter::once(&input.len())) {
-                    p.feed(&input[prev..c], &mut |e| {
-                        t.on_event(&e);
-                        let _ = is_usage_only_chunk(e.data);
-                        seen.push((e.event.to_vec(), e.data.to_vec(), e.raw_len));
+                    p.feed_items(&input[prev..c], &mut |item| match item {
+                        SseItem::OversizedData(d) => t.on_oversized_data(d),
+                        SseItem::End(f) => {
+                            if let Some(e) = f.event {
+                                t.on_event(&e);
+                                let _ = is_usage_only_chunk(e.data);
+                                seen.push((e.event.to_vec(), e.data.to_vec(), e.raw_len));
+                            } else if f.oversized {
+                                t.on_oversized_end();
+                            }
+                        }
                     });
                     assert!(p.held_bytes() <= max);
                     prev = c;
