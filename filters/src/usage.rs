@@ -779,7 +779,6 @@ pub struct RequestEstimator {
     scan: Scanner,
     sink: Box<ReqSink>,
     invalid: bool,
-    finished: bool,
 }
 
 impl RequestEstimator {
@@ -800,7 +799,6 @@ impl RequestEstimator {
         if !self.invalid && self.scan.finish(&mut *self.sink).is_err() {
             self.invalid = true;
         }
-        self.finished = true;
     }
 
     /// The body is not valid JSON (estimates then cover only what came before the error).
@@ -847,15 +845,17 @@ impl RequestEstimator {
         self.sink.top_level_end
     }
 
-    /// What to insert so the upstream adds a usage chunk to the stream: only when the body was
-    /// complete, valid, an object, had `"stream": true`, and had no `stream_options` at all.
+    /// What to insert so the upstream adds a usage chunk to the stream: only once the top-level
+    /// value is a complete, valid object with `"stream": true` and no `stream_options` at all.
     /// If the client sent `stream_options` (with or without `include_usage`), the engine leaves
-    /// the request alone and must not strip any chunk: the client owns that choice. Requires
-    /// [`finish`](Self::finish); the insertion offset is reached only at the end of the body
-    /// anyway, as the closing `}` is its last non-whitespace byte.
+    /// the request alone and must not strip any chunk: the client owns that choice.
+    ///
+    /// It becomes `Some` during the [`feed`](Self::feed) of the slice holding the closing `}`
+    /// (the body's last non-whitespace byte), so the engine can split that slice at `at` before
+    /// forwarding it; [`finish`](Self::finish) is not required.
     pub fn include_usage_injection(&self) -> Option<Injection> {
         let s = &self.sink;
-        if !self.finished || self.invalid || !s.top_is_object || s.stream != Some(true) {
+        if self.invalid || !s.top_is_object || s.stream != Some(true) {
             return None;
         }
         if s.stream_options.is_some() {
@@ -1197,6 +1197,21 @@ mod tests {
     }
 
     #[test]
+    fn injection_is_known_while_feeding_the_closing_brace() {
+        let body = b"{\"stream\":true,\"messages\":[]}\r\n";
+        let mut e = RequestEstimator::new();
+        e.feed(&body[..body.len() - 3]);
+        assert_eq!(e.include_usage_injection(), None);
+        e.feed(&body[body.len() - 3..]);
+        let inj = e.include_usage_injection();
+        assert_eq!(inj.map(|i| i.at), Some(body.len() as u64 - 3));
+        // An empty object gets no leading comma.
+        let mut e = RequestEstimator::new();
+        e.feed(b"{}");
+        assert_eq!(e.include_usage_injection(), None, "no stream: true");
+    }
+
+    #[test]
     fn client_stream_options_means_no_injection() {
         let body =
             br#"{"stream":true,"stream_options":{"include_usage":false},"prompt":["ab","cd"]}"#;
@@ -1352,6 +1367,27 @@ mod tests {
                 view(&estimate(&input, &[])),
                 "estimator round {round}"
             );
+        }
+    }
+
+    /// Nesting at, just under and just over the tokenizer's limit, in every container shape:
+    /// the per-depth tables of the scanners must never be indexed out of range.
+    #[test]
+    fn nesting_at_the_depth_limit_does_not_panic() {
+        for depth in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1] {
+            for (open, close, leaf) in [
+                (r#"{"messages":"#, "}", r#"{"content":"x","stream":true}"#),
+                ("[", "]", r#""content""#),
+                (r#"{"content":"#, "}", "1"),
+            ] {
+                let body = format!("{}{}{}", open.repeat(depth), leaf, close.repeat(depth));
+                let b = body.as_bytes();
+                let _ = view(&estimate(b, &[]));
+                let _ = scan_body(b, &[]);
+                let mut m = crate::model::ModelScanner::new();
+                m.feed(b);
+                let _ = m.finish();
+            }
         }
     }
 }
