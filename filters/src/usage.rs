@@ -600,7 +600,6 @@ struct ReqSink {
     stream: Option<bool>,
     stream_options: Option<(u64, Option<u64>)>,
     include_usage: Option<bool>,
-    top_members: u64,
     top_is_object: bool,
     top_level_end: Option<u64>,
 }
@@ -622,7 +621,6 @@ impl Default for ReqSink {
             stream: None,
             stream_options: None,
             include_usage: None,
-            top_members: 0,
             top_is_object: false,
             top_level_end: None,
         }
@@ -651,9 +649,6 @@ impl Sink for ReqSink {
     fn key_end(&mut self, depth: usize) {
         if depth <= MAX_DEPTH {
             self.keys[depth] = classify(self.key.get(), depth);
-        }
-        if depth == 1 {
-            self.top_members += 1;
         }
     }
     fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
@@ -752,7 +747,7 @@ impl Sink for ReqSink {
 pub struct Injection {
     /// Absolute body offset to insert at: the top-level object's closing `}`.
     pub at: u64,
-    /// The bytes to insert there (with a leading comma unless the object was empty).
+    /// The bytes to insert there: `,"stream_options":{"include_usage":true}`.
     pub bytes: &'static [u8],
 }
 
@@ -861,14 +856,10 @@ impl RequestEstimator {
         if s.stream_options.is_some() {
             return None;
         }
-        let bytes: &'static [u8] = if s.top_members == 0 {
-            br#""stream_options":{"include_usage":true}"#
-        } else {
-            br#","stream_options":{"include_usage":true}"#
-        };
+        // `"stream": true` is a member, so the object is never empty: a comma always leads.
         Some(Injection {
             at: s.top_level_end?,
-            bytes,
+            bytes: br#","stream_options":{"include_usage":true}"#,
         })
     }
 }
@@ -1205,7 +1196,6 @@ mod tests {
         e.feed(&body[body.len() - 3..]);
         let inj = e.include_usage_injection();
         assert_eq!(inj.map(|i| i.at), Some(body.len() as u64 - 3));
-        // An empty object gets no leading comma.
         let mut e = RequestEstimator::new();
         e.feed(b"{}");
         assert_eq!(e.include_usage_injection(), None, "no stream: true");
