@@ -15,7 +15,7 @@
 //!
 //! 1. Keep `held`: the bytes of the current, incomplete frame (at most `max_frame`, usually none,
 //!    since upstreams write whole frames).
-//! 2. On each read, call `feed_frames(input, ..)`. For each `FrameEnd`, the frame's bytes are
+//! 2. On each read, call `feed_frames(input, ..)` (or `feed_items`). For each `FrameEnd`, the frame's bytes are
 //!    `held ++ input[prev_end..end]`; forward them, or drop them if `frame.event` is the usage-only
 //!    chunk ([`crate::usage::is_usage_only_chunk`]). Then `held.clear()`, `prev_end = end`.
 //! 3. After the call, `input[prev_end..]` starts the next frame: append it to `held` — unless
@@ -32,6 +32,15 @@
 //! "message"); `id`, `retry` and unknown fields are valid and ignored; lines starting with `:` are
 //! comments. A frame with no `data` line (comments only, keep-alives) ends with no event, as the
 //! standard says. A leading UTF-8 BOM is skipped. `[DONE]` is ordinary data.
+//!
+//! # Oversized frames
+//!
+//! A frame longer than `max_frame` is never held or dispatched (it is counted by
+//! [`SseParser::unparsed_frames`]), but [`SseParser::feed_items`] still streams its data out as
+//! [`SseItem::OversizedData`] pieces, so `usage::UsageTracker::on_oversized_data` can find the
+//! usage in a huge Responses API `response.completed` frame (which repeats the whole output)
+//! with a bounded streaming scan. The engine should drive the parser with `feed_items`, which
+//! reports the same `FrameEnd`s as `feed_frames` plus those pieces.
 
 use memchr::{memchr, memchr2};
 
