@@ -20,9 +20,20 @@
 //!   - [`limit::lease`]: `scope = "cluster"`: lease sizing, the worker-side lease slot, the
 //!     control core's lease book, the Redis key format and the Lua scripts.
 //! - [`key_hash`]: the one hash the engine uses to name a limiter key.
+//! - [`sse`]: `text/event-stream` framing, frames split anywhere across reads.
+//! - [`usage`]: token usage from SSE frames and JSON bodies, and estimation when none is reported.
+//! - [`model`]: the request body's top-level `"model"`, found by a streaming scan.
+//!
+//! Stream parsers here are state machines fed arbitrary slices: memory is bounded by
+//! configuration, never by body size; all body scanning builds on one push JSON tokenizer.
 
 pub mod auth;
 pub mod limit;
+pub mod model;
+pub mod sse;
+pub mod usage;
+
+mod json_scan;
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::OnceLock;

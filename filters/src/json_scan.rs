@@ -1,0 +1,702 @@
+//! A push-based JSON tokenizer: a state machine fed arbitrary slices of a document of any size.
+//!
+//! It exists so that the request/response body scanners (`model`, `usage`) can find a handful of
+//! fields without ever holding the body or building a tree: the tokenizer keeps a few bytes of state
+//! (current token state, a pending `\u` surrogate, a 128-bit container stack) and reports what it
+//! sees through [`Sink`] callbacks carrying absolute byte offsets in the document.
+//!
+//! It validates strictly (RFC 8259 grammar, control characters in strings, one top-level value,
+//! nesting bounded by [`MAX_DEPTH`]) so that a scanner never reports a field out of a body the
+//! upstream would reject or read differently. It does not validate UTF-8: bytes pass through.
+
+use memchr::memchr2;
+
+/// Deepest nesting accepted. Deeper documents are [`JsonError::TooDeep`]: a bound keeps the
+/// container stack a fixed 16 bytes, and no API request needs more.
+pub(crate) const MAX_DEPTH: usize = 128;
+
+/// What kind of value starts or ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Object,
+    Array,
+    String,
+    Number,
+    True,
+    False,
+    Null,
+}
+
+/// Why a document was rejected. Offsets are absolute in the document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum JsonError {
+    /// A byte that the grammar does not allow here.
+    Syntax { at: u64 },
+    /// Nesting deeper than [`MAX_DEPTH`].
+    TooDeep { at: u64 },
+    /// The document ended before its top-level value did (or was empty).
+    Truncated,
+}
+
+/// Receives tokenizer events. Every method has an empty default so a scanner implements only what
+/// it needs. `depth` is the number of containers enclosing the value (or key): the top-level value
+/// has depth 0, the members of a top-level object depth 1.
+pub(crate) trait Sink {
+    /// A value begins; `at` is the offset of its first byte (`{`, `[`, `"`, digit, `-`, letter).
+    fn value_start(&mut self, _kind: Kind, _depth: usize, _at: u64) {}
+    /// A value ended; `end` is the offset just past its last byte (past the `}`/`]`/closing quote).
+    fn value_end(&mut self, _kind: Kind, _depth: usize, _end: u64) {}
+    /// An object key begins (its decoded bytes follow through `string_bytes(true, ..)`).
+    fn key_start(&mut self, _depth: usize) {}
+    /// The current object key is complete.
+    fn key_end(&mut self, _depth: usize) {}
+    /// Decoded bytes of the current key (`key == true`) or string value, in pieces of any size.
+    fn string_bytes(&mut self, _key: bool, _bytes: &[u8]) {}
+    /// Raw bytes of the current number or literal, in pieces of any size.
+    fn scalar_bytes(&mut self, _bytes: &[u8]) {}
+}
+
+/// Number grammar states (RFC 8259 §6); `Zero`, `Int`, `Frac`, `ExpDigits` may end a number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Num {
+    Minus,
+    Zero,
+    Int,
+    Dot,
+    Frac,
+    Exp,
+    ExpSign,
+    ExpDigits,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    /// Before the top-level value, after `:`, or after `,` in an array: a value must come.
+    Value,
+    /// Just after `[`: a value or `]`.
+    ArrayFirst,
+    /// Just after `{`: a key or `}`.
+    ObjectFirst,
+    /// After `,` in an object: a key must come.
+    Key,
+    /// After a key: `:` must come.
+    Colon,
+    /// After a value inside a container: `,` or the closing bracket.
+    AfterValue,
+    /// Inside a string (key or value).
+    Str {
+        key: bool,
+    },
+    /// After a backslash in a string.
+    Esc {
+        key: bool,
+    },
+    /// Inside `\uXXXX`: `n` hex digits read so far.
+    Uni {
+        key: bool,
+        n: u8,
+        acc: u16,
+    },
+    Num(Num),
+    /// Inside `true`/`false`/`null`: `i` bytes matched.
+    Lit {
+        kind: Kind,
+        i: u8,
+    },
+    /// The top-level value is complete: only whitespace may follow.
+    Done,
+    Failed(JsonError),
+}
+
+/// The tokenizer. Its size is fixed (a few dozen bytes) whatever the document.
+#[derive(Debug)]
+pub(crate) struct Scanner {
+    st: St,
+    /// Absolute offset of the next byte to be fed.
+    pos: u64,
+    /// Open containers.
+    depth: usize,
+    /// Bit `i` set: container at depth `i` is an object (else an array).
+    objects: [u64; 2],
+    /// A high surrogate from `\uD8xx` waiting for its low half (0: none).
+    pending_high: u16,
+}
+
+impl Default for Scanner {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+fn literal(kind: Kind) -> &'static [u8] {
+    match kind {
+        Kind::True => b"true",
+        Kind::False => b"false",
+        _ => b"null",
+    }
+}
+
+impl Scanner {
+    /// A tokenizer at offset 0 expecting one top-level value.
+    pub(crate) fn new() -> Self {
+        Self {
+            st: St::Value,
+            pos: 0,
+            depth: 0,
+            objects: [0; 2],
+            pending_high: 0,
+        }
+    }
+
+    /// Absolute offset of the next byte to be fed (bytes consumed so far).
+    pub(crate) fn offset(&self) -> u64 {
+        self.pos
+    }
+
+    /// True once the top-level value is complete (trailing whitespace may still come).
+    pub(crate) fn is_done(&self) -> bool {
+        self.st == St::Done
+    }
+
+    fn top_is_object(&self) -> bool {
+        let d = self.depth - 1;
+        self.objects[d / 64] & (1 << (d % 64)) != 0
+    }
+
+    fn push(&mut self, object: bool, at: u64) -> Result<(), JsonError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(JsonError::TooDeep { at });
+        }
+        let d = self.depth;
+        if object {
+            self.objects[d / 64] |= 1 << (d % 64);
+        } else {
+            self.objects[d / 64] &= !(1 << (d % 64));
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
+    /// After any value ends: decide what may follow.
+    fn after_value(&mut self) {
+        self.st = if self.depth == 0 {
+            St::Done
+        } else {
+            St::AfterValue
+        };
+    }
+
+    /// Emits a decoded code point (from `\u`), pairing surrogates; unpaired halves become U+FFFD
+    /// (lenient, like most decoders the upstreams use, rather than rejecting the body).
+    fn emit_unit<S: Sink>(&mut self, key: bool, unit: u16, sink: &mut S) {
+        let cp = if (0xD800..0xDC00).contains(&unit) {
+            self.flush_high(key, sink);
+            self.pending_high = unit;
+            return;
+        } else if (0xDC00..0xE000).contains(&unit) {
+            if self.pending_high != 0 {
+                let hi = u32::from(self.pending_high - 0xD800);
+                self.pending_high = 0;
+                0x10000 + (hi << 10) + u32::from(unit - 0xDC00)
+            } else {
+                0xFFFD
+            }
+        } else {
+            self.flush_high(key, sink);
+            u32::from(unit)
+        };
+        let c = char::from_u32(cp).unwrap_or('\u{FFFD}');
+        let mut b = [0u8; 4];
+        sink.string_bytes(key, c.encode_utf8(&mut b).as_bytes());
+    }
+
+    /// A high surrogate not followed by a low one decodes as U+FFFD.
+    fn flush_high<S: Sink>(&mut self, key: bool, sink: &mut S) {
+        if self.pending_high != 0 {
+            self.pending_high = 0;
+            sink.string_bytes(key, "\u{FFFD}".as_bytes());
+        }
+    }
+
+    /// Starts the value whose first byte `b` sits at absolute offset `at`.
+    fn start_value<S: Sink>(&mut self, b: u8, at: u64, sink: &mut S) -> Result<(), JsonError> {
+        let depth = self.depth;
+        match b {
+            b'{' => {
+                sink.value_start(Kind::Object, depth, at);
+                self.push(true, at)?;
+                self.st = St::ObjectFirst;
+            }
+            b'[' => {
+                sink.value_start(Kind::Array, depth, at);
+                self.push(false, at)?;
+                self.st = St::ArrayFirst;
+            }
+            b'"' => {
+                sink.value_start(Kind::String, depth, at);
+                self.st = St::Str { key: false };
+            }
+            b'-' | b'0'..=b'9' => {
+                sink.value_start(Kind::Number, depth, at);
+                sink.scalar_bytes(&[b]);
+                self.st = St::Num(match b {
+                    b'-' => Num::Minus,
+                    b'0' => Num::Zero,
+                    _ => Num::Int,
+                });
+            }
+            b't' | b'f' | b'n' => {
+                let kind = match b {
+                    b't' => Kind::True,
+                    b'f' => Kind::False,
+                    _ => Kind::Null,
+                };
+                sink.value_start(kind, depth, at);
+                sink.scalar_bytes(&[b]);
+                self.st = St::Lit { kind, i: 1 };
+            }
+            _ => return Err(JsonError::Syntax { at }),
+        }
+        Ok(())
+    }
+
+    fn close<S: Sink>(&mut self, object: bool, at: u64, sink: &mut S) -> Result<(), JsonError> {
+        if self.depth == 0 || self.top_is_object() != object {
+            return Err(JsonError::Syntax { at });
+        }
+        self.depth -= 1;
+        let kind = if object { Kind::Object } else { Kind::Array };
+        sink.value_end(kind, self.depth, at + 1);
+        self.after_value();
+        Ok(())
+    }
+
+    /// Feeds the next slice of the document. Errors are sticky: once a document is rejected,
+    /// every later call returns the same error.
+    pub(crate) fn feed<S: Sink>(&mut self, input: &[u8], sink: &mut S) -> Result<(), JsonError> {
+        if let St::Failed(e) = self.st {
+            return Err(e);
+        }
+        let r = self.run(input, sink);
+        if let Err(e) = r {
+            self.st = St::Failed(e);
+        }
+        r
+    }
+
+    fn run<S: Sink>(&mut self, input: &[u8], sink: &mut S) -> Result<(), JsonError> {
+        let base = self.pos;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            let at = base + i as u64;
+            match self.st {
+                St::Str { key } => {
+                    // Bulk path: most of a large body is string content (base64 images, text).
+                    let rest = &input[i..];
+                    let j = memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                    let run = &rest[..j];
+                    if let Some(k) = run.iter().position(|&c| c < 0x20) {
+                        // Report the valid prefix first so events do not depend on split points.
+                        if k > 0 {
+                            self.flush_high(key, sink);
+                            sink.string_bytes(key, &run[..k]);
+                        }
+                        self.pos = base + input.len() as u64;
+                        return Err(JsonError::Syntax { at: at + k as u64 });
+                    }
+                    if !run.is_empty() {
+                        self.flush_high(key, sink);
+                        sink.string_bytes(key, run);
+                    }
+                    i += j;
+                    if i < input.len() {
+                        let at = base + i as u64;
+                        if input[i] == b'"' {
+                            self.flush_high(key, sink);
+                            if key {
+                                sink.key_end(self.depth);
+                                self.st = St::Colon;
+                            } else {
+                                sink.value_end(Kind::String, self.depth, at + 1);
+                                self.after_value();
+                            }
+                        } else {
+                            self.st = St::Esc { key };
+                        }
+                        i += 1;
+                    }
+                    continue;
+                }
+                St::Esc { key } => {
+                    let d = match b {
+                        b'"' => b'"',
+                        b'\\' => b'\\',
+                        b'/' => b'/',
+                        b'b' => 0x08,
+                        b'f' => 0x0C,
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'u' => {
+                            self.st = St::Uni { key, n: 0, acc: 0 };
+                            i += 1;
+                            continue;
+                        }
+                        _ => return self.fail(base, input, at),
+                    };
+                    self.flush_high(key, sink);
+                    sink.string_bytes(key, &[d]);
+                    self.st = St::Str { key };
+                }
+                St::Uni { key, n, acc } => {
+                    let Some(h) = (b as char).to_digit(16) else {
+                        return self.fail(base, input, at);
+                    };
+                    // `h < 16`, so the cast is lossless.
+                    let acc = (acc << 4) | h as u16;
+                    if n == 3 {
+                        self.st = St::Str { key };
+                        self.emit_unit(key, acc, sink);
+                    } else {
+                        self.st = St::Uni { key, n: n + 1, acc };
+                    }
+                }
+                St::Num(n) => {
+                    let next = match (n, b) {
+                        (Num::Minus, b'0') => Some(Num::Zero),
+                        (Num::Minus, b'1'..=b'9') => Some(Num::Int),
+                        (Num::Int, b'0'..=b'9') => Some(Num::Int),
+                        (Num::Zero | Num::Int, b'.') => Some(Num::Dot),
+                        (Num::Dot | Num::Frac, b'0'..=b'9') => Some(Num::Frac),
+                        (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Some(Num::Exp),
+                        (Num::Exp, b'+' | b'-') => Some(Num::ExpSign),
+                        (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => {
+                            Some(Num::ExpDigits)
+                        }
+                        _ => None,
+                    };
+                    match next {
+                        Some(s) => {
+                            sink.scalar_bytes(&[b]);
+                            self.st = St::Num(s);
+                        }
+                        None => {
+                            if !matches!(n, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits) {
+                                return self.fail(base, input, at);
+                            }
+                            // The number ended at the previous byte; this byte is reread in the
+                            // state that follows a value.
+                            sink.value_end(Kind::Number, self.depth, at);
+                            self.after_value();
+                            continue;
+                        }
+                    }
+                }
+                St::Lit { kind, i: k } => {
+                    let lit = literal(kind);
+                    if lit.get(usize::from(k)) != Some(&b) {
+                        return self.fail(base, input, at);
+                    }
+                    sink.scalar_bytes(&[b]);
+                    if usize::from(k) + 1 == lit.len() {
+                        sink.value_end(kind, self.depth, at + 1);
+                        self.after_value();
+                    } else {
+                        self.st = St::Lit { kind, i: k + 1 };
+                    }
+                }
+                _ if is_ws(b) => {}
+                St::Value => {
+                    if let Err(e) = self.start_value(b, at, sink) {
+                        self.pos = base + input.len() as u64;
+                        return Err(e);
+                    }
+                }
+                St::ArrayFirst => {
+                    let r = if b == b']' {
+                        self.close(false, at, sink)
+                    } else {
+                        self.start_value(b, at, sink)
+                    };
+                    if let Err(e) = r {
+                        self.pos = base + input.len() as u64;
+                        return Err(e);
+                    }
+                }
+                St::ObjectFirst | St::Key => {
+                    if b == b'"' {
+                        sink.key_start(self.depth);
+                        self.st = St::Str { key: true };
+                    } else if b == b'}' && self.st == St::ObjectFirst {
+                        if let Err(e) = self.close(true, at, sink) {
+                            self.pos = base + input.len() as u64;
+                            return Err(e);
+                        }
+                    } else {
+                        return self.fail(base, input, at);
+                    }
+                }
+                St::Colon => {
+                    if b != b':' {
+                        return self.fail(base, input, at);
+                    }
+                    self.st = St::Value;
+                }
+                St::AfterValue => {
+                    let r = match b {
+                        b',' => {
+                            self.st = if self.top_is_object() {
+                                St::Key
+                            } else {
+                                St::Value
+                            };
+                            Ok(())
+                        }
+                        b'}' => self.close(true, at, sink),
+                        b']' => self.close(false, at, sink),
+                        _ => Err(JsonError::Syntax { at }),
+                    };
+                    if let Err(e) = r {
+                        self.pos = base + input.len() as u64;
+                        return Err(e);
+                    }
+                }
+                St::Done => return self.fail(base, input, at),
+                St::Failed(e) => return Err(e),
+            }
+            i += 1;
+        }
+        self.pos = base + input.len() as u64;
+        Ok(())
+    }
+
+    fn fail(&mut self, base: u64, input: &[u8], at: u64) -> Result<(), JsonError> {
+        self.pos = base + input.len() as u64;
+        Err(JsonError::Syntax { at })
+    }
+
+    /// Marks the end of the document: a top-level number ends here; anything unfinished is
+    /// [`JsonError::Truncated`].
+    pub(crate) fn finish<S: Sink>(&mut self, sink: &mut S) -> Result<(), JsonError> {
+        match self.st {
+            St::Failed(e) => Err(e),
+            St::Done => Ok(()),
+            St::Num(Num::Zero | Num::Int | Num::Frac | Num::ExpDigits) if self.depth == 0 => {
+                sink.value_end(Kind::Number, 0, self.pos);
+                self.st = St::Done;
+                Ok(())
+            }
+            _ => {
+                self.st = St::Failed(JsonError::Truncated);
+                Err(JsonError::Truncated)
+            }
+        }
+    }
+}
+
+/// A small fixed buffer for the bytes of a key or short value a scanner wants to compare or keep.
+/// Longer input sets `overflow` instead of growing: memory stays fixed whatever the document.
+#[derive(Debug)]
+pub(crate) struct SmallBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+    overflow: bool,
+}
+
+impl<const N: usize> Default for SmallBuf<N> {
+    fn default() -> Self {
+        Self {
+            buf: [0; N],
+            len: 0,
+            overflow: false,
+        }
+    }
+}
+
+impl<const N: usize> SmallBuf<N> {
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+        self.overflow = false;
+    }
+
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if self.overflow || self.len + bytes.len() > N {
+            self.overflow = true;
+            return;
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// The bytes, or `None` if more than `N` were pushed.
+    pub(crate) fn get(&self) -> Option<&[u8]> {
+        (!self.overflow).then(|| &self.buf[..self.len])
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Records every event as text so two runs can be compared exactly.
+    #[derive(Default, Debug, PartialEq)]
+    pub(crate) struct Log(pub Vec<String>);
+
+    impl Sink for Log {
+        fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+            self.0.push(format!("start {kind:?} {depth} {at}"));
+        }
+        fn value_end(&mut self, kind: Kind, depth: usize, end: u64) {
+            self.0.push(format!("end {kind:?} {depth} {end}"));
+        }
+        fn key_start(&mut self, depth: usize) {
+            self.0.push(format!("key {depth}"));
+        }
+        fn key_end(&mut self, depth: usize) {
+            self.0.push(format!("/key {depth}"));
+        }
+        fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+            // Merge adjacent pieces so that split points do not change the log.
+            let tag = if key { "k:" } else { "s:" };
+            let s = String::from_utf8_lossy(bytes).into_owned();
+            if let Some(last) = self.0.last_mut() {
+                if last.starts_with(tag) {
+                    last.push_str(&s);
+                    return;
+                }
+            }
+            self.0.push(format!("{tag}{s}"));
+        }
+        fn scalar_bytes(&mut self, bytes: &[u8]) {
+            let s = String::from_utf8_lossy(bytes).into_owned();
+            if let Some(last) = self.0.last_mut() {
+                if last.starts_with("v:") {
+                    last.push_str(&s);
+                    return;
+                }
+            }
+            self.0.push(format!("v:{s}"));
+        }
+    }
+
+    fn scan_split(doc: &[u8], cuts: &[usize]) -> (Log, Result<(), JsonError>) {
+        let mut s = Scanner::new();
+        let mut log = Log::default();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&doc.len())) {
+            if let Err(e) = s.feed(&doc[prev..c], &mut log) {
+                return (log, Err(e));
+            }
+            prev = c;
+        }
+        let r = s.finish(&mut log);
+        (log, r)
+    }
+
+    /// Whole, split at every offset, and one byte at a time must agree.
+    fn check_splits(doc: &[u8]) -> (Log, Result<(), JsonError>) {
+        let whole = scan_split(doc, &[]);
+        for k in 0..=doc.len() {
+            assert_eq!(scan_split(doc, &[k]), whole, "split at {k}");
+        }
+        let bytes: Vec<usize> = (1..doc.len()).collect();
+        assert_eq!(scan_split(doc, &bytes), whole, "byte at a time");
+        whole
+    }
+
+    #[test]
+    fn valid_documents_scan_the_same_at_every_split() {
+        for doc in [
+            &br#"{"a":[1,-2.5e+3,true,false,null,{}],"b":"x\"y\\u\u00e9\ud83d\ude00z","c":{"d":[]}}"#[..],
+            b" 0 ",
+            b"-0.0E-0",
+            b"\"\\ud800x\"",
+            b"[[[]],\"\"]",
+        ] {
+            let (_, r) = check_splits(doc);
+            assert_eq!(r, Ok(()), "{}", String::from_utf8_lossy(doc));
+        }
+    }
+
+    #[test]
+    fn escapes_decode_including_surrogate_pairs() {
+        let (log, r) = check_splits(br#"["\u00e9\ud83d\ude00\n\/", "\udc00"]"#);
+        assert_eq!(r, Ok(()));
+        assert!(log.0.contains(&"s:é😀\n/".to_string()), "{log:?}");
+        assert!(log.0.contains(&"s:\u{FFFD}".to_string()), "{log:?}");
+    }
+
+    #[test]
+    fn offsets_are_absolute() {
+        let (log, _) = check_splits(br#" {"k": "vv"} "#);
+        assert_eq!(
+            log.0,
+            vec![
+                "start Object 0 1",
+                "key 1",
+                "k:k",
+                "/key 1",
+                "start String 1 7",
+                "s:vv",
+                "end String 1 11",
+                "end Object 0 12"
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_documents_are_rejected_at_every_split() {
+        for doc in [
+            &b"{"[..],
+            b"",
+            b"{\"a\" 1}",
+            b"{\"a\":1,}",
+            b"[1,]",
+            b"[1 2]",
+            b"{} {}",
+            b"01",
+            b"-",
+            b"1.",
+            b"1e",
+            b"tru",
+            b"trux",
+            b"\"a\nb\"",
+            b"\"\\x\"",
+            b"\"\\u12g4\"",
+            b"{]",
+            b"[}",
+            b"}",
+            b"{1:2}",
+        ] {
+            let (_, r) = check_splits(doc);
+            assert!(r.is_err(), "{}", String::from_utf8_lossy(doc));
+        }
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        assert_eq!(scan_split(ok.as_bytes(), &[]).1, Ok(()));
+        let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        assert_eq!(
+            scan_split(deep.as_bytes(), &[]).1,
+            Err(JsonError::TooDeep {
+                at: MAX_DEPTH as u64
+            })
+        );
+    }
+
+    #[test]
+    fn errors_are_sticky() {
+        let mut s = Scanner::new();
+        let mut log = Log::default();
+        assert!(s.feed(b"[x", &mut log).is_err());
+        assert!(s.feed(b"]", &mut log).is_err());
+        assert!(s.finish(&mut log).is_err());
+    }
+}

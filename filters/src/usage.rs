@@ -1,0 +1,1383 @@
+//! Token usage: read it from what the upstream reports, or estimate it when it reports nothing.
+//!
+//! - [`UsageTracker`] is fed the events of a streamed response ([`crate::sse`]) and understands
+//!   OpenAI chat completions chunks, the OpenAI Responses API and Anthropic Messages.
+//! - [`is_usage_only_chunk`] recognises the OpenAI chunk that `stream_options.include_usage`
+//!   adds, so the engine can remove it when the gateway (not the client) asked for it.
+//! - [`JsonUsageScanner`] finds the top-level `usage` (and `model`) of a non-streamed JSON
+//!   response of any size without holding the body.
+//! - [`RequestEstimator`] reads a request body of any size for an input-token estimate and the
+//!   fields token limiting and `include_usage` injection need.
+//!
+//! `serde_json` only ever parses bounded slices here: one SSE frame's data (at most the SSE
+//! parser's `max_frame`) or a captured `usage` object (at most [`MAX_USAGE_BYTES`]).
+//!
+//! # What the numbers mean
+//!
+//! Providers disagree on whether cached prompt tokens are part of "input". [`Usage::input`] is
+//! always *all* prompt tokens the upstream processed, cache reads and writes included (OpenAI's
+//! `prompt_tokens`/`input_tokens` as is; Anthropic's `input_tokens + cache_creation_input_tokens +
+//! cache_read_input_tokens`), so `input + output` is comparable across providers. `cache_read` and
+//! `cache_write` are the cached subsets, for statistics and pricing.
+
+use serde_json::Value;
+
+use crate::json_scan::{Kind, Scanner, Sink, SmallBuf, MAX_DEPTH};
+use crate::sse::SseEvent;
+
+/// Largest top-level `usage` object [`JsonUsageScanner`] captures; real ones are a few hundred
+/// bytes, so anything larger is not a usage object worth trusting and is ignored.
+pub const MAX_USAGE_BYTES: usize = 4096;
+
+/// Longest top-level `model` captured from a response (longer is ignored).
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// Tokens counted per message for role and framing, on top of its text (OpenAI's published
+/// counting recipe uses 3–4 per message).
+pub const MESSAGE_OVERHEAD_TOKENS: u64 = 4;
+
+/// Tokens counted for each image part. Its bytes are never counted as text (a 6 MB base64 image
+/// is not 1.5M tokens); 765 is what OpenAI bills a 1024×1024 high-detail image, a middle guess.
+pub const IMAGE_TOKENS: u64 = 765;
+
+/// Where a [`Usage`] came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The upstream reported input and final output counts.
+    Reported,
+    /// At least one count is an estimate (the upstream sent no usage, or the stream was cut).
+    Estimated,
+}
+
+/// Token counts for one request. See the module documentation for what `input` includes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// All prompt tokens, cached ones included.
+    pub input: u64,
+    /// Generated tokens.
+    pub output: u64,
+    /// Prompt tokens served from the provider's cache (a subset of `input`).
+    pub cache_read: u64,
+    /// Prompt tokens written to the provider's cache (a subset of `input`).
+    pub cache_write: u64,
+    /// Reported or estimated.
+    pub source: UsageSource,
+}
+
+/// Estimated tokens for `chars` characters of text: `ceil(chars / 4)`.
+///
+/// Four characters per token is OpenAI's published rule of thumb for English with BPE
+/// tokenizers; it overestimates code and underestimates CJK text, which is acceptable for a
+/// reservation that is reconciled with the real usage whenever the upstream reports it.
+pub fn estimate_tokens_from_chars(chars: u64) -> u64 {
+    chars.div_ceil(4)
+}
+
+/// Characters in a piece of UTF-8: every byte that is not a continuation byte starts one, so
+/// pieces can be counted separately even when a character spans two of them.
+fn count_chars(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b & 0xC0 != 0x80).count() as u64
+}
+
+/// Counts found in one usage object; `None` where the object did not say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    input: Option<u64>,
+    output: Option<u64>,
+    cache_read: Option<u64>,
+    cache_write: Option<u64>,
+}
+
+impl Counts {
+    /// Normalises any provider's usage object (see the module documentation).
+    fn from_usage(u: &Value) -> Option<Counts> {
+        let u = u.as_object()?;
+        let num = |k: &str| u.get(k).and_then(Value::as_u64);
+        let mut c = Counts::default();
+        if let Some(p) = num("prompt_tokens") {
+            // OpenAI chat: prompt_tokens already includes cached tokens.
+            c.input = Some(p);
+            c.output = num("completion_tokens");
+            c.cache_read = u
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cached_tokens"))
+                .and_then(Value::as_u64);
+        } else {
+            let openai_cached = u
+                .get("input_tokens_details")
+                .and_then(|d| d.get("cached_tokens"))
+                .and_then(Value::as_u64);
+            let cw = num("cache_creation_input_tokens");
+            let cr = num("cache_read_input_tokens");
+            // Responses API: input_tokens includes cached ones. Anthropic: it excludes them.
+            c.input = num("input_tokens").map(|i| i + cw.unwrap_or(0) + cr.unwrap_or(0));
+            c.output = num("output_tokens").or_else(|| num("completion_tokens"));
+            c.cache_read = openai_cached.or(cr);
+            c.cache_write = cw;
+        }
+        (c != Counts::default()).then_some(c)
+    }
+
+    /// Later reports override earlier ones field by field (Anthropic sends input in
+    /// `message_start` and cumulative output in each `message_delta`).
+    fn merge(&mut self, o: Counts) {
+        self.input = o.input.or(self.input);
+        self.output = o.output.or(self.output);
+        self.cache_read = o.cache_read.or(self.cache_read);
+        self.cache_write = o.cache_write.or(self.cache_write);
+    }
+}
+
+/// What one event meant, for the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventOutcome {
+    /// This event carried the first generated content of the response (time to first token).
+    pub first_content: bool,
+    /// Characters of generated content in this event.
+    pub content_chars: u64,
+    /// This event carried usage.
+    pub usage: bool,
+    /// An OpenAI usage-only chunk (`choices: []` with a usage object): the engine removes this
+    /// frame when the gateway injected `include_usage` itself.
+    pub usage_only: bool,
+}
+
+/// Follows one streamed response's events and accumulates usage and generated text length.
+#[derive(Debug, Default)]
+pub struct UsageTracker {
+    counts: Counts,
+    /// Final output usage was reported (not Anthropic's provisional `message_start` count).
+    final_output: bool,
+    content_chars: u64,
+    content_seen: bool,
+    events: u64,
+    unparsable: u64,
+    /// Streaming scan of the current oversized event's data (see `on_oversized_data`).
+    oversized: Option<Box<JsonUsageScanner>>,
+}
+
+impl UsageTracker {
+    /// A tracker for one response.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads one event. Events that are not JSON (`[DONE]`, pings) or not understood are
+    /// ignored.
+    pub fn on_event(&mut self, ev: &SseEvent<'_>) -> EventOutcome {
+        self.events += 1;
+        let data = ev.data.trim_ascii();
+        if !data.starts_with(b"{") {
+            return EventOutcome::default();
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+            self.unparsable += 1;
+            return EventOutcome::default();
+        };
+        let mut out = EventOutcome::default();
+        let ty = v
+            .get("type")
+            .and_then(Value::as_str)
+            .map(str::as_bytes)
+            .unwrap_or(ev.event);
+        match ty {
+            b"message_start" => {
+                if let Some(c) = v.pointer("/message/usage").and_then(Counts::from_usage) {
+                    self.counts.merge(c);
+                    out.usage = true;
+                }
+            }
+            b"message_delta" => {
+                if let Some(c) = v.get("usage").and_then(Counts::from_usage) {
+                    self.counts.merge(c);
+                    self.final_output |= c.output.is_some();
+                    out.usage = true;
+                }
+            }
+            b"content_block_delta" => {
+                if let Some(d) = v.get("delta") {
+                    for k in ["text", "thinking", "partial_json"] {
+                        out.content_chars += str_chars(d.get(k));
+                    }
+                }
+            }
+            b"response.completed" | b"response.incomplete" | b"response.failed" => {
+                if let Some(c) = v.pointer("/response/usage").and_then(Counts::from_usage) {
+                    self.counts.merge(c);
+                    self.final_output |= c.output.is_some();
+                    out.usage = true;
+                }
+            }
+            t if t.starts_with(b"response.") && t.ends_with(b".delta") => {
+                // output_text, reasoning summaries, function-call arguments: all generated.
+                out.content_chars += str_chars(v.get("delta"));
+            }
+            _ => self.chat_chunk(&v, &mut out),
+        }
+        self.content_chars += out.content_chars;
+        if out.content_chars > 0 && !self.content_seen {
+            self.content_seen = true;
+            out.first_content = true;
+        }
+        out
+    }
+
+    /// A piece of the data of an event too large for the SSE parser to hold
+    /// ([`crate::sse::SseItem::OversizedData`]). The pieces are scanned as they pass, keeping at
+    /// most [`MAX_USAGE_BYTES`] of a `usage` object, so usage in a huge Responses API
+    /// `response.completed` (which repeats the whole output) is still found.
+    pub fn on_oversized_data(&mut self, piece: &[u8]) {
+        self.oversized
+            .get_or_insert_with(|| Box::new(JsonUsageScanner::for_event()))
+            .feed(piece);
+    }
+
+    /// The oversized event whose data came through [`on_oversized_data`](Self::on_oversized_data)
+    /// ended (an `End` with `oversized: true`). Its content characters are not counted; its
+    /// usage is.
+    pub fn on_oversized_end(&mut self) -> EventOutcome {
+        let mut out = EventOutcome::default();
+        let Some(mut s) = self.oversized.take() else {
+            return out;
+        };
+        s.finish();
+        if let Some(c) = s.counts {
+            self.counts.merge(c);
+            // Anthropic's `message_start` output count is provisional; every other usage is final.
+            if s.sink.ty.get() != Some(b"message_start") {
+                self.final_output |= c.output.is_some();
+            }
+            out.usage = true;
+        }
+        out
+    }
+
+    /// OpenAI chat completions (and legacy completions) chunk.
+    fn chat_chunk(&mut self, v: &Value, out: &mut EventOutcome) {
+        let choices = v.get("choices").and_then(Value::as_array);
+        for ch in choices.into_iter().flatten() {
+            out.content_chars += str_chars(ch.get("text"));
+            if let Some(d) = ch.get("delta") {
+                for k in ["content", "reasoning_content", "refusal"] {
+                    out.content_chars += str_chars(d.get(k));
+                }
+                for tc in d
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    out.content_chars += str_chars(tc.pointer("/function/arguments"));
+                }
+            }
+        }
+        // `"usage": null` in ordinary chunks (some servers send it in every one) is no usage.
+        if let Some(c) = v.get("usage").and_then(Counts::from_usage) {
+            self.counts.merge(c);
+            self.final_output |= c.output.is_some();
+            out.usage = true;
+            out.usage_only = choices.is_some_and(Vec::is_empty);
+        }
+    }
+
+    /// Characters of generated content seen so far.
+    pub fn content_chars(&self) -> u64 {
+        self.content_chars
+    }
+
+    /// Events whose data looked like JSON but did not parse (for statistics).
+    pub fn unparsable_events(&self) -> u64 {
+        self.unparsable
+    }
+
+    /// The usage to account. Reported when the upstream reported input and final output;
+    /// otherwise each missing count is estimated: input from `estimated_input` (the request's
+    /// [`RequestEstimator::estimated_input_tokens`]), output from the generated characters (never
+    /// less than a provisional reported count).
+    pub fn usage(&self, estimated_input: u64) -> Usage {
+        let c = self.counts;
+        let reported = self.final_output && c.input.is_some();
+        let output = if self.final_output {
+            c.output.unwrap_or(0)
+        } else {
+            c.output
+                .unwrap_or(0)
+                .max(estimate_tokens_from_chars(self.content_chars))
+        };
+        Usage {
+            input: c.input.unwrap_or(estimated_input),
+            output,
+            cache_read: c.cache_read.unwrap_or(0),
+            cache_write: c.cache_write.unwrap_or(0),
+            source: if reported {
+                UsageSource::Reported
+            } else {
+                UsageSource::Estimated
+            },
+        }
+    }
+}
+
+fn str_chars(v: Option<&Value>) -> u64 {
+    v.and_then(Value::as_str)
+        .map_or(0, |s| s.chars().count() as u64)
+}
+
+/// True for an OpenAI chat chunk whose `usage` is a non-null object and whose `choices` is an
+/// empty array: the chunk `stream_options.include_usage` adds. `data` is one SSE event's data
+/// (bounded by the SSE parser).
+pub fn is_usage_only_chunk(data: &[u8]) -> bool {
+    // Cheap rejection first: almost every chunk is content.
+    if memchr::memmem::find(data, b"\"usage\"").is_none() {
+        return false;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(data) else {
+        return false;
+    };
+    v.get("usage").is_some_and(Value::is_object)
+        && v.get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+}
+
+/// Top-level keys of a response body that [`JsonUsageScanner`] wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum RespKey {
+    #[default]
+    Other,
+    Usage,
+    Model,
+    Type,
+    /// `response` or `message`: an SSE event's envelope holding `usage` one level down.
+    Envelope,
+}
+
+#[derive(Debug, Default)]
+struct RespSink {
+    /// Also look for `response.usage` / `message.usage` (an SSE event's data, not a body).
+    nested: bool,
+    key: SmallBuf<24>,
+    cur: RespKey,
+    /// The current depth-2 key is `usage`.
+    key2_usage: bool,
+    /// Absolute offsets of the `usage` object being captured (end once seen), and its depth.
+    usage_start: Option<u64>,
+    usage_end: Option<u64>,
+    usage_depth: usize,
+    in_model: bool,
+    model: SmallBuf<MAX_MODEL_BYTES>,
+    model_done: bool,
+    in_type: bool,
+    ty: SmallBuf<64>,
+}
+
+impl Sink for RespSink {
+    fn key_start(&mut self, depth: usize) {
+        if depth <= 2 {
+            self.key.clear();
+        }
+    }
+    fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+        if key {
+            self.key.push(bytes);
+        } else if self.in_model {
+            self.model.push(bytes);
+        } else if self.in_type {
+            self.ty.push(bytes);
+        }
+    }
+    fn key_end(&mut self, depth: usize) {
+        if depth == 1 {
+            self.cur = match self.key.get() {
+                Some(b"usage") => RespKey::Usage,
+                Some(b"model") => RespKey::Model,
+                Some(b"type") => RespKey::Type,
+                Some(b"response" | b"message") if self.nested => RespKey::Envelope,
+                _ => RespKey::Other,
+            };
+        } else if depth == 2 {
+            self.key2_usage = self.key.get() == Some(b"usage");
+        }
+    }
+    fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+        let usage_here = match depth {
+            1 => self.cur == RespKey::Usage,
+            2 => self.cur == RespKey::Envelope && self.key2_usage,
+            _ => false,
+        };
+        // The first usage object wins; `"usage": null` is skipped.
+        if usage_here && kind == Kind::Object && self.usage_start.is_none() {
+            self.usage_start = Some(at);
+            self.usage_depth = depth;
+        }
+        if depth == 1 && kind == Kind::String {
+            if self.cur == RespKey::Model && !self.model_done {
+                self.model.clear();
+                self.in_model = true;
+            } else if self.cur == RespKey::Type {
+                self.ty.clear();
+                self.in_type = true;
+            }
+        }
+    }
+    fn value_end(&mut self, _kind: Kind, depth: usize, end: u64) {
+        if self.usage_start.is_some() && self.usage_end.is_none() && depth == self.usage_depth {
+            self.usage_end = Some(end);
+        }
+        if depth == 1 {
+            if self.in_model {
+                self.in_model = false;
+                self.model_done = true;
+            }
+            self.in_type = false;
+        }
+    }
+}
+
+/// Streaming scan of a non-streamed JSON response (any size) for its top-level `usage` and
+/// `model`. Only the `usage` object's bytes are kept (at most [`MAX_USAGE_BYTES`]) and parsed.
+#[derive(Debug, Default)]
+pub struct JsonUsageScanner {
+    scan: Scanner,
+    sink: RespSink,
+    /// Raw bytes of the `usage` object, copied as they pass.
+    captured: Vec<u8>,
+    too_big: bool,
+    counts: Option<Counts>,
+    invalid: bool,
+}
+
+impl JsonUsageScanner {
+    /// A scanner at the start of a response body.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the next slice of the body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.invalid {
+            return;
+        }
+        let base = self.scan.offset();
+        if self.scan.feed(chunk, &mut self.sink).is_err() {
+            self.invalid = true;
+        }
+        self.capture(base, chunk);
+    }
+
+    /// Copies the part of `chunk` (which starts at absolute offset `base`) inside the usage
+    /// object. Offsets come from the tokenizer, so no byte is looked at twice.
+    fn capture(&mut self, base: u64, chunk: &[u8]) {
+        let Some(start) = self.sink.usage_start else {
+            return;
+        };
+        if self.counts.is_some() || self.too_big {
+            return;
+        }
+        let end_abs = base + chunk.len() as u64;
+        let from = start.max(base);
+        let to = self.sink.usage_end.unwrap_or(end_abs).min(end_abs);
+        if from < to {
+            // Both lie within `chunk`, so the differences fit in usize.
+            let piece = &chunk[(from - base) as usize..(to - base) as usize];
+            if self.captured.len() + piece.len() > MAX_USAGE_BYTES {
+                self.too_big = true;
+                self.captured = Vec::new();
+                return;
+            }
+            self.captured.extend_from_slice(piece);
+        }
+        if self.sink.usage_end.is_some() {
+            self.counts = serde_json::from_slice::<Value>(&self.captured)
+                .ok()
+                .and_then(|v| Counts::from_usage(&v));
+            self.captured = Vec::new();
+        }
+    }
+
+    /// Marks the end of the body.
+    pub fn finish(&mut self) {
+        if !self.invalid && self.scan.finish(&mut self.sink).is_err() {
+            self.invalid = true;
+        }
+    }
+
+    /// A scanner for one SSE event's data too large for the SSE parser to hold: it also finds
+    /// `response.usage` and `message.usage`, and the top-level `type`.
+    fn for_event() -> Self {
+        let mut s = Self::default();
+        s.sink.nested = true;
+        s
+    }
+
+    /// The reported usage, once the whole `usage` object has passed. Counts it lacks are 0.
+    pub fn usage(&self) -> Option<Usage> {
+        self.counts.map(|c| Usage {
+            input: c.input.unwrap_or(0),
+            output: c.output.unwrap_or(0),
+            cache_read: c.cache_read.unwrap_or(0),
+            cache_write: c.cache_write.unwrap_or(0),
+            source: UsageSource::Reported,
+        })
+    }
+
+    /// The top-level `model` string, once complete (None if absent or longer than
+    /// [`MAX_MODEL_BYTES`]).
+    pub fn model(&self) -> Option<&str> {
+        if !self.sink.model_done {
+            return None;
+        }
+        self.sink
+            .model
+            .get()
+            .and_then(|m| std::str::from_utf8(m).ok())
+    }
+
+    /// The body is not valid JSON (a `usage` that passed before the error is still reported).
+    pub fn is_invalid(&self) -> bool {
+        self.invalid
+    }
+}
+
+/// Request keys the estimator distinguishes; one byte each in a per-depth table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ReqKey {
+    #[default]
+    Other,
+    /// `messages`, `input`, `prompt`, `system`, `instructions` at the top level: the prompt.
+    Messages,
+    PromptText,
+    /// Keys whose string value is prompt text inside the prompt: `content`, `text`, `input`,
+    /// `arguments`, `output`.
+    TextField,
+    /// `type`: its value tells an image part.
+    Type,
+    MaxTokens,
+    Stream,
+    StreamOptions,
+    IncludeUsage,
+}
+
+fn classify(key: Option<&[u8]>, depth: usize) -> ReqKey {
+    let Some(k) = key else {
+        return ReqKey::Other;
+    };
+    if depth == 1 {
+        return match k {
+            b"messages" => ReqKey::Messages,
+            b"input" | b"prompt" | b"system" | b"instructions" => ReqKey::PromptText,
+            b"max_tokens" | b"max_completion_tokens" | b"max_output_tokens" => ReqKey::MaxTokens,
+            b"stream" => ReqKey::Stream,
+            b"stream_options" => ReqKey::StreamOptions,
+            _ => ReqKey::Other,
+        };
+    }
+    match k {
+        b"content" | b"text" | b"input" | b"arguments" | b"output" => ReqKey::TextField,
+        b"type" => ReqKey::Type,
+        b"include_usage" if depth == 2 => ReqKey::IncludeUsage,
+        _ => ReqKey::Other,
+    }
+}
+
+#[derive(Debug)]
+struct ReqSink {
+    key: SmallBuf<24>,
+    /// `keys[d]`: the key of the member being read at depth `d`.
+    keys: [ReqKey; MAX_DEPTH + 1],
+    /// `in_array[d]`: the value at depth `d` is an array element.
+    in_array: [bool; MAX_DEPTH + 1],
+    /// The current string value counts as prompt text.
+    counting: bool,
+    /// Inside a `"type"` string value: its bytes go to `type_buf`.
+    in_type: bool,
+    type_buf: SmallBuf<16>,
+    scalar: SmallBuf<24>,
+    chars: u64,
+    messages: u64,
+    images: u64,
+    max_tokens: Option<u64>,
+    stream: Option<bool>,
+    stream_options: Option<(u64, Option<u64>)>,
+    include_usage: Option<bool>,
+    top_is_object: bool,
+    top_level_end: Option<u64>,
+}
+
+impl Default for ReqSink {
+    fn default() -> Self {
+        Self {
+            key: SmallBuf::default(),
+            keys: [ReqKey::Other; MAX_DEPTH + 1],
+            in_array: [false; MAX_DEPTH + 1],
+            counting: false,
+            in_type: false,
+            type_buf: SmallBuf::default(),
+            scalar: SmallBuf::default(),
+            chars: 0,
+            messages: 0,
+            images: 0,
+            max_tokens: None,
+            stream: None,
+            stream_options: None,
+            include_usage: None,
+            top_is_object: false,
+            top_level_end: None,
+        }
+    }
+}
+
+impl ReqSink {
+    /// Is a string value at `depth` prompt text? Within a top-level prompt key: the value itself
+    /// (`"prompt": "…"`), a direct element of it (`"input": ["…", "…"]`), or any string under a
+    /// text-carrying key (`content`, `text`, …). Never `url`, `data`, `image_url`, `file_data`:
+    /// that is where base64 lives.
+    fn counts_text(&self, depth: usize) -> bool {
+        if depth == 0 || !matches!(self.keys[1], ReqKey::Messages | ReqKey::PromptText) {
+            return false;
+        }
+        depth == 1
+            || (depth == 2 && self.in_array[2])
+            || (!self.in_array[depth] && self.keys[depth] == ReqKey::TextField)
+    }
+}
+
+impl Sink for ReqSink {
+    fn key_start(&mut self, _depth: usize) {
+        self.key.clear();
+    }
+    fn key_end(&mut self, depth: usize) {
+        if depth <= MAX_DEPTH {
+            self.keys[depth] = classify(self.key.get(), depth);
+        }
+    }
+    fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+        if key {
+            self.key.push(bytes);
+        } else if self.counting {
+            self.chars += count_chars(bytes);
+        } else if self.in_type {
+            self.type_buf.push(bytes);
+        }
+    }
+    fn scalar_bytes(&mut self, bytes: &[u8]) {
+        self.scalar.push(bytes);
+    }
+    fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+        let key = if self.in_array[depth] {
+            ReqKey::Other
+        } else {
+            self.keys[depth]
+        };
+        match kind {
+            Kind::Object | Kind::Array => {
+                if depth == 0 {
+                    self.top_is_object = kind == Kind::Object;
+                }
+                if depth < MAX_DEPTH {
+                    self.in_array[depth + 1] = kind == Kind::Array;
+                    self.keys[depth + 1] = ReqKey::Other;
+                }
+                if depth == 2 && self.in_array[2] && self.keys[1] == ReqKey::Messages {
+                    self.messages += 1;
+                }
+            }
+            Kind::String => {
+                self.counting = self.counts_text(depth);
+                self.in_type = !self.counting && key == ReqKey::Type;
+                self.type_buf.clear();
+            }
+            _ => self.scalar.clear(),
+        }
+        if depth == 1 && key == ReqKey::StreamOptions && self.stream_options.is_none() {
+            self.stream_options = Some((at, None));
+        }
+    }
+    fn value_end(&mut self, kind: Kind, depth: usize, end: u64) {
+        let key = if self.in_array[depth] {
+            ReqKey::Other
+        } else {
+            self.keys[depth]
+        };
+        match kind {
+            Kind::String => {
+                if self.in_type
+                    && matches!(
+                        self.type_buf.get(),
+                        Some(b"image_url" | b"image" | b"input_image")
+                    )
+                    && matches!(self.keys[1], ReqKey::Messages | ReqKey::PromptText)
+                {
+                    self.images += 1;
+                }
+                self.counting = false;
+                self.in_type = false;
+            }
+            Kind::Number if depth == 1 && key == ReqKey::MaxTokens => {
+                self.max_tokens = self
+                    .scalar
+                    .get()
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse().ok());
+            }
+            Kind::True | Kind::False => {
+                let b = kind == Kind::True;
+                if depth == 1 && key == ReqKey::Stream {
+                    self.stream = Some(b);
+                } else if depth == 2
+                    && self.keys[1] == ReqKey::StreamOptions
+                    && key == ReqKey::IncludeUsage
+                {
+                    self.include_usage = Some(b);
+                }
+            }
+            Kind::Object if depth == 0 => self.top_level_end = Some(end - 1),
+            _ => {}
+        }
+        if depth == 1 && key == ReqKey::StreamOptions {
+            if let Some((s, None)) = self.stream_options {
+                self.stream_options = Some((s, Some(end)));
+            }
+        }
+    }
+}
+
+/// Where and what to insert so the upstream reports usage in a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Injection {
+    /// Absolute body offset to insert at: the top-level object's closing `}`.
+    pub at: u64,
+    /// The bytes to insert there: `,"stream_options":{"include_usage":true}`.
+    pub bytes: &'static [u8],
+}
+
+/// The `stream_options` member of a request, if present.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// Absolute byte range of its value (`{…}` or whatever the client sent).
+    pub range: std::ops::Range<u64>,
+    /// `stream_options.include_usage`, if the client set it to a boolean.
+    pub include_usage: Option<bool>,
+}
+
+/// Streaming scan of a request body (any size) for an input-token estimate and the fields
+/// token limiting needs.
+///
+/// Estimation method: characters of prompt text (see [`estimate_tokens_from_chars`]) counted
+/// in the string values of the top-level `messages`, `input`, `prompt`, `system` and
+/// `instructions` — the values themselves, their direct array elements, and strings under
+/// `content`/`text`/`input`/`arguments`/`output` keys inside them — plus
+/// [`MESSAGE_OVERHEAD_TOKENS`] per message and [`IMAGE_TOKENS`] per image part. Base64 payloads
+/// live under `url`/`image_url`/`data`/`file_data` and are never counted.
+#[derive(Debug, Default)]
+pub struct RequestEstimator {
+    scan: Scanner,
+    sink: Box<ReqSink>,
+    invalid: bool,
+}
+
+impl RequestEstimator {
+    /// An estimator at the start of a request body.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the next slice of the body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if !self.invalid && self.scan.feed(chunk, &mut *self.sink).is_err() {
+            self.invalid = true;
+        }
+    }
+
+    /// Marks the end of the body.
+    pub fn finish(&mut self) {
+        if !self.invalid && self.scan.finish(&mut *self.sink).is_err() {
+            self.invalid = true;
+        }
+    }
+
+    /// The body is not valid JSON (estimates then cover only what came before the error).
+    pub fn is_invalid(&self) -> bool {
+        self.invalid
+    }
+
+    /// Characters of prompt text counted so far.
+    pub fn prompt_chars(&self) -> u64 {
+        self.sink.chars
+    }
+
+    /// Estimated input tokens (see the type documentation for the method).
+    pub fn estimated_input_tokens(&self) -> u64 {
+        estimate_tokens_from_chars(self.sink.chars)
+            + self.sink.messages * MESSAGE_OVERHEAD_TOKENS
+            + self.sink.images * IMAGE_TOKENS
+    }
+
+    /// `max_tokens`, `max_completion_tokens` or `max_output_tokens` at the top level (the last
+    /// one present), when a non-negative integer.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.sink.max_tokens
+    }
+
+    /// Top-level `stream`, when a boolean.
+    pub fn stream(&self) -> Option<bool> {
+        self.sink.stream
+    }
+
+    /// Top-level `stream_options`, once its value is complete.
+    pub fn stream_options(&self) -> Option<StreamOptions> {
+        match self.sink.stream_options {
+            Some((s, Some(e))) => Some(StreamOptions {
+                range: s..e,
+                include_usage: self.sink.include_usage,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Absolute offset of the top-level object's closing `}`, once seen.
+    pub fn top_level_end(&self) -> Option<u64> {
+        self.sink.top_level_end
+    }
+
+    /// What to insert so the upstream adds a usage chunk to the stream: only once the top-level
+    /// value is a complete, valid object with `"stream": true` and no `stream_options` at all.
+    /// If the client sent `stream_options` (with or without `include_usage`), the engine leaves
+    /// the request alone and must not strip any chunk: the client owns that choice.
+    ///
+    /// It becomes `Some` during the [`feed`](Self::feed) of the slice holding the closing `}`
+    /// (the body's last non-whitespace byte), so the engine can split that slice at `at` before
+    /// forwarding it; [`finish`](Self::finish) is not required.
+    pub fn include_usage_injection(&self) -> Option<Injection> {
+        let s = &self.sink;
+        if self.invalid || !s.top_is_object || s.stream != Some(true) {
+            return None;
+        }
+        if s.stream_options.is_some() {
+            return None;
+        }
+        // `"stream": true` is a member, so the object is never empty: a comma always leads.
+        Some(Injection {
+            at: s.top_level_end?,
+            bytes: br#","stream_options":{"include_usage":true}"#,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sse::fixtures::*;
+    use crate::sse::{SseItem, SseParser};
+
+    /// Final usage, total content chars, index of the first-content event, indices of the
+    /// usage-only events.
+    type Outcome = (Usage, u64, Option<usize>, Vec<usize>);
+
+    fn track(stream: &[u8], cuts: &[usize]) -> Outcome {
+        track_max(stream, cuts, 8192)
+    }
+
+    /// Drives parser and tracker the way the engine does.
+    fn track_max(stream: &[u8], cuts: &[usize], max: usize) -> Outcome {
+        let mut p = SseParser::new(max);
+        let mut t = UsageTracker::new();
+        let (mut n, mut first, mut only) = (0, None, Vec::new());
+        let mut on = |t: &mut UsageTracker, e: SseEvent<'_>| {
+            let o = t.on_event(&e);
+            assert_eq!(o.usage_only, is_usage_only_chunk(e.data));
+            if o.first_content {
+                assert!(first.is_none());
+                first = Some(n);
+            }
+            if o.usage_only {
+                only.push(n);
+            }
+            n += 1;
+        };
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&stream.len())) {
+            p.feed_items(&stream[prev..c], &mut |item| match item {
+                SseItem::OversizedData(d) => t.on_oversized_data(d),
+                SseItem::End(f) => match f.event {
+                    Some(e) => on(&mut t, e),
+                    None if f.oversized => {
+                        t.on_oversized_end();
+                    }
+                    None => {}
+                },
+            });
+            prev = c;
+        }
+        p.finish(&mut |e| on(&mut t, e));
+        (t.usage(1000), t.content_chars(), first, only)
+    }
+
+    #[test]
+    fn usage_is_found_even_when_its_frame_exceeds_max_frame() {
+        for s in ALL {
+            let want = track(s.as_bytes(), &[]).0;
+            for max in [1, 40, 100, 200] {
+                let (got, ..) = track_max(s.as_bytes(), &[], max);
+                assert_eq!(got.source, want.source);
+                assert_eq!(
+                    (got.input, got.cache_read, got.cache_write),
+                    (want.input, want.cache_read, want.cache_write)
+                );
+                if want.source == UsageSource::Reported {
+                    assert_eq!(got.output, want.output, "max {max}");
+                }
+                let bytes: Vec<usize> = (1..s.len()).collect();
+                assert_eq!(track_max(s.as_bytes(), &bytes, max).0, got);
+            }
+        }
+    }
+
+    #[test]
+    fn huge_response_completed_frame_still_reports_usage() {
+        let text = "lorem ipsum ".repeat(20_000);
+        let stream = format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}}\n\n\
+             event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"content\":[{{\"text\":\"{text}\"}}]}}],\"usage\":{{\"input_tokens\":10,\"output_tokens\":60000}}}}}}\n\n"
+        );
+        let (u, chars, ..) = track_max(stream.as_bytes(), &[1000, 70_000, 150_001], 16 * 1024);
+        assert_eq!(u, reported(10, 60_000, 0, 0));
+        assert_eq!(chars, 2);
+    }
+
+    fn shotgun(stream: &str) -> Outcome {
+        let s = stream.as_bytes();
+        let whole = track(s, &[]);
+        for k in 0..=s.len() {
+            assert_eq!(track(s, &[k]), whole, "split at {k}");
+        }
+        let bytes: Vec<usize> = (1..s.len()).collect();
+        assert_eq!(track(s, &bytes), whole, "byte at a time");
+        whole
+    }
+
+    fn reported(input: u64, output: u64, cache_read: u64, cache_write: u64) -> Usage {
+        Usage {
+            input,
+            output,
+            cache_read,
+            cache_write,
+            source: UsageSource::Reported,
+        }
+    }
+
+    #[test]
+    fn openai_include_usage_stream() {
+        let (u, chars, first, only) = shotgun(OPENAI_INCLUDE_USAGE);
+        assert_eq!(u, reported(19, 3, 4, 0));
+        assert_eq!((chars, first, only), (11, Some(1), vec![4]));
+    }
+
+    #[test]
+    fn openai_usage_null_in_every_chunk() {
+        let (u, chars, first, only) = shotgun(OPENAI_USAGE_NULL);
+        assert_eq!(u, reported(7, 2, 0, 0));
+        assert_eq!((chars, first, only), (8, Some(0), vec![3]));
+    }
+
+    #[test]
+    fn responses_api_stream() {
+        let (u, chars, first, only) = shotgun(RESPONSES);
+        assert_eq!(u, reported(36, 87, 0, 0));
+        assert_eq!((chars, first, only), (9, Some(1), vec![]));
+    }
+
+    #[test]
+    fn anthropic_stream_with_cache_tokens() {
+        let (u, chars, first, _) = shotgun(ANTHROPIC);
+        // input_tokens + cache writes + cache reads; output from the last message_delta.
+        assert_eq!(u, reported(2125, 15, 2000, 100));
+        assert_eq!((chars, first), (6, Some(3)));
+    }
+
+    #[test]
+    fn crlf_and_comment_streams() {
+        assert_eq!(shotgun(CRLF).0, reported(5, 2, 0, 0));
+        assert_eq!(shotgun(COMMENTS).0, reported(1, 1, 0, 0));
+    }
+
+    #[test]
+    fn no_usage_is_estimated() {
+        let s = "data: {\"choices\":[{\"delta\":{\"content\":\"abcdefghi\"}}]}\n\ndata: [DONE]\n\n";
+        let (u, chars, _, _) = shotgun(s);
+        assert_eq!(chars, 9);
+        assert_eq!(
+            u,
+            Usage {
+                input: 1000,
+                output: 3,
+                cache_read: 0,
+                cache_write: 0,
+                source: UsageSource::Estimated
+            }
+        );
+        // Anthropic cut after message_start: input is reported, output is not final.
+        let cut = ANTHROPIC
+            .split("event: message_delta")
+            .next()
+            .unwrap_or_default();
+        let (u, ..) = shotgun(cut);
+        assert_eq!(
+            (u.input, u.output, u.source),
+            (2125, 2, UsageSource::Estimated)
+        );
+    }
+
+    #[test]
+    fn usage_only_chunk_detection() {
+        assert!(is_usage_only_chunk(
+            br#"{"choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only_chunk(br#"{"choices":[],"usage":null}"#));
+        assert!(!is_usage_only_chunk(
+            br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only_chunk(br#"{"usage":{"prompt_tokens":1}}"#));
+        assert!(!is_usage_only_chunk(b"[DONE]"));
+        assert!(!is_usage_only_chunk(br#"{"choices":[],"usage":{"#));
+    }
+
+    #[test]
+    fn estimate_is_ceil_quarter() {
+        assert_eq!(
+            [0, 1, 4, 5, 8].map(estimate_tokens_from_chars),
+            [0, 1, 1, 2, 2]
+        );
+    }
+
+    fn scan_body(body: &[u8], cuts: &[usize]) -> (Option<Usage>, Option<String>, bool) {
+        let mut s = JsonUsageScanner::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&body.len())) {
+            s.feed(&body[prev..c]);
+            prev = c;
+        }
+        s.finish();
+        (s.usage(), s.model().map(str::to_owned), s.is_invalid())
+    }
+
+    fn scan_shotgun(body: &[u8]) -> (Option<Usage>, Option<String>, bool) {
+        let whole = scan_body(body, &[]);
+        for k in 0..=body.len() {
+            assert_eq!(scan_body(body, &[k]), whole, "split at {k}");
+        }
+        let bytes: Vec<usize> = (1..body.len()).collect();
+        assert_eq!(scan_body(body, &bytes), whole, "byte at a time");
+        whole
+    }
+
+    #[test]
+    fn non_streamed_usage_for_each_provider() {
+        let chat = br#"{"id":"c","model":"gpt-4o","choices":[{"message":{"role":"assistant","content":"x","usage":{"prompt_tokens":999}}}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":2}}}"#;
+        assert_eq!(
+            scan_shotgun(chat),
+            (Some(reported(12, 3, 2, 0)), Some("gpt-4o".into()), false)
+        );
+        let resp = br#"{"id":"r","object":"response","model":"gpt-4.1","usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":6},"output_tokens":87}}"#;
+        assert_eq!(scan_shotgun(resp).0, Some(reported(36, 87, 6, 0)));
+        let anth = br#"{"type":"message","usage":{"input_tokens":25,"cache_creation_input_tokens":100,"cache_read_input_tokens":2000,"output_tokens":15},"model":"claude"}"#;
+        assert_eq!(
+            scan_shotgun(anth),
+            (
+                Some(reported(2125, 15, 2000, 100)),
+                Some("claude".into()),
+                false
+            )
+        );
+        assert_eq!(scan_shotgun(br#"{"usage":null,"x":1}"#).0, None);
+        assert_eq!(
+            scan_shotgun(br#"{"a":{"usage":{"prompt_tokens":1}}}"#).0,
+            None
+        );
+        assert!(scan_shotgun(br#"{"usage":{"prompt_tokens":1}"#).2);
+    }
+
+    #[test]
+    fn usage_after_a_1mb_string() {
+        let mut body = br#"{"id":"c","choices":[{"message":{"content":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'a', 1 << 20));
+        body.extend_from_slice(br#""}}],"usage":{"prompt_tokens":7,"completion_tokens":262144}}"#);
+        for size in [1, 3, 4096, 65536, body.len()] {
+            let mut s = JsonUsageScanner::new();
+            for c in body.chunks(size) {
+                s.feed(c);
+            }
+            s.finish();
+            assert_eq!(
+                s.usage(),
+                Some(reported(7, 262_144, 0, 0)),
+                "chunks of {size}"
+            );
+            assert!(s.captured.capacity() <= MAX_USAGE_BYTES);
+        }
+    }
+
+    #[test]
+    fn oversized_usage_is_ignored() {
+        let body = format!(
+            r#"{{"usage":{{"prompt_tokens":1,"pad":"{}"}}}}"#,
+            "p".repeat(MAX_USAGE_BYTES)
+        );
+        assert_eq!(scan_body(body.as_bytes(), &[]).0, None);
+    }
+
+    fn estimate(body: &[u8], cuts: &[usize]) -> RequestEstimator {
+        let mut e = RequestEstimator::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&body.len())) {
+            e.feed(&body[prev..c]);
+            prev = c;
+        }
+        e.finish();
+        e
+    }
+
+    type EstView = (
+        u64,
+        u64,
+        Option<u64>,
+        Option<bool>,
+        Option<StreamOptions>,
+        Option<Injection>,
+        bool,
+    );
+
+    fn view(e: &RequestEstimator) -> EstView {
+        (
+            e.prompt_chars(),
+            e.estimated_input_tokens(),
+            e.max_tokens(),
+            e.stream(),
+            e.stream_options(),
+            e.include_usage_injection(),
+            e.is_invalid(),
+        )
+    }
+
+    fn est_shotgun(body: &[u8]) -> EstView {
+        let whole = view(&estimate(body, &[]));
+        for k in 0..=body.len() {
+            assert_eq!(view(&estimate(body, &[k])), whole, "split at {k}");
+        }
+        whole
+    }
+
+    #[test]
+    fn chat_request_fields_and_injection() {
+        let body = br#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Hi \u00e9"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],"max_completion_tokens":256,"stream":true}"#;
+        let (chars, tokens, max, stream, so, inj, invalid) = est_shotgun(body);
+        // "Be brief." (9) + "Hi é" (4) = 13 chars → 4 tokens; 2 messages; 1 image.
+        assert_eq!(chars, 13);
+        assert_eq!(tokens, 4 + 2 * MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
+        assert_eq!(
+            (max, stream, so, invalid),
+            (Some(256), Some(true), None, false)
+        );
+        let inj = inj.expect("stream without stream_options gets an injection");
+        assert_eq!(inj.at, body.len() as u64 - 1);
+        let mut out = body[..inj.at as usize].to_vec();
+        out.extend_from_slice(inj.bytes);
+        out.extend_from_slice(&body[inj.at as usize..]);
+        let v: Value = serde_json::from_slice(&out).expect("valid after injection");
+        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+    }
+
+    #[test]
+    fn injection_is_known_while_feeding_the_closing_brace() {
+        let body = b"{\"stream\":true,\"messages\":[]}\r\n";
+        let mut e = RequestEstimator::new();
+        e.feed(&body[..body.len() - 3]);
+        assert_eq!(e.include_usage_injection(), None);
+        e.feed(&body[body.len() - 3..]);
+        let inj = e.include_usage_injection();
+        assert_eq!(inj.map(|i| i.at), Some(body.len() as u64 - 3));
+        let mut e = RequestEstimator::new();
+        e.feed(b"{}");
+        assert_eq!(e.include_usage_injection(), None, "no stream: true");
+    }
+
+    #[test]
+    fn client_stream_options_means_no_injection() {
+        let body =
+            br#"{"stream":true,"stream_options":{"include_usage":false},"prompt":["ab","cd"]}"#;
+        let (chars, _, _, _, so, inj, _) = est_shotgun(body);
+        assert_eq!(chars, 4);
+        assert_eq!(
+            so,
+            Some(StreamOptions {
+                range: 32..55,
+                include_usage: Some(false)
+            })
+        );
+        assert_eq!(&body[32..55], br#"{"include_usage":false}"#);
+        assert_eq!(inj, None);
+        let body = br#"{"stream":true,"stream_options":{}}"#;
+        assert_eq!(est_shotgun(body).5, None);
+        assert_eq!(est_shotgun(br#"{"stream":false}"#).5, None);
+        assert_eq!(est_shotgun(br#"{"stream":true"#).5, None);
+    }
+
+    #[test]
+    fn anthropic_and_responses_requests() {
+        let body = br#"{"system":[{"type":"text","text":"sys"}],"max_tokens":100,"messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"QUJD"}},{"type":"text","text":"what"}]}]}"#;
+        let (chars, tokens, max, ..) = est_shotgun(body);
+        assert_eq!((chars, max), (7, Some(100)));
+        assert_eq!(tokens, 2 + MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS);
+        let body = br#"{"model":"gpt-4.1","instructions":"abcd","input":[{"role":"user","content":[{"type":"input_text","text":"efgh"},{"type":"input_image","image_url":"data:image/png;base64,QUJD"}]}],"max_output_tokens":9}"#;
+        let (chars, _, max, ..) = est_shotgun(body);
+        assert_eq!((chars, max), (8, Some(9)));
+        assert_eq!(est_shotgun(br#"{"input":"abcdefgh"}"#).0, 8);
+    }
+
+    #[test]
+    fn six_mb_base64_image_is_not_text() {
+        let mut body = br#"{"model":"gpt-4o","messages":[{"role":"user","content":[{"type":"text","text":"describe"},{"type":"image_url","image_url":{"url":"data:image/jpeg;base64,"#.to_vec();
+        body.extend(std::iter::repeat_n(b'Q', 6 << 20));
+        body.extend_from_slice(br#""}}]}],"stream":true}"#);
+        let mut e = RequestEstimator::new();
+        for c in body.chunks(16 * 1024) {
+            e.feed(c);
+        }
+        e.finish();
+        assert_eq!(e.prompt_chars(), 8);
+        assert_eq!(
+            e.estimated_input_tokens(),
+            2 + MESSAGE_OVERHEAD_TOKENS + IMAGE_TOKENS
+        );
+        assert!(!e.is_invalid());
+        assert!(e.include_usage_injection().is_some());
+    }
+
+    /// Tiny xorshift so the fuzz inputs are the same on every run.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// 10k pseudo-random inputs (random bytes from a JSON/SSE-heavy alphabet, and mutated
+    /// fixtures) into every parser: none may panic, bounds must hold, and each answer must not
+    /// depend on where the input was split.
+    #[test]
+    fn fuzz_no_panic_and_split_independent() {
+        const ALPHABET: &[u8] =
+            b"{}[]:,\"\\ \r\nu0123456789abcdeflmnorstuy-+.eE:dat\xC3\xA9\xEF\xBB\xBF\x00";
+        let seeds: Vec<&[u8]> = ALL
+            .iter()
+            .map(|s| s.as_bytes())
+            .chain([
+                &br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"stream":true}"#
+                    [..],
+                br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"model":"m"}"#,
+                br#"{"a":"\ud83d\ude00","b":[1.5e3,-0,true,null]}"#,
+            ])
+            .collect();
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for round in 0..10_000 {
+            let input: Vec<u8> = if round % 2 == 0 {
+                let n = rng.below(200);
+                (0..n)
+                    .map(|_| ALPHABET[rng.below(ALPHABET.len())])
+                    .collect()
+            } else {
+                let mut v = seeds[rng.below(seeds.len())].to_vec();
+                for _ in 0..=rng.below(4) {
+                    let at = rng.below(v.len() + 1);
+                    let b = ALPHABET[rng.below(ALPHABET.len())];
+                    match rng.below(3) {
+                        0 if at < v.len() => v[at] = b,
+                        1 if at < v.len() => {
+                            v.remove(at);
+                        }
+                        _ => v.insert(at, b),
+                    }
+                }
+                v
+            };
+            let cut = rng.below(input.len() + 1);
+            let cuts: &[usize] = &[cut];
+
+            let max = 1 + rng.below(300);
+            let sse = |cuts: &[usize]| {
+                let mut p = SseParser::new(max);
+                let mut t = UsageTracker::new();
+                let mut seen = Vec::new();
+                let mut prev = 0;
+                for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+                    p.feed_items(&input[prev..c], &mut |item| match item {
+                        SseItem::OversizedData(d) => t.on_oversized_data(d),
+                        SseItem::End(f) => {
+                            if let Some(e) = f.event {
+                                t.on_event(&e);
+                                let _ = is_usage_only_chunk(e.data);
+                                seen.push((e.event.to_vec(), e.data.to_vec(), e.raw_len));
+                            } else if f.oversized {
+                                t.on_oversized_end();
+                            }
+                        }
+                    });
+                    assert!(p.held_bytes() <= max);
+                    prev = c;
+                }
+                p.finish(&mut |e| seen.push((e.event.to_vec(), e.data.to_vec(), e.raw_len)));
+                (seen, p.unparsed_frames(), t.usage(0), t.content_chars())
+            };
+            assert_eq!(sse(cuts), sse(&[]), "sse round {round}");
+
+            let model = |cuts: &[usize]| {
+                let mut m = crate::model::ModelScanner::new();
+                let mut prev = 0;
+                for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+                    m.feed(&input[prev..c]);
+                    prev = c;
+                }
+                (m.finish(), m.top_level_end())
+            };
+            assert_eq!(model(cuts), model(&[]), "model round {round}");
+            assert_eq!(
+                scan_body(&input, cuts),
+                scan_body(&input, &[]),
+                "usage round {round}"
+            );
+            assert_eq!(
+                view(&estimate(&input, cuts)),
+                view(&estimate(&input, &[])),
+                "estimator round {round}"
+            );
+        }
+    }
+
+    /// Nesting at, just under and just over the tokenizer's limit, in every container shape:
+    /// the per-depth tables of the scanners must never be indexed out of range.
+    #[test]
+    fn nesting_at_the_depth_limit_does_not_panic() {
+        for depth in [MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1] {
+            for (open, close, leaf) in [
+                (r#"{"messages":"#, "}", r#"{"content":"x","stream":true}"#),
+                ("[", "]", r#""content""#),
+                (r#"{"content":"#, "}", "1"),
+            ] {
+                let body = format!("{}{}{}", open.repeat(depth), leaf, close.repeat(depth));
+                let b = body.as_bytes();
+                let _ = view(&estimate(b, &[]));
+                let _ = scan_body(b, &[]);
+                let mut m = crate::model::ModelScanner::new();
+                m.feed(b);
+                let _ = m.finish();
+            }
+        }
+    }
+}
