@@ -11,6 +11,7 @@ const USAGE: &str =
 
 enum Command {
     Run(Option<PathBuf>),
+    Demo(String),
     Check(Option<PathBuf>),
     Version,
 }
@@ -18,10 +19,14 @@ enum Command {
 fn parse(args: &[String]) -> Result<Command, String> {
     let mut conf = None;
     let mut check = false;
+    let mut demo = false;
+    let mut listen = "127.0.0.1:8080".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "check" => check = true,
+            "demo" => demo = true,
+            "--listen" => listen = it.next().ok_or("--listen needs an address")?.clone(),
             "--conf" | "-c" => {
                 let v = it.next().ok_or("--conf needs a file")?;
                 conf = Some(PathBuf::from(v));
@@ -31,7 +36,9 @@ fn parse(args: &[String]) -> Result<Command, String> {
             other => return Err(format!("unknown argument: {other}")),
         }
     }
-    Ok(if check {
+    Ok(if demo {
+        Command::Demo(listen)
+    } else if check {
         Command::Check(conf)
     } else {
         Command::Run(conf)
@@ -70,6 +77,13 @@ pub fn main(args: Vec<String>) -> i32 {
             },
             Err(e) => {
                 eprintln!("{e}");
+                1
+            }
+        },
+        Command::Demo(listen) => match crate::demo::prepare(&listen) {
+            Ok((cfg, _upstream)) => run(cfg),
+            Err(e) => {
+                eprintln!("ringway demo: {e}");
                 1
             }
         },
@@ -202,14 +216,23 @@ fn run(cfg: config::Config) -> i32 {
                     core_affinity::set_for_current(c);
                 }
                 let tx2 = tx.clone();
+                let driver =
+                    std::rc::Rc::new(std::cell::Cell::new(runtime::driver::DriverInUse::Epoll));
+                let chosen = driver.clone();
                 let res = runtime::driver::run(
                     want,
                     move |d| {
+                        chosen.set(d);
                         let _ = tx2.send(Ok((i, d.name())));
                     },
                     move || {
-                        let w = std::rc::Rc::new(runtime::Worker::new(i, shared));
-                        w.run()
+                        let w = runtime::Worker::new(i, shared);
+                        w.stats.driver.set(match driver.get() {
+                            runtime::driver::DriverInUse::IoUringCoop => 2,
+                            runtime::driver::DriverInUse::IoUring => 1,
+                            runtime::driver::DriverInUse::Epoll => 0,
+                        });
+                        std::rc::Rc::new(w).run()
                     },
                 );
                 if let Err(e) = res {

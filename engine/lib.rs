@@ -17,6 +17,7 @@ pub mod buf;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod h1;
 pub mod log;
 pub mod metrics;
