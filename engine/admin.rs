@@ -149,11 +149,7 @@ fn stats_json() -> String {
             json_str(name)
         );
     }
-    let _ = write!(
-        out,
-        "],\"draining\":{}}}\n",
-        runtime::shutdown::is_draining()
-    );
+    let _ = writeln!(out, "],\"draining\":{}}}", runtime::shutdown::is_draining());
     out
 }
 

@@ -193,6 +193,10 @@ fn run(cfg: config::Config) -> i32 {
         }
     };
 
+    if let Err(e) = crate::accesslog::configure(&shared.cfg.log.access) {
+        log::error(&e);
+        return 1;
+    }
     if let Some(a) = &shared.cfg.admin {
         if let Err(e) = admin::spawn(a.listen) {
             log::error(&e);

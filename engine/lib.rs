@@ -12,6 +12,7 @@
 //! - [`control`]: the control core, the only thread that may block.
 //! - [`admin`], [`reload`], [`metrics`]: operating a running gateway.
 
+pub mod accesslog;
 pub mod admin;
 pub mod buf;
 pub mod cli;

@@ -271,7 +271,7 @@ impl Registry {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         // Routes: summed over workers, keyed by route name.
-        let mut routes: Vec<(String, Vec<u64>, Vec<u64>, u64, u64, u64)> = Vec::new();
+        let mut routes: Vec<RouteSum> = Vec::new();
         if let Ok(l) = self.routes.lock() {
             for e in l.iter() {
                 let Some(s) = e.shard.upgrade() else { continue };
@@ -515,6 +515,9 @@ impl Registry {
         render_process(out);
     }
 }
+
+/// One route summed over workers: name, statuses, buckets, duration µs, bytes in, bytes out.
+type RouteSum = (String, Vec<u64>, Vec<u64>, u64, u64, u64);
 
 /// A worker's figures at one moment.
 pub struct WorkerSnapshot {

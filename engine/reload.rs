@@ -74,6 +74,7 @@ fn reload_locked() -> Result<String, String> {
         }
     }
     let kept = restart_only(&current.cfg, &cfg);
+    crate::accesslog::configure(&cfg.log.access)?;
     let shared = runtime::Shared::build(cfg, Some(&current))?;
     runtime::publish(shared);
     let mut msg = format!(

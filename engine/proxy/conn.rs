@@ -6,7 +6,7 @@
 //! response is read, the upstream buffer. Nothing else is allocated per request.
 
 use crate::runtime::{deadline, shutdown};
-use std::{net::SocketAddr, rc::Rc, time::Duration};
+use std::{io::Write as _, net::SocketAddr, rc::Rc, time::Duration};
 
 use monoio::{
     buf::IoBufMut as _,
@@ -16,11 +16,12 @@ use monoio::{
 use std::time::Instant;
 
 use crate::{
+    accesslog,
     buf::PoolBuf,
     h1::{BodyKind, ChunkError, ChunkedDecoder, Parsed},
     proxy::{
         error::{self, Reject},
-        request::{plan_request, Plan, HEADROOM},
+        request::{plan_request, Plan, RequestId, HEADROOM},
         response::{plan_response, RespPlan},
         transfer::{self, Route, Side, XferError},
     },
@@ -126,7 +127,7 @@ async fn exchange(
         }
         Err(HeadFail::Gone) => return Next::Close,
     };
-    let mut record = Record::new(g, plan.route);
+    let mut record = Record::new(w, g, &plan, peer);
     let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
     let pool = g.upstream(plan.upstream);
     let retries = pool.shared.conf.retries as usize;
@@ -165,6 +166,13 @@ async fn exchange(
         };
         record.status = rej.status;
         return reject(w, g, client, rej, plan.is_head, keep).await;
+    };
+
+    record.upstream = Some(conn.addr);
+    let sent_at = Instant::now();
+    record.bytes_in += match plan.body {
+        BodyKind::Length(n) => n,
+        _ => 0,
     };
 
     // A request that can be sent twice keeps its head until the response
@@ -257,6 +265,8 @@ async fn exchange(
         Sent::Pipelined(p) => p,
     };
     record.status = rp.status;
+    record.upstream = Some(conn.addr);
+    record.upstream_time = Some(sent_at.elapsed());
     if rp.status >= 500 {
         pool.report_failure(conn.idx);
     } else {
@@ -286,14 +296,14 @@ async fn exchange(
         return Next::Tunnel(up, cbuf, ubuf);
     }
 
-    if relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle)
-        .await
-        .is_err()
-    {
-        return Next::Close;
-    }
-    if rp.upstream_keep_alive {
-        conn.set_reusable();
+    match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
+        Ok(r) => {
+            record.bytes_out = r.bytes;
+            if rp.upstream_keep_alive && r.upstream_clean {
+                conn.set_reusable();
+            }
+        }
+        Err(_) => return Next::Close,
     }
     drop(conn);
     if rp.client_close {
@@ -327,31 +337,87 @@ impl Tried {
     }
 }
 
-/// Counts a request in its route's metrics when the exchange ends, on every
-/// path: 499 (as nginx logs it) when the client left before an answer.
-struct Record<'g> {
-    g: &'g Generation,
+/// Counts a request in its route's metrics, and writes its access-log line,
+/// when the exchange ends — on every path: 499 (as nginx logs it) when the
+/// client left before an answer.
+struct Record<'a> {
+    w: &'a Worker,
+    g: &'a Generation,
     route: usize,
     start: Instant,
     status: u16,
+    peer: SocketAddr,
+    request_id: RequestId,
+    upstream: Option<SocketAddr>,
+    bytes_in: u64,
+    bytes_out: u64,
+    upstream_time: Option<std::time::Duration>,
 }
 
-impl<'g> Record<'g> {
-    fn new(g: &'g Generation, route: usize) -> Self {
+impl<'a> Record<'a> {
+    fn new(w: &'a Worker, g: &'a Generation, plan: &Plan, peer: SocketAddr) -> Self {
         Self {
+            w,
             g,
-            route,
+            route: plan.route,
             start: Instant::now(),
             status: 499,
+            peer,
+            request_id: plan.request_id,
+            upstream: None,
+            bytes_in: (plan.head_end - HEADROOM) as u64,
+            bytes_out: 0,
+            upstream_time: None,
         }
     }
 }
 
 impl Drop for Record<'_> {
     fn drop(&mut self) {
-        self.g
-            .route_metrics(self.route)
-            .observe(self.status, self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        let m = self.g.route_metrics(self.route);
+        m.observe(self.status, elapsed);
+        m.bytes_in.add(self.bytes_in);
+        m.bytes_out.add(self.bytes_out);
+        if !self.g.access_log {
+            return;
+        }
+        let mut out = self.w.access.borrow_mut();
+        out.extend_from_slice(b"{\"time\":\"");
+        accesslog::push_time(&mut out, std::time::SystemTime::now() - elapsed);
+        out.extend_from_slice(b"\",\"request_id\":");
+        accesslog::push_json_str(&mut out, self.request_id.as_bytes());
+        let _ = write!(out, ",\"client\":\"{}\",\"route\":", self.peer.ip());
+        accesslog::push_json_str(
+            &mut out,
+            self.g.shared.routes.get(self.route).name.as_bytes(),
+        );
+        match self.upstream {
+            Some(a) => {
+                let _ = write!(out, ",\"upstream\":\"{a}\"");
+            }
+            None => out.extend_from_slice(b",\"upstream\":null"),
+        }
+        let _ = write!(
+            out,
+            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}",
+            self.status,
+            self.bytes_in,
+            self.bytes_out,
+            elapsed.as_secs_f64() * 1000.0
+        );
+        match self.upstream_time {
+            Some(t) => {
+                let _ = write!(out, ",\"upstream_ms\":{:.3}", t.as_secs_f64() * 1000.0);
+            }
+            None => out.extend_from_slice(b",\"upstream_ms\":null"),
+        }
+        out.extend_from_slice(b",\"consumer\":null,\"model\":null,\"tokens\":null}\n");
+        if out.len() >= accesslog::FLUSH_BYTES {
+            let batch = std::mem::take(&mut *out);
+            drop(out);
+            self.w.flush_access(batch);
+        }
     }
 }
 
@@ -694,24 +760,21 @@ async fn relay_response(
     mut ubuf: PoolBuf,
     rp: &RespPlan,
     idle: Duration,
-) -> Result<(), XferError> {
+) -> Result<Relayed, XferError> {
     let in_buf = ubuf.len() - rp.head_end;
+    let head_len = (rp.head_end - rp.head_start) as u64;
     let write_err = |()| XferError::Eof(Side::Client);
+    let client_idle = g.server.body_timeout;
     match rp.body {
         BodyKind::None => {
-            write_all(
-                client,
-                ubuf,
-                rp.head_start..rp.head_end,
-                g.server.body_timeout,
-            )
-            .await
-            .map_err(write_err)?;
-            if in_buf > 0 {
-                // Bytes after a body-less response: the upstream is confused.
-                return Err(XferError::Eof(Side::Upstream));
-            }
-            Ok(())
+            write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
+                .await
+                .map_err(write_err)?;
+            // Bytes after a body-less response mean a confused upstream.
+            Ok(Relayed {
+                bytes: head_len,
+                upstream_clean: in_buf == 0,
+            })
         }
         BodyKind::Length(n) => {
             let first = n.min(in_buf as u64) as usize;
@@ -719,18 +782,19 @@ async fn relay_response(
                 client,
                 ubuf,
                 rp.head_start..rp.head_end + first,
-                g.server.body_timeout,
+                client_idle,
             )
             .await
             .map_err(write_err)?;
-            if in_buf as u64 > n {
-                return Err(XferError::Eof(Side::Upstream));
-            }
             let remaining = n - first as u64;
+            let relayed = Relayed {
+                bytes: head_len + n,
+                upstream_clean: in_buf as u64 <= n,
+            };
             if remaining == 0 {
-                return Ok(());
+                return Ok(relayed);
             }
-            let mut route = Route {
+            let mut r = Route {
                 src: conn.stream(),
                 src_side: Side::Upstream,
                 dst: client,
@@ -739,55 +803,60 @@ async fn relay_response(
             };
             if remaining >= g.splice_min {
                 drop(ubuf);
-                transfer::splice_exact(&mut route, &w.pipes, remaining).await
+                transfer::splice_exact(&mut r, &w.pipes, remaining).await?;
             } else {
                 ubuf.clear();
-                transfer::copy_exact(&mut route, ubuf, remaining)
-                    .await
-                    .map(|_| ())
+                transfer::copy_exact(&mut r, ubuf, remaining).await?;
             }
+            Ok(relayed)
         }
         BodyKind::Chunked => {
-            ubuf = write_all(
-                client,
-                ubuf,
-                rp.head_start..rp.head_end,
-                g.server.body_timeout,
-            )
-            .await
-            .map_err(write_err)?;
+            ubuf = write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
+                .await
+                .map_err(write_err)?;
             ubuf.consume(rp.head_end);
             let mut decoder = ChunkedDecoder::new(u64::MAX);
-            let mut route = Route {
+            let mut r = Route {
                 src: conn.stream(),
                 src_side: Side::Upstream,
                 dst: client,
                 dst_side: Side::Client,
                 idle,
             };
-            let rest =
-                transfer::forward_chunked(&mut route, ubuf, &mut decoder, rp.dechunk).await?;
-            if !rest.is_empty() {
-                return Err(XferError::Eof(Side::Upstream));
-            }
-            Ok(())
+            let rest = transfer::forward_chunked(&mut r, ubuf, &mut decoder, rp.dechunk).await?;
+            Ok(Relayed {
+                bytes: head_len + decoder.body_bytes(),
+                upstream_clean: rest.is_empty(),
+            })
         }
         BodyKind::CloseDelimited => {
             let end = ubuf.len();
-            ubuf = write_all(client, ubuf, rp.head_start..end, g.server.body_timeout)
+            ubuf = write_all(client, ubuf, rp.head_start..end, client_idle)
                 .await
                 .map_err(write_err)?;
             ubuf.clear();
-            let mut route = Route {
+            let mut r = Route {
                 src: conn.stream(),
                 src_side: Side::Upstream,
                 dst: client,
                 dst_side: Side::Client,
                 idle,
             };
-            transfer::copy_to_eof(&mut route, ubuf).await.map(|_| ())
+            let n = transfer::copy_to_eof(&mut r, ubuf).await?;
+            Ok(Relayed {
+                bytes: (end - rp.head_start) as u64 + n,
+                upstream_clean: false,
+            })
         }
     }
+}
+
+/// What a relayed response amounted to.
+struct Relayed {
+    /// Bytes written to the client (head and body).
+    bytes: u64,
+    /// The upstream sent exactly one response: its connection may be reused.
+    upstream_clean: bool,
 }
 
 /// Writes `buf[range]` whole and hands the buffer back; on failure the

@@ -24,6 +24,30 @@ pub const HEADROOM: usize = 512;
 /// Most header slots a parse may use; `server.max_headers` is at most this.
 pub const MAX_HEADERS_CAP: usize = 256;
 
+/// A request id kept for the access log (longer client ids are cut).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId {
+    bytes: [u8; 48],
+    len: u8,
+}
+
+impl RequestId {
+    fn new(v: &[u8]) -> Self {
+        let mut bytes = [0u8; 48];
+        let len = v.len().min(48);
+        bytes[..len].copy_from_slice(&v[..len]);
+        Self {
+            bytes,
+            len: len as u8,
+        }
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
 /// What the rest of the exchange needs to know about a request.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
@@ -47,6 +71,8 @@ pub struct Plan {
     pub idempotent: bool,
     /// The key `balance = "hash"` places this request by.
     pub hash_key: Option<u64>,
+    /// The request id sent upstream (the client's or a new one).
+    pub request_id: RequestId,
     /// Where the rewritten head starts in the client buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
@@ -164,7 +190,7 @@ pub fn plan_request(
         out.extend_from_slice(rest.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
 
-        let mut has_request_id = false;
+        let mut request_id: Option<RequestId> = None;
         let mut has_xff = false;
         for h in head.headers {
             let name = h.name;
@@ -192,7 +218,7 @@ pub fn plan_request(
                 continue;
             }
             if name.eq_ignore_ascii_case("x-request-id") {
-                has_request_id = true;
+                request_id = Some(RequestId::new(h.value));
             }
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
@@ -225,9 +251,11 @@ pub fn plan_request(
         }
         let _ = write!(out, "{peer}");
         out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-        if !has_request_id {
+        if request_id.is_none() {
             out.extend_from_slice(b"x-request-id: ");
+            let at = out.len();
             w.next_request_id(out);
+            request_id = Some(RequestId::new(&out[at..]));
             out.extend_from_slice(b"\r\n");
         }
         if head.upgrade {
@@ -253,6 +281,7 @@ pub fn plan_request(
         });
         let method = head.method;
         let plan = Plan {
+            request_id: request_id.unwrap_or(RequestId::new(b"")),
             hash_key,
             route: route_idx,
             upstream: route.upstream,

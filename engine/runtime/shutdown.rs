@@ -1,4 +1,5 @@
-//! Graceful drain: SIGTERM or SIGINT stops the listeners, closes idle
+//! Signals: SIGHUP reloads, SIGUSR1 reopens the access log, and
+//! graceful drain: SIGTERM or SIGINT stops the listeners, closes idle
 //! connections, lets requests in flight finish (up to `drain_timeout`), and
 //! the process exits 0. A second signal exits at once.
 //!
@@ -82,6 +83,7 @@ pub fn install_signal_thread() -> std::io::Result<()> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
@@ -103,6 +105,7 @@ pub fn install_signal_thread() -> std::io::Result<()> {
                     log::info("draining: listeners closed, waiting for requests in flight");
                     trigger();
                 }
+                libc::SIGUSR1 => crate::accesslog::request_reopen(),
                 libc::SIGHUP => {
                     // Reload off this thread's loop would gain nothing: it is
                     // the only thing it does, and it never touches a worker.

@@ -23,6 +23,7 @@ use monoio::net::{ListenerOpts, TcpListener};
 
 use super::{deadline, shutdown};
 use crate::{
+    accesslog,
     buf::{BufPool, PipePool},
     config::{self, Config},
     h1, log,
@@ -108,6 +109,8 @@ pub struct Generation {
     pub max_body: u64,
     /// `splice_min`, comparable with body lengths.
     pub splice_min: u64,
+    /// Whether requests write access-log lines.
+    pub access_log: bool,
     /// Connection pools, by upstream index.
     upstreams: Vec<Rc<UpstreamPool>>,
     /// Metrics, by route index.
@@ -148,6 +151,7 @@ impl Generation {
             },
             max_body: s.max_body_bytes,
             splice_min: s.splice_min as u64,
+            access_log: shared.cfg.log.access != config::AccessLog::Off,
             upstreams,
             routes,
             number,
@@ -221,6 +225,8 @@ pub struct Worker {
     pub scratch: RefCell<Vec<u8>>,
     /// Counters for /stats and metrics.
     pub stats: Arc<WorkerShard>,
+    /// Access-log lines not yet handed to the log thread.
+    pub access: RefCell<Vec<u8>>,
     listeners: RefCell<Vec<(SocketAddr, Rc<Stop>)>>,
     request_id_seed: u64,
     request_seq: Cell<u64>,
@@ -242,6 +248,7 @@ impl Worker {
             pipes: PipePool::new(),
             scratch,
             stats,
+            access: RefCell::new(Vec::new()),
             listeners: RefCell::new(Vec::new()),
             request_id_seed: seed(id),
             request_seq: Cell::new(0),
@@ -262,6 +269,30 @@ impl Worker {
         write_hex(&mut hex[..16], self.request_id_seed);
         write_hex(&mut hex[16..], seq);
         out.extend_from_slice(&hex);
+    }
+
+    /// Hands a batch of access-log lines to the log thread (never blocks;
+    /// a batch the thread cannot take is dropped and counted).
+    pub fn flush_access(&self, batch: Vec<u8>) {
+        if let Some(mut back) = accesslog::submit(batch) {
+            // Keep the allocation for the next batch.
+            back.clear();
+            let mut cur = self.access.borrow_mut();
+            if cur.is_empty() {
+                *cur = back;
+            }
+        }
+    }
+
+    fn flush_access_now(&self) {
+        let batch = {
+            let mut cur = self.access.borrow_mut();
+            if cur.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *cur)
+        };
+        self.flush_access(batch);
     }
 
     /// Picks up a newly published configuration, if any.
@@ -320,13 +351,14 @@ impl Worker {
             loop {
                 monoio::time::sleep(deadline::TICK).await;
                 watcher.refresh();
+                watcher.flush_access_now();
                 watcher
                     .stats
                     .buffers_in_use
                     .set(watcher.pool.in_use() as u64);
                 watcher.stats.buffers_peak.set(watcher.pool.peak() as u64);
                 ticks = ticks.wrapping_add(1);
-                if ticks % 10 == 0 {
+                if ticks.is_multiple_of(10) {
                     for p in watcher.generation().upstreams.iter() {
                         p.sweep();
                     }
@@ -343,6 +375,7 @@ impl Worker {
         while self.stats.connections.get() > 0 && std::time::Instant::now() < limit {
             monoio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.flush_access_now();
         if self.stats.connections.get() > 0 {
             log::warn(&format!(
                 "worker {}: drain_timeout passed with {} connections open",
