@@ -120,18 +120,6 @@ pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
             ));
         }
     }
-    for (i, u) in cfg.upstreams.iter().enumerate() {
-        if u.balance != config::Balance::RoundRobin {
-            errs.push(format!(
-                "upstreams[{i}].balance: only \"round_robin\" is available in this build yet"
-            ));
-        }
-        if u.health.is_some() {
-            errs.push(format!(
-                "upstreams[{i}].health: health checks are not available in this build yet"
-            ));
-        }
-    }
     for (i, r) in cfg.routes.iter().enumerate() {
         if !r.models.is_empty() || !r.model_map.is_empty() {
             errs.push(format!(
