@@ -78,6 +78,7 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
         ("GET", "/metrics") => {
             let mut out = String::with_capacity(16 * 1024);
             registry().render(&mut out);
+            crate::filter::render_metrics(&mut out);
             respond(
                 &mut s,
                 200,

@@ -113,9 +113,13 @@ pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
     let mut errs = Vec::new();
     for (i, f) in cfg.filters.iter().enumerate() {
         let used = cfg.routes.iter().any(|r| r.filters.contains(&f.name));
-        if used {
+        let available = matches!(
+            f.kind,
+            config::FilterKind::KeyAuth(_) | config::FilterKind::RateLimit(_)
+        );
+        if used && !available {
             errs.push(format!(
-                "filters[{i}] ({}): filter kinds are not available in this build yet",
+                "filters[{i}] ({}): this filter kind is not available in this build yet",
                 f.name
             ));
         }
@@ -124,6 +128,20 @@ pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
         if !r.models.is_empty() || !r.model_map.is_empty() {
             errs.push(format!(
                 "routes[{i}].models: model routing is not available in this build yet"
+            ));
+        }
+        let limits = r
+            .filters
+            .iter()
+            .filter(|n| {
+                cfg.filter(n)
+                    .is_some_and(|f| matches!(f.kind, config::FilterKind::RateLimit(_)))
+            })
+            .count();
+        if limits > crate::filter::limit::MAX_CHECKS {
+            errs.push(format!(
+                "routes[{i}].filters: at most {} rate-limit filters per route",
+                crate::filter::limit::MAX_CHECKS
             ));
         }
     }
@@ -190,6 +208,10 @@ fn run(cfg: config::Config) -> i32 {
             log::error(&e);
             return 1;
         }
+    }
+    if let Err(e) = crate::filter::cluster::start(core_for(workers)) {
+        log::error(&format!("cannot start the redis thread: {e}"));
+        return 1;
     }
     if let Err(e) = control::spawn(core_for(workers)) {
         log::error(&format!("cannot start the control thread: {e}"));

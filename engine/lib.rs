@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod filter;
 pub mod h1;
 pub mod log;
 pub mod metrics;

@@ -8,6 +8,8 @@
 use crate::runtime::{deadline, shutdown};
 use std::{io::Write as _, net::SocketAddr, rc::Rc, time::Duration};
 
+use ringway_filters::limit::window::LimitHeaders;
+
 use monoio::{
     buf::IoBufMut as _,
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
@@ -18,7 +20,9 @@ use std::time::Instant;
 use crate::{
     accesslog,
     buf::PoolBuf,
+    filter::{Filter, RateLimit},
     h1::{BodyKind, ChunkError, ChunkedDecoder, Parsed},
+    proxy::headers::ExtraHeaders,
     proxy::{
         error::{self, Reject},
         request::{plan_request, Plan, RequestId, HEADROOM},
@@ -129,6 +133,21 @@ async fn exchange(
     };
     let mut record = Record::new(w, g, &plan, peer);
     let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
+
+    // Limits, before anything goes upstream.
+    let mut extra = ExtraHeaders::default();
+    if !plan.limits.is_empty() {
+        if let Err(rej) = check_limits(g, &plan, &mut extra).await {
+            record.status = rej.status;
+            let rej = rej.closing_if(has_body || !plan.keep_alive);
+            let keep = if rej.close {
+                None
+            } else {
+                keep_pipelined(cbuf, &plan)
+            };
+            return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
+        }
+    }
     let pool = g.upstream(plan.upstream);
     let retries = pool.shared.conf.retries as usize;
     let mut tried = Tried::default();
@@ -212,7 +231,7 @@ async fn exchange(
                 .await;
             }
         };
-        let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan).await {
+        let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra).await {
             Ok(v) => break v,
             Err(RespError::Client) => return Next::Close,
             Err(RespError::Reject(rej)) => {
@@ -348,6 +367,7 @@ struct Record<'a> {
     status: u16,
     peer: SocketAddr,
     request_id: RequestId,
+    consumer: Option<u32>,
     upstream: Option<SocketAddr>,
     bytes_in: u64,
     bytes_out: u64,
@@ -364,6 +384,7 @@ impl<'a> Record<'a> {
             status: 499,
             peer,
             request_id: plan.request_id,
+            consumer: plan.consumer,
             upstream: None,
             bytes_in: (plan.head_end - HEADROOM) as u64,
             bytes_out: 0,
@@ -412,7 +433,20 @@ impl Drop for Record<'_> {
             }
             None => out.extend_from_slice(b",\"upstream_ms\":null"),
         }
-        out.extend_from_slice(b",\"consumer\":null,\"model\":null,\"tokens\":null}\n");
+        out.extend_from_slice(b",\"consumer\":");
+        match self.consumer {
+            Some(c) => accesslog::push_json_str(
+                &mut out,
+                self.g
+                    .shared
+                    .filters
+                    .auth
+                    .consumer_name(c as usize)
+                    .as_bytes(),
+            ),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"model\":null,\"tokens\":null}\n");
         if out.len() >= accesslog::FLUSH_BYTES {
             let batch = std::mem::take(&mut *out);
             drop(out);
@@ -696,6 +730,7 @@ async fn read_response_head(
     conn: &mut UpConn,
     mut ubuf: PoolBuf,
     plan: &Plan,
+    extra: &ExtraHeaders,
 ) -> Result<(RespPlan, PoolBuf), RespError> {
     let conf = &g.upstream(plan.upstream).shared.conf;
     let deadline = Instant::now() + conf.response_timeout;
@@ -704,7 +739,14 @@ async fn read_response_head(
     let mut got_any = false;
     loop {
         if ubuf.len() > HEADROOM {
-            match plan_response(w, g, &mut ubuf, plan, shutdown::is_draining()) {
+            match plan_response(
+                w,
+                g,
+                &mut ubuf,
+                plan,
+                shutdown::is_draining(),
+                extra.as_bytes(),
+            ) {
                 Ok(Parsed::Complete(rp)) if rp.interim => {
                     // 100 Continue was already answered by Ringway; others
                     // (103 Early Hints) go to HTTP/1.1 clients.
@@ -872,6 +914,50 @@ async fn write_all(
         .map_err(|_| ())
 }
 
+/// Runs the request's limit checks; on a refusal, the 429 to send. Limit
+/// headers for the response (allowed or not) go into `extra`.
+async fn check_limits(g: &Generation, plan: &Plan, extra: &mut ExtraHeaders) -> Result<(), Reject> {
+    let redis_timeout = g
+        .shared
+        .cfg
+        .redis
+        .as_ref()
+        .map_or(Duration::from_millis(200), |r| r.timeout);
+    let mut tightest: Option<LimitHeaders> = None;
+    let mut refused = false;
+    for check in plan.limits.iter() {
+        let Filter::RateLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
+            continue;
+        };
+        let d = rl.acquire(check, redis_timeout).await;
+        if let Some(h) = RateLimit::headers(&d) {
+            if tightest.is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
+                tightest = Some(h);
+            }
+        }
+        if d.admitted {
+            rl.allowed.add(1);
+        } else if rl.conf.shadow {
+            // Counted and reported, never enforced.
+            rl.shadow_rejected.add(1);
+        } else {
+            rl.rejected.add(1);
+            refused = true;
+            break;
+        }
+    }
+    if let Some(h) = tightest {
+        let _ = h.write_to(extra);
+        if refused {
+            let _ = h.write_retry_after(extra);
+        }
+    }
+    if refused {
+        return Err(error::RATE_LIMITED);
+    }
+    Ok(())
+}
+
 /// Writes a rejection and decides the connection's fate; `keep` holds the
 /// pipelined bytes that follow the rejected request, if it stays open.
 async fn reject(
@@ -882,7 +968,20 @@ async fn reject(
     head_only: bool,
     keep: Option<PoolBuf>,
 ) -> Next {
-    let bytes = rej.render(head_only, "");
+    reject_with(w, g, client, rej, head_only, keep, "").await
+}
+
+/// [`reject`] with added header lines.
+async fn reject_with(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    rej: Reject,
+    head_only: bool,
+    keep: Option<PoolBuf>,
+    extra: &str,
+) -> Next {
+    let bytes = rej.render(head_only, extra);
     let ok = matches!(
         deadline::timeout(g.server.body_timeout, client.write_all(bytes)).await,
         Ok((Ok(_), _))

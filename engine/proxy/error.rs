@@ -106,6 +106,14 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Key auth found no known key.
+pub const UNAUTHORIZED: Reject = Reject::keep(401, "invalid_api_key", "missing or unknown API key");
+/// A limit is spent for this key.
+pub const RATE_LIMITED: Reject = Reject::keep(
+    429,
+    "rate_limit_exceeded",
+    "rate limit exceeded for this key; retry later",
+);
 /// No route matched.
 pub const NO_ROUTE: Reject = Reject::keep(404, "route_not_found", "no route matches this request");
 /// The body announced by Content-Length exceeds `max_body_bytes`.

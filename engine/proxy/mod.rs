@@ -2,6 +2,7 @@
 
 pub mod conn;
 pub mod error;
+pub mod headers;
 pub mod request;
 pub mod response;
 pub mod transfer;

@@ -10,10 +10,12 @@ use std::{io::Write as _, mem::MaybeUninit, net::IpAddr};
 
 use crate::{
     buf::PoolBuf,
+    config::KeySource,
+    filter::{Filter, LimitChecks},
     h1::{self, BodyKind, HeadError, Parsed},
     proxy::error::{self, Reject},
     route::RequestView,
-    runtime::{Generation, Worker},
+    runtime::{Generation, Shared, Worker},
     upstream::{balance::hash_bytes, cookie_value, HashSource},
 };
 
@@ -73,6 +75,10 @@ pub struct Plan {
     pub hash_key: Option<u64>,
     /// The request id sent upstream (the client's or a new one).
     pub request_id: RequestId,
+    /// The consumer key auth identified.
+    pub consumer: Option<u32>,
+    /// Limits to check before the request goes upstream.
+    pub limits: LimitChecks,
     /// Where the rewritten head starts in the client buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
@@ -178,6 +184,13 @@ pub fn plan_request(
         };
         let route = shared.routes.get(route_idx);
         let upstream = &shared.upstreams[route.upstream];
+        let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
+        let query = memchr::memchr(b'?', target.as_bytes()).map(|q| &target.as_bytes()[q + 1..]);
+        let (consumer, limits) =
+            run_filters(shared, route_idx, &head, query, peer).map_err(|rej| Rejected {
+                reject: rej.closing_if(has_body || !head.keep_alive),
+                head_end: Some(HEADROOM + head.head_len),
+            })?;
 
         // Request line, with the route's prefix stripped.
         let out = &mut *scratch;
@@ -276,11 +289,13 @@ pub fn plan_request(
                 .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
                 .find_map(|h| cookie_value(h.value, name))
                 .map(hash_bytes),
-            // Consumers come with key auth; until then, no key: round robin.
-            HashSource::Consumer => None,
+            HashSource::Consumer => consumer
+                .map(|c| hash_bytes(shared.filters.auth.consumer_name(c as usize).as_bytes())),
         });
         let method = head.method;
         let plan = Plan {
+            consumer,
+            limits,
             request_id: request_id.unwrap_or(RequestId::new(b"")),
             hash_key,
             route: route_idx,
@@ -325,4 +340,75 @@ fn hash_ip(ip: IpAddr) -> u64 {
         IpAddr::V4(v4) => hash_bytes(&v4.octets()),
         IpAddr::V6(v6) => hash_bytes(&v6.octets()),
     }
+}
+
+/// Key auth and limit keys, while the head is at hand: the consumer, and the
+/// limit checks the request owes (run later: a cluster limit may wait).
+fn run_filters(
+    shared: &Shared,
+    route: usize,
+    head: &h1::RequestHead<'_, '_>,
+    query: Option<&[u8]>,
+    peer: IpAddr,
+) -> Result<(Option<u32>, LimitChecks), Reject> {
+    let mut consumer: Option<u32> = None;
+    let mut limits = LimitChecks::default();
+    let header = |name: &str| {
+        head.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    for &fi in &shared.filters.by_route[route] {
+        match &shared.filters.list[fi] {
+            Filter::KeyAuth { query_param } => {
+                let key = ringway_filters::auth::presented_key(
+                    header("authorization"),
+                    header("x-api-key"),
+                    query_param.as_ref().and(query),
+                    query_param.as_deref().unwrap_or(""),
+                );
+                match key.and_then(|k| shared.filters.auth.lookup(&k)) {
+                    Some(c) => consumer = Some(c as u32),
+                    None => return Err(error::UNAUTHORIZED),
+                }
+            }
+            Filter::RateLimit(rl) => {
+                let mut ip_text = [0u8; 64];
+                let value: Option<&[u8]> = match &rl.conf.key {
+                    KeySource::Consumer => {
+                        consumer.map(|c| shared.filters.auth.consumer_name(c as usize).as_bytes())
+                    }
+                    KeySource::Ip => {
+                        let mut cur = std::io::Cursor::new(&mut ip_text[..]);
+                        let _ = write!(cur, "{peer}");
+                        let n = cur.position() as usize;
+                        Some(&ip_text[..n])
+                    }
+                    KeySource::Header(name) => header(name),
+                    KeySource::Query(name) => query
+                        .and_then(|q| ringway_filters::auth::query_param(q, name))
+                        .and_then(|v| match v {
+                            std::borrow::Cow::Borrowed(b) => Some(b),
+                            // A percent-encoded value is rare; count it raw.
+                            std::borrow::Cow::Owned(_) => None,
+                        }),
+                    KeySource::Cookie(name) => head
+                        .headers
+                        .iter()
+                        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+                        .find_map(|h| cookie_value(h.value, name)),
+                    KeySource::Route => Some(shared.routes.get(route).name.as_bytes()),
+                    KeySource::Global => Some(b"global".as_slice()),
+                };
+                // A request without the key part is not limited by this filter.
+                if let Some(v) = value {
+                    if let Some(c) = rl.check_for(fi, v, peer) {
+                        limits.push(c);
+                    }
+                }
+            }
+        }
+    }
+    Ok((consumer, limits))
 }

@@ -41,6 +41,7 @@ pub fn plan_response(
     buf: &mut PoolBuf,
     req: &Plan,
     draining: bool,
+    extra: &[u8],
 ) -> Result<Parsed<RespPlan>, Reject> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
     let max_headers = g.limits.max_headers.min(MAX_HEADERS_CAP);
@@ -90,6 +91,9 @@ pub fn plan_response(
         }
         if chunked && !dechunk {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if !interim {
+            out.extend_from_slice(extra);
         }
         if switching {
             out.extend_from_slice(b"connection: upgrade\r\n");

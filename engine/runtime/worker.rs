@@ -26,6 +26,7 @@ use crate::{
     accesslog,
     buf::{BufPool, PipePool},
     config::{self, Config},
+    filter::Filters,
     h1, log,
     metrics::{registry, RouteShard, WorkerShard},
     proxy,
@@ -41,6 +42,8 @@ pub struct Shared {
     pub routes: RouteTable,
     /// Upstream settings and resolved endpoints.
     pub upstreams: Vec<Arc<UpstreamShared>>,
+    /// Compiled filters, and each route's list.
+    pub filters: Filters,
 }
 
 impl Shared {
@@ -59,10 +62,12 @@ impl Shared {
                     .unwrap_or_else(|| UpstreamShared::new(u.clone()))
             })
             .collect();
+        let filters = Filters::build(&cfg)?;
         Ok(Arc::new(Self {
             cfg,
             routes,
             upstreams,
+            filters,
         }))
     }
 }

@@ -1,0 +1,547 @@
+//! `scope = "cluster"`: limits exact across replicas, through Redis leases.
+//!
+//! Redis holds the truth: per key and clock-aligned window, the units
+//! granted to all replicas. The Redis thread (part of the control core)
+//! batches lease requests every `redis.flush_interval` into one atomic Lua
+//! call that grants `min(ask, limit - used)`; workers admit while their
+//! process's lease lasts. Asks shrink as the window fills, down to 1, so the
+//! cluster never admits more than the limit. Unspent leases are returned
+//! shortly before their window ends so other replicas can use them.
+//!
+//! A worker waits for Redis only when its key has no lease, and then at
+//! most `redis.timeout`; when Redis is unreachable, the filter's
+//! `failure_mode` decides.
+
+use std::{
+    collections::{hash_map::Entry, HashMap},
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+        Arc, Mutex, OnceLock,
+    },
+    task::{Context, Poll, Waker},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ringway_filters::limit::{
+    lease::{lease_ask, redis_key, LeaseSlot, GRANT_LUA, RETURN_LUA},
+    window::{reset_after_ms, window_start},
+    Decision,
+};
+
+use super::limit::{LimitCheck, RateLimit};
+use crate::{config, log, metrics::SharedCounter, runtime::deadline, upstream::health::now_ms};
+
+/// Shards of the per-filter key map (fewer lock collisions between workers).
+const SHARDS: usize = 16;
+/// Lease requests queued to the Redis thread before requests fail over.
+const QUEUE: usize = 8192;
+/// Most windows a rule may have.
+const MAX_WINDOWS: usize = 4;
+
+/// Redis could not answer in time (or is down): apply `failure_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
+
+/// One key's leases, one per window of its rule.
+pub struct KeyLeases {
+    key: Vec<u8>,
+    windows: [WindowLease; MAX_WINDOWS],
+    last_used_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct WindowLease {
+    slot: LeaseSlot,
+    /// Units Redis reported granted to all replicas after our last grant.
+    used_known: AtomicU64,
+    /// A window Redis said is spent: refuse without asking again.
+    exhausted: AtomicU64,
+}
+
+/// The process-wide lease state of one cluster filter, bounded by `max_keys`.
+pub struct ClusterLimit {
+    shards: Vec<Mutex<HashMap<u64, Arc<KeyLeases>>>>,
+    per_shard: usize,
+    evictions: AtomicU64,
+}
+
+impl ClusterLimit {
+    /// Room for `max_keys` keys.
+    pub fn new(max_keys: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: max_keys.div_ceil(SHARDS).max(1),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    /// Keys evicted to stay within `max_keys`.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    fn leases(&self, check: &LimitCheck, now: u64) -> Arc<KeyLeases> {
+        let shard = &self.shards[(check.key_hash as usize) % SHARDS];
+        let mut map = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = map.get(&check.key_hash) {
+            if k.key == check.key() {
+                k.last_used_ms.store(now, Ordering::Relaxed);
+                return k.clone();
+            }
+        }
+        if map.len() >= self.per_shard {
+            // Evict the least recently used key of this shard. Its unspent
+            // lease simply expires with its window in Redis.
+            if let Some((&victim, _)) = map
+                .iter()
+                .min_by_key(|(_, k)| k.last_used_ms.load(Ordering::Relaxed))
+            {
+                map.remove(&victim);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let k = Arc::new(KeyLeases {
+            key: check.key().to_vec(),
+            windows: Default::default(),
+            last_used_ms: AtomicU64::new(now),
+        });
+        match map.entry(check.key_hash) {
+            Entry::Occupied(mut e) => {
+                e.insert(k.clone());
+            }
+            Entry::Vacant(e) => {
+                e.insert(k.clone());
+            }
+        }
+        k
+    }
+
+    /// Takes one unit from every window's lease, asking Redis for more when
+    /// a lease is empty.
+    pub async fn acquire(
+        &self,
+        rl: &RateLimit,
+        check: &LimitCheck,
+        windows: &[(u64, u64)],
+        now: u64,
+        timeout: Duration,
+    ) -> Result<Decision, Unavailable> {
+        let leases = self.leases(check, now);
+        let mut tightest = Decision::UNLIMITED;
+        for (i, &(period, limit)) in windows.iter().enumerate().take(MAX_WINDOWS) {
+            let ws = window_start(now, period);
+            let w = &leases.windows[i];
+            let reset = reset_after_ms(now, period);
+            let refused = Decision {
+                admitted: false,
+                remaining: 0,
+                reset_ms: reset,
+                limit,
+            };
+            let mut asked = 0;
+            loop {
+                // Units in hand first: a spent window may still have some
+                // here from an earlier grant.
+                if w.slot.take(1, ws) {
+                    let used = w.used_known.load(Ordering::Relaxed);
+                    let remaining = limit.saturating_sub(used) + w.slot.remaining();
+                    if remaining < tightest.remaining {
+                        tightest = Decision {
+                            admitted: true,
+                            remaining,
+                            reset_ms: reset,
+                            limit,
+                        };
+                    }
+                    break;
+                }
+                if w.exhausted.load(Ordering::Relaxed) == ws {
+                    return Ok(refused);
+                }
+                // Several waiters may share one grant; a few rounds at most.
+                if asked == 3 {
+                    return Ok(refused);
+                }
+                asked += 1;
+                let reply = Arc::new(Reply::default());
+                let req = LeaseRequest {
+                    leases: leases.clone(),
+                    index: i,
+                    filter: rl.name.clone(),
+                    window_start: ws,
+                    period,
+                    limit,
+                    replicas: rl.conf.replicas.max(1),
+                    reply: reply.clone(),
+                };
+                if !submit(req) {
+                    return Err(Unavailable);
+                }
+                match deadline::timeout(timeout, WaitReply(&reply)).await {
+                    Ok(REPLY_GRANTED) | Ok(REPLY_EXHAUSTED) => continue,
+                    _ => return Err(Unavailable),
+                }
+            }
+        }
+        Ok(tightest)
+    }
+}
+
+const REPLY_PENDING: u8 = 0;
+const REPLY_GRANTED: u8 = 1;
+const REPLY_EXHAUSTED: u8 = 2;
+const REPLY_UNAVAILABLE: u8 = 3;
+
+/// The Redis thread's answer to one lease request, waking the worker task.
+#[derive(Default)]
+struct Reply {
+    state: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Reply {
+    fn set(&self, state: u8) {
+        self.state.store(state, Ordering::Release);
+        let w = self.waker.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+}
+
+struct WaitReply<'a>(&'a Reply);
+
+impl Future for WaitReply<'_> {
+    type Output = u8;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u8> {
+        let s = self.0.state.load(Ordering::Acquire);
+        if s != REPLY_PENDING {
+            return Poll::Ready(s);
+        }
+        if let Ok(mut w) = self.0.waker.lock() {
+            *w = Some(cx.waker().clone());
+        }
+        // The reply may have landed between the check and the registration.
+        match self.0.state.load(Ordering::Acquire) {
+            REPLY_PENDING => Poll::Pending,
+            s => Poll::Ready(s),
+        }
+    }
+}
+
+struct LeaseRequest {
+    leases: Arc<KeyLeases>,
+    index: usize,
+    filter: String,
+    window_start: u64,
+    period: u64,
+    limit: u64,
+    replicas: u32,
+    reply: Arc<Reply>,
+}
+
+/// Counters of the Redis thread.
+#[derive(Default)]
+pub struct RedisStats {
+    /// Calls made to Redis (one per flush on a single Redis).
+    pub calls: SharedCounter,
+    /// Flushes that failed (Redis down, timeout, error reply).
+    pub errors: SharedCounter,
+    /// Units granted.
+    pub granted: SharedCounter,
+    /// Unspent units returned before their window ended.
+    pub returned: SharedCounter,
+}
+
+/// The Redis thread's counters.
+pub fn stats() -> &'static RedisStats {
+    static S: OnceLock<RedisStats> = OnceLock::new();
+    S.get_or_init(RedisStats::default)
+}
+
+static QUEUE_TX: OnceLock<SyncSender<LeaseRequest>> = OnceLock::new();
+
+fn submit(req: LeaseRequest) -> bool {
+    let Some(tx) = QUEUE_TX.get() else {
+        return false;
+    };
+    match tx.try_send(req) {
+        Ok(()) => true,
+        Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
+            r.reply.set(REPLY_UNAVAILABLE);
+            false
+        }
+    }
+}
+
+/// Starts the Redis thread (once); it follows `[redis]` of the configuration
+/// in force.
+pub fn start(core: Option<core_affinity::CoreId>) -> std::io::Result<()> {
+    if QUEUE_TX.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
+    let _ = QUEUE_TX.set(tx);
+    thread::Builder::new()
+        .name("ringway-redis".into())
+        .spawn(move || {
+            if let Some(c) = core {
+                core_affinity::set_for_current(c);
+            }
+            run(rx)
+        })?;
+    Ok(())
+}
+
+enum Conn {
+    Single(redis::Connection),
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl Conn {
+    fn open(conf: &config::Redis) -> redis::RedisResult<Conn> {
+        if let Some(url) = &conf.url {
+            let c = redis::Client::open(url.as_str())?;
+            let con = c.get_connection_with_timeout(conf.timeout)?;
+            con.set_read_timeout(Some(conf.timeout))?;
+            con.set_write_timeout(Some(conf.timeout))?;
+            Ok(Conn::Single(con))
+        } else {
+            let client = redis::cluster::ClusterClient::builder(conf.cluster_nodes.clone())
+                .connection_timeout(conf.timeout)
+                .response_timeout(conf.timeout)
+                .build()?;
+            Ok(Conn::Cluster(Box::new(client.get_connection()?)))
+        }
+    }
+}
+
+/// A lease granted for a window, to be returned if unspent near its end.
+struct Outstanding {
+    leases: Arc<KeyLeases>,
+    index: usize,
+    redis_key: String,
+    window_start: u64,
+    return_at: u64,
+}
+
+fn run(rx: Receiver<LeaseRequest>) {
+    let grant = redis::Script::new(GRANT_LUA);
+    let give_back = redis::Script::new(RETURN_LUA);
+    let mut conn: Option<Conn> = None;
+    let mut retry_at = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    let mut outstanding: Vec<Outstanding> = Vec::new();
+    let mut last_flush = Instant::now();
+    loop {
+        let conf = crate::runtime::current().and_then(|s| s.cfg.redis.clone());
+        let flush = conf
+            .as_ref()
+            .map_or(Duration::from_millis(5), |c| c.flush_interval);
+        // Wait for work, but wake regularly to return leases in time.
+        let first = match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(r) => Some(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch: Vec<LeaseRequest> = Vec::new();
+        if let Some(r) = first {
+            // Batch: let requests gather until one flush interval after the last flush.
+            let since = last_flush.elapsed();
+            if since < flush {
+                thread::sleep(flush - since);
+            }
+            batch.push(r);
+            while let Ok(r) = rx.try_recv() {
+                batch.push(r);
+            }
+        }
+        let Some(conf) = conf else {
+            for r in batch {
+                r.reply.set(REPLY_UNAVAILABLE);
+            }
+            continue;
+        };
+        if conn.is_none() && Instant::now() >= retry_at {
+            match Conn::open(&conf) {
+                Ok(c) => {
+                    log::info("redis: connected");
+                    conn = Some(c);
+                    backoff = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    stats().errors.add(1);
+                    log::warn(&format!(
+                        "redis: cannot connect: {e}; retrying in {backoff:?}"
+                    ));
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else {
+            for r in batch {
+                r.reply.set(REPLY_UNAVAILABLE);
+            }
+            continue;
+        };
+        let now = now_ms();
+        let mut failed = false;
+        if !batch.is_empty() {
+            last_flush = Instant::now();
+            failed = flush_grants(c, &grant, batch, now, &mut outstanding).is_err();
+        }
+        if !failed {
+            failed = return_leftovers(c, &give_back, &mut outstanding, now, flush).is_err();
+        }
+        if failed {
+            stats().errors.add(1);
+            log::warn("redis: call failed; reconnecting");
+            conn = None;
+            retry_at = Instant::now() + backoff;
+        }
+    }
+}
+
+/// One grant call for every key in `batch` (one call per key on a cluster,
+/// whose keys live on different slots).
+fn flush_grants(
+    c: &mut Conn,
+    script: &redis::Script,
+    batch: Vec<LeaseRequest>,
+    now: u64,
+    outstanding: &mut Vec<Outstanding>,
+) -> redis::RedisResult<()> {
+    // Merge requests for the same key and window: their count is the demand.
+    let mut keys: Vec<(String, Vec<LeaseRequest>)> = Vec::new();
+    for r in batch {
+        let k = redis_key(&r.filter, &r.leases.key, r.window_start);
+        match keys.iter_mut().find(|(key, _)| *key == k) {
+            Some((_, v)) => v.push(r),
+            None => keys.push((k, vec![r])),
+        }
+    }
+    let plan: Vec<(u64, u64, u64)> = keys
+        .iter()
+        .map(|(_, reqs)| {
+            let r = &reqs[0];
+            let used = r.leases.windows[r.index].used_known.load(Ordering::Relaxed);
+            let ask = lease_ask(r.limit, used, r.replicas, reqs.len() as u64);
+            // Expire a little after the window ends, so late returns find it.
+            let ttl = r.window_start + r.period - now + 5_000;
+            (ask, r.limit, ttl)
+        })
+        .collect();
+    let results: Vec<i64> = match c {
+        Conn::Single(con) => {
+            let mut inv = script.prepare_invoke();
+            for (k, _) in &keys {
+                inv.key(k);
+            }
+            inv.arg(plan.iter().map(|p| p.2).max().unwrap_or(60_000));
+            for &(ask, limit, _) in &plan {
+                inv.arg(ask).arg(limit);
+            }
+            stats().calls.add(1);
+            match inv.invoke(con) {
+                Ok(v) => v,
+                Err(e) => {
+                    fail_all(keys);
+                    return Err(e);
+                }
+            }
+        }
+        Conn::Cluster(con) => {
+            let mut out = Vec::with_capacity(keys.len() * 2);
+            for ((k, _), &(ask, limit, ttl)) in keys.iter().zip(&plan) {
+                stats().calls.add(1);
+                let r: Vec<i64> = match script.key(k).arg(ttl).arg(ask).arg(limit).invoke(&mut **con) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        fail_all(keys);
+                        return Err(e);
+                    }
+                };
+                out.extend(r);
+            }
+            out
+        }
+    };
+    for (i, (k, reqs)) in keys.into_iter().enumerate() {
+        let granted = results.get(2 * i).copied().unwrap_or(0).max(0) as u64;
+        let used = results.get(2 * i + 1).copied().unwrap_or(0).max(0) as u64;
+        let r0 = &reqs[0];
+        let w = &r0.leases.windows[r0.index];
+        w.used_known.store(used, Ordering::Relaxed);
+        let state = if granted > 0 {
+            stats().granted.add(granted);
+            // A previous window's leftover expired with it in Redis.
+            let _ = w.slot.refill(r0.window_start, granted);
+            outstanding.push(Outstanding {
+                leases: r0.leases.clone(),
+                index: r0.index,
+                redis_key: k,
+                window_start: r0.window_start,
+                return_at: (r0.window_start + r0.period).saturating_sub(250),
+            });
+            REPLY_GRANTED
+        } else {
+            w.exhausted.store(r0.window_start, Ordering::Relaxed);
+            REPLY_EXHAUSTED
+        };
+        for r in reqs {
+            r.reply.set(state);
+        }
+    }
+    Ok(())
+}
+
+fn fail_all(keys: Vec<(String, Vec<LeaseRequest>)>) {
+    for (_, reqs) in keys {
+        for r in reqs {
+            r.reply.set(REPLY_UNAVAILABLE);
+        }
+    }
+}
+
+/// Gives back what is still unspent of leases whose window is about to end,
+/// so other replicas can use it while the window lasts.
+fn return_leftovers(
+    c: &mut Conn,
+    script: &redis::Script,
+    outstanding: &mut Vec<Outstanding>,
+    now: u64,
+    flush: Duration,
+) -> redis::RedisResult<()> {
+    let margin = flush.as_millis() as u64;
+    let mut due = Vec::new();
+    outstanding.retain(|o| {
+        if now + margin >= o.return_at {
+            due.push((
+                o.redis_key.clone(),
+                o.leases.windows[o.index].slot.drain(o.window_start),
+                o.window_start,
+            ));
+            false
+        } else {
+            true
+        }
+    });
+    // Later grants for the same key and window duplicate entries: drained once.
+    due.retain(|d| d.1 > 0 && d.2 + 1 > 0);
+    if due.is_empty() {
+        return Ok(());
+    }
+    for (k, n, _) in &due {
+        stats().returned.add(*n);
+        let _: Vec<i64> = match c {
+            Conn::Single(con) => script.key(k).arg(*n).invoke(con)?,
+            Conn::Cluster(con) => script.key(k).arg(*n).invoke(&mut **con)?,
+        };
+    }
+    Ok(())
+}

@@ -1,0 +1,232 @@
+//! `rate-limit`: requests per window by key, exact across workers (a
+//! process-wide table of atomic counters) or across replicas (Redis leases,
+//! see [`super::cluster`]).
+
+use std::net::IpAddr;
+
+use ringway_filters::{
+    key_hash,
+    limit::{
+        window::{LimitHeaders, Unit},
+        Decision, LocalTable, Match, Rule, RuleMatcher,
+    },
+};
+
+use super::cluster::{self, ClusterLimit};
+use crate::{
+    config::{self, FailureMode, KeySource, Scope},
+    metrics::SharedCounter,
+    upstream::{balance::hash_bytes, health::now_ms},
+};
+
+/// Most limit checks one request carries (limit filters on one route).
+pub const MAX_CHECKS: usize = 4;
+/// Longest key value kept verbatim for Redis; longer values are hashed.
+const KEY_BYTES: usize = 96;
+
+/// A compiled `rate-limit` filter; shared by all workers and kept across
+/// reloads while its settings do not change.
+pub struct RateLimit {
+    /// The filter's name (metrics, Redis keys).
+    pub name: String,
+    /// Mixed into local key hashes so filters never share counters.
+    id: u32,
+    /// The settings.
+    pub conf: config::LimitConf,
+    rules: RuleMatcher,
+    /// Counters for `scope = "local"`, and for `failure_mode = "local"`.
+    table: LocalTable,
+    /// Leases for `scope = "cluster"`.
+    pub cluster: Option<ClusterLimit>,
+    /// Admitted requests.
+    pub allowed: SharedCounter,
+    /// Rejected requests.
+    pub rejected: SharedCounter,
+    /// Requests a shadow limit would have rejected.
+    pub shadow_rejected: SharedCounter,
+    /// Requests admitted or rejected by the failure mode while Redis was unreachable.
+    pub failure_decisions: SharedCounter,
+}
+
+impl RateLimit {
+    /// Compiles a filter.
+    pub fn new(
+        name: &str,
+        id: u32,
+        conf: &config::LimitConf,
+        has_redis: bool,
+    ) -> Result<Self, String> {
+        let key_is_ip = conf.key == KeySource::Ip;
+        let mut rules = Vec::with_capacity(conf.rules.len());
+        let mut most_windows = 1;
+        for r in &conf.rules {
+            let matcher = match &r.matcher {
+                config::RuleMatch::Exact(s) => Match::parse(s, key_is_ip)?,
+                config::RuleMatch::Prefix(p) => Match::Prefix(p.clone()),
+                config::RuleMatch::Any => Match::Any,
+                config::RuleMatch::Regex(re) => Match::Regex(re.clone()),
+                config::RuleMatch::Cidr { addr, prefix } => Match::Cidr {
+                    addr: *addr,
+                    prefix: *prefix,
+                },
+            };
+            most_windows = most_windows.max(r.windows.len());
+            rules.push(Rule {
+                matcher,
+                windows: r
+                    .windows
+                    .iter()
+                    .map(|w| (w.period.as_millis() as u64, w.limit))
+                    .collect(),
+            });
+        }
+        let rules = RuleMatcher::new(rules).map_err(|e| format!("filter {name}: {e}"))?;
+        let cluster = match conf.scope {
+            Scope::Cluster if has_redis => Some(ClusterLimit::new(conf.max_keys)),
+            Scope::Cluster => {
+                return Err(format!(
+                    "filter {name}: scope = \"cluster\" needs a [redis] section"
+                ))
+            }
+            Scope::Local => None,
+        };
+        Ok(Self {
+            name: name.to_string(),
+            id,
+            table: LocalTable::with_windows(conf.max_keys, most_windows),
+            conf: conf.clone(),
+            rules,
+            cluster,
+            allowed: SharedCounter::default(),
+            rejected: SharedCounter::default(),
+            shadow_rejected: SharedCounter::default(),
+            failure_decisions: SharedCounter::default(),
+        })
+    }
+
+    /// Keys evicted from the local table.
+    pub fn evictions(&self) -> u64 {
+        self.table.evictions() + self.cluster.as_ref().map_or(0, |c| c.evictions())
+    }
+
+    /// The check this request owes, if a rule matches `value`.
+    pub fn check_for(&self, filter: usize, value: &[u8], ip: IpAddr) -> Option<LimitCheck> {
+        let hit = self.rules.find(value, Some(ip))?;
+        let mut key = [0u8; KEY_BYTES];
+        let key_len = if value.len() <= KEY_BYTES {
+            key[..value.len()].copy_from_slice(value);
+            value.len()
+        } else {
+            // Too long to keep: a stable hash names it in Redis instead.
+            let h = format!("#{:016x}", hash_bytes(value));
+            key[..h.len()].copy_from_slice(h.as_bytes());
+            h.len()
+        };
+        Some(LimitCheck {
+            filter: filter as u16,
+            rule: hit.rule as u16,
+            key_hash: key_hash(self.id, value),
+            key,
+            key_len: key_len as u8,
+        })
+    }
+
+    /// Counts one request against the check's windows, waiting for a Redis
+    /// lease if the key has none (cluster scope).
+    pub async fn acquire(
+        &self,
+        check: &LimitCheck,
+        redis_timeout: std::time::Duration,
+    ) -> Decision {
+        let windows = self.rules.windows(check.rule as usize);
+        if windows.is_empty() {
+            return Decision::UNLIMITED;
+        }
+        let now = now_ms();
+        let Some(cl) = &self.cluster else {
+            return self.table.try_acquire_all(check.key_hash, windows, 1, now);
+        };
+        match cl.acquire(self, check, windows, now, redis_timeout).await {
+            Ok(d) => d,
+            Err(cluster::Unavailable) => {
+                self.failure_decisions.add(1);
+                match self.conf.failure_mode {
+                    FailureMode::Open => Decision::UNLIMITED,
+                    FailureMode::Closed => Decision {
+                        admitted: false,
+                        remaining: 0,
+                        reset_ms: 1000,
+                        limit: windows[0].1,
+                    },
+                    FailureMode::Local => {
+                        // Each replica enforces its share of the limit.
+                        let share = self.conf.replicas.max(1) as u64;
+                        let mut local = [(0u64, 0u64); 8];
+                        let n = windows.len().min(local.len());
+                        for (dst, &(p, l)) in local.iter_mut().zip(windows) {
+                            *dst = (p, (l / share).max(1));
+                        }
+                        self.table
+                            .try_acquire_all(check.key_hash, &local[..n], 1, now)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Headers describing a decision.
+    pub fn headers(d: &Decision) -> Option<LimitHeaders> {
+        (d.limit != u64::MAX).then_some(LimitHeaders {
+            unit: Unit::Requests,
+            limit: d.limit,
+            remaining: d.remaining,
+            reset_ms: d.reset_ms,
+        })
+    }
+}
+
+/// One limit a request must pass: which filter and rule, and its key.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitCheck {
+    /// Index of the filter in the configuration.
+    pub filter: u16,
+    /// Index of the matching rule.
+    pub rule: u16,
+    /// The key's hash for the local table.
+    pub key_hash: u64,
+    key: [u8; KEY_BYTES],
+    key_len: u8,
+}
+
+impl LimitCheck {
+    /// The key value (or its stable hash when too long), for Redis.
+    pub fn key(&self) -> &[u8] {
+        &self.key[..self.key_len as usize]
+    }
+}
+
+/// The limit checks of one request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitChecks {
+    items: [Option<LimitCheck>; MAX_CHECKS],
+}
+
+impl LimitChecks {
+    /// Adds a check (a route with more limit filters than [`MAX_CHECKS`]
+    /// is refused by the config check).
+    pub fn push(&mut self, c: LimitCheck) {
+        if let Some(slot) = self.items.iter_mut().find(|s| s.is_none()) {
+            *slot = Some(c);
+        }
+    }
+
+    /// The checks, in filter order.
+    pub fn iter(&self) -> impl Iterator<Item = &LimitCheck> {
+        self.items.iter().flatten()
+    }
+
+    /// True when there is nothing to check.
+    pub fn is_empty(&self) -> bool {
+        self.items[0].is_none()
+    }
+}
