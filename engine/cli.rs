@@ -80,6 +80,14 @@ pub fn main(args: Vec<String>) -> i32 {
                 1
             }
         },
+        // Signals are blocked before any thread starts (the demo upstream's
+        // threads included), so none of them can be killed by SIGTERM.
+        Command::Demo(_) | Command::Run(_)
+            if runtime::shutdown::install_signal_thread().is_err() =>
+        {
+            eprintln!("ringway: cannot start the signal thread");
+            1
+        }
         Command::Demo(listen) => match crate::demo::prepare(&listen) {
             Ok((cfg, _upstream)) => run(cfg),
             Err(e) => {
@@ -165,10 +173,6 @@ fn run(cfg: config::Config) -> i32 {
             log::error(&e);
             return 1;
         }
-    }
-    if let Err(e) = runtime::shutdown::install_signal_thread() {
-        log::error(&format!("cannot start the signal thread: {e}"));
-        return 1;
     }
     let workers = cfg.server.workers;
     let pin = cfg.server.pin_cores;

@@ -459,7 +459,13 @@ fn flush_grants(
             let mut out = Vec::with_capacity(keys.len() * 2);
             for ((k, _), &(ask, limit, ttl)) in keys.iter().zip(&plan) {
                 stats().calls.add(1);
-                let r: Vec<i64> = match script.key(k).arg(ttl).arg(ask).arg(limit).invoke(&mut **con) {
+                let r: Vec<i64> = match script
+                    .key(k)
+                    .arg(ttl)
+                    .arg(ask)
+                    .arg(limit)
+                    .invoke(&mut **con)
+                {
                     Ok(v) => v,
                     Err(e) => {
                         fail_all(keys);

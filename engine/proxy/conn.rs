@@ -262,12 +262,31 @@ async fn exchange(
                     error::BAD_GATEWAY
                 } else {
                     pool.stats.retries.add(1);
-                    let Sent::HeadKept(b) = cbuf else {
+                    let Sent::HeadKept(mut b) = cbuf else {
                         return Next::Close;
                     };
-                    match resend(g, &mut conn, b, &plan, tried.as_slice(), stale).await {
-                        Ok(b) => {
-                            cbuf = Sent::HeadKept(b);
+                    // A replacement that cannot connect is a connect failure
+                    // like any other: that endpoint is out, try the next.
+                    let mut fresh_stale = stale;
+                    let outcome = loop {
+                        match resend(g, &mut conn, b, &plan, tried.as_slice(), fresh_stale).await {
+                            Ok(kept) => break Ok(kept),
+                            Err(Resend::Connect(idx, rej, kept)) => {
+                                pool.report_failure(idx);
+                                fresh_stale = false;
+                                if tried.len() < retries && tried.push(idx) {
+                                    pool.stats.retries.add(1);
+                                    b = kept;
+                                    continue;
+                                }
+                                break Err(rej);
+                            }
+                            Err(Resend::Reject(rej)) => break Err(rej),
+                        }
+                    };
+                    match outcome {
+                        Ok(kept) => {
+                            cbuf = Sent::HeadKept(kept);
                             continue;
                         }
                         Err(rej) => rej,
@@ -675,6 +694,14 @@ async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), Send
     }
 }
 
+/// Why a head could not be sent again.
+enum Resend {
+    /// Connecting to endpoint `.0` failed; the head comes back for the next try.
+    Connect(usize, Reject, PoolBuf),
+    /// Give up with this answer.
+    Reject(Reject),
+}
+
 /// Sends the kept head again on a new connection: to any endpoint after a
 /// stale pooled connection, else to one not tried yet.
 async fn resend(
@@ -684,7 +711,7 @@ async fn resend(
     plan: &Plan,
     tried: &[usize],
     stale: bool,
-) -> Result<PoolBuf, Reject> {
+) -> Result<PoolBuf, Resend> {
     let pool = g.upstream(plan.upstream);
     let pick = Pick {
         exclude: if stale { &[] } else { tried },
@@ -693,23 +720,21 @@ async fn resend(
     let fresh = match pool.checkout(&pick, true).await {
         Ok(c) => c,
         Err(CheckoutError::ConnectTimeout(idx)) => {
-            pool.report_failure(idx);
-            return Err(error::CONNECT_TIMEOUT);
+            return Err(Resend::Connect(idx, error::CONNECT_TIMEOUT, cbuf))
         }
         Err(CheckoutError::Connect(idx, _)) => {
-            pool.report_failure(idx);
-            return Err(error::CONNECT_FAILED);
+            return Err(Resend::Connect(idx, error::CONNECT_FAILED, cbuf))
         }
-        Err(CheckoutError::NoSlot) => return Err(error::NO_SLOT),
-        Err(CheckoutError::AllDown) => return Err(error::ALL_DOWN),
-        Err(CheckoutError::NoEndpoint) => return Err(error::NO_ENDPOINT),
+        Err(CheckoutError::NoSlot) => return Err(Resend::Reject(error::NO_SLOT)),
+        Err(CheckoutError::AllDown) => return Err(Resend::Reject(error::ALL_DOWN)),
+        Err(CheckoutError::NoEndpoint) => return Err(Resend::Reject(error::NO_ENDPOINT)),
     };
     // The old guard drops here, closing the failed stream.
     *conn = fresh;
     let idle = pool.shared.conf.response_timeout;
     write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, idle)
         .await
-        .map_err(|()| error::BAD_GATEWAY.closing_if(true))
+        .map_err(|()| Resend::Reject(error::BAD_GATEWAY.closing_if(true)))
 }
 
 enum RespError {

@@ -15,6 +15,7 @@ Endpoints:
   ANY  /status/CODE         that status; 204/304 without body
   GET|HEAD /head-check      fixed body; HEAD answers the same headers, no body
   ANY  /slow?s=SECONDS      sleeps (default 5 s), then answers
+  GET  /sse?n=N&ms=M        text/event-stream, chunked: N events `data: {"i":k,...}` M ms apart
   GET  /hop-response        a response carrying hop-by-hop headers
   GET  /ws                  RFC 6455 WebSocket echo (text/binary/ping/close)
 
@@ -250,8 +251,9 @@ REASONS = {
 class Backend:
     """A threaded HTTP/1.1 origin server bound to 127.0.0.1:port (0 = free port)."""
 
-    def __init__(self, name="backend", port=0, host="127.0.0.1"):
+    def __init__(self, name="backend", port=0, host="127.0.0.1", delay_ms=0):
         self.name = name
+        self.delay = delay_ms / 1000.0  # added before every /echo answer
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -353,6 +355,8 @@ class Backend:
         elif path.startswith("/echo") or path == "/" or path.startswith("/exact") \
                 or not path.split("/")[1] in HANDLED_ROOTS:
             n, digest = body.digest()
+            if self.delay:
+                time.sleep(self.delay)
             self._json(conn, {
                 "backend": self.name,
                 "method": req.method,
@@ -435,6 +439,19 @@ class Backend:
             delay = float(req.query.get("s", "5"))
             time.sleep(delay)
             self._json(conn, {"slept": delay, "backend": self.name}, close=not keep)
+        elif path == "/sse":
+            body.drain()
+            n = int(req.query.get("n", "10"))
+            gap = float(req.query.get("ms", "100")) / 1000.0
+            conn.sendall(("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                          "Transfer-Encoding: chunked\r\nX-Backend: %s\r\n%s\r\n"
+                          % (self.name, "" if keep else "Connection: close\r\n")).encode())
+            for i in range(n):
+                if i:
+                    time.sleep(gap)
+                ev = ("data: {\"i\": %d, \"n\": %d, \"backend\": \"%s\"}\n\n" % (i, n, self.name)).encode()
+                conn.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
+            conn.sendall(b"0\r\n\r\n")
         elif path == "/hop-response":
             body.drain()
             b = b"hop\n"
@@ -472,7 +489,7 @@ class Backend:
 
 
 HANDLED_ROOTS = {"_accepts", "upload", "bytes", "chunked", "close", "status", "head-check", "slow",
-                 "hop-response", "ws"}
+                 "hop-response", "ws", "sse"}
 
 
 def _odd_split(n):
@@ -666,8 +683,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="backend")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--delay-ms", type=int, default=0, help="added before every /echo answer")
     args = ap.parse_args()
-    b = Backend(args.name, args.port).start()
+    b = Backend(args.name, args.port, delay_ms=args.delay_ms).start()
     sys.stdout.write("PORT %d\n" % b.port)
     sys.stdout.flush()
     try:

@@ -86,8 +86,10 @@ def _toml_key(k):
     return _toml_value(k)
 
 
-def make_config(port, upstreams, routes, server=None, listeners=None):
-    """Build a Ringway TOML config. upstreams/routes: lists of dicts."""
+def make_config(port, upstreams, routes, server=None, listeners=None, admin=None, log=None):
+    """Build a Ringway TOML config. upstreams/routes: lists of dicts.
+
+    admin: an admin port (int) or "host:port"; log: a dict for the [log] table."""
     srv = {
         "workers": WORKERS,
         "pin_cores": False,
@@ -99,6 +101,12 @@ def make_config(port, upstreams, routes, server=None, listeners=None):
     srv.update(server or {})
     out = ["[server]"]
     out += ["%s = %s" % (k, _toml_value(v)) for k, v in srv.items()]
+    if admin is not None:
+        addr = admin if isinstance(admin, str) else "127.0.0.1:%d" % admin
+        out += ["", "[admin]", "listen = %s" % _toml_value(addr)]
+    if log:
+        out += ["", "[log]"]
+        out += ["%s = %s" % (k, _toml_value(v)) for k, v in log.items()]
     for lst in listeners or [{"name": "public", "address": "127.0.0.1:%d" % port}]:
         out.append("")
         out.append("[[listeners]]")
@@ -120,10 +128,14 @@ def make_config(port, upstreams, routes, server=None, listeners=None):
 class BackendProc:
     """backend.py in its own process (own GIL), on a free port."""
 
-    def __init__(self, name):
+    def __init__(self, name, port=0, delay_ms=0):
         self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "backend.py"), "--name", name],
+        args = [sys.executable, str(HERE / "backend.py"), "--name", name]
+        if port:
+            args += ["--port", str(port)]
+        if delay_ms:
+            args += ["--delay-ms", str(delay_ms)]
+        self.proc = subprocess.Popen(args,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("PORT "):
@@ -139,6 +151,12 @@ class BackendProc:
     @property
     def addr(self):
         return "127.0.0.1:%d" % self.port
+
+    def kill(self):
+        """SIGKILL: the listener and every connection vanish at once."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -233,10 +251,10 @@ class RingwayFactory:
         self.tmpdir = Path(tmpdir)
         self.instances = []
 
-    def start(self, upstreams, routes, server=None, name=None):
+    def start(self, upstreams, routes, server=None, name=None, admin=None, log=None):
         port = free_port()
         name = name or "ringway%d" % len(self.instances)
-        text = make_config(port, upstreams, routes, server)
+        text = make_config(port, upstreams, routes, server, admin=admin, log=log)
         rw = Ringway(text, self.tmpdir / name, name=name, port=port)
         self.instances.append(rw)
         return rw.start()

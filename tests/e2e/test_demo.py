@@ -1,0 +1,97 @@
+"""`ringway demo`: the gateway in front of its built-in OpenAI-compatible upstream."""
+
+import json
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ringway_bin
+from helpers import RawConn, free_port, port_open, request_bytes, wait_until
+
+DEMO_ADMIN = 9901  # fixed in the demo's configuration
+
+
+def _port_free(port):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def demo(tmp_path):
+    if not _port_free(DEMO_ADMIN) or port_open(DEMO_ADMIN):
+        pytest.skip("127.0.0.1:%d is taken; `ringway demo` needs it for its admin listener" % DEMO_ADMIN)
+    port = free_port()
+    log = tmp_path / "demo.log"
+    lf = open(log, "wb")
+    proc = subprocess.Popen([ringway_bin(), "demo", "--listen", "127.0.0.1:%d" % port],
+                            stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not (port_open(port) and port_open(DEMO_ADMIN)):
+            assert proc.poll() is None, "demo exited with %s:\n%s" % (proc.returncode, log.read_text())
+            assert time.monotonic() < deadline, "demo not listening:\n%s" % log.read_text()
+            time.sleep(0.02)
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        lf.close()
+
+
+def _post(port, path, doc):
+    body = json.dumps(doc).encode()
+    with RawConn(port, timeout=15) as c:
+        c.send(request_bytes("POST", path, host="127.0.0.1", body=body,
+                             headers=[("Content-Type", "application/json"), ("Connection", "close")]))
+        return c.read_response()
+
+
+def test_demo_serves_chat_completions_stream_and_not(demo):
+    """Non-stream and stream chat completions work through the demo gateway; metrics count them;
+    SIGTERM exits 0."""
+    proc, port, log = demo
+    r = _post(port, "/v1/chat/completions",
+              {"model": "demo-1", "messages": [{"role": "user", "content": "Hello, Ringway"}]})
+    assert r.status == 200, r
+    doc = r.json()
+    assert doc["object"] == "chat.completion", doc
+    assert doc["choices"][0]["message"]["content"], doc
+    assert doc["usage"]["total_tokens"] > 0, doc
+
+    r = _post(port, "/v1/chat/completions",
+              {"model": "demo-1", "stream": True, "messages": [{"role": "user", "content": "Stream to me"}]})
+    assert r.status == 200, r
+    assert "text/event-stream" in (r.get("content-type") or ""), r
+    frames = [f for f in r.body.decode().split("\n\n") if f.strip()]
+    assert frames and frames[-1].strip() == "data: [DONE]", frames[-3:]
+    chunks = [json.loads(f.split("data: ", 1)[1]) for f in frames[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks), chunks[:2]
+    text = "".join(ch.get("delta", {}).get("content") or "" for c in chunks for ch in c["choices"])
+    assert text, chunks
+
+    with RawConn(DEMO_ADMIN) as c:
+        c.send(request_bytes("GET", "/metrics", host="127.0.0.1", headers=[("Connection", "close")]))
+        m = c.read_response()
+    assert m.status == 200
+    lines = [l for l in m.body.decode().splitlines()
+             if l.startswith("ringway_requests_total{") and 'status="200"' in l]
+    assert sum(float(l.rsplit(" ", 1)[1]) for l in lines) >= 2, m.body.decode()[:2000]
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0, log.read_text()
+    wait_until(lambda: not port_open(port), 2, what="the demo listener to close")
