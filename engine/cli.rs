@@ -119,38 +119,25 @@ fn load(path: Option<&std::path::Path>) -> Result<config::Config, config::Config
 /// rather than silently ignoring them.
 pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
     let mut errs = Vec::new();
-    for (i, f) in cfg.filters.iter().enumerate() {
-        let used = cfg.routes.iter().any(|r| r.filters.contains(&f.name));
-        let available = matches!(
-            f.kind,
-            config::FilterKind::KeyAuth(_) | config::FilterKind::RateLimit(_)
-        );
-        if used && !available {
-            errs.push(format!(
-                "filters[{i}] ({}): this filter kind is not available in this build yet",
-                f.name
-            ));
-        }
-    }
     for (i, r) in cfg.routes.iter().enumerate() {
-        if !r.models.is_empty() || !r.model_map.is_empty() {
-            errs.push(format!(
-                "routes[{i}].models: model routing is not available in this build yet"
-            ));
-        }
-        let limits = r
-            .filters
-            .iter()
-            .filter(|n| {
-                cfg.filter(n)
-                    .is_some_and(|f| matches!(f.kind, config::FilterKind::RateLimit(_)))
-            })
-            .count();
-        if limits > crate::filter::limit::MAX_CHECKS {
-            errs.push(format!(
-                "routes[{i}].filters: at most {} rate-limit filters per route",
-                crate::filter::limit::MAX_CHECKS
-            ));
+        for (kind, what) in [(false, "rate-limit"), (true, "token-limit")] {
+            let n = r
+                .filters
+                .iter()
+                .filter(|n| {
+                    cfg.filter(n).is_some_and(|f| match &f.kind {
+                        config::FilterKind::RateLimit(_) => !kind,
+                        config::FilterKind::TokenLimit(_) => kind,
+                        _ => false,
+                    })
+                })
+                .count();
+            if n > crate::filter::limit::MAX_CHECKS {
+                errs.push(format!(
+                    "routes[{i}].filters: at most {} {what} filters per route",
+                    crate::filter::limit::MAX_CHECKS
+                ));
+            }
         }
     }
     if errs.is_empty() {

@@ -14,6 +14,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod ai;
 pub mod buf;
 pub mod cli;
 pub mod config;

@@ -127,6 +127,7 @@ impl ClusterLimit {
         rl: &RateLimit,
         check: &LimitCheck,
         windows: &[(u64, u64)],
+        cost: u64,
         now: u64,
         timeout: Duration,
     ) -> Result<Decision, Unavailable> {
@@ -146,7 +147,7 @@ impl ClusterLimit {
             loop {
                 // Units in hand first: a spent window may still have some
                 // here from an earlier grant.
-                if w.slot.take(1, ws) {
+                if w.slot.take(cost, ws) {
                     let used = w.used_known.load(Ordering::Relaxed);
                     let remaining = limit.saturating_sub(used) + w.slot.remaining();
                     if remaining < tightest.remaining {
@@ -169,6 +170,7 @@ impl ClusterLimit {
                 asked += 1;
                 let reply = Arc::new(Reply::default());
                 let req = LeaseRequest {
+                    demand: cost,
                     leases: leases.clone(),
                     index: i,
                     filter: rl.name.clone(),
@@ -188,6 +190,34 @@ impl ClusterLimit {
             }
         }
         Ok(tightest)
+    }
+}
+
+impl ClusterLimit {
+    /// Settles a reservation: unused units go back into this process's
+    /// lease (for other requests in the same window); extra usage is taken
+    /// from it as far as it goes (the overshoot is bounded by one reservation).
+    pub fn reconcile(
+        &self,
+        check: &LimitCheck,
+        windows: &[(u64, u64)],
+        reserved: u64,
+        used: u64,
+        taken_ms: u64,
+    ) {
+        let leases = self.leases(check, now_ms());
+        for (i, &(period, _)) in windows.iter().enumerate().take(MAX_WINDOWS) {
+            let ws = window_start(taken_ms, period);
+            let slot = &leases.windows[i].slot;
+            if used < reserved {
+                let _ = slot.give_back(ws, reserved - used);
+            } else {
+                let mut extra = used - reserved;
+                while extra > 0 && slot.take(1, ws) {
+                    extra -= 1;
+                }
+            }
+        }
     }
 }
 
@@ -234,6 +264,8 @@ impl Future for WaitReply<'_> {
 }
 
 struct LeaseRequest {
+    /// Units this request needs (1, or a token reservation).
+    demand: u64,
     leases: Arc<KeyLeases>,
     index: usize,
     filter: String,
@@ -430,7 +462,10 @@ fn flush_grants(
         .map(|(_, reqs)| {
             let r = &reqs[0];
             let used = r.leases.windows[r.index].used_known.load(Ordering::Relaxed);
-            let ask = lease_ask(r.limit, used, r.replicas, reqs.len() as u64);
+            let demand: u64 = reqs.iter().map(|r| r.demand).sum();
+            // At least what the waiters need (a reservation may exceed the
+            // policy's ask), never more than the window has left.
+            let ask = lease_ask(r.limit, used, r.replicas, demand).max(demand.min(r.limit));
             // Expire a little after the window ends, so late returns find it.
             let ttl = r.window_start + r.period - now + 5_000;
             (ask, r.limit, ttl)

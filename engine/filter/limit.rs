@@ -33,6 +33,8 @@ pub struct RateLimit {
     id: u32,
     /// The settings.
     pub conf: config::LimitConf,
+    /// A `token-limit` (costs are tokens) rather than a `rate-limit`.
+    pub tokens: bool,
     rules: RuleMatcher,
     /// Counters for `scope = "local"`, and for `failure_mode = "local"`.
     table: LocalTable,
@@ -55,6 +57,7 @@ impl RateLimit {
         id: u32,
         conf: &config::LimitConf,
         has_redis: bool,
+        tokens: bool,
     ) -> Result<Self, String> {
         let key_is_ip = conf.key == KeySource::Ip;
         let mut rules = Vec::with_capacity(conf.rules.len());
@@ -95,6 +98,7 @@ impl RateLimit {
             id,
             table: LocalTable::with_windows(conf.max_keys, most_windows),
             conf: conf.clone(),
+            tokens,
             rules,
             cluster,
             allowed: SharedCounter::default(),
@@ -136,17 +140,23 @@ impl RateLimit {
     pub async fn acquire(
         &self,
         check: &LimitCheck,
+        cost: u64,
+        now: u64,
         redis_timeout: std::time::Duration,
     ) -> Decision {
         let windows = self.rules.windows(check.rule as usize);
         if windows.is_empty() {
             return Decision::UNLIMITED;
         }
-        let now = now_ms();
         let Some(cl) = &self.cluster else {
-            return self.table.try_acquire_all(check.key_hash, windows, 1, now);
+            return self
+                .table
+                .try_acquire_all(check.key_hash, windows, cost, now);
         };
-        match cl.acquire(self, check, windows, now, redis_timeout).await {
+        match cl
+            .acquire(self, check, windows, cost, now, redis_timeout)
+            .await
+        {
             Ok(d) => d,
             Err(cluster::Unavailable) => {
                 self.failure_decisions.add(1);
@@ -174,10 +184,46 @@ impl RateLimit {
         }
     }
 
+    /// The most one request can cost on this check: the tightest window's
+    /// limit (a cost above it could never be admitted).
+    pub fn max_cost(&self, check: &LimitCheck) -> u64 {
+        self.rules
+            .windows(check.rule as usize)
+            .iter()
+            .map(|&(_, l)| l)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Settles a reservation taken at `taken_ms` with what was really used:
+    /// the difference goes back to (or is charged to) the same windows.
+    pub fn reconcile(&self, check: &LimitCheck, reserved: u64, used: u64, taken_ms: u64) {
+        let windows = self.rules.windows(check.rule as usize);
+        if windows.is_empty() || reserved == used {
+            return;
+        }
+        match &self.cluster {
+            None => {
+                if used < reserved {
+                    self.table
+                        .release_all(check.key_hash, windows, reserved - used, taken_ms);
+                } else {
+                    self.table
+                        .charge_all(check.key_hash, windows, used - reserved, now_ms());
+                }
+            }
+            Some(cl) => cl.reconcile(check, windows, reserved, used, taken_ms),
+        }
+    }
+
     /// Headers describing a decision.
-    pub fn headers(d: &Decision) -> Option<LimitHeaders> {
+    pub fn headers(&self, d: &Decision) -> Option<LimitHeaders> {
         (d.limit != u64::MAX).then_some(LimitHeaders {
-            unit: Unit::Requests,
+            unit: if self.tokens {
+                Unit::Tokens
+            } else {
+                Unit::Requests
+            },
             limit: d.limit,
             remaining: d.remaining,
             reset_ms: d.reset_ms,

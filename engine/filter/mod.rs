@@ -30,6 +30,11 @@ pub enum Filter {
     },
     /// `rate-limit`: requests per window by key.
     RateLimit(Arc<RateLimit>),
+    /// `token-limit`: tokens per window by key, reserved before the request
+    /// goes upstream and reconciled with the real usage.
+    TokenLimit(Arc<RateLimit>),
+    /// `ai-stats`: token and latency metrics.
+    AiStats,
 }
 
 /// A configuration's filters, compiled.
@@ -65,29 +70,29 @@ impl Filters {
                 FilterKind::KeyAuth(k) => Filter::KeyAuth {
                     query_param: k.query_param.clone(),
                 },
-                FilterKind::RateLimit(l) => {
+                FilterKind::RateLimit(l) | FilterKind::TokenLimit(l) => {
+                    let tokens = matches!(f.kind, FilterKind::TokenLimit(_));
                     let rl = match kept.get(&f.name) {
-                        Some((conf, rl)) if conf == l => rl.clone(),
+                        Some((conf, rl)) if conf == l && rl.tokens == tokens => rl.clone(),
                         _ => {
                             let rl = Arc::new(RateLimit::new(
                                 &f.name,
                                 i as u32,
                                 l,
                                 cfg.redis.is_some(),
+                                tokens,
                             )?);
                             kept.insert(f.name.clone(), (l.clone(), rl.clone()));
                             rl
                         }
                     };
-                    Filter::RateLimit(rl)
+                    if tokens {
+                        Filter::TokenLimit(rl)
+                    } else {
+                        Filter::RateLimit(rl)
+                    }
                 }
-                FilterKind::TokenLimit(_) | FilterKind::AiStats(_) => {
-                    // Refused by the config check before we get here.
-                    return Err(format!(
-                        "filters[{i}] ({}): kind not available in this build yet",
-                        f.name
-                    ));
-                }
+                FilterKind::AiStats(_) => Filter::AiStats,
             });
         }
         kept.retain(|name, _| cfg.filters.iter().any(|f| &f.name == name));
@@ -120,8 +125,8 @@ pub fn render_metrics(out: &mut String) {
         .list
         .iter()
         .filter_map(|f| match f {
-            Filter::RateLimit(rl) => Some(rl),
-            Filter::KeyAuth { .. } => None,
+            Filter::RateLimit(rl) | Filter::TokenLimit(rl) => Some(rl),
+            Filter::KeyAuth { .. } | Filter::AiStats => None,
         })
         .collect();
     let _ = writeln!(

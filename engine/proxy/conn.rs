@@ -20,7 +20,7 @@ use std::time::Instant;
 use crate::{
     accesslog,
     buf::PoolBuf,
-    filter::{Filter, RateLimit},
+    filter::Filter,
     h1::{BodyKind, ChunkError, ChunkedDecoder, Parsed},
     proxy::headers::ExtraHeaders,
     proxy::{
@@ -30,11 +30,12 @@ use crate::{
         transfer::{self, Route, Side, XferError},
     },
     runtime::{Generation, Worker},
+    upstream::health::now_ms,
     upstream::{pool::Pick, CheckoutError, UpConn},
 };
 
 /// What happens to the client connection after one exchange.
-enum Next {
+pub(super) enum Next {
     /// Serve the next request; the buffer holds pipelined bytes, if any.
     KeepAlive(Option<PoolBuf>),
     /// Close the connection.
@@ -125,8 +126,14 @@ async fn exchange(
 ) -> Next {
     let (plan, cbuf) = match read_request_head(w, g, client, peer, listener, buf).await {
         Ok(v) => v,
-        Err(HeadFail::Reject(rej, keep)) => {
+        Err(HeadFail::Reject(rej, keep, route)) => {
             w.stats.rejected.add(1);
+            let _record = route.map(|b| {
+                let (r, id, head_len) = *b;
+                let mut rec = Record::bare(w, g, r, peer, id, head_len);
+                rec.status = rej.status;
+                rec
+            });
             return reject(w, g, client, rej, false, keep).await;
         }
         Err(HeadFail::Gone) => return Next::Close,
@@ -147,6 +154,9 @@ async fn exchange(
             };
             return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
         }
+    }
+    if crate::ai::route(&g.shared, plan.route).active() {
+        return super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra).await;
     }
     let pool = g.upstream(plan.upstream);
     let retries = pool.shared.conf.retries as usize;
@@ -231,7 +241,9 @@ async fn exchange(
                 .await;
             }
         };
-        let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra).await {
+        let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, false)
+            .await
+        {
             Ok(v) => break v,
             Err(RespError::Client) => return Next::Close,
             Err(RespError::Reject(rej)) => {
@@ -352,20 +364,20 @@ async fn exchange(
 
 /// Endpoints a request has already failed on (bounded: retries are few).
 #[derive(Default)]
-struct Tried {
+pub(super) struct Tried {
     idx: [usize; 16],
     len: usize,
 }
 
 impl Tried {
-    fn as_slice(&self) -> &[usize] {
+    pub(super) fn as_slice(&self) -> &[usize] {
         &self.idx[..self.len]
     }
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.len
     }
     /// Adds `i`; false when full.
-    fn push(&mut self, i: usize) -> bool {
+    pub(super) fn push(&mut self, i: usize) -> bool {
         if self.len == self.idx.len() {
             return false;
         }
@@ -378,22 +390,53 @@ impl Tried {
 /// Counts a request in its route's metrics, and writes its access-log line,
 /// when the exchange ends — on every path: 499 (as nginx logs it) when the
 /// client left before an answer.
-struct Record<'a> {
+pub(super) struct Record<'a> {
     w: &'a Worker,
     g: &'a Generation,
     route: usize,
     start: Instant,
-    status: u16,
+    pub(super) status: u16,
     peer: SocketAddr,
     request_id: RequestId,
     consumer: Option<u32>,
-    upstream: Option<SocketAddr>,
-    bytes_in: u64,
-    bytes_out: u64,
-    upstream_time: Option<std::time::Duration>,
+    pub(super) upstream: Option<SocketAddr>,
+    pub(super) bytes_in: u64,
+    pub(super) bytes_out: u64,
+    pub(super) upstream_time: Option<std::time::Duration>,
+    /// The model an AI request asked for.
+    pub(super) model: Option<String>,
+    /// Input and output tokens, and whether they were estimated.
+    pub(super) tokens: Option<(u64, u64, bool)>,
 }
 
 impl<'a> Record<'a> {
+    /// A record for a request answered before a plan existed.
+    fn bare(
+        w: &'a Worker,
+        g: &'a Generation,
+        route: usize,
+        peer: SocketAddr,
+        request_id: RequestId,
+        head_len: usize,
+    ) -> Self {
+        Self {
+            w,
+            g,
+            route,
+            start: Instant::now(),
+            status: 499,
+            peer,
+            request_id,
+            consumer: None,
+            upstream: None,
+            bytes_in: head_len as u64,
+            bytes_out: 0,
+            upstream_time: None,
+            model: None,
+            tokens: None,
+        }
+    }
+
     fn new(w: &'a Worker, g: &'a Generation, plan: &Plan, peer: SocketAddr) -> Self {
         Self {
             w,
@@ -408,6 +451,8 @@ impl<'a> Record<'a> {
             bytes_in: (plan.head_end - HEADROOM) as u64,
             bytes_out: 0,
             upstream_time: None,
+            model: None,
+            tokens: None,
         }
     }
 }
@@ -465,7 +510,17 @@ impl Drop for Record<'_> {
             ),
             None => out.extend_from_slice(b"null"),
         }
-        out.extend_from_slice(b",\"model\":null,\"tokens\":null}\n");
+        out.extend_from_slice(b",\"model\":");
+        match &self.model {
+            Some(m) => accesslog::push_json_str(&mut out, m.as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        match self.tokens {
+            Some((i, o, est)) => {
+                let _ = writeln!(out, ",\"tokens\":{{\"input\":{i},\"output\":{o},\"estimated\":{est}}}}}");
+            }
+            None => out.extend_from_slice(b",\"tokens\":null}\n"),
+        }
         if out.len() >= accesslog::FLUSH_BYTES {
             let batch = std::mem::take(&mut *out);
             drop(out);
@@ -485,8 +540,9 @@ enum Sent {
 /// Why no request head could be planned.
 enum HeadFail {
     /// Answer this; keep the connection with these pipelined bytes if the
-    /// rejection allows it.
-    Reject(Reject, Option<PoolBuf>),
+    /// rejection allows it. The route, request id and head length when a
+    /// route matched (the rejection is then logged and counted on it).
+    Reject(Reject, Option<PoolBuf>, Option<Box<(usize, RequestId, usize)>>),
     /// The client went away or timed out: close silently.
     Gone,
 }
@@ -511,14 +567,14 @@ async fn read_request_head(
                         Some(end) if !rejected.reject.close => keep_from(buf, end),
                         _ => None,
                     };
-                    return Err(HeadFail::Reject(rejected.reject, keep));
+                    return Err(HeadFail::Reject(rejected.reject, keep, rejected.route));
                 }
             }
         }
         if buf.spare() == 0 {
             buf = grow(w, g, buf, deadline)
                 .await
-                .map_err(|rej| HeadFail::Reject(rej, None))?;
+                .map_err(|rej| HeadFail::Reject(rej, None, None))?;
         }
         let (len, cap) = (buf.len(), buf.capacity());
         match deadline::timeout_at(deadline, client.read(buf.slice_mut(len..cap))).await {
@@ -641,7 +697,7 @@ async fn send_request(
 
 /// The client buffer after a request whose head (and Content-Length body,
 /// if any) is still in it: what follows is pipelined.
-fn keep_pipelined(buf: PoolBuf, plan: &Plan) -> Option<PoolBuf> {
+pub(super) fn keep_pipelined(buf: PoolBuf, plan: &Plan) -> Option<PoolBuf> {
     let body_in_buf = match plan.body {
         BodyKind::Length(n) => n,
         _ => 0,
@@ -650,7 +706,7 @@ fn keep_pipelined(buf: PoolBuf, plan: &Plan) -> Option<PoolBuf> {
 }
 
 /// Keeps `buf[from..]` behind a fresh headroom, or nothing when it is empty.
-fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
+pub(super) fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
     if buf.len() <= from {
         return None;
     }
@@ -737,7 +793,7 @@ async fn resend(
         .map_err(|()| Resend::Reject(error::BAD_GATEWAY.closing_if(true)))
 }
 
-enum RespError {
+pub(super) enum RespError {
     /// The connection closed or reset before a single response byte.
     NoAnswer,
     /// Answer the client with this.
@@ -748,7 +804,8 @@ enum RespError {
 
 /// Reads the upstream's response head within `response_timeout`, relaying
 /// interim (1xx) responses to the client on the way.
-async fn read_response_head(
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn read_response_head(
     w: &Worker,
     g: &Generation,
     client: &mut TcpStream,
@@ -756,6 +813,7 @@ async fn read_response_head(
     mut ubuf: PoolBuf,
     plan: &Plan,
     extra: &ExtraHeaders,
+    inspect_sse: bool,
 ) -> Result<(RespPlan, PoolBuf), RespError> {
     let conf = &g.upstream(plan.upstream).shared.conf;
     let deadline = Instant::now() + conf.response_timeout;
@@ -771,6 +829,7 @@ async fn read_response_head(
                 plan,
                 shutdown::is_draining(),
                 extra.as_bytes(),
+                inspect_sse,
             ) {
                 Ok(Parsed::Complete(rp)) if rp.interim => {
                     // 100 Continue was already answered by Ringway; others
@@ -928,7 +987,7 @@ struct Relayed {
 
 /// Writes `buf[range]` whole and hands the buffer back; on failure the
 /// buffer is gone and the caller closes the connection.
-async fn write_all(
+pub(super) async fn write_all(
     stream: &mut TcpStream,
     buf: PoolBuf,
     range: std::ops::Range<usize>,
@@ -941,7 +1000,11 @@ async fn write_all(
 
 /// Runs the request's limit checks; on a refusal, the 429 to send. Limit
 /// headers for the response (allowed or not) go into `extra`.
-async fn check_limits(g: &Generation, plan: &Plan, extra: &mut ExtraHeaders) -> Result<(), Reject> {
+pub(super) async fn check_limits(
+    g: &Generation,
+    plan: &Plan,
+    extra: &mut ExtraHeaders,
+) -> Result<(), Reject> {
     let redis_timeout = g
         .shared
         .cfg
@@ -954,8 +1017,8 @@ async fn check_limits(g: &Generation, plan: &Plan, extra: &mut ExtraHeaders) -> 
         let Filter::RateLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
             continue;
         };
-        let d = rl.acquire(check, redis_timeout).await;
-        if let Some(h) = RateLimit::headers(&d) {
+        let d = rl.acquire(check, 1, now_ms(), redis_timeout).await;
+        if let Some(h) = rl.headers(&d) {
             if tightest.is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
                 tightest = Some(h);
             }
@@ -985,7 +1048,7 @@ async fn check_limits(g: &Generation, plan: &Plan, extra: &mut ExtraHeaders) -> 
 
 /// Writes a rejection and decides the connection's fate; `keep` holds the
 /// pipelined bytes that follow the rejected request, if it stays open.
-async fn reject(
+pub(super) async fn reject(
     w: &Worker,
     g: &Generation,
     client: &mut TcpStream,
@@ -997,7 +1060,7 @@ async fn reject(
 }
 
 /// [`reject`] with added header lines.
-async fn reject_with(
+pub(super) async fn reject_with(
     w: &Worker,
     g: &Generation,
     client: &mut TcpStream,

@@ -1,5 +1,6 @@
 //! The proxy: one task per client connection, from head to response.
 
+pub mod ai_exchange;
 pub mod conn;
 pub mod error;
 pub mod headers;

@@ -34,7 +34,7 @@ pub struct RequestId {
 }
 
 impl RequestId {
-    fn new(v: &[u8]) -> Self {
+    pub fn new(v: &[u8]) -> Self {
         let mut bytes = [0u8; 48];
         let len = v.len().min(48);
         bytes[..len].copy_from_slice(&v[..len]);
@@ -79,6 +79,10 @@ pub struct Plan {
     pub consumer: Option<u32>,
     /// Limits to check before the request goes upstream.
     pub limits: LimitChecks,
+    /// Token limits to reserve against (AI routes).
+    pub tokens: LimitChecks,
+    /// An OpenAI chat completions path (where `include_usage` may be added).
+    pub chat: bool,
     /// Where the rewritten head starts in the client buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
@@ -90,6 +94,7 @@ pub fn reject_for(e: HeadError) -> Rejected {
     Rejected {
         reject: Reject::closing(e.status(), "invalid_request", e.message()),
         head_end: None,
+        route: None,
     }
 }
 
@@ -101,6 +106,8 @@ pub struct Rejected {
     /// End of the request head in the buffer, when the connection may go on
     /// (bytes after it are the next pipelined request).
     pub head_end: Option<usize>,
+    /// The route the request matched, when one did (for metrics and the access log).
+    pub route: Option<Box<(usize, RequestId, usize)>>,
 }
 
 impl From<Reject> for Rejected {
@@ -108,6 +115,7 @@ impl From<Reject> for Rejected {
         Rejected {
             reject,
             head_end: None,
+            route: None,
         }
     }
 }
@@ -179,6 +187,7 @@ pub fn plan_request(
                 return Err(Rejected {
                     reject,
                     head_end: Some(HEADROOM + head.head_len + body_len),
+                    route: None,
                 });
             }
         };
@@ -186,10 +195,23 @@ pub fn plan_request(
         let upstream = &shared.upstreams[route.upstream];
         let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
         let query = memchr::memchr(b'?', target.as_bytes()).map(|q| &target.as_bytes()[q + 1..]);
-        let (consumer, limits) =
-            run_filters(shared, route_idx, &head, query, peer).map_err(|rej| Rejected {
-                reject: rej.closing_if(has_body || !head.keep_alive),
-                head_end: Some(HEADROOM + head.head_len),
+        let (consumer, limits, tokens) = run_filters(shared, route_idx, &head, query, peer)
+            .map_err(|rej| {
+                let id = head
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("x-request-id"))
+                    .map(|h| RequestId::new(h.value))
+                    .unwrap_or_else(|| {
+                        let mut v = Vec::with_capacity(32);
+                        w.next_request_id(&mut v);
+                        RequestId::new(&v)
+                    });
+                Rejected {
+                    reject: rej.closing_if(has_body || !head.keep_alive),
+                    head_end: Some(HEADROOM + head.head_len),
+                    route: Some(Box::new((route_idx, id, head.head_len))),
+                }
             })?;
 
         // Request line, with the route's prefix stripped.
@@ -294,8 +316,10 @@ pub fn plan_request(
         });
         let method = head.method;
         let plan = Plan {
+            chat: path.ends_with("/chat/completions"),
             consumer,
             limits,
+            tokens,
             request_id: request_id.unwrap_or(RequestId::new(b"")),
             hash_key,
             route: route_idx,
@@ -350,9 +374,10 @@ fn run_filters(
     head: &h1::RequestHead<'_, '_>,
     query: Option<&[u8]>,
     peer: IpAddr,
-) -> Result<(Option<u32>, LimitChecks), Reject> {
+) -> Result<(Option<u32>, LimitChecks, LimitChecks), Reject> {
     let mut consumer: Option<u32> = None;
     let mut limits = LimitChecks::default();
+    let mut tokens = LimitChecks::default();
     let header = |name: &str| {
         head.headers
             .iter()
@@ -373,7 +398,8 @@ fn run_filters(
                     None => return Err(error::UNAUTHORIZED),
                 }
             }
-            Filter::RateLimit(rl) => {
+            Filter::AiStats => {}
+            Filter::RateLimit(rl) | Filter::TokenLimit(rl) => {
                 let mut ip_text = [0u8; 64];
                 let value: Option<&[u8]> = match &rl.conf.key {
                     KeySource::Consumer => {
@@ -404,11 +430,15 @@ fn run_filters(
                 // A request without the key part is not limited by this filter.
                 if let Some(v) = value {
                     if let Some(c) = rl.check_for(fi, v, peer) {
-                        limits.push(c);
+                        if rl.tokens {
+                            tokens.push(c);
+                        } else {
+                            limits.push(c);
+                        }
                     }
                 }
             }
         }
     }
-    Ok((consumer, limits))
+    Ok((consumer, limits, tokens))
 }

@@ -28,10 +28,25 @@ pub struct RespPlan {
     pub dechunk: bool,
     /// An interim response (1xx other than 101): forward and read the next head.
     pub interim: bool,
+    /// A `text/event-stream` body.
+    pub sse: bool,
+    /// Ringway frames the body for the client itself (chunked, or
+    /// close-delimited for HTTP/1.0): an inspected event stream, whose frames
+    /// it may remove.
+    pub reframe: bool,
+    /// The client speaks HTTP/1.0.
+    pub http10: bool,
     /// Where the rewritten head starts in the upstream buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
     pub head_end: usize,
+}
+
+impl RespPlan {
+    /// A reframed body goes to an HTTP/1.0 client close-delimited, not chunked.
+    pub fn client_close_http10(&self) -> bool {
+        self.reframe && self.client_close && self.http10
+    }
 }
 
 /// Parses the head in `buf[HEADROOM..]` and rewrites it for the client.
@@ -42,6 +57,7 @@ pub fn plan_response(
     req: &Plan,
     draining: bool,
     extra: &[u8],
+    inspect_sse: bool,
 ) -> Result<Parsed<RespPlan>, Reject> {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
     let max_headers = g.limits.max_headers.min(MAX_HEADERS_CAP);
@@ -62,11 +78,22 @@ pub fn plan_response(
             return Err(error::BAD_RESPONSE);
         }
         let interim = (100..200).contains(&status) && !switching;
+        let sse = head.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("content-type")
+                && h.value.len() >= 17
+                && h.value[..17].eq_ignore_ascii_case(b"text/event-stream")
+        });
+        let reframe = inspect_sse && sse && !interim && !matches!(head.body, BodyKind::None);
         let chunked = matches!(head.body, BodyKind::Chunked);
         let dechunk = chunked && req.version == 0;
         let close_delimited = matches!(head.body, BodyKind::CloseDelimited);
-        let client_close =
-            !interim && (!req.keep_alive || close_delimited || dechunk || draining) && !switching;
+        let client_close = !interim
+            && (!req.keep_alive
+                || close_delimited
+                || dechunk
+                || draining
+                || (reframe && req.version == 0))
+            && !switching;
 
         let out = &mut *scratch;
         out.extend_from_slice(b"HTTP/1.1 ");
@@ -84,12 +111,20 @@ pub fn plan_response(
             } else if head.connection_tokens.contains(name) {
                 continue;
             }
+            if reframe && name.eq_ignore_ascii_case("content-length") {
+                // Ringway frames this body itself.
+                continue;
+            }
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(h.value);
             out.extend_from_slice(b"\r\n");
         }
-        if chunked && !dechunk {
+        if reframe {
+            if req.version == 1 {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
+        } else if chunked && !dechunk {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
         if !interim {
@@ -112,6 +147,9 @@ pub fn plan_response(
             client_close,
             dechunk,
             interim,
+            sse,
+            reframe,
+            http10: req.version == 0,
             head_start: 0,
             head_end: 0,
         };

@@ -44,6 +44,8 @@ pub struct Shared {
     pub upstreams: Vec<Arc<UpstreamShared>>,
     /// Compiled filters, and each route's list.
     pub filters: Filters,
+    /// What each route does with AI traffic.
+    pub ai_routes: Vec<crate::ai::AiRoute>,
 }
 
 impl Shared {
@@ -63,11 +65,13 @@ impl Shared {
             })
             .collect();
         let filters = Filters::build(&cfg)?;
+        let ai_routes = crate::ai::AiRoute::build_all(&cfg, &filters);
         Ok(Arc::new(Self {
             cfg,
             routes,
             upstreams,
             filters,
+            ai_routes,
         }))
     }
 }

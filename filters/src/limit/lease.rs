@@ -121,6 +121,18 @@ impl LeaseSlot {
         self.remaining.swap(0, Ordering::AcqRel)
     }
 
+    /// Returns `n` units a worker took but did not use (a token reservation
+    /// larger than the real usage), if the slot still holds window
+    /// `window_start_ms`; otherwise they are lost with their window. Safe from
+    /// any thread: it only adds within the current window.
+    pub fn give_back(&self, window_start_ms: u64, n: u64) -> bool {
+        if self.window.load(Ordering::Acquire) != window_start_ms {
+            return false;
+        }
+        self.remaining.fetch_add(n, Ordering::AcqRel);
+        true
+    }
+
     /// Units left (a snapshot).
     pub fn remaining(&self) -> u64 {
         self.remaining.load(Ordering::Acquire)

@@ -1,0 +1,338 @@
+//! Settling an AI request: usage (reported or estimated), token
+//! reservations reconciled with it, `ai-stats` metrics, and the numbers the
+//! access log shows. Settlement runs when the request's context drops, so a
+//! client that leaves mid-stream is still charged the estimate for what was
+//! streamed.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use ringway_filters::{
+    sse::SseParser,
+    usage::{estimate_tokens_from_chars, JsonUsageScanner, Usage, UsageSource, UsageTracker},
+};
+
+use crate::filter::{LimitCheck, RateLimit};
+
+/// Most token-limit reservations one request holds.
+const MAX_RESERVATIONS: usize = 4;
+
+/// Largest SSE frame parsed; longer frames are forwarded untouched.
+pub const MAX_SSE_FRAME: usize = 64 * 1024;
+
+/// A token reservation: the filter, its check, tokens reserved, when (ms).
+type Reservation = (Arc<RateLimit>, LimitCheck, u64, u64);
+
+/// One AI request's accounting state.
+pub struct AiCtx {
+    /// Route name (metrics label).
+    pub route: String,
+    /// Consumer name, if authenticated.
+    pub consumer: Option<String>,
+    /// The model the client asked for.
+    pub model: Option<String>,
+    /// Ringway added `include_usage`: the usage-only chunk is removed.
+    pub injected: bool,
+    /// Input tokens estimated from the request body.
+    pub input_estimate: u64,
+    /// Whether `ai-stats` is on the route.
+    pub stats: bool,
+    reservations: [Option<Reservation>; MAX_RESERVATIONS],
+    /// Usage from SSE frames.
+    pub tracker: UsageTracker,
+    /// SSE framing, when the response is an event stream.
+    pub sse: Option<SseParser>,
+    /// Usage from a JSON body.
+    pub json: JsonUsageScanner,
+    /// The response was an event stream.
+    pub streamed: bool,
+    /// When the request was sent upstream.
+    pub sent_at: Instant,
+    /// When the first generated content arrived.
+    pub first_token: Option<Instant>,
+    /// When the response ended.
+    pub done_at: Option<Instant>,
+    /// The upstream answered (status < 500); usage is only counted then.
+    pub answered: bool,
+    settled: Option<Usage>,
+}
+
+impl AiCtx {
+    /// A context for a request on `route`.
+    pub fn new(
+        route: &str,
+        consumer: Option<&str>,
+        model: Option<String>,
+        injected: bool,
+        input_estimate: u64,
+        stats: bool,
+    ) -> Self {
+        Self {
+            route: route.to_string(),
+            consumer: consumer.map(str::to_string),
+            model,
+            injected,
+            input_estimate,
+            stats,
+            reservations: Default::default(),
+            tracker: UsageTracker::new(),
+            sse: None,
+            json: JsonUsageScanner::new(),
+            streamed: false,
+            sent_at: Instant::now(),
+            first_token: None,
+            done_at: None,
+            answered: false,
+            settled: None,
+        }
+    }
+
+    /// Remembers a reservation to settle later.
+    pub fn reserved(&mut self, rl: Arc<RateLimit>, check: LimitCheck, tokens: u64, taken_ms: u64) {
+        if let Some(slot) = self.reservations.iter_mut().find(|r| r.is_none()) {
+            *slot = Some((rl, check, tokens, taken_ms));
+        }
+    }
+
+    /// Gives every reservation back in full (the request never went upstream).
+    pub fn release_all(&mut self) {
+        for (rl, check, tokens, taken) in self.reservations.iter_mut().flatten() {
+            rl.reconcile(check, *tokens, 0, *taken);
+        }
+        self.reservations = Default::default();
+    }
+
+    /// The request's usage: reported by the upstream, else estimated.
+    pub fn usage(&self) -> Usage {
+        if self.streamed {
+            return self.tracker.usage(self.input_estimate);
+        }
+        match self.json.usage() {
+            Some(u) => u,
+            None => Usage {
+                input: self.input_estimate,
+                output: estimate_tokens_from_chars(self.tracker.content_chars()),
+                cache_read: 0,
+                cache_write: 0,
+                source: UsageSource::Estimated,
+            },
+        }
+    }
+
+    /// Settles once: reconciles reservations and records metrics. Returns
+    /// the usage (for the access log).
+    pub fn settle(&mut self) -> Option<Usage> {
+        if self.settled.is_some() {
+            return self.settled;
+        }
+        let usage = if self.answered {
+            self.usage()
+        } else {
+            Usage {
+                input: 0,
+                output: 0,
+                cache_read: 0,
+                cache_write: 0,
+                source: UsageSource::Estimated,
+            }
+        };
+        let used = usage.input + usage.output;
+        for (rl, check, tokens, taken) in self.reservations.iter().flatten() {
+            rl.reconcile(check, *tokens, used, *taken);
+        }
+        self.reservations = Default::default();
+        if self.stats && self.answered {
+            record(self, &usage);
+        }
+        self.settled = Some(usage);
+        self.settled
+    }
+}
+
+impl Drop for AiCtx {
+    fn drop(&mut self) {
+        let _ = self.settle();
+    }
+}
+
+/// Most (route, model, consumer) series kept; later ones share "other".
+const MAX_SERIES: usize = 10_000;
+
+/// Upper bounds of the time-to-first-token histogram, in seconds.
+const TTFT_BUCKETS: [f64; 12] = [
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
+];
+
+#[derive(Default)]
+struct Series {
+    requests: u64,
+    input: [u64; 2],
+    output: [u64; 2],
+    cache_read: u64,
+    ttft: [u64; TTFT_BUCKETS.len() + 1],
+    ttft_sum: f64,
+    ttft_count: u64,
+    tps_sum: f64,
+    tps_count: u64,
+}
+
+type SeriesKey = (String, String, String);
+
+fn store() -> &'static Mutex<HashMap<SeriesKey, Series>> {
+    static S: OnceLock<Mutex<HashMap<SeriesKey, Series>>> = OnceLock::new();
+    S.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Adds one settled request to the `ai-stats` series (one lock per AI
+/// request, which is tiny next to the request itself).
+fn record(ctx: &AiCtx, u: &Usage) {
+    let Ok(mut map) = store().lock() else { return };
+    let mut key = (
+        ctx.route.clone(),
+        ctx.model.clone().unwrap_or_else(|| "unknown".into()),
+        ctx.consumer.clone().unwrap_or_else(|| "anonymous".into()),
+    );
+    if !map.contains_key(&key) && map.len() >= MAX_SERIES {
+        key.1 = "other".into();
+        key.2 = "other".into();
+    }
+    let s = map.entry(key).or_default();
+    let est = usize::from(u.source == UsageSource::Estimated);
+    s.requests += 1;
+    s.input[est] += u.input;
+    s.output[est] += u.output;
+    s.cache_read += u.cache_read;
+    if let Some(first) = ctx.first_token {
+        let ttft = first.saturating_duration_since(ctx.sent_at).as_secs_f64();
+        let b = TTFT_BUCKETS
+            .iter()
+            .position(|&le| ttft <= le)
+            .unwrap_or(TTFT_BUCKETS.len());
+        s.ttft[b] += 1;
+        s.ttft_sum += ttft;
+        s.ttft_count += 1;
+        if let Some(done) = ctx.done_at {
+            let gen = done
+                .saturating_duration_since(first)
+                .max(Duration::from_millis(1));
+            s.tps_sum += u.output as f64 / gen.as_secs_f64();
+            s.tps_count += 1;
+        }
+    }
+}
+
+/// The `ai-stats` metrics, in Prometheus text.
+pub fn render_metrics(out: &mut String) {
+    use std::fmt::Write;
+    let Ok(map) = store().lock() else { return };
+    let mut keys: Vec<&SeriesKey> = map.keys().collect();
+    keys.sort();
+    let lbl = |k: &SeriesKey| {
+        format!(
+            "route=\"{}\",model=\"{}\",consumer=\"{}\"",
+            esc(&k.0),
+            esc(&k.1),
+            esc(&k.2)
+        )
+    };
+    let _ = writeln!(
+        out,
+        "# HELP ringway_ai_requests_total AI requests answered, by route, model and consumer."
+    );
+    let _ = writeln!(out, "# TYPE ringway_ai_requests_total counter");
+    for k in &keys {
+        let _ = writeln!(
+            out,
+            "ringway_ai_requests_total{{{}}} {}",
+            lbl(k),
+            map[*k].requests
+        );
+    }
+    let _ = writeln!(out, "# HELP ringway_ai_tokens_total Tokens by route, model, consumer and direction; estimated=\"true\" when the upstream reported none.");
+    let _ = writeln!(out, "# TYPE ringway_ai_tokens_total counter");
+    for k in &keys {
+        let s = &map[*k];
+        for (dir, v) in [("input", s.input), ("output", s.output)] {
+            for (e, n) in [("false", v[0]), ("true", v[1])] {
+                if n > 0 || e == "false" {
+                    let _ = writeln!(
+                        out,
+                        "ringway_ai_tokens_total{{{},direction=\"{dir}\",estimated=\"{e}\"}} {n}",
+                        lbl(k)
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP ringway_ai_cache_read_tokens_total Input tokens served from the provider's prompt cache.");
+    let _ = writeln!(out, "# TYPE ringway_ai_cache_read_tokens_total counter");
+    for k in &keys {
+        let _ = writeln!(
+            out,
+            "ringway_ai_cache_read_tokens_total{{{}}} {}",
+            lbl(k),
+            map[*k].cache_read
+        );
+    }
+    let _ = writeln!(out, "# HELP ringway_ai_time_to_first_token_seconds Time from sending the request to the first generated content.");
+    let _ = writeln!(
+        out,
+        "# TYPE ringway_ai_time_to_first_token_seconds histogram"
+    );
+    for k in &keys {
+        let s = &map[*k];
+        let mut cum = 0;
+        for (i, le) in TTFT_BUCKETS.iter().enumerate() {
+            cum += s.ttft[i];
+            let _ = writeln!(
+                out,
+                "ringway_ai_time_to_first_token_seconds_bucket{{{},le=\"{le}\"}} {cum}",
+                lbl(k)
+            );
+        }
+        cum += s.ttft[TTFT_BUCKETS.len()];
+        let _ = writeln!(
+            out,
+            "ringway_ai_time_to_first_token_seconds_bucket{{{},le=\"+Inf\"}} {cum}",
+            lbl(k)
+        );
+        let _ = writeln!(
+            out,
+            "ringway_ai_time_to_first_token_seconds_sum{{{}}} {}",
+            lbl(k),
+            s.ttft_sum
+        );
+        let _ = writeln!(
+            out,
+            "ringway_ai_time_to_first_token_seconds_count{{{}}} {}",
+            lbl(k),
+            s.ttft_count
+        );
+    }
+    let _ = writeln!(out, "# HELP ringway_ai_output_tokens_per_second Output tokens per second of generation, summed over streamed requests (divide by _count).");
+    let _ = writeln!(out, "# TYPE ringway_ai_output_tokens_per_second summary");
+    for k in &keys {
+        let s = &map[*k];
+        let _ = writeln!(
+            out,
+            "ringway_ai_output_tokens_per_second_sum{{{}}} {}",
+            lbl(k),
+            s.tps_sum
+        );
+        let _ = writeln!(
+            out,
+            "ringway_ai_output_tokens_per_second_count{{{}}} {}",
+            lbl(k),
+            s.tps_count
+        );
+    }
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

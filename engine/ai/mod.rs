@@ -1,0 +1,84 @@
+//! AI traffic: what a route does with LLM requests and responses.
+//!
+//! - Request side ([`request`]): the JSON body is scanned (never parsed into
+//!   a tree) for the top-level `model` (routing, `model_map`), `max_tokens`,
+//!   `stream` and an input estimate; `stream_options.include_usage` is added
+//!   to streamed chat requests that lack it.
+//! - Response side ([`relay`]): SSE frames and JSON bodies are watched as they
+//!   are forwarded, usage is taken from them (or estimated), and the usage-only
+//!   chunk Ringway asked for is removed from what the client receives.
+//! - End of request ([`account`]): token reservations are reconciled with the
+//!   real usage, and `ai-stats` metrics and the access log get the numbers.
+
+pub mod account;
+pub mod relay;
+pub mod request;
+
+use crate::{
+    config,
+    filter::{Filter, Filters},
+    runtime::Shared,
+};
+
+/// What a route does with AI traffic (compiled once per configuration).
+#[derive(Debug, Default, Clone)]
+pub struct AiRoute {
+    /// `ai-stats` is on the route.
+    pub stats: bool,
+    /// Indices of `token-limit` filters on the route.
+    pub token_limits: Vec<usize>,
+    /// `models`: glob → upstream index, in file order.
+    pub models: Vec<(String, usize)>,
+    /// `model_map`: glob → new model name.
+    pub model_map: Vec<(String, String)>,
+    /// Add `stream_options.include_usage` to streamed chat requests.
+    pub include_usage: bool,
+}
+
+impl AiRoute {
+    /// Whether requests on this route need their body inspected.
+    pub fn active(&self) -> bool {
+        self.stats
+            || !self.token_limits.is_empty()
+            || !self.models.is_empty()
+            || !self.model_map.is_empty()
+    }
+
+    /// Compiles every route's AI settings.
+    pub fn build_all(cfg: &config::Config, filters: &Filters) -> Vec<AiRoute> {
+        cfg.routes
+            .iter()
+            .enumerate()
+            .map(|(ri, r)| {
+                let mut ai = AiRoute {
+                    include_usage: r.include_usage,
+                    ..Default::default()
+                };
+                for &fi in &filters.by_route[ri] {
+                    match &filters.list[fi] {
+                        Filter::AiStats => ai.stats = true,
+                        Filter::TokenLimit(_) => ai.token_limits.push(fi),
+                        _ => {}
+                    }
+                }
+                ai.models = r
+                    .models
+                    .iter()
+                    .filter_map(|(glob, up)| {
+                        cfg.upstreams
+                            .iter()
+                            .position(|u| &u.name == up)
+                            .map(|i| (glob.clone(), i))
+                    })
+                    .collect();
+                ai.model_map = r.model_map.clone();
+                ai
+            })
+            .collect()
+    }
+}
+
+/// The compiled AI settings of route `idx`.
+pub fn route(shared: &Shared, idx: usize) -> &AiRoute {
+    &shared.ai_routes[idx]
+}

@@ -1,0 +1,338 @@
+//! The request side of an AI route: the body is read into one pool buffer
+//! (bounded by the pool: a body larger than the free budget waits, one
+//! larger than the whole budget is refused), scanned without building a
+//! tree, edited (model rename, `include_usage`), then sent with a corrected
+//! Content-Length. This is the "scan then replay" design: the model that
+//! picks the upstream may come after an 8 MB image, so the body must be held
+//! before the upstream is chosen — in pool memory, which the pool bounds.
+
+use std::time::Duration;
+
+use monoio::{
+    io::{AsyncReadRent, AsyncWriteRentExt},
+    net::TcpStream,
+};
+use ringway_filters::{
+    model::{glob_match, ModelScan, ModelScanner},
+    usage::RequestEstimator,
+};
+
+use super::AiRoute;
+use crate::{
+    buf::PoolBuf,
+    h1::{BodyKind, ChunkedDecoder},
+    proxy::{
+        error::{self, Reject},
+        request::Plan,
+    },
+    runtime::{deadline, Generation, Worker},
+};
+
+/// Room kept after the body for the edits (a longer model name, the
+/// `stream_options` injection).
+const EDIT_ROOM: usize = 512;
+
+/// What the scan of a request body found, and the body to send.
+pub struct AiRequest {
+    /// The top-level `model`, as the client sent it.
+    pub model: Option<String>,
+    /// The upstream picked by `models`, when the route has that map.
+    pub upstream: Option<usize>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// Ringway added `stream_options.include_usage` (and so removes the
+    /// usage-only chunk from the response).
+    pub injected: bool,
+    /// `max_tokens` (or its newer names).
+    pub max_tokens: Option<u64>,
+    /// Input tokens estimated from the body's text.
+    pub input_estimate: u64,
+    /// The body to send, at `[0..len]` (None when the request has no body).
+    pub body: Option<PoolBuf>,
+}
+
+/// Why no AI request could be prepared.
+pub enum Fail {
+    /// Answer this and close.
+    Reject(Reject),
+    /// The client went away.
+    Gone,
+}
+
+/// Reads the whole body of `plan` (its start is in `cbuf` after the head),
+/// scans and edits it. Returns the prepared request and the bytes that
+/// followed the body (pipelined), behind the headroom, if any.
+pub async fn capture(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    mut cbuf: PoolBuf,
+    plan: &Plan,
+    ai: &AiRoute,
+    path_is_chat: bool,
+) -> Result<(AiRequest, Option<PoolBuf>), Fail> {
+    let idle = g.server.body_timeout;
+    let body_start = plan.head_end;
+    let (body, leftover_from) = match plan.body {
+        BodyKind::None | BodyKind::CloseDelimited | BodyKind::Length(0) => (None, body_start),
+        BodyKind::Length(n) => {
+            let n = n as usize;
+            let mut body = acquire(w, n + EDIT_ROOM, idle).await?;
+            let in_buf = (cbuf.len() - body_start).min(n);
+            let _ = body.put(&cbuf[body_start..body_start + in_buf]);
+            if in_buf < n && plan.expect_continue {
+                continue_100(client, idle).await?;
+            }
+            while body.len() < n {
+                let (len, end) = (body.len(), n);
+                match deadline::timeout(
+                    idle,
+                    client.read(monoio::buf::IoBufMut::slice_mut(body, len..end)),
+                )
+                .await
+                {
+                    Ok((Ok(got), s)) if got > 0 => body = s.into_inner(),
+                    _ => return Err(Fail::Gone),
+                }
+            }
+            (Some(body), body_start + in_buf)
+        }
+        BodyKind::Chunked => {
+            if plan.expect_continue && cbuf.len() == body_start {
+                continue_100(client, idle).await?;
+            }
+            let (body, rest, consumed_to) = read_chunked(w, g, client, cbuf, body_start).await?;
+            cbuf = rest;
+            (Some(body), consumed_to)
+        }
+    };
+    let pipelined = keep_from(cbuf, leftover_from);
+
+    let mut req = AiRequest {
+        model: None,
+        upstream: None,
+        stream: false,
+        injected: false,
+        max_tokens: None,
+        input_estimate: 0,
+        body,
+    };
+    let Some(body) = req.body.as_mut() else {
+        if !ai.models.is_empty() {
+            return Err(Fail::Reject(MODEL_REQUIRED));
+        }
+        return Ok((req, pipelined));
+    };
+
+    let mut est = RequestEstimator::new();
+    est.feed(body);
+    est.finish();
+    let mut scan = ModelScanner::new();
+    let found = match scan.feed(body) {
+        ModelScan::NeedMore => scan.finish(),
+        other => other,
+    };
+    let (model, model_range) = match found {
+        ModelScan::Found { value, value_range } => (Some(value), Some(value_range)),
+        ModelScan::NotFound | ModelScan::NeedMore => (None, None),
+        ModelScan::Invalid => {
+            if !ai.models.is_empty() || !ai.model_map.is_empty() {
+                return Err(Fail::Reject(INVALID_JSON));
+            }
+            (None, None)
+        }
+    };
+    if !ai.models.is_empty() {
+        let Some(m) = &model else {
+            return Err(Fail::Reject(MODEL_REQUIRED));
+        };
+        req.upstream = ai
+            .models
+            .iter()
+            .find(|(glob, _)| glob_match(glob, m))
+            .map(|(_, u)| *u);
+    }
+    req.stream = est.stream() == Some(true);
+    req.max_tokens = est.max_tokens();
+    req.input_estimate = est.estimated_input_tokens();
+    let injection = if ai.include_usage && path_is_chat {
+        est.include_usage_injection()
+    } else {
+        None
+    };
+
+    // Edits, from the end of the body backwards so offsets stay valid.
+    if let Some(inj) = injection {
+        if insert(body, inj.at as usize, inj.bytes) {
+            req.injected = true;
+        }
+    }
+    if let (Some(m), Some(range)) = (&model, model_range) {
+        if let Some((_, new)) = ai.model_map.iter().find(|(glob, _)| glob_match(glob, m)) {
+            let escaped = json_escape(new);
+            if !replace(
+                body,
+                range.start as usize..range.end as usize,
+                escaped.as_bytes(),
+            ) {
+                return Err(Fail::Reject(error::BODY_TOO_LARGE));
+            }
+        }
+    }
+    req.model = model;
+    Ok((req, pipelined))
+}
+
+/// A model is needed to pick the upstream.
+pub const MODEL_REQUIRED: Reject = Reject::closing(
+    400,
+    "model_required",
+    "the request body has no top-level \"model\"",
+);
+/// The body is not valid JSON.
+pub const INVALID_JSON: Reject =
+    Reject::closing(400, "invalid_json", "the request body is not valid JSON");
+
+async fn acquire(w: &Worker, bytes: usize, wait: Duration) -> Result<PoolBuf, Fail> {
+    match w.pool.acquire_within(bytes, wait).await {
+        Ok(b) => Ok(b),
+        Err(crate::buf::PoolError::TooLarge) => Err(Fail::Reject(error::BODY_TOO_LARGE)),
+        Err(crate::buf::PoolError::Exhausted) => {
+            Err(Fail::Reject(error::NO_BUFFER.closing_if(true)))
+        }
+    }
+}
+
+async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), Fail> {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    match deadline::timeout(idle, client.write_all(CONTINUE)).await {
+        Ok((Ok(_), _)) => Ok(()),
+        _ => Err(Fail::Gone),
+    }
+}
+
+/// Decodes a chunked body into one buffer, growing it (within the pool)
+/// as needed. Returns the body and where the message ended in `cbuf`.
+async fn read_chunked(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    mut cbuf: PoolBuf,
+    start: usize,
+) -> Result<(PoolBuf, PoolBuf, usize), Fail> {
+    let idle = g.server.body_timeout;
+    let mut decoder = ChunkedDecoder::new(g.max_body);
+    let mut body = acquire(w, w.pool.slot_size(), idle).await?;
+    let mut pos = start;
+    loop {
+        // Decode what is in `cbuf[pos..]`.
+        let mut pieces: [std::ops::Range<usize>; 64] = std::array::from_fn(|_| 0..0);
+        let mut n = 0;
+        let mut overflow = false;
+        let progress = decoder
+            .decode(&cbuf[pos..], &mut |r| {
+                if n < pieces.len() {
+                    pieces[n] = r;
+                    n += 1;
+                } else {
+                    overflow = true;
+                }
+            })
+            .map_err(|e| {
+                Fail::Reject(match e {
+                    crate::h1::ChunkError::BodyTooLarge => error::BODY_TOO_LARGE,
+                    _ => error::BAD_BODY,
+                })
+            })?;
+        if overflow {
+            // More than 64 chunks in one read: tiny chunks; refuse rather than loop.
+            return Err(Fail::Reject(error::BAD_BODY));
+        }
+        let need: usize = pieces[..n].iter().map(|r| r.len()).sum();
+        if body.spare() < need + EDIT_ROOM {
+            let mut bigger = acquire(
+                w,
+                (body.capacity() * 2).max(body.len() + need + EDIT_ROOM),
+                idle,
+            )
+            .await?;
+            let _ = bigger.put(&body);
+            body = bigger;
+        }
+        for r in &pieces[..n] {
+            let _ = body.put(&cbuf[pos + r.start..pos + r.end]);
+        }
+        pos += progress.consumed;
+        if progress.done {
+            return Ok((body, cbuf, pos));
+        }
+        // Everything was consumed: read more into the client buffer.
+        cbuf.truncate(start);
+        pos = start;
+        let cap = cbuf.capacity();
+        match deadline::timeout(
+            idle,
+            client.read(monoio::buf::IoBufMut::slice_mut(cbuf, start..cap)),
+        )
+        .await
+        {
+            Ok((Ok(got), s)) if got > 0 => cbuf = s.into_inner(),
+            _ => return Err(Fail::Gone),
+        }
+    }
+}
+
+/// Keeps `buf[from..]` behind a fresh headroom, or nothing when empty.
+fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
+    use crate::proxy::request::HEADROOM;
+    if buf.len() <= from {
+        return None;
+    }
+    buf.consume(from - HEADROOM);
+    buf[..HEADROOM].fill(0);
+    Some(buf)
+}
+
+/// Inserts `bytes` at `at`, moving the tail; false when out of room.
+fn insert(buf: &mut PoolBuf, at: usize, bytes: &[u8]) -> bool {
+    replace(buf, at..at, bytes)
+}
+
+/// Replaces `range` with `with`, moving the tail; false when out of room.
+fn replace(buf: &mut PoolBuf, range: std::ops::Range<usize>, with: &[u8]) -> bool {
+    let len = buf.len();
+    if range.end > len || range.start > range.end {
+        return false;
+    }
+    let grow = with.len() as isize - range.len() as isize;
+    if grow > 0 {
+        if buf.spare() < grow as usize {
+            return false;
+        }
+        let _ = buf.put(&vec_zeros(grow as usize));
+        buf.copy_within(range.end..len, range.end + grow as usize);
+    } else if grow < 0 {
+        buf.copy_within(range.end..len, (range.end as isize + grow) as usize);
+        buf.truncate((len as isize + grow) as usize);
+    }
+    buf[range.start..range.start + with.len()].copy_from_slice(with);
+    true
+}
+
+fn vec_zeros(n: usize) -> Vec<u8> {
+    vec![0; n]
+}
+
+/// A JSON string's content (no quotes), escaped.
+fn json_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}

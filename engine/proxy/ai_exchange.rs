@@ -1,0 +1,296 @@
+//! One request on an AI route: body scanned and edited, tokens reserved,
+//! upstream picked by model, response relayed while usage is watched, and
+//! the request settled (reservations reconciled, metrics, access log).
+
+use monoio::{io::AsyncWriteRentExt, net::TcpStream};
+
+use super::{
+    conn::{read_response_head, reject, reject_with, Next, Record, RespError, Tried},
+    error,
+    headers::ExtraHeaders,
+    request::Plan,
+};
+use crate::{
+    ai::{
+        self,
+        account::AiCtx,
+        request::{capture, Fail},
+    },
+    buf::PoolBuf,
+    filter::Filter,
+    runtime::{deadline, Generation, Worker},
+    upstream::{
+        health::now_ms,
+        pool::{CheckoutError, Pick},
+    },
+};
+
+/// Output tokens reserved when the request names no `max_tokens`.
+const DEFAULT_OUTPUT_RESERVE: u64 = 1024;
+
+/// Serves one AI request after its head and request limits passed.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn exchange(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    plan: Plan,
+    cbuf: PoolBuf,
+    mut record: Record<'_>,
+    mut extra: ExtraHeaders,
+) -> Next {
+    let route_ai = ai::route(&g.shared, plan.route);
+    let head = cbuf[plan.head_start..plan.head_end].to_vec();
+    let (req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
+        Ok(v) => v,
+        Err(Fail::Gone) => return Next::Close,
+        Err(Fail::Reject(rej)) => {
+            record.status = rej.status;
+            return reject(w, g, client, rej, plan.is_head, None).await;
+        }
+    };
+    record.model = req.model.clone();
+    let consumer = plan
+        .consumer
+        .map(|c| g.shared.filters.auth.consumer_name(c as usize));
+    let mut ctx = AiCtx::new(
+        &g.shared.routes.get(plan.route).name,
+        consumer,
+        req.model.clone(),
+        req.injected,
+        req.input_estimate,
+        route_ai.stats,
+    );
+
+    // Reserve tokens before anything goes upstream.
+    let redis_timeout = g
+        .shared
+        .cfg
+        .redis
+        .as_ref()
+        .map_or(std::time::Duration::from_millis(200), |r| r.timeout);
+    let mut tightest = None;
+    for check in plan.tokens.iter() {
+        let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
+            continue;
+        };
+        let want = req.input_estimate + req.max_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVE);
+        let cost = want
+            .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
+            .min(rl.max_cost(check))
+            .max(1);
+        let now = now_ms();
+        let d = rl.acquire(check, cost, now, redis_timeout).await;
+        if let Some(h) = rl.headers(&d) {
+            if tightest.is_none_or(|t: ringway_filters::limit::window::LimitHeaders| {
+                h.remaining < t.remaining || !d.admitted
+            }) {
+                tightest = Some(h);
+            }
+        }
+        if d.admitted {
+            rl.allowed.add(1);
+            ctx.reserved(rl.clone(), *check, cost, now);
+        } else if rl.conf.shadow {
+            rl.shadow_rejected.add(1);
+        } else {
+            rl.rejected.add(1);
+            ctx.release_all();
+            if let Some(h) = tightest {
+                let _ = h.write_to(&mut extra);
+                let _ = h.write_retry_after(&mut extra);
+            }
+            record.status = 429;
+            let rej = error::RATE_LIMITED.closing_if(!plan.keep_alive);
+            let keep = if rej.close { None } else { pipelined };
+            return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
+        }
+    }
+    if let Some(h) = tightest {
+        let _ = h.write_to(&mut extra);
+    }
+
+    // Connect: the model's upstream, or the route's.
+    let up = req.upstream.unwrap_or(plan.upstream);
+    let pool = g.upstream(up);
+    let retries = pool.shared.conf.retries as usize;
+    let mut tried = Tried::default();
+    let mut conn = loop {
+        let pick = Pick {
+            exclude: tried.as_slice(),
+            hash_key: plan.hash_key,
+        };
+        let err = match pool.checkout(&pick, false).await {
+            Ok(c) => break c,
+            Err(e) => e,
+        };
+        if let CheckoutError::Connect(idx, _) | CheckoutError::ConnectTimeout(idx) = err {
+            pool.report_failure(idx);
+            if tried.len() < retries && tried.push(idx) {
+                pool.stats.retries.add(1);
+                continue;
+            }
+        }
+        ctx.release_all();
+        let rej = match err {
+            CheckoutError::NoEndpoint => error::NO_ENDPOINT,
+            CheckoutError::AllDown => error::ALL_DOWN,
+            CheckoutError::NoSlot => error::NO_SLOT,
+            CheckoutError::Connect(..) => error::CONNECT_FAILED,
+            CheckoutError::ConnectTimeout(_) => error::CONNECT_TIMEOUT,
+        };
+        record.status = rej.status;
+        let rej = rej.closing_if(!plan.keep_alive);
+        let keep = if rej.close { None } else { pipelined };
+        return reject(w, g, client, rej, plan.is_head, keep).await;
+    };
+    record.upstream = Some(conn.addr);
+
+    // Head with the body's real length, then the body.
+    let body_len = req.body.as_ref().map_or(0, |b| b.len());
+    let head = with_length(&head, req.body.is_some().then_some(body_len));
+    record.bytes_in += body_len as u64;
+    let idle = pool.shared.conf.response_timeout;
+    let sent = async {
+        let (r, _) = conn.stream().write_all(head).await;
+        r?;
+        if let Some(body) = req.body {
+            let (r, _) = conn.stream().write_all(body).await;
+            r?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    if !matches!(deadline::timeout(idle, sent).await, Ok(Ok(()))) {
+        pool.report_failure(conn.idx);
+        ctx.release_all();
+        record.status = 502;
+        return reject(
+            w,
+            g,
+            client,
+            error::BAD_GATEWAY.closing_if(true),
+            plan.is_head,
+            None,
+        )
+        .await;
+    }
+    ctx.sent_at = std::time::Instant::now();
+
+    let ubuf = match w
+        .pool
+        .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
+        .await
+    {
+        Ok(b) => b,
+        Err(_) => {
+            ctx.release_all();
+            record.status = 503;
+            return reject(
+                w,
+                g,
+                client,
+                error::NO_BUFFER.closing_if(true),
+                plan.is_head,
+                None,
+            )
+            .await;
+        }
+    };
+    let (rp, ubuf) =
+        match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, true).await {
+            Ok(v) => v,
+            Err(RespError::Client) => return Next::Close,
+            Err(RespError::NoAnswer) => {
+                pool.report_failure(conn.idx);
+                ctx.release_all();
+                record.status = 502;
+                return reject(
+                    w,
+                    g,
+                    client,
+                    error::BAD_GATEWAY.closing_if(true),
+                    plan.is_head,
+                    None,
+                )
+                .await;
+            }
+            Err(RespError::Reject(rej)) => {
+                if rej.status >= 502 {
+                    pool.report_failure(conn.idx);
+                }
+                ctx.release_all();
+                record.status = rej.status;
+                return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
+            }
+        };
+    record.status = rp.status;
+    record.upstream_time = Some(ctx.sent_at.elapsed());
+    if rp.status >= 500 {
+        pool.report_failure(conn.idx);
+    } else {
+        pool.report_success(conn.idx);
+    }
+    ctx.answered = (200..300).contains(&rp.status);
+
+    let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
+    // Settled on every path: a client that left is charged what was streamed.
+    if let Some(u) = ctx.settle() {
+        if ctx.answered {
+            record.tokens = Some((
+                u.input,
+                u.output,
+                u.source == ringway_filters::usage::UsageSource::Estimated,
+            ));
+        }
+    }
+    match relayed {
+        Ok((bytes, clean)) => {
+            record.bytes_out = bytes;
+            if rp.upstream_keep_alive && clean {
+                conn.set_reusable();
+            }
+        }
+        Err(_) => return Next::Close,
+    }
+    drop(conn);
+    if rp.client_close {
+        return Next::Close;
+    }
+    Next::KeepAlive(pipelined)
+}
+
+/// The head without its framing headers and final blank line, plus
+/// `content-length` for the body actually sent.
+fn with_length(head: &[u8], len: Option<usize>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 32);
+    let body = head.strip_suffix(b"\r\n").unwrap_or(head);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        let lower = line.get(..18).map(|p| p.to_ascii_lowercase());
+        let framing = lower.as_deref().is_some_and(|p| {
+            p.starts_with(b"content-length:") || p.starts_with(b"transfer-encoding:")
+        });
+        if !framing {
+            out.extend_from_slice(line);
+        }
+    }
+    if let Some(n) = len {
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("content-length: {n}\r\n"));
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_length;
+
+    #[test]
+    fn framing_headers_are_replaced_by_the_real_length() {
+        let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nContent-Length: 10\r\ntransfer-encoding: chunked\r\nx-a: b\r\n\r\n";
+        let out = with_length(head, Some(42));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-a: b\r\ncontent-length: 42\r\n\r\n"
+        );
+    }
+}
