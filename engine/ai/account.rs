@@ -20,6 +20,9 @@ use crate::filter::{LimitCheck, RateLimit};
 /// Most token-limit reservations one request holds.
 const MAX_RESERVATIONS: usize = 4;
 
+/// Bytes of a JSON completion that are not generated text, for estimates.
+const ENVELOPE_BYTES: u64 = 256;
+
 /// Largest SSE frame parsed; longer frames are forwarded untouched.
 pub const MAX_SSE_FRAME: usize = 64 * 1024;
 
@@ -47,6 +50,8 @@ pub struct AiCtx {
     pub sse: Option<SseParser>,
     /// Usage from a JSON body.
     pub json: JsonUsageScanner,
+    /// Bytes of a non-streamed body (for an estimate when it reports no usage).
+    pub json_bytes: u64,
     /// The response was an event stream.
     pub streamed: bool,
     /// When the request was sent upstream.
@@ -81,6 +86,7 @@ impl AiCtx {
             tracker: UsageTracker::new(),
             sse: None,
             json: JsonUsageScanner::new(),
+            json_bytes: 0,
             streamed: false,
             sent_at: Instant::now(),
             first_token: None,
@@ -112,9 +118,12 @@ impl AiCtx {
         }
         match self.json.usage() {
             Some(u) => u,
+            // No usage in a JSON reply: its generated text is most of the
+            // body, so the body less a typical envelope (~256 bytes of ids,
+            // roles and field names) stands in for it.
             None => Usage {
                 input: self.input_estimate,
-                output: estimate_tokens_from_chars(self.tracker.content_chars()),
+                output: estimate_tokens_from_chars(self.json_bytes.saturating_sub(ENVELOPE_BYTES)),
                 cache_read: 0,
                 cache_write: 0,
                 source: UsageSource::Estimated,

@@ -189,7 +189,10 @@ fn observe(ctx: &mut AiCtx, payload: &[u8]) {
                 SseItem::OversizedData(d) => tracker.on_oversized_data(d),
             });
         }
-        None => ctx.json.feed(payload),
+        None => {
+            ctx.json_bytes += payload.len() as u64;
+            ctx.json.feed(payload)
+        }
     }
 }
 

@@ -189,6 +189,13 @@ pub const MODEL_REQUIRED: Reject = Reject::closing(
     "model_required",
     "the request body has no top-level \"model\"",
 );
+/// The body is larger than the whole buffer pool of a worker, which is what
+/// bounds the memory an inspected body may take.
+pub const BODY_EXCEEDS_POOL: Reject = Reject::closing(
+    413,
+    "body_exceeds_buffer_pool",
+    "request body is larger than the buffer pool (buffers_per_worker x buffer_size) an AI route may hold it in",
+);
 /// The body is not valid JSON.
 pub const INVALID_JSON: Reject =
     Reject::closing(400, "invalid_json", "the request body is not valid JSON");
@@ -196,7 +203,7 @@ pub const INVALID_JSON: Reject =
 async fn acquire(w: &Worker, bytes: usize, wait: Duration) -> Result<PoolBuf, Fail> {
     match w.pool.acquire_within(bytes, wait).await {
         Ok(b) => Ok(b),
-        Err(crate::buf::PoolError::TooLarge) => Err(Fail::Reject(error::BODY_TOO_LARGE)),
+        Err(crate::buf::PoolError::TooLarge) => Err(Fail::Reject(BODY_EXCEEDS_POOL)),
         Err(crate::buf::PoolError::Exhausted) => {
             Err(Fail::Reject(error::NO_BUFFER.closing_if(true)))
         }

@@ -41,6 +41,8 @@ const SHARDS: usize = 16;
 const QUEUE: usize = 8192;
 /// Most windows a rule may have.
 const MAX_WINDOWS: usize = 4;
+/// How long a key Redis refused is refused locally before asking again.
+const EXHAUSTED_MS: u64 = 200;
 
 /// Redis could not answer in time (or is down): apply `failure_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,10 +58,17 @@ pub struct KeyLeases {
 #[derive(Default)]
 struct WindowLease {
     slot: LeaseSlot,
+    /// The last grant and the window it was for: a key that keeps coming
+    /// back in one window gets leases that double, so a hot key costs a
+    /// handful of Redis calls per window instead of one per few requests.
+    last_grant: AtomicU64,
+    last_grant_window: AtomicU64,
     /// Units Redis reported granted to all replicas after our last grant.
     used_known: AtomicU64,
-    /// A window Redis said is spent: refuse without asking again.
-    exhausted: AtomicU64,
+    /// Until when (ms) Redis is known to have nothing left for this key:
+    /// refuse without asking again. Short, because returned units (a token
+    /// reservation settled lower, another replica's leftovers) free room.
+    exhausted_until: AtomicU64,
 }
 
 /// The process-wide lease state of one cluster filter, bounded by `max_keys`.
@@ -160,7 +169,7 @@ impl ClusterLimit {
                     }
                     break;
                 }
-                if w.exhausted.load(Ordering::Relaxed) == ws {
+                if now_ms() < w.exhausted_until.load(Ordering::Relaxed) {
                     return Ok(refused);
                 }
                 // Several waiters may share one grant; a few rounds at most.
@@ -194,11 +203,12 @@ impl ClusterLimit {
 }
 
 impl ClusterLimit {
-    /// Settles a reservation: unused units go back into this process's
-    /// lease (for other requests in the same window); extra usage is taken
-    /// from it as far as it goes (the overshoot is bounded by one reservation).
+    /// Settles a reservation: unused units go back to Redis (for every
+    /// replica); extra usage is taken from this process's lease as far as it
+    /// goes (the overshoot is bounded by one reservation).
     pub fn reconcile(
         &self,
+        filter: &str,
         check: &LimitCheck,
         windows: &[(u64, u64)],
         reserved: u64,
@@ -210,7 +220,9 @@ impl ClusterLimit {
             let ws = window_start(taken_ms, period);
             let slot = &leases.windows[i].slot;
             if used < reserved {
-                let _ = slot.give_back(ws, reserved - used);
+                // Back to Redis, so every replica can use them this window.
+                let _ = slot;
+                submit_return(redis_key(filter, &leases.key, ws), reserved - used);
             } else {
                 let mut extra = used - reserved;
                 while extra > 0 && slot.take(1, ws) {
@@ -295,18 +307,36 @@ pub fn stats() -> &'static RedisStats {
     S.get_or_init(RedisStats::default)
 }
 
-static QUEUE_TX: OnceLock<SyncSender<LeaseRequest>> = OnceLock::new();
+/// Work for the Redis thread.
+enum Msg {
+    /// A key needs a lease.
+    Lease(LeaseRequest),
+    /// Units taken but not used (a token reservation settled lower): give
+    /// them back to Redis so every replica can use them.
+    Return { redis_key: String, units: u64 },
+}
+
+static QUEUE_TX: OnceLock<SyncSender<Msg>> = OnceLock::new();
 
 fn submit(req: LeaseRequest) -> bool {
     let Some(tx) = QUEUE_TX.get() else {
         return false;
     };
-    match tx.try_send(req) {
+    match tx.try_send(Msg::Lease(req)) {
         Ok(()) => true,
-        Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
+        Err(TrySendError::Full(Msg::Lease(r))) | Err(TrySendError::Disconnected(Msg::Lease(r))) => {
             r.reply.set(REPLY_UNAVAILABLE);
             false
         }
+        Err(_) => false,
+    }
+}
+
+/// Queues a return of `units` for a key's window; dropped (and left to expire
+/// with the window) if the queue is full.
+fn submit_return(redis_key: String, units: u64) {
+    if let Some(tx) = QUEUE_TX.get() {
+        let _ = tx.try_send(Msg::Return { redis_key, units });
     }
 }
 
@@ -361,7 +391,7 @@ struct Outstanding {
     return_at: u64,
 }
 
-fn run(rx: Receiver<LeaseRequest>) {
+fn run(rx: Receiver<Msg>) {
     let grant = redis::Script::new(GRANT_LUA);
     let give_back = redis::Script::new(RETURN_LUA);
     let mut conn: Option<Conn> = None;
@@ -381,15 +411,25 @@ fn run(rx: Receiver<LeaseRequest>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let mut batch: Vec<LeaseRequest> = Vec::new();
-        if let Some(r) = first {
+        let mut returns: Vec<(String, u64)> = Vec::new();
+        if let Some(first) = first {
             // Batch: let requests gather until one flush interval after the last flush.
             let since = last_flush.elapsed();
             if since < flush {
                 thread::sleep(flush - since);
             }
-            batch.push(r);
-            while let Ok(r) = rx.try_recv() {
-                batch.push(r);
+            let mut take = |m: Msg| match m {
+                Msg::Lease(r) => batch.push(r),
+                Msg::Return { redis_key, units } => {
+                    match returns.iter_mut().find(|(k, _)| *k == redis_key) {
+                        Some((_, n)) => *n += units,
+                        None => returns.push((redis_key, units)),
+                    }
+                }
+            };
+            take(first);
+            while let Ok(m) = rx.try_recv() {
+                take(m);
             }
         }
         let Some(conf) = conf else {
@@ -423,9 +463,27 @@ fn run(rx: Receiver<LeaseRequest>) {
         };
         let now = now_ms();
         let mut failed = false;
-        if !batch.is_empty() {
+        // Returns first: the room they free is there for this flush's grants.
+        for (k, n) in &returns {
+            stats().returned.add(*n);
+            stats().calls.add(1);
+            let res: redis::RedisResult<Vec<i64>> = match c {
+                Conn::Single(con) => give_back.key(k).arg(*n).invoke(con),
+                Conn::Cluster(con) => give_back.key(k).arg(*n).invoke(&mut **con),
+            };
+            if res.is_err() {
+                // A return that fails only leaves room unused until the window ends.
+                stats().errors.add(1);
+                failed = matches!(c, Conn::Single(_));
+            }
+        }
+        if !batch.is_empty() && !failed {
             last_flush = Instant::now();
             failed = flush_grants(c, &grant, batch, now, &mut outstanding).is_err();
+        } else {
+            for r in batch {
+                r.reply.set(REPLY_UNAVAILABLE);
+            }
         }
         if !failed {
             failed = return_leftovers(c, &give_back, &mut outstanding, now, flush).is_err();
@@ -462,15 +520,26 @@ fn flush_grants(
         .map(|(_, reqs)| {
             let r = &reqs[0];
             let used = r.leases.windows[r.index].used_known.load(Ordering::Relaxed);
+            let w = &r.leases.windows[r.index];
             let demand: u64 = reqs.iter().map(|r| r.demand).sum();
-            // At least what the waiters need (a reservation may exceed the
-            // policy's ask), never more than the window has left.
-            let ask = lease_ask(r.limit, used, r.replicas, demand).max(demand.min(r.limit));
+            // The policy's ask shrinks as the window fills; a key that used
+            // up its last lease in this window gets twice as much, within
+            // the same cap; and at least what the waiters need.
+            let cap = ((r.limit.saturating_sub(used)) / (2 * u64::from(r.replicas.max(1)))).max(1);
+            let grown = if w.last_grant_window.load(Ordering::Relaxed) == r.window_start {
+                (2 * w.last_grant.load(Ordering::Relaxed)).min(cap)
+            } else {
+                0
+            };
+            let ask = lease_ask(r.limit, used, r.replicas, demand)
+                .max(grown)
+                .max(demand.min(r.limit));
             // Expire a little after the window ends, so late returns find it.
             let ttl = r.window_start + r.period - now + 5_000;
             (ask, r.limit, ttl)
         })
         .collect();
+    let mut keys = keys;
     let results: Vec<i64> = match c {
         Conn::Single(con) => {
             let mut inv = script.prepare_invoke();
@@ -491,23 +560,42 @@ fn flush_grants(
             }
         }
         Conn::Cluster(con) => {
+            // One call per key (their slots differ); a key whose master is
+            // down fails alone, and the others are granted as usual.
             let mut out = Vec::with_capacity(keys.len() * 2);
-            for ((k, _), &(ask, limit, ttl)) in keys.iter().zip(&plan) {
+            let mut down = Vec::new();
+            for (i, ((k, _), &(ask, limit, ttl))) in keys.iter().zip(&plan).enumerate() {
                 stats().calls.add(1);
-                let r: Vec<i64> = match script
+                match script
                     .key(k)
                     .arg(ttl)
                     .arg(ask)
                     .arg(limit)
-                    .invoke(&mut **con)
+                    .invoke::<Vec<i64>>(&mut **con)
                 {
-                    Ok(v) => v,
-                    Err(e) => {
-                        fail_all(keys);
-                        return Err(e);
+                    Ok(v) => out.extend(v),
+                    Err(_) => {
+                        stats().errors.add(1);
+                        down.push(i);
+                        out.extend([-1, -1]);
                     }
-                };
-                out.extend(r);
+                }
+            }
+            if !down.is_empty() {
+                let mut kept = Vec::with_capacity(keys.len());
+                let mut results = Vec::with_capacity(out.len());
+                for (i, entry) in keys.into_iter().enumerate() {
+                    if down.contains(&i) {
+                        for r in entry.1 {
+                            r.reply.set(REPLY_UNAVAILABLE);
+                        }
+                    } else {
+                        results.extend_from_slice(&out[2 * i..2 * i + 2]);
+                        kept.push(entry);
+                    }
+                }
+                keys = kept;
+                out = results;
             }
             out
         }
@@ -520,18 +608,29 @@ fn flush_grants(
         w.used_known.store(used, Ordering::Relaxed);
         let state = if granted > 0 {
             stats().granted.add(granted);
+            w.last_grant.store(granted, Ordering::Relaxed);
+            w.last_grant_window
+                .store(r0.window_start, Ordering::Relaxed);
             // A previous window's leftover expired with it in Redis.
             let _ = w.slot.refill(r0.window_start, granted);
-            outstanding.push(Outstanding {
-                leases: r0.leases.clone(),
-                index: r0.index,
-                redis_key: k,
-                window_start: r0.window_start,
-                return_at: (r0.window_start + r0.period).saturating_sub(250),
-            });
+            // Unspent units go back shortly before the window ends, so other
+            // replicas can use them; a grant made after that point is left
+            // to the requests that asked for it (it expires with the window).
+            let margin = (r0.period / 10).min(250);
+            let return_at = (r0.window_start + r0.period).saturating_sub(margin);
+            if now < return_at {
+                outstanding.push(Outstanding {
+                    leases: r0.leases.clone(),
+                    index: r0.index,
+                    redis_key: k,
+                    window_start: r0.window_start,
+                    return_at,
+                });
+            }
             REPLY_GRANTED
         } else {
-            w.exhausted.store(r0.window_start, Ordering::Relaxed);
+            let until = (now + EXHAUSTED_MS).min(r0.window_start + r0.period);
+            w.exhausted_until.store(until, Ordering::Relaxed);
             REPLY_EXHAUSTED
         };
         for r in reqs {

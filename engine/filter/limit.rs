@@ -212,7 +212,7 @@ impl RateLimit {
                         .charge_all(check.key_hash, windows, used - reserved, now_ms());
                 }
             }
-            Some(cl) => cl.reconcile(check, windows, reserved, used, taken_ms),
+            Some(cl) => cl.reconcile(&self.name, check, windows, reserved, used, taken_ms),
         }
     }
 

@@ -517,7 +517,10 @@ impl Drop for Record<'_> {
         }
         match self.tokens {
             Some((i, o, est)) => {
-                let _ = writeln!(out, ",\"tokens\":{{\"input\":{i},\"output\":{o},\"estimated\":{est}}}}}");
+                let _ = writeln!(
+                    out,
+                    ",\"tokens\":{{\"input\":{i},\"output\":{o},\"estimated\":{est}}}}}"
+                );
             }
             None => out.extend_from_slice(b",\"tokens\":null}\n"),
         }
@@ -542,7 +545,11 @@ enum HeadFail {
     /// Answer this; keep the connection with these pipelined bytes if the
     /// rejection allows it. The route, request id and head length when a
     /// route matched (the rejection is then logged and counted on it).
-    Reject(Reject, Option<PoolBuf>, Option<Box<(usize, RequestId, usize)>>),
+    Reject(
+        Reject,
+        Option<PoolBuf>,
+        Option<Box<(usize, RequestId, usize)>>,
+    ),
     /// The client went away or timed out: close silently.
     Gone,
 }

@@ -62,8 +62,8 @@ impl Reject {
     /// (the request was HEAD) while keeping its Content-Length.
     pub fn render(&self, head_only: bool, extra_headers: &str) -> Vec<u8> {
         let body = format!(
-            "{{\"error\":{{\"message\":\"{}\",\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
-            self.message,
+            "{{\"error\":{{\"message\":{},\"type\":\"{}\",\"code\":\"{}\"}}}}\n",
+            crate::admin::json_str(self.message),
             self.kind(),
             self.code
         );
