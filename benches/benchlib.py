@@ -275,6 +275,63 @@ def report(tsv, meta):
         summary.append("idle: " + "; ".join("%s %s B/conn (opened %d, failed %d, still open %d)" % (
             p, fnum(x["per"], 0), x["opened"], x["failed"], x["still"]) for p, x in idm.items()))
 
+    # Ringway A/B: ab scenario variant round requests rps p50 p99 cpu_us hwm_kb bytes non2 sock sockd
+    #             check redis_cmds_per_req redis_cpu_us_per_req frames_per_response client_frames desc
+    ab = [r for r in rows if r[0] == "ab"]
+    abm = {}
+    for sc in [s for i, s in enumerate(r[1] for r in ab) if s not in [r[1] for r in ab][:i]]:
+        rs_sc = [r for r in ab if r[1] == sc]
+        desc = rs_sc[0][19]
+        fpr = int(rs_sc[0][17])
+        m = {}
+        for v in [x for i, x in enumerate(r[2] for r in rs_sc) if x not in [r[2] for r in rs_sc][:i]]:
+            rs = [r for r in rs_sc if r[2] == v]
+            m[v] = dict(
+                rps=med([float(r[5]) for r in rs]), p50=med([float(r[6]) for r in rs]),
+                p99=med([float(r[7]) for r in rs]), cpu=med([float(r[8]) for r in rs]),
+                rss=med([float(r[9]) / 1024 for r in rs]),
+                redis=med([float(r[15]) for r in rs]), redis_cpu=med([float(r[16]) for r in rs]),
+                non2=sum(int(r[11]) for r in rs), sock=sum(int(r[12]) for r in rs),
+                sockd=",".join(r[13] for r in rs if r[13] != "0"),
+                ok=all(r[14] == "ok" for r in rs), checks=",".join(sorted(set(r[14] for r in rs))),
+                cframes=",".join(sorted(set(r[18] for r in rs))), n=len(rs))
+        abm[sc] = (m, fpr)
+        off = m.get("off")
+        w("\n### %s — Ringway vs itself: %s\n" % (sc, desc))
+        if sc == "sse":
+            w("| variant | req/s | SSE frames/s | p50 ms | p99 ms | CPU µs/req | CPU µs/frame | peak RSS MiB | req/s on/off | CPU/frame on/off | frames to client | runs | non-2xx | socket errors | check |")
+            w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        else:
+            w("| variant | req/s | p50 ms | p99 ms | CPU µs/req | Redis cmds per 1,000 req | Redis CPU µs/req | peak RSS MiB | req/s on/off | CPU on/off | runs | non-2xx | socket errors | check |")
+            w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        parts = []
+        for v, x in m.items():
+            flag = "ok" if (not x["non2"] and not x["sock"] and x["ok"]) else "**FLAGGED** (%s)" % x["checks"]
+            sockc = x["sock"] if not x["sockd"] else "%d (%s)" % (x["sock"], x["sockd"])
+            if sc == "sse":
+                w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %d | %s | %s |" % (
+                    v, fnum(x["rps"], 0), fnum(x["rps"] * fpr, 0), fnum(x["p50"], 2), fnum(x["p99"], 2),
+                    fnum(x["cpu"], 2), fnum(x["cpu"] / fpr, 3), fnum(x["rss"], 1),
+                    ratio(x["rps"], off["rps"]) if off else "n/a", ratio(x["cpu"], off["cpu"]) if off else "n/a",
+                    x["cframes"], x["n"], x["non2"], sockc, flag))
+                parts.append("%s %s req/s = %s frames/s, %s µs/frame (%s)" % (
+                    v, fnum(x["rps"], 0), fnum(x["rps"] * fpr, 0), fnum(x["cpu"] / fpr, 3),
+                    ratio(x["cpu"], off["cpu"]) if off else "n/a"))
+            else:
+                w("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %d | %d | %s | %s |" % (
+                    v, fnum(x["rps"], 0), fnum(x["p50"], 2), fnum(x["p99"], 2), fnum(x["cpu"], 2),
+                    fnum(x["redis"] * 1000, 3), fnum(x["redis_cpu"], 2), fnum(x["rss"], 1),
+                    ratio(x["rps"], off["rps"]) if off else "n/a", ratio(x["cpu"], off["cpu"]) if off else "n/a",
+                    x["n"], x["non2"], sockc, flag))
+                parts.append("%s %s req/s, %s µs/req (%s), %s Redis cmds per 1,000 req" % (
+                    v, fnum(x["rps"], 0), fnum(x["cpu"], 2), ratio(x["cpu"], off["cpu"]) if off else "n/a",
+                    fnum(x["redis"] * 1000, 3)))
+        if sc == "sse":
+            w("\nFrames per response = %d as sent by the origin (%d content frames + usage-only frame + [DONE]); "
+              "CPU µs/frame = CPU µs/req ÷ %d for every variant. \"frames to client\": data: frames in the "
+              "curl check (\"on\" removes the usage-only frame the client did not ask for)." % (fpr, fpr - 2, fpr))
+        summary.append("%s (Ringway on vs off): %s" % (sc, "; ".join(parts)))
+
     # targets
     w("\n### Targets (Ringway, from the medians above)\n")
     w("| target | value | met? |")
@@ -303,6 +360,21 @@ def report(tsv, meta):
         x = idm["ringway"]
         tgt("≤ 1 KiB per idle connection", "%s B" % fnum(x["per"], 0), x["per"] <= 1024 and x["failed"] == 0)
 
+    if "ratelimit" in abm:
+        m = abm["ratelimit"][0]
+        if "on" in m and "off" in m:
+            a, b = m["on"]["cpu"], m["off"]["cpu"]
+            tgt("cluster rate limit CPU µs/req ≤ 1.10 × off (ratelimit)", "%.2f vs %.2f µs = %s (%s Redis cmds per 1,000 req)" % (a, b, ratio(a, b), fnum(m["on"]["redis"] * 1000, 3)), a <= 1.10 * b)
+    if "sse" in abm:
+        m, fpr = abm["sse"]
+        if "on" in m and "off" in m:
+            a, b = m["on"]["cpu"] / fpr, m["off"]["cpu"] / fpr
+            tgt("SSE token accounting CPU µs/frame ≤ 1.15 × plain (sse)", "%.3f vs %.3f µs = %s" % (a, b, ratio(a, b)), a <= 1.15 * b)
+    for sc, (m, _) in abm.items():
+        for v, x in m.items():
+            if x["non2"] or x["sock"] or not x["ok"]:
+                tgt("no errors (%s %s)" % (sc, v), "non-2xx %d, socket errors %d, checks %s" % (x["non2"], x["sock"], x["checks"]), False)
+
     w("\n### Summary\n")
     for s in summary:
         w("- " + s)
@@ -312,6 +384,7 @@ def report(tsv, meta):
     w("# wrk: kind scenario proxy round requests rps p50_ms p99_ms cpu_us_per_req peak_rss_kb bytes_read non2xx sock_errors sock_detail bytes_check desc")
     w("# dl: kind scenario target round http_code size_bytes speed_Bps proxy_cpu_ms peak_rss_kb")
     w("# idle: kind scenario proxy opened failed still_open rss_before_kb rss_after_kb wanted round")
+    w("# ab: kind scenario variant round requests rps p50_ms p99_ms cpu_us_per_req peak_rss_kb bytes_read non2xx sock_errors sock_detail check redis_cmds_per_req redis_cpu_us_per_req frames_per_response client_frames desc")
     for r in rows:
         w("\t".join(r))
     w("```\n</details>")

@@ -12,6 +12,17 @@
 #   post64k    POST /upload with a 64 KiB body (benches/wrk/post64k.lua), wrk -c64
 #   download1g GET a 1 GiB file with curl through each proxy and direct, R runs each
 #   idle       open N (10000) idle keep-alive connections, RSS before/after -> bytes per connection
+#   ratelimit  Ringway vs itself: GET /hello with `Authorization: Bearer sk-bench`, wrk -c64, through
+#              a route with key-auth + a cluster-scope rate limit (own redis-server, never rejects)
+#              ("on") vs the same route without filters ("off"); + Redis commands and CPU per request
+#   sse        Ringway vs itself: POST /v1/chat/completions (benches/wrk/sse.lua), wrk -c64, to an
+#              OpenAI-style SSE origin (benches/backend/sse_backend.py: 200 frames + usage + [DONE],
+#              chunked) through a plain route ("off") vs an AI route with key-auth + token-limit
+#              (local) + ai-stats ("on"), and "on-usage" (same AI route, client sends
+#              stream_options.include_usage); CPU per frame = CPU per request / frames per response
+#
+# ratelimit/sse run the variants interleaved (off on [on-usage], off on ...) for R rounds, medians,
+# each run on a freshly started Ringway; ratios are on / off.
 #
 # Every wrk scenario runs the proxies interleaved (ringway nginx haproxy, ringway nginx haproxy, ...)
 # for R rounds; each run starts the proxy afresh, checks one request with curl (status and exact
@@ -22,7 +33,7 @@
 # responses, socket errors or short bodies are flagged.
 #
 # Output: markdown on stdout and in bench-out/<timestamp>.md (raw numbers in bench-out/<timestamp>.tsv).
-# Needs: nginx, haproxy, wrk, curl, python3, taskset. The Ringway binary: --ringway PATH, or
+# Needs: nginx, haproxy, wrk, curl, python3, taskset (+ redis-server, redis-cli for ratelimit). The Ringway binary: --ringway PATH, or
 # $RINGWAY_BIN, or /work/bin/ringway, or target/release/ringway (copied to the temp dir first).
 set -euo pipefail
 
@@ -35,14 +46,16 @@ DURATION=5
 WARMUP=1
 WORKERS=1
 BACKEND_WORKERS=""
-ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle"
+ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle,ratelimit,sse"
+SSE_FRAMES=200
+SSE_FRAME_BYTES=150
 IDLE_N=10000
 QUICK=0
 OUTDIR="$ROOT/bench-out"
 RINGWAY_SRC="${RINGWAY_BIN:-}"
 CMDLINE="scripts/bench.sh $*"
 
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; ROUNDS=1; DURATION=2; shift ;;
@@ -142,19 +155,22 @@ if [ -n "$PROXY_CPUS" ]; then
   PIN_PROXY=(taskset -c "$PROXY_CPUS"); PIN_WRK=(taskset -c "$WRK_CPUS"); PIN_BACKEND=(taskset -c "$BACKEND_CPUS")
 fi
 
-read -r PORT_BACKEND PORT_RINGWAY PORT_NGINX PORT_HAPROXY <<<"$(python3 "$LIB" freeports 4)"
+read -r PORT_BACKEND PORT_RINGWAY PORT_NGINX PORT_HAPROXY PORT_REDIS PORT_SSE <<<"$(python3 "$LIB" freeports 6)"
+UPSTREAM_PORT="$PORT_BACKEND"   # @UPSTREAM_PORT@ in the A/B Ringway configs (nginx backend or SSE origin)
 declare -A PORT=([ringway]=$PORT_RINGWAY [nginx]=$PORT_NGINX [haproxy]=$PORT_HAPROXY [direct]=$PORT_BACKEND)
 
 fill() { # template -> output, substituting @NAME@ placeholders
   sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@BACKEND_PORT@|$PORT_BACKEND|g" \
       -e "s|@WORKERS@|$WORKERS|g" -e "s|@BACKEND_WORKERS@|$BACKEND_WORKERS|g" \
+      -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@REDIS_PORT@|$PORT_REDIS|g" \
       -e "s|@NOFILE@|$NOFILE|g" -e "s|@MAXCONN@|$HAPROXY_MAXCONN|g" "$1" > "$2"
 }
 
+PROBE_ARGS=()   # extra curl arguments for wait_http (the A/B scenarios' Authorization header)
 wait_http() { # url, timeout seconds
   local i
   for i in $(seq $(( $2 * 20 ))); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" 2>/dev/null)" = 200 ]; then return 0; fi
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"} "$1" 2>/dev/null)" = 200 ]; then return 0; fi
     sleep 0.05
   done
   return 1
@@ -182,13 +198,13 @@ start_backend() {
 
 # ------------------------------------------------------------------ proxies
 PROXY_PID=""
-start_proxy() { # name
-  local name="$1" d="$WORK/$1" port="${PORT[$1]}"
+start_proxy() { # name [ringway config template]
+  local name="$1" d="$WORK/$1" port="${PORT[$1]}" tmpl="${2:-$BENCHES/proxies/ringway.toml}"
   mkdir -p "$d" "$d/client_body" "$d/proxy" "$d/fastcgi" "$d/uwsgi" "$d/scgi"
   chmod 755 "$d"
   case "$name" in
     ringway)
-      fill "$BENCHES/proxies/ringway.toml" "$d/ringway.toml" "$d" "$port"
+      fill "$tmpl" "$d/ringway.toml" "$d" "$port"
       "${PIN_PROXY[@]}" "$RINGWAY" --conf "$d/ringway.toml" >>"$d/stdout" 2>&1 &
       ;;
     nginx)
@@ -202,7 +218,7 @@ start_proxy() { # name
   esac
   PROXY_PID=$!
   LIVE[$PROXY_PID]=1
-  if ! wait_http "http://127.0.0.1:$port/hello" 10; then
+  if ! wait_http "${START_PROBE_URL:-http://127.0.0.1:$port/hello}" 10; then
     tail -20 "$d/stdout" "$d/error.log" >&2 2>/dev/null || true
     die "$name did not answer 200 on /hello"
   fi
@@ -375,6 +391,118 @@ run_idle() {
   done
 }
 
+# ------------------------------------------------------------------ Ringway A/B scenarios
+REDIS_PID=""
+start_redis() {
+  local d="$WORK/redis"; mkdir -p "$d"
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null || die "redis-server/redis-cli not found (ratelimit)"
+  "${PIN_BACKEND[@]}" redis-server --port "$PORT_REDIS" --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$d" --logfile "$d/redis.log" --daemonize no > "$d/stdout" 2>&1 &
+  REDIS_PID=$!
+  LIVE[$REDIS_PID]=1
+  local i
+  for i in $(seq 100); do redis-cli -p "$PORT_REDIS" ping 2>/dev/null | grep -q PONG && return 0; sleep 0.05; done
+  die "redis-server did not start"
+}
+redis_calls() { # sum of calls over all commands except info (and the ping/commandstats of this script)
+  redis-cli -p "$PORT_REDIS" INFO commandstats 2>/dev/null | tr -d '\r' |
+    awk -F'[:=,]' '/^cmdstat_/ { c = $1; sub("cmdstat_", "", c); if (c != "info" && c != "ping") s += $3 } END { print s + 0 }'
+}
+SSE_PID=""
+start_sse_backend() {
+  local d="$WORK/sse"; mkdir -p "$d"
+  "${PIN_BACKEND[@]}" python3 "$BENCHES/backend/sse_backend.py" "$PORT_SSE" "$SSE_FRAMES" "$SSE_FRAME_BYTES" > "$d/stdout" 2>&1 &
+  SSE_PID=$!
+  LIVE[$SSE_PID]=1
+  wait_http "http://127.0.0.1:$PORT_SSE/" 10 || { cat "$d/stdout" >&2; die "SSE backend did not start"; }
+}
+
+# One request through Ringway for an A/B variant: status 200 and the expected body (bytes or frames).
+check_ab() { # scen variant lua
+  local url="http://127.0.0.1:$PORT_RINGWAY" got
+  case "$1" in
+    ratelimit)
+      got=$(curl -s -o "$WORK/check.body" -w '%{http_code} %{size_download}' --max-time 20 \
+        -H 'Authorization: Bearer sk-bench' "$url/hello" || echo "000 0")
+      [ "$got" = "200 13" ] && return 0
+      got="status/size '$got', expected '200 13'" ;;
+    sse)
+      local body; body=$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$3")
+      got=$(curl -s -o "$WORK/check.body" -w '%{http_code}' --max-time 20 -H 'Content-Type: application/json' \
+        -H 'Authorization: Bearer sk-bench' --data-binary "$body" "$url/v1/chat/completions" || echo "000")
+      local frames; frames=$(grep -c '^data: ' "$WORK/check.body" || true)
+      local want=$((SSE_FRAMES + 2)); [ "$2" = on ] && want=$((SSE_FRAMES + 1))   # usage-only frame removed
+      CHECK_FRAMES="$frames"
+      [ "$got" = 200 ] && [ "$frames" = "$want" ] && tail -c 14 "$WORK/check.body" | grep -q '^data: \[DONE\]$' && return 0
+      got="status $got, $frames data: frames (expected 200, $want, ending with [DONE])" ;;
+  esac
+  log "WARNING: ringway $2 ($1): one curl got $got"
+  echo "- ringway $2 ($1): one curl got $got" >> "$WORK/anomalies"
+  return 1
+}
+
+run_ab_scenario() { # scen conns path desc variant:template:lua ...
+  local scen="$1" conns="$2" path="$3" desc="$4"; shift 4
+  want "$scen" || return 0
+  CUR_SCEN="$scen"
+  local variants=("$@") r v
+  log "scenario $scen: $desc ($ROUNDS round(s) x ${DURATION}s, variants: ${variants[*]%%:*})"
+  local fpr=1 hdr=()
+  PROBE_ARGS=(-H 'Authorization: Bearer sk-bench')
+  START_PROBE_URL="http://127.0.0.1:$PORT_RINGWAY/hello"
+  if [ "$scen" = ratelimit ]; then
+    [ -n "$REDIS_PID" ] || start_redis
+    UPSTREAM_PORT="$PORT_BACKEND"; hdr=(-H 'Authorization: Bearer sk-bench')
+  else
+    [ -n "$SSE_PID" ] || start_sse_backend
+    UPSTREAM_PORT="$PORT_SSE"; fpr=$((SSE_FRAMES + 2))
+  fi
+  for r in $(seq "$ROUNDS"); do
+    for v in "${variants[@]}"; do
+      local name="${v%%:*}" rest="${v#*:}"; local tmpl="$BENCHES/proxies/${rest%%:*}" lua="${rest#*:}"
+      [ -n "$lua" ] && lua="$BENCHES/wrk/$lua"
+      CUR_PROXY="ringway-$name"
+      start_proxy ringway "$tmpl"
+      local url="http://127.0.0.1:$PORT_RINGWAY$path" check=ok
+      CHECK_FRAMES=""
+      check_ab "$scen" "$name" "$lua" || check=curl-check-failed
+      local args=(-t1 "-c$conns" --timeout 5s ${hdr[@]+"${hdr[@]}"})
+      [ -n "$lua" ] && args+=(-s "$lua")
+      "${PIN_WRK[@]}" wrk "${args[@]}" "-d${WARMUP}s" "$url" > "$WORK/warm.out" 2>&1 || true
+      local t0 t1 c0=0 c1=0 rt0=0 rt1=0 out="$WORK/wrk-$scen-$name-$r.out"
+      if [ -n "$REDIS_PID" ] && [ "$scen" = ratelimit ]; then c0=$(redis_calls); rt0=$(cpu_ticks "$REDIS_PID"); fi
+      t0=$(cpu_ticks "$PROXY_PID")
+      "${PIN_WRK[@]}" wrk "${args[@]}" "-d${DURATION}s" --latency "$url" > "$out" 2>&1 || log "wrk exited non-zero (ringway $name, $scen)"
+      t1=$(cpu_ticks "$PROXY_PID")
+      if [ -n "$REDIS_PID" ] && [ "$scen" = ratelimit ]; then sleep 0.05; rt1=$(cpu_ticks "$REDIS_PID"); c1=$(redis_calls); fi
+      local hwm; hwm=$(mem_kb VmHWM "$PROXY_PID")
+      kill -0 "$PROXY_PID" 2>/dev/null || { echo "- ringway $name died during $scen round $r" >> "$WORK/anomalies"; check="proxy-died"; }
+      stop_proxy
+      local req rps p50 p99 bytes non2 sock sockd
+      IFS=$'\t' read -r req rps p50 p99 bytes non2 sock sockd < <(python3 "$LIB" parse-wrk "$out")
+      local cpu_us redis_per redis_cpu
+      cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { if (n > 0) printf "%.3f", d / hz * 1e6 / n; else print "nan" }')
+      redis_per=$(awk -v d=$((c1 - c0)) -v n="$req" 'BEGIN { if (n > 0) printf "%.7f", d / n; else print "nan" }')
+      redis_cpu=$(awk -v d=$((rt1 - rt0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { if (n > 0) printf "%.3f", d / hz * 1e6 / n; else print "nan" }')
+      [ "$req" -gt 0 ] || check="no-requests"
+      if [ "$scen" = sse ] && [ "$check" = ok ]; then
+        # every response must carry the whole stream: bytes read per response >= 95 % of the checked body
+        local cb; cb=$(stat -c %s "$WORK/check.body")
+        awk -v b="$bytes" -v n="$req" -v s="$cb" 'BEGIN { exit !(n > 0 && b / n >= s * 0.95) }' || check="short-bodies"
+      fi
+      if [ "$non2" != 0 ] || [ "$sock" != 0 ] || [ "$check" != ok ]; then
+        echo "- ringway $name $scen round $r: non-2xx $non2, socket errors $sock ($sockd), check $check" >> "$WORK/anomalies"
+        cp "$out" "$OUTDIR/$STAMP-wrk-$scen-$name-$r.out" 2>/dev/null || true
+      fi
+      printf 'ab\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$scen" "$name" "$r" "$req" "$rps" "$p50" "$p99" "$cpu_us" "$hwm" "$bytes" "$non2" "$sock" "$sockd" "$check" \
+        "$redis_per" "$redis_cpu" "$fpr" "${CHECK_FRAMES:--}" "$desc" >> "$RESULTS"
+      log "  $scen r$r $name: $rps req/s p50 ${p50}ms p99 ${p99}ms cpu ${cpu_us}us/req redis ${redis_per} cmd/req ${redis_cpu}us/req hwm ${hwm}kB non2xx $non2 sockerr $sock $check"
+    done
+  done
+  PROBE_ARGS=(); START_PROBE_URL=""; UPSTREAM_PORT="$PORT_BACKEND"
+}
+
 mkdir -p "$OUTDIR"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -390,6 +518,10 @@ run_wrk_scenario resp1m    /1m     64   1048576 "GET /1m (1 MiB body), 64 connec
 run_wrk_scenario post64k   /upload 64   3       "POST /upload with a 64 KiB body, 64 connections" "$BENCHES/wrk/post64k.lua"
 run_download
 run_idle
+run_ab_scenario ratelimit 64 /hello "GET /hello with a consumer key, 64 connections: cluster-scope rate limit (Redis) on vs off" \
+  off:ringway-ratelimit-off.toml: on:ringway-ratelimit-on.toml:
+run_ab_scenario sse 64 /v1/chat/completions "streamed chat completion ($SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], chunked), 64 connections: AI route (key-auth, token-limit, ai-stats) on vs plain route off" \
+  off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
 
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 META="$WORK/meta.md"
@@ -404,6 +536,8 @@ META="$WORK/meta.md"
   echo "- ringway: $RINGWAY_SRC ($RINGWAY_VERSION, sha256 $RINGWAY_SUM); $("$NGINX" -v 2>&1); $("$HAPROXY" -v 2>&1 | awk 'NR == 1 {print $1, $2, $3}'); $(wrk -v 2>&1 | awk 'NR == 1 {print $1, $2}' || true)"
   echo "- CPU µs/req = proxy (all processes and threads) utime+stime delta over the measured wrk run / CLK_TCK($CLK_TCK) / requests completed; peak RSS = VmHWM summed over the proxy's processes (nginx: master + workers)"
   echo "- ulimit -n $NOFILE"
+  if want ratelimit; then echo "- ratelimit: own $(redis-server --version 2>&1 | awk '{print $1, $2, $3}'), port $PORT_REDIS, --save '' --appendonly no"; fi
+  if want sse; then echo "- sse: origin benches/backend/sse_backend.py (python3 asyncio, one write per response), $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE]"; fi
   if [ -s "$WORK/anomalies" ]; then
     echo
     echo "**Anomalies (runs flagged):**"

@@ -11,10 +11,7 @@ use monoio::{
     io::{AsyncReadRent, AsyncWriteRentExt},
     net::TcpStream,
 };
-use ringway_filters::{
-    sse::{SseItem, SseParser},
-    usage::is_usage_only_chunk,
-};
+use ringway_filters::sse::{SseItem, SseParser};
 
 use super::account::{AiCtx, MAX_SSE_FRAME};
 use crate::{
@@ -218,7 +215,7 @@ fn inspect_sse(ctx: &mut AiCtx, payload: &[u8], held: &mut Vec<u8>, out: &mut Ve
                 if o.first_content && first.is_none() {
                     *first = Some(Instant::now());
                 }
-                drop_it = injected && (o.usage_only || is_usage_only_chunk(ev.data));
+                drop_it = injected && o.usage_only;
             } else if f.oversized {
                 let _ = tracker.on_oversized_end();
             }

@@ -5,10 +5,14 @@
 use monoio::{io::AsyncWriteRentExt, net::TcpStream};
 
 use super::{
-    conn::{read_response_head, reject, reject_with, Next, Record, RespError, Tried},
+    conn::Next,
     error,
     headers::ExtraHeaders,
+    record::Record,
+    reject::{reject, reject_with},
     request::Plan,
+    respond::{read_response_head, RespError},
+    retry::{connect, Tried},
 };
 use crate::{
     ai::{
@@ -19,10 +23,7 @@ use crate::{
     buf::PoolBuf,
     filter::Filter,
     runtime::{deadline, Generation, Worker},
-    upstream::{
-        health::now_ms,
-        pool::{CheckoutError, Pick},
-    },
+    upstream::health::now_ms,
 };
 
 /// Output tokens reserved when the request names no `max_tokens`.
@@ -113,36 +114,16 @@ pub(super) async fn exchange(
     // Connect: the model's upstream, or the route's.
     let up = req.upstream.unwrap_or(plan.upstream);
     let pool = g.upstream(up);
-    let retries = pool.shared.conf.retries as usize;
     let mut tried = Tried::default();
-    let mut conn = loop {
-        let pick = Pick {
-            exclude: tried.as_slice(),
-            hash_key: plan.hash_key,
-        };
-        let err = match pool.checkout(&pick, false).await {
-            Ok(c) => break c,
-            Err(e) => e,
-        };
-        if let CheckoutError::Connect(idx, _) | CheckoutError::ConnectTimeout(idx) = err {
-            pool.report_failure(idx);
-            if tried.len() < retries && tried.push(idx) {
-                pool.stats.retries.add(1);
-                continue;
-            }
+    let mut conn = match connect(pool, &plan, &mut tried).await {
+        Ok(c) => c,
+        Err(rej) => {
+            ctx.release_all();
+            record.status = rej.status;
+            let rej = rej.closing_if(!plan.keep_alive);
+            let keep = if rej.close { None } else { pipelined };
+            return reject(w, g, client, rej, plan.is_head, keep).await;
         }
-        ctx.release_all();
-        let rej = match err {
-            CheckoutError::NoEndpoint => error::NO_ENDPOINT,
-            CheckoutError::AllDown => error::ALL_DOWN,
-            CheckoutError::NoSlot => error::NO_SLOT,
-            CheckoutError::Connect(..) => error::CONNECT_FAILED,
-            CheckoutError::ConnectTimeout(_) => error::CONNECT_TIMEOUT,
-        };
-        record.status = rej.status;
-        let rej = rej.closing_if(!plan.keep_alive);
-        let keep = if rej.close { None } else { pipelined };
-        return reject(w, g, client, rej, plan.is_head, keep).await;
     };
     record.upstream = Some(conn.addr);
 

@@ -3,9 +3,16 @@
 pub mod ai_exchange;
 pub mod conn;
 pub mod error;
+pub mod head;
 pub mod headers;
+pub mod limits;
+pub mod record;
+pub mod reject;
 pub mod request;
+pub mod respond;
 pub mod response;
+pub mod retry;
+pub mod send;
 pub mod transfer;
 
 pub use conn::serve;

@@ -170,6 +170,9 @@ impl UsageTracker {
         if !data.starts_with(b"{") {
             return EventOutcome::default();
         }
+        if let Some(out) = self.fast_chat_chunk(data) {
+            return out;
+        }
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             self.unparsable += 1;
             return EventOutcome::default();
@@ -253,6 +256,57 @@ impl UsageTracker {
     }
 
     /// OpenAI chat completions (and legacy completions) chunk.
+    /// The common case without a JSON tree: an OpenAI chat chunk with no
+    /// usage object (most frames of a stream). Its generated text is the
+    /// string values of `content`, `reasoning_content`, `refusal` and tool
+    /// `arguments`, counted by a byte scan. Anything else (a usage object, a
+    /// `"type"` field, text outside those keys) takes the full parse.
+    fn fast_chat_chunk(&mut self, data: &[u8]) -> Option<EventOutcome> {
+        use memchr::memmem::find;
+        if find(data, b"\"object\":\"chat.completion.chunk\"").is_none()
+            || find(data, b"\"type\"").is_some()
+            || find(data, b"\"text\"").is_some()
+        {
+            return None;
+        }
+        // Only `"usage":null` (or no usage) may appear.
+        let mut at = 0;
+        while let Some(i) = find(&data[at..], b"\"usage\"") {
+            let rest = data[at + i + 7..].trim_ascii_start();
+            let rest = rest.strip_prefix(b":")?.trim_ascii_start();
+            if !rest.starts_with(b"null") {
+                return None;
+            }
+            at += i + 7;
+        }
+        let mut out = EventOutcome::default();
+        for key in [
+            &b"\"content\""[..],
+            b"\"reasoning_content\"",
+            b"\"refusal\"",
+            b"\"arguments\"",
+        ] {
+            let mut at = 0;
+            while let Some(i) = find(&data[at..], key) {
+                at += i + key.len();
+                let rest = data[at..].trim_ascii_start();
+                let Some(rest) = rest.strip_prefix(b":") else {
+                    continue;
+                };
+                let rest = rest.trim_ascii_start();
+                if let Some(body) = rest.strip_prefix(b"\"") {
+                    out.content_chars += json_string_chars(body)?;
+                }
+            }
+        }
+        self.content_chars += out.content_chars;
+        if out.content_chars > 0 && !self.content_seen {
+            self.content_seen = true;
+            out.first_content = true;
+        }
+        Some(out)
+    }
+
     fn chat_chunk(&mut self, v: &Value, out: &mut EventOutcome) {
         let choices = v.get("choices").and_then(Value::as_array);
         for ch in choices.into_iter().flatten() {
@@ -316,6 +370,30 @@ impl UsageTracker {
             },
         }
     }
+}
+
+/// Characters of a JSON string whose opening quote was just passed, up to
+/// its closing quote: an escape counts as one character (`\uXXXX` too, a
+/// surrogate pair as two, as `chars()` would not — close enough for an
+/// estimate). `None` if the string does not end in `body`.
+fn json_string_chars(body: &[u8]) -> Option<u64> {
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => return Some(n),
+            b'\\' => {
+                i += if body.get(i + 1) == Some(&b'u') { 6 } else { 2 };
+                n += 1;
+                continue;
+            }
+            // Count UTF-8 lead bytes only: one per character.
+            b if b & 0xC0 != 0x80 => n += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 fn str_chars(v: Option<&Value>) -> u64 {
@@ -1379,5 +1457,44 @@ mod tests {
                 let _ = m.finish();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    /// The byte scan counts what the full parse counts, on chunks with
+    /// escapes, non-ASCII text, tool arguments and `"usage":null`.
+    #[test]
+    fn fast_chat_chunk_counts_like_the_full_parse() {
+        let chunks: [&[u8]; 4] = [
+            br#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"h\u00e9 \"q\" \\ ok"}}],"usage":null}"#,
+            "{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"delta\":{\"content\":\"naïve café 😀\"}}]}".as_bytes(),
+            br#"{"id":"c","object":"chat.completion.chunk","choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":1}"}}]}}],"usage":null}"#,
+            br#"{"id":"c","object":"chat.completion.chunk","choices":[{"delta":{"reasoning_content":"think","content":null}}]}"#,
+        ];
+        for data in chunks {
+            let mut fast = UsageTracker::new();
+            let f = fast.fast_chat_chunk(data).expect("fast path taken");
+            let mut full = UsageTracker::new();
+            let v: Value = serde_json::from_slice(data).unwrap();
+            let mut o = EventOutcome::default();
+            full.chat_chunk(&v, &mut o);
+            // Surrogate pairs count as one escape each in the scan; none here.
+            assert_eq!(
+                f.content_chars,
+                o.content_chars,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    #[test]
+    fn chunks_with_usage_take_the_full_parse() {
+        let mut t = UsageTracker::new();
+        let data = br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
+        assert!(t.fast_chat_chunk(data).is_none());
     }
 }

@@ -1,0 +1,225 @@
+//! The upstream's answer: reading its head (relaying interim responses)
+//! and relaying its body to the client.
+
+use std::time::{Duration, Instant};
+
+use monoio::{buf::IoBufMut as _, io::AsyncReadRent, net::TcpStream};
+
+use super::{
+    error::{self, Reject},
+    headers::ExtraHeaders,
+    request::{Plan, HEADROOM},
+    response::{plan_response, RespPlan},
+    transfer::{self, Route, Side, XferError},
+};
+use crate::{
+    buf::PoolBuf,
+    h1::{BodyKind, ChunkedDecoder, Parsed},
+    runtime::{deadline, shutdown, Generation, Worker},
+    upstream::UpConn,
+};
+
+pub(super) enum RespError {
+    /// The connection closed or reset before a single response byte.
+    NoAnswer,
+    /// Answer the client with this.
+    Reject(Reject),
+    /// The client went away while interim responses were relayed.
+    Client,
+}
+
+/// Reads the upstream's response head within `response_timeout`, relaying
+/// interim (1xx) responses to the client on the way.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn read_response_head(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    conn: &mut UpConn,
+    mut ubuf: PoolBuf,
+    plan: &Plan,
+    extra: &ExtraHeaders,
+    inspect_sse: bool,
+) -> Result<(RespPlan, PoolBuf), RespError> {
+    let conf = &g.upstream(plan.upstream).shared.conf;
+    let deadline = Instant::now() + conf.response_timeout;
+    ubuf.clear();
+    let _ = ubuf.put(&[0u8; HEADROOM]);
+    let mut got_any = false;
+    loop {
+        if ubuf.len() > HEADROOM {
+            match plan_response(
+                w,
+                g,
+                &mut ubuf,
+                plan,
+                shutdown::is_draining(),
+                extra.as_bytes(),
+                inspect_sse,
+            ) {
+                Ok(Parsed::Complete(rp)) if rp.interim => {
+                    // 100 Continue was already answered by Ringway; others
+                    // (103 Early Hints) go to HTTP/1.1 clients.
+                    if rp.status != 100 && plan.version == 1 {
+                        let r = rp.head_start..rp.head_end;
+                        ubuf = write_all(client, ubuf, r, g.server.body_timeout)
+                            .await
+                            .map_err(|()| RespError::Client)?;
+                    }
+                    ubuf.consume(rp.head_end - HEADROOM);
+                    ubuf[..HEADROOM].fill(0);
+                    continue;
+                }
+                Ok(Parsed::Complete(rp)) => return Ok((rp, ubuf)),
+                Ok(Parsed::Partial) => {}
+                Err(rej) => return Err(RespError::Reject(rej)),
+            }
+        }
+        if ubuf.spare() == 0 {
+            let want = HEADROOM + g.limits.max_header_bytes + 1;
+            if ubuf.capacity() >= want {
+                return Err(RespError::Reject(error::BAD_RESPONSE));
+            }
+            let mut big = w
+                .pool
+                .acquire_within(want, conf.connect_timeout)
+                .await
+                .map_err(|_| RespError::Reject(error::NO_BUFFER.closing_if(true)))?;
+            let _ = big.put(&ubuf);
+            ubuf = big;
+        }
+        let (len, cap) = (ubuf.len(), ubuf.capacity());
+        match deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap))).await {
+            Ok((Ok(0), _)) | Ok((Err(_), _)) if !got_any => return Err(RespError::NoAnswer),
+            Ok((Ok(0), _)) | Ok((Err(_), _)) => {
+                return Err(RespError::Reject(error::BAD_GATEWAY.closing_if(true)))
+            }
+            Err(_) => return Err(RespError::Reject(error::RESPONSE_TIMEOUT)),
+            Ok((Ok(_), s)) => {
+                got_any = true;
+                ubuf = s.into_inner();
+            }
+        }
+    }
+}
+
+/// Sends the response head and body to the client.
+pub(super) async fn relay_response(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    conn: &mut UpConn,
+    mut ubuf: PoolBuf,
+    rp: &RespPlan,
+    idle: Duration,
+) -> Result<Relayed, XferError> {
+    let in_buf = ubuf.len() - rp.head_end;
+    let head_len = (rp.head_end - rp.head_start) as u64;
+    let write_err = |()| XferError::Eof(Side::Client);
+    let client_idle = g.server.body_timeout;
+    match rp.body {
+        BodyKind::None => {
+            write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
+                .await
+                .map_err(write_err)?;
+            // Bytes after a body-less response mean a confused upstream.
+            Ok(Relayed {
+                bytes: head_len,
+                upstream_clean: in_buf == 0,
+            })
+        }
+        BodyKind::Length(n) => {
+            let first = n.min(in_buf as u64) as usize;
+            ubuf = write_all(
+                client,
+                ubuf,
+                rp.head_start..rp.head_end + first,
+                client_idle,
+            )
+            .await
+            .map_err(write_err)?;
+            let remaining = n - first as u64;
+            let relayed = Relayed {
+                bytes: head_len + n,
+                upstream_clean: in_buf as u64 <= n,
+            };
+            if remaining == 0 {
+                return Ok(relayed);
+            }
+            let mut r = Route {
+                src: conn.stream(),
+                src_side: Side::Upstream,
+                dst: client,
+                dst_side: Side::Client,
+                idle,
+            };
+            if remaining >= g.splice_min {
+                drop(ubuf);
+                transfer::splice_exact(&mut r, &w.pipes, remaining).await?;
+            } else {
+                ubuf.clear();
+                transfer::copy_exact(&mut r, ubuf, remaining).await?;
+            }
+            Ok(relayed)
+        }
+        BodyKind::Chunked => {
+            ubuf = write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
+                .await
+                .map_err(write_err)?;
+            ubuf.consume(rp.head_end);
+            let mut decoder = ChunkedDecoder::new(u64::MAX);
+            let mut r = Route {
+                src: conn.stream(),
+                src_side: Side::Upstream,
+                dst: client,
+                dst_side: Side::Client,
+                idle,
+            };
+            let rest = transfer::forward_chunked(&mut r, ubuf, &mut decoder, rp.dechunk).await?;
+            Ok(Relayed {
+                bytes: head_len + decoder.body_bytes(),
+                upstream_clean: rest.is_empty(),
+            })
+        }
+        BodyKind::CloseDelimited => {
+            let end = ubuf.len();
+            ubuf = write_all(client, ubuf, rp.head_start..end, client_idle)
+                .await
+                .map_err(write_err)?;
+            ubuf.clear();
+            let mut r = Route {
+                src: conn.stream(),
+                src_side: Side::Upstream,
+                dst: client,
+                dst_side: Side::Client,
+                idle,
+            };
+            let n = transfer::copy_to_eof(&mut r, ubuf).await?;
+            Ok(Relayed {
+                bytes: (end - rp.head_start) as u64 + n,
+                upstream_clean: false,
+            })
+        }
+    }
+}
+
+/// What a relayed response amounted to.
+pub(super) struct Relayed {
+    /// Bytes written to the client (head and body).
+    pub(super) bytes: u64,
+    /// The upstream sent exactly one response: its connection may be reused.
+    pub(super) upstream_clean: bool,
+}
+
+/// Writes `buf[range]` whole and hands the buffer back; on failure the
+/// buffer is gone and the caller closes the connection.
+pub(super) async fn write_all(
+    stream: &mut TcpStream,
+    buf: PoolBuf,
+    range: std::ops::Range<usize>,
+    idle: Duration,
+) -> Result<PoolBuf, ()> {
+    transfer::write_range(stream, buf, range, idle, Side::Client)
+        .await
+        .map_err(|_| ())
+}

@@ -1,0 +1,167 @@
+//! Sending a planned request upstream: head, then body by its framing.
+
+use std::time::Duration;
+
+use monoio::{io::AsyncWriteRentExt, net::TcpStream};
+
+use super::{
+    error::{self, Reject},
+    request::{Plan, HEADROOM},
+    respond::write_all,
+    transfer::{self, Route, Side, XferError},
+};
+use crate::{
+    buf::PoolBuf,
+    h1::{BodyKind, ChunkError, ChunkedDecoder},
+    runtime::{deadline, Generation, Worker},
+    upstream::UpConn,
+};
+
+/// Where the client buffer stands once the request is sent.
+pub(super) enum Sent {
+    /// The rewritten head is still in place (a retry may resend it).
+    HeadKept(PoolBuf),
+    /// Only pipelined bytes remain, behind the headroom (or nothing).
+    Pipelined(Option<PoolBuf>),
+}
+
+pub(super) enum SendError {
+    /// The client went away.
+    Client,
+    /// Answer the client with this.
+    Reject(Reject),
+}
+
+/// Sends the planned head and the body.
+pub(super) async fn send_request(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    conn: &mut UpConn,
+    mut cbuf: PoolBuf,
+    plan: &Plan,
+) -> Result<Sent, SendError> {
+    let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
+    let in_buf = cbuf.len() - plan.head_end;
+    match plan.body {
+        BodyKind::None | BodyKind::CloseDelimited => {
+            // A write to a pooled connection the upstream already closed
+            // still succeeds (the reset comes later), so failing here is a
+            // real upstream failure, not a stale connection.
+            write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
+                .await
+                .map(Sent::HeadKept)
+                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))
+        }
+        BodyKind::Length(n) => {
+            let first = (n.min(in_buf as u64)) as usize;
+            let end = plan.head_end + first;
+            cbuf = write_all(conn.stream(), cbuf, plan.head_start..end, up_idle)
+                .await
+                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))?;
+            let remaining = n - first as u64;
+            if remaining == 0 {
+                return Ok(Sent::HeadKept(cbuf));
+            }
+            if plan.expect_continue {
+                continue_100(client, g.server.body_timeout).await?;
+            }
+            let mut route = Route {
+                src: client,
+                src_side: Side::Client,
+                dst: conn.stream(),
+                dst_side: Side::Upstream,
+                idle: g.server.body_timeout,
+            };
+            // The body did not fit with the head, so nothing follows it yet.
+            let res = if remaining >= g.splice_min {
+                drop(cbuf);
+                transfer::splice_exact(&mut route, &w.pipes, remaining).await
+            } else {
+                cbuf.clear();
+                transfer::copy_exact(&mut route, cbuf, remaining)
+                    .await
+                    .map(drop)
+            };
+            res.map(|()| Sent::Pipelined(None))
+                .map_err(request_body_error)
+        }
+        BodyKind::Chunked => {
+            cbuf = write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
+                .await
+                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))?;
+            if plan.expect_continue && in_buf == 0 {
+                continue_100(client, g.server.body_timeout).await?;
+            }
+            cbuf.consume(plan.head_end);
+            let mut decoder = ChunkedDecoder::new(g.max_body);
+            let mut route = Route {
+                src: client,
+                src_side: Side::Client,
+                dst: conn.stream(),
+                dst_side: Side::Upstream,
+                idle: g.server.body_timeout,
+            };
+            let rest = transfer::forward_chunked(&mut route, cbuf, &mut decoder, false)
+                .await
+                .map_err(request_body_error)?;
+            // Pipelined bytes after the body go back behind the headroom.
+            Ok(Sent::Pipelined(rebase(rest)))
+        }
+    }
+}
+
+/// The client buffer after a request whose head (and Content-Length body,
+/// if any) is still in it: what follows is pipelined.
+pub(super) fn keep_pipelined(buf: PoolBuf, plan: &Plan) -> Option<PoolBuf> {
+    let body_in_buf = match plan.body {
+        BodyKind::Length(n) => n,
+        _ => 0,
+    };
+    keep_from(buf, plan.head_end.saturating_add(body_in_buf as usize))
+}
+
+/// Keeps `buf[from..]` behind a fresh headroom, or nothing when it is empty.
+pub(super) fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
+    if buf.len() <= from {
+        return None;
+    }
+    buf.consume(from - HEADROOM);
+    buf[..HEADROOM].fill(0);
+    Some(buf)
+}
+
+/// Puts bytes at the front of `buf` behind a fresh headroom.
+pub(super) fn rebase(mut buf: PoolBuf) -> Option<PoolBuf> {
+    if buf.is_empty() {
+        return None;
+    }
+    let len = buf.len();
+    if len + HEADROOM > buf.capacity() {
+        // Cannot happen for pipelined bytes (they were read into this buffer
+        // behind the headroom); drop them rather than grow.
+        return None;
+    }
+    let _ = buf.put(&[0u8; HEADROOM]);
+    buf.copy_within(0..len, HEADROOM);
+    Some(buf)
+}
+
+pub(super) fn request_body_error(e: XferError) -> SendError {
+    match e {
+        XferError::Chunk(Side::Client, ChunkError::BodyTooLarge) => {
+            SendError::Reject(error::BODY_TOO_LARGE)
+        }
+        XferError::Chunk(Side::Client, _) => SendError::Reject(error::BAD_BODY),
+        e if e.side() == Side::Client => SendError::Client,
+        _ => SendError::Reject(error::BAD_GATEWAY.closing_if(true)),
+    }
+}
+
+pub(super) async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), SendError> {
+    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+    match deadline::timeout(idle, client.write_all(CONTINUE)).await {
+        Ok((Ok(_), _)) => Ok(()),
+        _ => Err(SendError::Client),
+    }
+}
