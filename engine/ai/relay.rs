@@ -260,10 +260,12 @@ fn inspect_sse(ctx: &mut AiCtx, payload: &[u8], held: &mut Vec<u8>, out: &mut Ve
 
 /// Removes `,"usage":null` from `out[from..]` (one frame).
 fn strip_usage_null(out: &mut Vec<u8>, from: usize) {
-    const NEEDLE: &[u8] = b",\"usage\":null";
-    while let Some(at) = memchr::memmem::find(&out[from..], NEEDLE) {
+    static NEEDLE: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    let f = NEEDLE.get_or_init(|| memchr::memmem::Finder::new(b",\"usage\":null"));
+    while let Some(at) = f.find(&out[from..]) {
         let at = from + at;
-        out.drain(at..at + NEEDLE.len());
+        out.drain(at..at + f.needle().len());
     }
 }
 

@@ -262,16 +262,14 @@ impl UsageTracker {
     /// `arguments`, counted by a byte scan. Anything else (a usage object, a
     /// `"type"` field, text outside those keys) takes the full parse.
     fn fast_chat_chunk(&mut self, data: &[u8]) -> Option<EventOutcome> {
-        use memchr::memmem::find;
-        if find(data, b"\"object\":\"chat.completion.chunk\"").is_none()
-            || find(data, b"\"type\"").is_some()
-            || find(data, b"\"text\"").is_some()
+        let f = finders();
+        if f.chunk.find(data).is_none() || f.ty.find(data).is_some() || f.text.find(data).is_some()
         {
             return None;
         }
         // Only `"usage":null` (or no usage) may appear.
         let mut at = 0;
-        while let Some(i) = find(&data[at..], b"\"usage\"") {
+        while let Some(i) = f.usage.find(&data[at..]) {
             let rest = data[at + i + 7..].trim_ascii_start();
             let rest = rest.strip_prefix(b":")?.trim_ascii_start();
             if !rest.starts_with(b"null") {
@@ -280,15 +278,10 @@ impl UsageTracker {
             at += i + 7;
         }
         let mut out = EventOutcome::default();
-        for key in [
-            &b"\"content\""[..],
-            b"\"reasoning_content\"",
-            b"\"refusal\"",
-            b"\"arguments\"",
-        ] {
+        for key in &f.keys {
             let mut at = 0;
-            while let Some(i) = find(&data[at..], key) {
-                at += i + key.len();
+            while let Some(i) = key.find(&data[at..]) {
+                at += i + key.needle().len();
                 let rest = data[at..].trim_ascii_start();
                 let Some(rest) = rest.strip_prefix(b":") else {
                     continue;
@@ -370,6 +363,33 @@ impl UsageTracker {
             },
         }
     }
+}
+
+/// The byte patterns of the chat-chunk fast path, built once: a `Finder`
+/// preprocesses its needle, which costs more than scanning one short frame.
+struct Finders {
+    chunk: memchr::memmem::Finder<'static>,
+    ty: memchr::memmem::Finder<'static>,
+    text: memchr::memmem::Finder<'static>,
+    usage: memchr::memmem::Finder<'static>,
+    keys: [memchr::memmem::Finder<'static>; 4],
+}
+
+fn finders() -> &'static Finders {
+    use memchr::memmem::Finder;
+    static F: std::sync::OnceLock<Finders> = std::sync::OnceLock::new();
+    F.get_or_init(|| Finders {
+        chunk: Finder::new(b"\"object\":\"chat.completion.chunk\""),
+        ty: Finder::new(b"\"type\""),
+        text: Finder::new(b"\"text\""),
+        usage: Finder::new(b"\"usage\""),
+        keys: [
+            Finder::new(b"\"content\""),
+            Finder::new(b"\"reasoning_content\""),
+            Finder::new(b"\"refusal\""),
+            Finder::new(b"\"arguments\""),
+        ],
+    })
 }
 
 /// Characters of a JSON string whose opening quote was just passed, up to
