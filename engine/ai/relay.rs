@@ -110,6 +110,11 @@ pub async fn relay(
             }
             out.extend_from_slice(&ubuf[..consumed]);
         }
+        if done && !rechunk {
+            // The upstream is done: settle before the client sees the end,
+            // so returned tokens reach Redis before its next request can.
+            finish(ctx);
+        }
         if !out.is_empty() {
             let framed = if rechunk {
                 chunk(&out)
@@ -145,12 +150,7 @@ pub async fn relay(
     }
     // An incomplete last frame is forwarded as it is.
     let mut tail = std::mem::take(&mut held);
-    if let Some(p) = ctx.sse.as_mut() {
-        let tracker = &mut ctx.tracker;
-        p.finish(&mut |ev| {
-            let _ = tracker.on_event(&ev);
-        });
-    }
+    finish(ctx);
     if rechunk {
         if !tail.is_empty() {
             tail = chunk(&tail);
@@ -161,9 +161,24 @@ pub async fn relay(
         written += tail.len() as u64;
         write(client, tail, client_idle).await?;
     }
-    ctx.done_at = Some(Instant::now());
-    ctx.json.finish();
     Ok((written, clean && !matches!(reader, Reader::Eof)))
+}
+
+/// The upstream's body ended: final usage, then the request is settled
+/// (once; later calls do nothing).
+fn finish(ctx: &mut AiCtx) {
+    if ctx.done_at.is_some() {
+        return;
+    }
+    if let Some(p) = ctx.sse.as_mut() {
+        let tracker = &mut ctx.tracker;
+        p.finish(&mut |ev| {
+            let _ = tracker.on_event(&ev);
+        });
+    }
+    ctx.json.finish();
+    ctx.done_at = Some(Instant::now());
+    let _ = ctx.settle();
 }
 
 /// Watches a non-SSE body (or an SSE body forwarded verbatim).

@@ -41,6 +41,8 @@ const SHARDS: usize = 16;
 const QUEUE: usize = 8192;
 /// Most windows a rule may have.
 const MAX_WINDOWS: usize = 4;
+/// How long a refused request waits before asking Redis once more.
+const RECHECK_AFTER: Duration = Duration::from_millis(20);
 /// How long a key Redis refused is refused locally before asking again.
 const EXHAUSTED_MS: u64 = 200;
 
@@ -153,6 +155,7 @@ impl ClusterLimit {
                 limit,
             };
             let mut asked = 0;
+            let mut recheck = false;
             loop {
                 // Units in hand first: a spent window may still have some
                 // here from an earlier grant.
@@ -170,16 +173,31 @@ impl ClusterLimit {
                     break;
                 }
                 if now_ms() < w.exhausted_until.load(Ordering::Relaxed) {
+                    // A partial grant too small for this reservation would
+                    // sit unused here: give it back for every replica.
+                    if rl.tokens {
+                        let left = w.slot.drain(ws);
+                        if left > 0 {
+                            submit_return(redis_key(&rl.name, &leases.key, ws), left);
+                        }
+                    }
                     return Ok(refused);
                 }
                 // Several waiters may share one grant; a few rounds at most.
                 if asked == 3 {
+                    if rl.tokens {
+                        let left = w.slot.drain(ws);
+                        if left > 0 {
+                            submit_return(redis_key(&rl.name, &leases.key, ws), left);
+                        }
+                    }
                     return Ok(refused);
                 }
                 asked += 1;
                 let reply = Arc::new(Reply::default());
                 let req = LeaseRequest {
                     demand: cost,
+                    tokens: rl.tokens,
                     leases: leases.clone(),
                     index: i,
                     filter: rl.name.clone(),
@@ -193,7 +211,16 @@ impl ClusterLimit {
                     return Err(Unavailable);
                 }
                 match deadline::timeout(timeout, WaitReply(&reply)).await {
-                    Ok(REPLY_GRANTED) | Ok(REPLY_EXHAUSTED) => continue,
+                    Ok(REPLY_GRANTED) => continue,
+                    Ok(REPLY_EXHAUSTED) if rl.tokens && !recheck => {
+                        // Another replica may be returning a settled token
+                        // reservation right now: ask once more, a little later.
+                        recheck = true;
+                        monoio::time::sleep(RECHECK_AFTER).await;
+                        w.exhausted_until.store(0, Ordering::Relaxed);
+                        continue;
+                    }
+                    Ok(REPLY_EXHAUSTED) => continue,
                     _ => return Err(Unavailable),
                 }
             }
@@ -278,6 +305,8 @@ impl Future for WaitReply<'_> {
 struct LeaseRequest {
     /// Units this request needs (1, or a token reservation).
     demand: u64,
+    /// A token reservation: ask exactly the demand (see `flush_grants`).
+    tokens: bool,
     leases: Arc<KeyLeases>,
     index: usize,
     filter: String,
@@ -531,9 +560,16 @@ fn flush_grants(
             } else {
                 0
             };
-            let ask = lease_ask(r.limit, used, r.replicas, demand)
-                .max(grown)
-                .max(demand.min(r.limit));
+            // Token reservations ask for exactly what they reserve: their
+            // unused part goes back to Redis when the request settles, and a
+            // spare lease would sit unusable in one replica.
+            let ask = if r.tokens {
+                demand.min(r.limit)
+            } else {
+                lease_ask(r.limit, used, r.replicas, demand)
+                    .max(grown)
+                    .max(demand.min(r.limit))
+            };
             // Expire a little after the window ends, so late returns find it.
             let ttl = r.window_start + r.period - now + 5_000;
             (ask, r.limit, ttl)
