@@ -143,15 +143,14 @@ pub(super) async fn exchange(
     };
     if !matches!(deadline::timeout(idle, sent).await, Ok(Ok(()))) {
         pool.report_failure(conn.idx);
-        ctx.release_all();
-        record.status = 502;
-        return reject(
+        return give_up(
             w,
             g,
             client,
-            error::BAD_GATEWAY.closing_if(true),
+            &mut ctx,
+            &mut record,
+            error::BAD_GATEWAY,
             plan.is_head,
-            None,
         )
         .await;
     }
@@ -164,17 +163,16 @@ pub(super) async fn exchange(
     {
         Ok(b) => b,
         Err(_) => {
-            ctx.release_all();
-            record.status = 503;
-            return reject(
+            return give_up(
                 w,
                 g,
                 client,
-                error::NO_BUFFER.closing_if(true),
+                &mut ctx,
+                &mut record,
+                error::NO_BUFFER,
                 plan.is_head,
-                None,
             )
-            .await;
+            .await
         }
     };
     let (rp, ubuf) =
@@ -183,15 +181,14 @@ pub(super) async fn exchange(
             Err(RespError::Client) => return Next::Close,
             Err(RespError::NoAnswer) => {
                 pool.report_failure(conn.idx);
-                ctx.release_all();
-                record.status = 502;
-                return reject(
+                return give_up(
                     w,
                     g,
                     client,
-                    error::BAD_GATEWAY.closing_if(true),
+                    &mut ctx,
+                    &mut record,
+                    error::BAD_GATEWAY,
                     plan.is_head,
-                    None,
                 )
                 .await;
             }
@@ -199,9 +196,7 @@ pub(super) async fn exchange(
                 if rej.status >= 502 {
                     pool.report_failure(conn.idx);
                 }
-                ctx.release_all();
-                record.status = rej.status;
-                return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
+                return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await;
             }
         };
     record.status = rp.status;
@@ -238,6 +233,22 @@ pub(super) async fn exchange(
         return Next::Close;
     }
     Next::KeepAlive(pipelined)
+}
+
+/// Answers `rej` after the request went upstream but before any of the
+/// response did: the reservations go back in full, the connection closes.
+async fn give_up(
+    w: &Worker,
+    g: &Generation,
+    client: &mut TcpStream,
+    ctx: &mut AiCtx,
+    record: &mut Record<'_>,
+    rej: error::Reject,
+    head_only: bool,
+) -> Next {
+    ctx.release_all();
+    record.status = rej.status;
+    reject(w, g, client, rej.closing_if(true), head_only, None).await
 }
 
 /// The head without its framing headers and final blank line, plus
