@@ -11,24 +11,17 @@ import pytest
 from conftest import ringway_bin
 from helpers import RawConn, free_port, port_open, request_bytes, wait_until
 
-DEMO_ADMIN = 9901  # fixed in the demo's configuration
 
 
-def _port_free(port):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+def _admin_port(log):
+    """The admin port the demo printed (`curl -s http://127.0.0.1:PORT/metrics ...`)."""
+    import re
+    m = re.search(r"http://127\.0\.0\.1:(\d+)/metrics", log.read_text())
+    return int(m.group(1)) if m else None
 
 
 @pytest.fixture
 def demo(tmp_path):
-    if not _port_free(DEMO_ADMIN) or port_open(DEMO_ADMIN):
-        pytest.skip("127.0.0.1:%d is taken; `ringway demo` needs it for its admin listener" % DEMO_ADMIN)
     port = free_port()
     log = tmp_path / "demo.log"
     lf = open(log, "wb")
@@ -37,11 +30,11 @@ def demo(tmp_path):
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 15
-        while not (port_open(port) and port_open(DEMO_ADMIN)):
+        while not (port_open(port) and _admin_port(log) and port_open(_admin_port(log))):
             assert proc.poll() is None, "demo exited with %s:\n%s" % (proc.returncode, log.read_text())
             assert time.monotonic() < deadline, "demo not listening:\n%s" % log.read_text()
             time.sleep(0.02)
-        yield proc, port, log
+        yield proc, port, log, _admin_port(log)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -64,7 +57,7 @@ def _post(port, path, doc):
 def test_demo_serves_chat_completions_stream_and_not(demo):
     """Non-stream and stream chat completions work through the demo gateway; metrics count them;
     SIGTERM exits 0."""
-    proc, port, log = demo
+    proc, port, log, admin = demo
     r = _post(port, "/v1/chat/completions",
               {"model": "demo-1", "messages": [{"role": "user", "content": "Hello, Ringway"}]})
     assert r.status == 200, r
@@ -84,7 +77,7 @@ def test_demo_serves_chat_completions_stream_and_not(demo):
     text = "".join(ch.get("delta", {}).get("content") or "" for c in chunks for ch in c["choices"])
     assert text, chunks
 
-    with RawConn(DEMO_ADMIN) as c:
+    with RawConn(admin) as c:
         c.send(request_bytes("GET", "/metrics", host="127.0.0.1", headers=[("Connection", "close")]))
         m = c.read_response()
     assert m.status == 200
