@@ -175,30 +175,40 @@ pub(super) async fn exchange(
             .await
         }
     };
-    let (rp, ubuf) =
-        match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, true).await {
-            Ok(v) => v,
-            Err(RespError::Client) => return Next::Close,
-            Err(RespError::NoAnswer) => {
+    let (rp, ubuf) = match read_response_head(
+        w,
+        g,
+        client,
+        &mut conn,
+        ubuf,
+        &plan,
+        &extra,
+        ctx.injected,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(RespError::Client) => return Next::Close,
+        Err(RespError::NoAnswer) => {
+            pool.report_failure(conn.idx);
+            return give_up(
+                w,
+                g,
+                client,
+                &mut ctx,
+                &mut record,
+                error::BAD_GATEWAY,
+                plan.is_head,
+            )
+            .await;
+        }
+        Err(RespError::Reject(rej)) => {
+            if rej.status >= 502 {
                 pool.report_failure(conn.idx);
-                return give_up(
-                    w,
-                    g,
-                    client,
-                    &mut ctx,
-                    &mut record,
-                    error::BAD_GATEWAY,
-                    plan.is_head,
-                )
-                .await;
             }
-            Err(RespError::Reject(rej)) => {
-                if rej.status >= 502 {
-                    pool.report_failure(conn.idx);
-                }
-                return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await;
-            }
-        };
+            return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await;
+        }
+    };
     record.status = rp.status;
     record.upstream_time = Some(ctx.sent_at.elapsed());
     if rp.status >= 500 {

@@ -262,38 +262,53 @@ impl UsageTracker {
     /// `arguments`, counted by a byte scan. Anything else (a usage object, a
     /// `"type"` field, text outside those keys) takes the full parse.
     fn fast_chat_chunk(&mut self, data: &[u8]) -> Option<EventOutcome> {
-        let f = finders();
-        if f.chunk.find(data).is_none() || f.ty.find(data).is_some() || f.text.find(data).is_some()
-        {
+        // One pass over the strings of the frame: keys are strings followed
+        // by a colon; escaped quotes are skipped by `string_end`.
+        let mut i = 0;
+        let mut is_chunk = false;
+        let mut chars = 0u64;
+        while let Some(q) = memchr::memchr(b'"', &data[i..]) {
+            let start = i + q + 1;
+            let end = string_end(data, start)?;
+            let mut j = end + 1;
+            while data.get(j).is_some_and(u8::is_ascii_whitespace) {
+                j += 1;
+            }
+            if data.get(j) != Some(&b':') {
+                i = end + 1;
+                continue;
+            }
+            j += 1;
+            while data.get(j).is_some_and(u8::is_ascii_whitespace) {
+                j += 1;
+            }
+            let value = &data[j..];
+            match &data[start..end] {
+                b"object" => is_chunk = value.starts_with(b"\"chat.completion.chunk\""),
+                b"usage" if !value.starts_with(b"null") => return None,
+                // Other event shapes (Responses, Anthropic, legacy
+                // completions) take the full parse.
+                b"type" | b"text" => return None,
+                b"content" | b"reasoning_content" | b"refusal" | b"arguments"
+                    if value.first() == Some(&b'"') =>
+                {
+                    chars += json_string_chars(&value[1..])?;
+                    i = string_end(data, j + 1)? + 1;
+                    continue;
+                }
+                _ => {}
+            }
+            i = j;
+        }
+        if !is_chunk {
             return None;
         }
-        // Only `"usage":null` (or no usage) may appear.
-        let mut at = 0;
-        while let Some(i) = f.usage.find(&data[at..]) {
-            let rest = data[at + i + 7..].trim_ascii_start();
-            let rest = rest.strip_prefix(b":")?.trim_ascii_start();
-            if !rest.starts_with(b"null") {
-                return None;
-            }
-            at += i + 7;
-        }
-        let mut out = EventOutcome::default();
-        for key in &f.keys {
-            let mut at = 0;
-            while let Some(i) = key.find(&data[at..]) {
-                at += i + key.needle().len();
-                let rest = data[at..].trim_ascii_start();
-                let Some(rest) = rest.strip_prefix(b":") else {
-                    continue;
-                };
-                let rest = rest.trim_ascii_start();
-                if let Some(body) = rest.strip_prefix(b"\"") {
-                    out.content_chars += json_string_chars(body)?;
-                }
-            }
-        }
-        self.content_chars += out.content_chars;
-        if out.content_chars > 0 && !self.content_seen {
+        let mut out = EventOutcome {
+            content_chars: chars,
+            ..Default::default()
+        };
+        self.content_chars += chars;
+        if chars > 0 && !self.content_seen {
             self.content_seen = true;
             out.first_content = true;
         }
@@ -365,31 +380,17 @@ impl UsageTracker {
     }
 }
 
-/// The byte patterns of the chat-chunk fast path, built once: a `Finder`
-/// preprocesses its needle, which costs more than scanning one short frame.
-struct Finders {
-    chunk: memchr::memmem::Finder<'static>,
-    ty: memchr::memmem::Finder<'static>,
-    text: memchr::memmem::Finder<'static>,
-    usage: memchr::memmem::Finder<'static>,
-    keys: [memchr::memmem::Finder<'static>; 4],
-}
-
-fn finders() -> &'static Finders {
-    use memchr::memmem::Finder;
-    static F: std::sync::OnceLock<Finders> = std::sync::OnceLock::new();
-    F.get_or_init(|| Finders {
-        chunk: Finder::new(b"\"object\":\"chat.completion.chunk\""),
-        ty: Finder::new(b"\"type\""),
-        text: Finder::new(b"\"text\""),
-        usage: Finder::new(b"\"usage\""),
-        keys: [
-            Finder::new(b"\"content\""),
-            Finder::new(b"\"reasoning_content\""),
-            Finder::new(b"\"refusal\""),
-            Finder::new(b"\"arguments\""),
-        ],
-    })
+/// Index of the closing quote of the JSON string whose content starts at
+/// `start` (backslash escapes skipped); `None` if it does not end in `data`.
+fn string_end(data: &[u8], start: usize) -> Option<usize> {
+    let mut i = start;
+    loop {
+        let k = memchr::memchr2(b'"', b'\\', data.get(i..)?)?;
+        if data[i + k] == b'"' {
+            return Some(i + k);
+        }
+        i += k + 2;
+    }
 }
 
 /// Characters of a JSON string whose opening quote was just passed, up to
