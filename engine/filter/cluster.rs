@@ -415,7 +415,6 @@ impl Conn {
 struct Outstanding {
     leases: Arc<KeyLeases>,
     index: usize,
-    redis_key: String,
     window_start: u64,
     return_at: u64,
 }
@@ -426,7 +425,9 @@ fn run(rx: Receiver<Msg>) {
     let mut conn: Option<Conn> = None;
     let mut retry_at = Instant::now();
     let mut backoff = Duration::from_millis(100);
-    let mut outstanding: Vec<Outstanding> = Vec::new();
+    // One entry per key and window (the Redis key names both), however
+    // many grants it had: bounded by the keys leased in open windows.
+    let mut outstanding: HashMap<String, Outstanding> = HashMap::new();
     let mut last_flush = Instant::now();
     loop {
         let conf = crate::runtime::current().and_then(|s| s.cfg.redis.clone());
@@ -533,7 +534,7 @@ fn flush_grants(
     script: &redis::Script,
     batch: Vec<LeaseRequest>,
     now: u64,
-    outstanding: &mut Vec<Outstanding>,
+    outstanding: &mut HashMap<String, Outstanding>,
 ) -> redis::RedisResult<()> {
     // Merge requests for the same key and window: their count is the demand.
     let mut keys: Vec<(String, Vec<LeaseRequest>)> = Vec::new();
@@ -655,10 +656,9 @@ fn flush_grants(
             let margin = (r0.period / 10).min(250);
             let return_at = (r0.window_start + r0.period).saturating_sub(margin);
             if now < return_at {
-                outstanding.push(Outstanding {
+                outstanding.entry(k).or_insert_with(|| Outstanding {
                     leases: r0.leases.clone(),
                     index: r0.index,
-                    redis_key: k,
                     window_start: r0.window_start,
                     return_at,
                 });
@@ -689,30 +689,23 @@ fn fail_all(keys: Vec<(String, Vec<LeaseRequest>)>) {
 fn return_leftovers(
     c: &mut Conn,
     script: &redis::Script,
-    outstanding: &mut Vec<Outstanding>,
+    outstanding: &mut HashMap<String, Outstanding>,
     now: u64,
     flush: Duration,
 ) -> redis::RedisResult<()> {
     let margin = flush.as_millis() as u64;
     let mut due = Vec::new();
-    outstanding.retain(|o| {
-        if now + margin >= o.return_at {
-            due.push((
-                o.redis_key.clone(),
-                o.leases.windows[o.index].slot.drain(o.window_start),
-                o.window_start,
-            ));
-            false
-        } else {
-            true
+    outstanding.retain(|k, o| {
+        if now + margin < o.return_at {
+            return true;
         }
+        let n = o.leases.windows[o.index].slot.drain(o.window_start);
+        if n > 0 {
+            due.push((k.clone(), n));
+        }
+        false
     });
-    // Later grants for the same key and window duplicate entries: drained once.
-    due.retain(|d| d.1 > 0 && d.2 + 1 > 0);
-    if due.is_empty() {
-        return Ok(());
-    }
-    for (k, n, _) in &due {
+    for (k, n) in &due {
         stats().returned.add(*n);
         let _: Vec<i64> = match c {
             Conn::Single(con) => script.key(k).arg(*n).invoke(con)?,
