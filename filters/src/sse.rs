@@ -107,6 +107,10 @@ pub struct SseParser {
     /// where `line` stays empty): zero at a terminator means a blank line.
     line_len: usize,
     data: Vec<u8>,
+    /// The frame's only `data` value so far, still in the slice being fed (`input[a..b]`): the
+    /// common one-line frame is dispatched without copying. Copied into `data` before a second
+    /// `data` line, an overflow, or the end of the slice.
+    data_at: Option<(usize, usize)>,
     event: Vec<u8>,
     /// A `data` field was seen (even an empty one) so the frame dispatches.
     has_data: bool,
@@ -132,6 +136,7 @@ impl SseParser {
             line: Vec::new(),
             line_len: 0,
             data: Vec::new(),
+            data_at: None,
             event: Vec::new(),
             has_data: false,
             frame_raw: 0,
@@ -214,42 +219,60 @@ impl SseParser {
                 }
             }
             let rest = &input[i..];
-            let Some(j) = memchr2(b'\n', b'\r', rest) else {
+            // A blank line (every frame's end) needs no search.
+            let found = if rest[0] == b'\n' || rest[0] == b'\r' {
+                Some(0)
+            } else {
+                memchr2(b'\n', b'\r', rest)
+            };
+            let Some(j) = found else {
                 // A partial line: keep it (within the bound) until its end arrives.
                 self.frame_raw += rest.len();
                 self.line_len += rest.len();
                 if !self.oversized && self.frame_raw > self.max_frame {
-                    self.overflow(out);
+                    self.overflow(input, out);
                 }
                 if self.oversized {
                     self.skip_line_bytes(rest, out);
                 } else {
                     self.line.extend_from_slice(rest);
                 }
+                self.own_data(input);
                 return;
             };
             let blank = self.line_len == 0 && j == 0;
+            let line_start = i;
             self.line_len = 0;
             self.frame_raw += j + 1;
             self.after_cr = rest[j] == b'\r';
             i += j + 1;
             if !self.oversized && self.frame_raw > self.max_frame {
-                self.overflow(out);
+                self.overflow(input, out);
             }
             if blank {
-                self.end_frame(i, out);
+                self.end_frame(i, input, out);
             } else if self.oversized {
                 self.skip_line_bytes(&rest[..j], out);
                 self.skip_line_end(out);
             } else if self.line.is_empty() {
-                self.field(&rest[..j]);
+                self.field(input, line_start, line_start + j);
             } else {
                 let mut line = std::mem::take(&mut self.line);
                 line.extend_from_slice(&rest[..j]);
-                self.field(&line);
+                self.own_data(input);
+                self.field_owned(&line);
                 line.clear();
                 self.line = line;
             }
+        }
+        self.own_data(input);
+    }
+
+    /// Copies a `data` value still in `input` into the parser, before `input` goes away or
+    /// another line joins it.
+    fn own_data(&mut self, input: &[u8]) {
+        if let Some((a, b)) = self.data_at.take() {
+            self.data.extend_from_slice(&input[a..b]);
         }
     }
 
@@ -265,7 +288,7 @@ impl SseParser {
         } else {
             if self.line_len > 0 {
                 let line = std::mem::take(&mut self.line);
-                self.field(&line);
+                self.field_owned(&line);
             }
             if self.has_data {
                 out(SseEvent {
@@ -282,7 +305,8 @@ impl SseParser {
 
     /// The current frame passed `max_frame`: hand over the data gathered so far, drop every
     /// buffer, and from here on stream the frame's data instead of holding it.
-    fn overflow(&mut self, out: &mut impl FnMut(SseItem<'_>)) {
+    fn overflow(&mut self, input: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
+        self.own_data(input);
         self.oversized = true;
         if self.has_data && !self.data.is_empty() {
             out(SseItem::OversizedData(&self.data));
@@ -357,6 +381,7 @@ impl SseParser {
 
     fn reset_frame(&mut self) {
         self.data.clear();
+        self.data_at = None;
         self.event.clear();
         self.has_data = false;
         self.oversized = false;
@@ -367,17 +392,21 @@ impl SseParser {
         };
     }
 
-    fn end_frame(&mut self, end: usize, out: &mut impl FnMut(SseItem<'_>)) {
+    fn end_frame(&mut self, end: usize, input: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
         let raw_len = self.frame_raw;
         if self.oversized {
             self.unparsed += 1;
         }
+        let data = match self.data_at {
+            Some((a, b)) => &input[a..b],
+            None => &self.data[..],
+        };
         out(SseItem::End(FrameEnd {
             end,
             raw_len,
             event: (self.has_data && !self.oversized).then_some(SseEvent {
                 event: &self.event,
-                data: &self.data,
+                data,
                 raw_len,
             }),
             oversized: self.oversized,
@@ -385,8 +414,40 @@ impl SseParser {
         self.reset_frame();
     }
 
-    /// One complete, non-blank line of the current frame.
-    fn field(&mut self, line: &[u8]) {
+    /// One complete, non-blank line of the current frame: `input[start..end]`.
+    fn field(&mut self, input: &[u8], start: usize, end: usize) {
+        let line = &input[start..end];
+        if line.first() == Some(&b':') {
+            return;
+        }
+        let (name, value_at) = match line.get(..5) {
+            // Nearly every line: no search for the colon.
+            Some(b"data:") => (
+                &line[..4],
+                start + 5 + usize::from(line.get(5) == Some(&b' ')),
+            ),
+            _ => match memchr(b':', line) {
+                Some(c) => (
+                    &line[..c],
+                    start + c + 1 + usize::from(line.get(c + 1) == Some(&b' ')),
+                ),
+                None => (line, end),
+            },
+        };
+        if name == b"data" && !self.has_data {
+            // Left where it is until the frame ends or the slice does.
+            self.data_at = Some((value_at, end));
+            self.has_data = true;
+            return;
+        }
+        if name == b"data" {
+            self.own_data(input);
+        }
+        self.field_value(name, &input[value_at..end]);
+    }
+
+    /// One complete, non-blank line of the current frame, gathered across slices.
+    fn field_owned(&mut self, line: &[u8]) {
         if line.first() == Some(&b':') {
             return;
         }
@@ -397,6 +458,10 @@ impl SseParser {
             }
             None => (line, &b""[..]),
         };
+        self.field_value(name, value);
+    }
+
+    fn field_value(&mut self, name: &[u8], value: &[u8]) {
         match name {
             b"data" => {
                 if self.has_data {
