@@ -140,6 +140,11 @@ pub struct EventOutcome {
     /// An OpenAI usage-only chunk (`choices: []` with a usage object): the engine removes this
     /// frame when the gateway injected `include_usage` itself.
     pub usage_only: bool,
+    /// Offset in the event's data of a `,"usage":null` (the last one, when `usage_nulls > 1`),
+    /// which the engine removes when the client did not ask for usage.
+    pub usage_null_at: Option<usize>,
+    /// How many `,"usage":null` the data holds (found by the fast path; 0 after a full parse).
+    pub usage_nulls: u8,
 }
 
 /// Follows one streamed response's events and accumulates usage and generated text length.
@@ -154,6 +159,22 @@ pub struct UsageTracker {
     unparsable: u64,
     /// Streaming scan of the current oversized event's data (see `on_oversized_data`).
     oversized: Option<Box<JsonUsageScanner>>,
+    /// The shape of the last event the fast path read (see [`FrameTemplate`]).
+    template: FrameTemplate,
+}
+
+/// The last fast-path event, cut around its one counted string: `prefix` ends with the
+/// string's opening quote, `suffix` starts after its closing quote. The events of one stream
+/// differ mostly in that string (the id, model and field order repeat), so an event that starts
+/// with `prefix` and, after its string, ends with `suffix` has byte for byte the keys the full
+/// scan found last time: only its string needs reading. Exact, not a guess — any other change
+/// takes the scan.
+#[derive(Debug, Default)]
+struct FrameTemplate {
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+    /// Offset in `suffix` of its one `,"usage":null`, if it has one.
+    usage_null_in_suffix: Option<usize>,
 }
 
 impl UsageTracker {
@@ -170,9 +191,21 @@ impl UsageTracker {
         if !data.starts_with(b"{") {
             return EventOutcome::default();
         }
-        if let Some(out) = self.fast_chat_chunk(data) {
+        let found = match self.templated_event(data) {
+            Some(out) => Some(out),
+            None => self.fast_event(data),
+        };
+        if let Some(mut out) = found {
+            // Offsets are reported in the event's data as given, not trimmed.
+            let lead = ev.data.len() - ev.data.trim_ascii_start().len();
+            out.usage_null_at = out.usage_null_at.map(|at| at + lead);
             return out;
         }
+        self.full_event(data, ev.event)
+    }
+
+    /// [`on_event`](Self::on_event) through a JSON tree: every shape, and every usage object.
+    fn full_event(&mut self, data: &[u8], event: &[u8]) -> EventOutcome {
         let Ok(v) = serde_json::from_slice::<Value>(data) else {
             self.unparsable += 1;
             return EventOutcome::default();
@@ -182,7 +215,7 @@ impl UsageTracker {
             .get("type")
             .and_then(Value::as_str)
             .map(str::as_bytes)
-            .unwrap_or(ev.event);
+            .unwrap_or(event);
         match ty {
             b"message_start" => {
                 if let Some(c) = v.pointer("/message/usage").and_then(Counts::from_usage) {
@@ -211,7 +244,7 @@ impl UsageTracker {
                     out.usage = true;
                 }
             }
-            t if t.starts_with(b"response.") && t.ends_with(b".delta") => {
+            t if is_response_delta(t) => {
                 // output_text, reasoning summaries, function-call arguments: all generated.
                 out.content_chars += str_chars(v.get("delta"));
             }
@@ -255,58 +288,132 @@ impl UsageTracker {
         out
     }
 
-    /// OpenAI chat completions (and legacy completions) chunk.
-    /// The common case without a JSON tree: an OpenAI chat chunk with no
-    /// usage object (most frames of a stream). Its generated text is the
-    /// string values of `content`, `reasoning_content`, `refusal` and tool
-    /// `arguments`, counted by a byte scan. Anything else (a usage object, a
-    /// `"type"` field, text outside those keys) takes the full parse.
-    fn fast_chat_chunk(&mut self, data: &[u8]) -> Option<EventOutcome> {
-        // One pass over the strings of the frame: keys are strings followed
-        // by a colon; escaped quotes are skipped by `string_end`.
-        let mut i = 0;
+    /// The common events without a JSON tree: OpenAI chat chunks with no usage object, Anthropic
+    /// `content_block_delta` and Responses API `*.delta` events — nearly every frame of a stream.
+    /// One multi-pattern pass finds the keys that matter (see [`FrameKey`]); generated text is
+    /// the string values of the content keys for the event's kind, counted in place. Anything
+    /// else (a usage object, an unknown shape, text where it is not expected) returns `None` and
+    /// takes the full parse, so usage itself is always read by `serde_json`.
+    fn fast_event(&mut self, data: &[u8]) -> Option<EventOutcome> {
+        let mut out = EventOutcome::default();
+        // The top-level `type`, when it is the object's first key (Anthropic and the Responses
+        // API always put it first); `None`: an OpenAI chat chunk.
+        let mut ty: Option<&[u8]> = None;
         let mut is_chunk = false;
-        let mut chars = 0u64;
-        while let Some(q) = memchr::memchr(b'"', &data[i..]) {
-            let start = i + q + 1;
-            let end = string_end(data, start)?;
-            let mut j = end + 1;
-            while data.get(j).is_some_and(u8::is_ascii_whitespace) {
-                j += 1;
-            }
-            if data.get(j) != Some(&b':') {
-                i = end + 1;
+        // The counted strings: how many, and where the last one's contents start and end.
+        let mut strings = 0u32;
+        let mut string_at = (0usize, 0usize);
+        for m in frame_keys().find_iter(data) {
+            // Patterns leave out the opening quote (see `frame_keys`).
+            let start = m.start().checked_sub(1)?;
+            if data[start] != b'"' {
                 continue;
             }
-            j += 1;
-            while data.get(j).is_some_and(u8::is_ascii_whitespace) {
-                j += 1;
+            let Some(v) = key_value(data, m.end()) else {
+                // A string value that happens to equal a key name, not a key.
+                continue;
+            };
+            let key = FrameKey::ALL[m.pattern().as_usize()];
+            let first_key = data[1..start].iter().all(u8::is_ascii_whitespace);
+            if key == FrameKey::Type && first_key {
+                ty = Some(string_value(v)?);
+                continue;
             }
-            let value = &data[j..];
-            match &data[start..end] {
-                b"object" => is_chunk = value.starts_with(b"\"chat.completion.chunk\""),
-                b"usage" if !value.starts_with(b"null") => return None,
-                // Other event shapes (Responses, Anthropic, legacy
-                // completions) take the full parse.
-                b"type" | b"text" => return None,
-                b"content" | b"reasoning_content" | b"refusal" | b"arguments"
-                    if value.first() == Some(&b'"') =>
-                {
-                    chars += json_string_chars(&value[1..])?;
-                    i = string_end(data, j + 1)? + 1;
-                    continue;
+            let counted = match (ty, key) {
+                (_, FrameKey::Usage) => {
+                    if !v.starts_with(b"null") {
+                        return None;
+                    }
+                    if start > 0 && data[start - 1] == b',' {
+                        out.usage_null_at = Some(start - 1);
+                        out.usage_nulls += 1;
+                    }
+                    false
                 }
-                _ => {}
+                // Choices in a typed event: an unknown shape.
+                (Some(_), FrameKey::Choices) => return None,
+                (None, FrameKey::Object) => {
+                    is_chunk = v.starts_with(b"\"chat.completion.chunk\"");
+                    false
+                }
+                (None, FrameKey::Content)
+                | (None, FrameKey::ReasoningContent)
+                | (None, FrameKey::Refusal)
+                | (None, FrameKey::Arguments) => true,
+                // Other event shapes in a chunk (legacy completions' `text`, a `type` that is
+                // not first) take the full parse.
+                (None, FrameKey::Type) | (None, FrameKey::Text) => return None,
+                (Some(b"content_block_delta"), FrameKey::Text)
+                | (Some(b"content_block_delta"), FrameKey::Thinking)
+                | (Some(b"content_block_delta"), FrameKey::PartialJson) => true,
+                (Some(t), FrameKey::Delta) => is_response_delta(t),
+                _ => false,
+            };
+            if counted && v.first() == Some(&b'"') {
+                let body_at = data.len() - v.len() + 1;
+                let (chars, len) = json_string(&data[body_at..])?;
+                out.content_chars += chars;
+                strings += 1;
+                string_at = (body_at, body_at + len);
             }
-            i = j;
         }
-        if !is_chunk {
+        match ty {
+            None if !is_chunk => return None,
+            // Events whose usage the full parse reads.
+            Some(b"message_start" | b"message_delta")
+            | Some(b"response.completed" | b"response.incomplete" | b"response.failed") => {
+                return None
+            }
+            _ => {}
+        }
+        self.remember(data, strings, string_at, &out);
+        self.content_chars += out.content_chars;
+        if out.content_chars > 0 && !self.content_seen {
+            self.content_seen = true;
+            out.first_content = true;
+        }
+        Some(out)
+    }
+
+    /// Keeps `data` as the template when it has one counted string and at most one
+    /// `,"usage":null`, after that string.
+    fn remember(&mut self, data: &[u8], strings: u32, (a, b): (usize, usize), out: &EventOutcome) {
+        let t = &mut self.template;
+        t.prefix.clear();
+        t.suffix.clear();
+        let null_after = match (out.usage_nulls, out.usage_null_at) {
+            (0, _) => None,
+            (1, Some(at)) if at > b => Some(at - (b + 1)),
+            _ => return,
+        };
+        if strings != 1 {
+            return;
+        }
+        t.prefix.extend_from_slice(&data[..a]);
+        t.suffix.extend_from_slice(&data[b + 1..]);
+        t.usage_null_in_suffix = null_after;
+    }
+
+    /// The fast path's answer for an event shaped like the template, reading only its string.
+    fn templated_event(&mut self, data: &[u8]) -> Option<EventOutcome> {
+        let t = &self.template;
+        if t.prefix.is_empty() || !data.starts_with(&t.prefix) {
+            return None;
+        }
+        let body_at = t.prefix.len();
+        let (chars, len) = json_string(&data[body_at..])?;
+        let end = body_at + len;
+        if data[end + 1..] != t.suffix[..] {
             return None;
         }
         let mut out = EventOutcome {
             content_chars: chars,
             ..Default::default()
         };
+        if let Some(at) = t.usage_null_in_suffix {
+            out.usage_null_at = Some(end + 1 + at);
+            out.usage_nulls = 1;
+        }
         self.content_chars += chars;
         if chars > 0 && !self.content_seen {
             self.content_seen = true;
@@ -380,29 +487,107 @@ impl UsageTracker {
     }
 }
 
-/// Index of the closing quote of the JSON string whose content starts at
-/// `start` (backslash escapes skipped); `None` if it does not end in `data`.
-fn string_end(data: &[u8], start: usize) -> Option<usize> {
-    let mut i = start;
-    loop {
-        let k = memchr::memchr2(b'"', b'\\', data.get(i..)?)?;
-        if data[i + k] == b'"' {
-            return Some(i + k);
+/// Keys [`UsageTracker::fast_event`] looks for, in the order of [`FrameKey::ALL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrameKey {
+    Usage,
+    Content,
+    ReasoningContent,
+    Refusal,
+    Arguments,
+    Text,
+    Thinking,
+    PartialJson,
+    Delta,
+    Type,
+    Object,
+    Choices,
+}
+
+impl FrameKey {
+    const ALL: [FrameKey; 12] = [
+        FrameKey::Usage,
+        FrameKey::Content,
+        FrameKey::ReasoningContent,
+        FrameKey::Refusal,
+        FrameKey::Arguments,
+        FrameKey::Text,
+        FrameKey::Thinking,
+        FrameKey::PartialJson,
+        FrameKey::Delta,
+        FrameKey::Type,
+        FrameKey::Object,
+        FrameKey::Choices,
+    ];
+
+    /// The key with its quotes. In valid JSON a quote inside a string is escaped, so a quoted
+    /// name followed by a colon is always a key (never text inside a value), and one pass finds
+    /// every key that matters at any depth.
+    fn quoted(self) -> &'static [u8] {
+        match self {
+            FrameKey::Usage => b"\"usage\"",
+            FrameKey::Content => b"\"content\"",
+            FrameKey::ReasoningContent => b"\"reasoning_content\"",
+            FrameKey::Refusal => b"\"refusal\"",
+            FrameKey::Arguments => b"\"arguments\"",
+            FrameKey::Text => b"\"text\"",
+            FrameKey::Thinking => b"\"thinking\"",
+            FrameKey::PartialJson => b"\"partial_json\"",
+            FrameKey::Delta => b"\"delta\"",
+            FrameKey::Type => b"\"type\"",
+            FrameKey::Object => b"\"object\"",
+            FrameKey::Choices => b"\"choices\"",
         }
-        i += k + 2;
     }
+}
+
+/// The multi-pattern SIMD ("Teddy") searcher for [`FrameKey`]s, built once.
+fn frame_keys() -> &'static aho_corasick::packed::Searcher {
+    static KEYS: std::sync::OnceLock<aho_corasick::packed::Searcher> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        let mut b = aho_corasick::packed::Config::new()
+            .match_kind(aho_corasick::packed::MatchKind::LeftmostFirst)
+            .builder();
+        // Without the opening quote: a first byte shared by every pattern would leave the
+        // SIMD fingerprints nothing to tell them apart by. The caller checks the quote.
+        for k in FrameKey::ALL {
+            b.add(&k.quoted()[1..]);
+        }
+        b.build()
+            .unwrap_or_else(|| unreachable!("fixed key patterns fit the packed searcher"))
+    })
+}
+
+/// The value after a key that ends at `at` (`"name"` then optional spaces, a colon, spaces);
+/// `None` when no colon follows (the quoted name was a value, not a key).
+fn key_value(data: &[u8], at: usize) -> Option<&[u8]> {
+    let rest = data.get(at..)?.trim_ascii_start();
+    Some(rest.strip_prefix(b":")?.trim_ascii_start())
+}
+
+/// The contents of a string value without escapes (event types never have any).
+fn string_value(v: &[u8]) -> Option<&[u8]> {
+    let body = v.strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', body)?;
+    (body[end] == b'"').then(|| &body[..end])
+}
+
+/// A Responses API event carrying generated text in its `delta` (output text, reasoning
+/// summaries, function-call arguments).
+fn is_response_delta(t: &[u8]) -> bool {
+    t.starts_with(b"response.") && t.ends_with(b".delta")
 }
 
 /// Characters of a JSON string whose opening quote was just passed, up to
 /// its closing quote: an escape counts as one character (`\uXXXX` too, a
 /// surrogate pair as two, as `chars()` would not — close enough for an
-/// estimate). `None` if the string does not end in `body`.
-fn json_string_chars(body: &[u8]) -> Option<u64> {
+/// estimate), and the offset of its closing quote. `None` if the string does not end in `body`.
+fn json_string(body: &[u8]) -> Option<(u64, usize)> {
     let mut n = 0u64;
     let mut i = 0;
     while i < body.len() {
         match body[i] {
-            b'"' => return Some(n),
+            b'"' => return Some((n, i)),
             b'\\' => {
                 i += if body.get(i + 1) == Some(&b'u') { 6 } else { 2 };
                 n += 1;
@@ -1497,7 +1682,7 @@ mod fast_path_tests {
         ];
         for data in chunks {
             let mut fast = UsageTracker::new();
-            let f = fast.fast_chat_chunk(data).expect("fast path taken");
+            let f = fast.fast_event(data).expect("fast path taken");
             let mut full = UsageTracker::new();
             let v: Value = serde_json::from_slice(data).unwrap();
             let mut o = EventOutcome::default();
@@ -1512,10 +1697,114 @@ mod fast_path_tests {
         }
     }
 
+    /// Every event of every recorded stream, plus shapes the fast path must leave alone: where
+    /// the fast path answers, it answers what the full parse does; usage always takes the full
+    /// parse.
+    #[test]
+    fn fast_event_agrees_with_the_full_parse() {
+        let extra: [&[u8]; 8] = [
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"hmm \"x\""}}"#,
+            br#"{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a\": 1"}}"#,
+            br#"{"type":"response.function_call_arguments.delta","item_id":"fc_1","delta":"{\"q\":"}"#,
+            br#"{"type": "ping"}"#,
+            br#"{"choices":[{"text":"legacy","index":0}],"object":"text_completion"}"#,
+            br#"{"object":"chat.completion.chunk","choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":1}}"#,
+            br#"{"object" : "chat.completion.chunk" , "choices":[{"delta":{"content" : "spaced"}}], "usage" : null}"#,
+            br#"{"object":"chat.completion.chunk","choices":[{"delta":{"content":"type"}}],"usage":null,"x":"text"}"#,
+        ];
+        let mut events: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for stream in crate::sse::fixtures::ALL {
+            let mut p = crate::sse::SseParser::new(1 << 20);
+            p.feed(stream.as_bytes(), &mut |e| {
+                events.push((e.event.to_vec(), e.data.to_vec()))
+            });
+        }
+        events.extend(extra.iter().map(|d| (Vec::new(), d.to_vec())));
+        let mut fast_taken = 0;
+        for (event, data) in &events {
+            let data = data.trim_ascii();
+            if !data.starts_with(b"{") {
+                continue;
+            }
+            let full = UsageTracker::new().full_event(data, event);
+            let Some(fast) = UsageTracker::new().fast_event(data) else {
+                continue;
+            };
+            fast_taken += 1;
+            let text = String::from_utf8_lossy(data);
+            assert!(!full.usage, "usage must take the full parse: {text}");
+            assert_eq!(fast.content_chars, full.content_chars, "{text}");
+            assert_eq!(fast.first_content, full.first_content, "{text}");
+        }
+        assert!(fast_taken >= 15, "fast path taken {fast_taken} times");
+    }
+
+    /// One tracker over a whole stream (so the template is in play): every event's answer is
+    /// the full parse's, and `usage_null_at` points at the field, also when frames change shape
+    /// (a role, escapes, a finish reason, a tool call) between equal-looking ones.
+    #[test]
+    fn templated_events_agree_with_the_full_parse() {
+        let pre = r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"#;
+        let bodies = [
+            r#""role":"assistant","content":""}"#,
+            r#""content":"Hello"}"#,
+            r#""content":" w\u00f6rld \"q\""}"#,
+            r#""content":"naïve 😀"}"#,
+            r#""content":"x"}"#,
+            r#""content":"x\\"}"#,
+            r#""content":"same"}"#,
+            r#""tool_calls":[{"index":0,"function":{"arguments":"{\"a\":"}}]}"#,
+            r#""content":"after tool"}"#,
+            r#""content":"end"}"#,
+            r#"}"#,
+        ];
+        let mut frames: Vec<String> = Vec::new();
+        for (i, b) in bodies.iter().enumerate() {
+            let finish = if i == 9 { r#""stop""# } else { "null" };
+            frames.push(format!(
+                r#"{pre}{b},"logprobs":null,"finish_reason":{finish}}}],"usage":null}}"#
+            ));
+        }
+        frames.push(format!(r#"{pre}"content":"no usage field"}}}}]}}"#));
+        frames.push(format!(r#"{pre}"content":"again"}}}}],"usage":null}}"#));
+        let finder = memchr::memmem::Finder::new(b",\"usage\":null");
+        let mut t = UsageTracker::new();
+        let mut total = 0;
+        for f in &frames {
+            let data = f.as_bytes();
+            let ev = SseEvent {
+                event: b"",
+                data,
+                raw_len: 0,
+            };
+            let got = t.on_event(&ev);
+            let want = UsageTracker::new().full_event(data, b"");
+            assert_eq!(got.content_chars, want.content_chars, "{f}");
+            assert_eq!(got.usage_null_at, finder.find(data), "{f}");
+            total += want.content_chars;
+        }
+        assert_eq!(t.content_chars(), total);
+    }
+
+    #[test]
+    fn usage_null_offset_is_where_the_field_is() {
+        let data = br#" {"object":"chat.completion.chunk","choices":[{"delta":{"content":"a"}}],"usage":null}"#;
+        let mut t = UsageTracker::new();
+        let ev = SseEvent {
+            event: b"",
+            data,
+            raw_len: 0,
+        };
+        let o = t.on_event(&ev);
+        let at = o.usage_null_at.expect("found");
+        assert_eq!(&data[at..at + 13], b",\"usage\":null");
+        assert_eq!(o.usage_nulls, 1);
+    }
+
     #[test]
     fn chunks_with_usage_take_the_full_parse() {
         let mut t = UsageTracker::new();
         let data = br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
-        assert!(t.fast_chat_chunk(data).is_none());
+        assert!(t.fast_event(data).is_none());
     }
 }
