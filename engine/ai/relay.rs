@@ -8,6 +8,7 @@
 use std::{ops::Range, time::Instant};
 
 use monoio::{
+    buf::IoBuf,
     io::{AsyncReadRent, AsyncWriteRentExt},
     net::TcpStream,
 };
@@ -19,7 +20,7 @@ use crate::{
     h1::{BodyKind, ChunkedDecoder},
     proxy::{
         response::RespPlan,
-        transfer::{Side, XferError},
+        transfer::{write_range, Side, XferError},
     },
     runtime::{deadline, Generation},
 };
@@ -31,9 +32,17 @@ enum Reader {
     Eof,
 }
 
+/// Longest chunk-size line Ringway writes: eight hex digits and CRLF.
+const CHUNK_LINE_MAX: usize = 10;
+
 /// Relays the response whose head is `ubuf[rp.head_start..rp.head_end]`.
 /// Returns the bytes written to the client and whether the upstream ended
 /// cleanly (its connection reusable).
+///
+/// The head leaves with the first body bytes (one write, as on plain routes),
+/// or alone at once when none came with it. Forwarded verbatim, the body is
+/// written straight from `ubuf`; re-framed, the kept frames are gathered into
+/// one vector per read, behind room for the head and chunk-size line.
 pub async fn relay(
     g: &Generation,
     client: &mut TcpStream,
@@ -44,87 +53,118 @@ pub async fn relay(
     up_idle: std::time::Duration,
 ) -> Result<(u64, bool), XferError> {
     let client_idle = g.server.body_timeout;
-    let head = ubuf[rp.head_start..rp.head_end].to_vec();
-    let mut written = head.len() as u64;
+    let head = rp.head_start..rp.head_end;
     let mut reader = match rp.body {
         BodyKind::None => {
-            write(client, head, client_idle).await?;
-            return Ok((written, ubuf.len() == rp.head_end));
+            let len = head.len() as u64;
+            let buf = write_range(client, ubuf, head, client_idle, Side::Client).await?;
+            return Ok((len, buf.len() == rp.head_end));
         }
         BodyKind::Length(n) => Reader::Length(n),
         BodyKind::Chunked => Reader::Chunked(ChunkedDecoder::new(u64::MAX)),
         BodyKind::CloseDelimited => Reader::Eof,
     };
-    write(client, head, client_idle).await?;
     ctx.streamed = rp.sse;
     if rp.sse {
         ctx.sse = Some(SseParser::new(MAX_SSE_FRAME));
     }
-    // Bytes already read with the head come first.
-    ubuf.consume(rp.head_end);
     let rechunk = rp.reframe && !rp.client_close_http10();
+    let mut written = 0u64;
+    // Not yet written: the head, at the front of `ubuf` until the first write.
+    let mut head_left = Some(head);
+    // Where the body bytes start in `ubuf` (after the head on the first pass).
+    let mut at = rp.head_end;
     let mut held: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::with_capacity(ubuf.capacity() + 64);
+    let mut out: Vec<u8> = Vec::new();
+    let mut frames = FrameCuts::default();
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut clean = true;
     loop {
-        // Payload ranges of what is in `ubuf`, and how much of it is framing-consumed.
+        // Payload ranges (absolute in `ubuf`) and the bytes the framing consumed.
         pieces.clear();
         let (consumed, done) = match &mut reader {
             Reader::Length(rem) => {
-                let take = (*rem).min(ubuf.len() as u64) as usize;
+                let avail = ubuf.len() - at;
+                let take = (*rem).min(avail as u64) as usize;
                 if take > 0 {
-                    pieces.push(0..take);
+                    pieces.push(at..at + take);
                 }
                 *rem -= take as u64;
-                if ubuf.len() > take {
+                if avail > take {
                     clean = false;
                 }
                 (take, *rem == 0)
             }
             Reader::Chunked(dec) => {
                 let p = dec
-                    .decode(&ubuf, &mut |r| pieces.push(r))
+                    .decode(&ubuf[at..], &mut |r| pieces.push(at + r.start..at + r.end))
                     .map_err(|e| XferError::Chunk(Side::Upstream, e))?;
-                if p.done && p.consumed < ubuf.len() {
+                if p.done && at + p.consumed < ubuf.len() {
                     clean = false;
                 }
                 (p.consumed, p.done)
             }
             Reader::Eof => {
-                if !ubuf.is_empty() {
-                    pieces.push(0..ubuf.len());
+                let avail = ubuf.len() - at;
+                if avail > 0 {
+                    pieces.push(at..at + avail);
                 }
-                (ubuf.len(), false)
+                (avail, false)
             }
         };
-        // What goes to the client.
-        out.clear();
         if rp.reframe {
+            // Room in front for the head (first pass) and a chunk-size line.
+            let head_len = head_left.as_ref().map_or(0, Range::len);
+            let room = head_len + if rechunk { CHUNK_LINE_MAX } else { 0 };
+            out.clear();
+            out.resize(room, 0);
             for r in &pieces {
-                inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out);
+                inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out, &mut frames);
+            }
+            let payload = out.len() - room;
+            if done && !rechunk {
+                // The upstream is done: settle before the client sees the end,
+                // so returned tokens reach Redis before its next request can.
+                finish(ctx);
+            }
+            let mut start = room;
+            if rechunk && payload > 0 {
+                let mut line = [0u8; CHUNK_LINE_MAX];
+                let n = chunk_line(payload, &mut line);
+                start -= n;
+                out[start..room].copy_from_slice(&line[..n]);
+                out.extend_from_slice(b"\r\n");
+            }
+            if let Some(h) = head_left.take() {
+                if start < out.len() {
+                    start -= h.len();
+                    out[start..start + h.len()].copy_from_slice(&ubuf[h]);
+                } else {
+                    // Nothing to send with it: the head goes now, alone.
+                    written += h.len() as u64;
+                    ubuf = write_range(client, ubuf, h, client_idle, Side::Client).await?;
+                }
+            }
+            if start < out.len() {
+                written += (out.len() - start) as u64;
+                out = write_from(client, out, start, client_idle).await?;
             }
         } else {
             for r in &pieces {
                 observe(ctx, &ubuf[r.clone()]);
             }
-            out.extend_from_slice(&ubuf[..consumed]);
+            if done {
+                finish(ctx);
+            }
+            let from = head_left.take().map_or(at, |h| h.start);
+            if at + consumed > from {
+                written += (at + consumed - from) as u64;
+                ubuf = write_range(client, ubuf, from..at + consumed, client_idle, Side::Client)
+                    .await?;
+            }
         }
-        if done && !rechunk {
-            // The upstream is done: settle before the client sees the end,
-            // so returned tokens reach Redis before its next request can.
-            finish(ctx);
-        }
-        if !out.is_empty() {
-            let framed = if rechunk {
-                chunk(&out)
-            } else {
-                std::mem::take(&mut out)
-            };
-            written += framed.len() as u64;
-            out = write(client, framed, client_idle).await?;
-        }
-        ubuf.consume(consumed);
+        ubuf.consume(at + consumed);
+        at = 0;
         if done {
             break;
         }
@@ -149,17 +189,23 @@ pub async fn relay(
         }
     }
     // An incomplete last frame is forwarded as it is.
-    let mut tail = std::mem::take(&mut held);
     finish(ctx);
+    let mut tail = Vec::new();
     if rechunk {
-        if !tail.is_empty() {
-            tail = chunk(&tail);
+        if !held.is_empty() {
+            let mut line = [0u8; CHUNK_LINE_MAX];
+            let n = chunk_line(held.len(), &mut line);
+            tail.extend_from_slice(&line[..n]);
+            tail.append(&mut held);
+            tail.extend_from_slice(b"\r\n");
         }
         tail.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        tail.append(&mut held);
     }
     if !tail.is_empty() {
         written += tail.len() as u64;
-        write(client, tail, client_idle).await?;
+        write_from(client, tail, 0, client_idle).await?;
     }
     Ok((written, clean && !matches!(reader, Reader::Eof)))
 }
@@ -208,9 +254,36 @@ fn observe(ctx: &mut AiCtx, payload: &[u8]) {
     }
 }
 
+/// Where the frames of one read end, and what to cut from each.
+#[derive(Default)]
+struct FrameCuts {
+    /// (end offset in the payload, drop the frame, `,"usage":null` to remove).
+    ends: Vec<(usize, bool, Cut)>,
+}
+
+/// What to remove from a kept frame.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// Nothing.
+    None,
+    /// `,"usage":null` at this offset of the payload.
+    At(usize),
+    /// Find every `,"usage":null` in the frame (its data was not read in place).
+    Search,
+}
+
+/// `,"usage":null`: what the upstream adds to every chunk once asked for usage.
+const USAGE_NULL: &[u8] = b",\"usage\":null";
+
 /// Parses SSE payload; appends to `out` every byte the client should get:
 /// whole frames, except the usage-only chunk Ringway asked for itself.
-fn inspect_sse(ctx: &mut AiCtx, payload: &[u8], held: &mut Vec<u8>, out: &mut Vec<u8>) {
+fn inspect_sse(
+    ctx: &mut AiCtx,
+    payload: &[u8],
+    held: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    cuts: &mut FrameCuts,
+) {
     let Some(p) = ctx.sse.as_mut() else {
         out.extend_from_slice(payload);
         return;
@@ -218,47 +291,57 @@ fn inspect_sse(ctx: &mut AiCtx, payload: &[u8], held: &mut Vec<u8>, out: &mut Ve
     let tracker = &mut ctx.tracker;
     let first = &mut ctx.first_token;
     let injected = ctx.injected;
-    let mut prev = 0usize;
-    let mut ends: [(usize, bool); 64] = [(0, false); 64];
-    let mut n = 0usize;
-    let mut overflow = false;
+    let ends = &mut cuts.ends;
+    ends.clear();
+    let base = payload.as_ptr() as usize;
     p.feed_items(payload, &mut |item| match item {
         SseItem::End(f) => {
             let mut drop_it = false;
+            let mut cut = Cut::None;
             if let Some(ev) = f.event {
                 let o = tracker.on_event(&ev);
                 if o.first_content && first.is_none() {
                     *first = Some(Instant::now());
                 }
                 drop_it = injected && o.usage_only;
+                // The field's place in `payload`, when the data was read in place there.
+                let data_at = (ev.data.as_ptr() as usize).wrapping_sub(base);
+                cut = match (o.usage_nulls, o.usage_null_at) {
+                    (0, _) => Cut::None,
+                    (1, Some(i)) if data_at < payload.len() => Cut::At(data_at + i),
+                    _ => Cut::Search,
+                };
             } else if f.oversized {
                 let _ = tracker.on_oversized_end();
             }
-            if n < ends.len() {
-                ends[n] = (f.end, drop_it);
-                n += 1;
-            } else {
-                overflow = true;
-            }
+            ends.push((f.end, drop_it, cut));
         }
         SseItem::OversizedData(d) => tracker.on_oversized_data(d),
     });
-    if overflow || !injected {
-        // Nothing to remove (or more frames than tracked in one read, where
-        // removal is skipped for that read): forward as is.
+    if !injected {
         out.append(held);
         out.extend_from_slice(payload);
         return;
     }
-    for &(end, drop_it) in &ends[..n] {
+    let mut prev = 0usize;
+    for &(end, drop_it, cut) in ends.iter() {
         if !drop_it {
             // The client did not ask for usage: take away the `"usage":null`
             // the upstream adds to every chunk once asked, so the client
             // gets exactly what a direct connection would give it.
             let start = out.len();
             out.append(held);
-            out.extend_from_slice(&payload[prev..end]);
-            strip_usage_null(out, start);
+            match cut {
+                Cut::At(i) if (prev..end).contains(&i) => {
+                    out.extend_from_slice(&payload[prev..i]);
+                    out.extend_from_slice(&payload[i + USAGE_NULL.len()..end]);
+                }
+                Cut::None => out.extend_from_slice(&payload[prev..end]),
+                _ => {
+                    out.extend_from_slice(&payload[prev..end]);
+                    strip_usage_null(out, start);
+                }
+            }
         }
         held.clear();
         prev = end;
@@ -277,30 +360,45 @@ fn inspect_sse(ctx: &mut AiCtx, payload: &[u8], held: &mut Vec<u8>, out: &mut Ve
 fn strip_usage_null(out: &mut Vec<u8>, from: usize) {
     static NEEDLE: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
         std::sync::OnceLock::new();
-    let f = NEEDLE.get_or_init(|| memchr::memmem::Finder::new(b",\"usage\":null"));
+    let f = NEEDLE.get_or_init(|| memchr::memmem::Finder::new(USAGE_NULL));
     while let Some(at) = f.find(&out[from..]) {
         let at = from + at;
         out.drain(at..at + f.needle().len());
     }
 }
 
-/// One chunk of the chunked coding around `data`.
-fn chunk(data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(data.len() + 16);
-    let _ = std::io::Write::write_fmt(&mut v, format_args!("{:x}\r\n", data.len()));
-    v.extend_from_slice(data);
-    v.extend_from_slice(b"\r\n");
-    v
+/// Writes the chunk-size line for `len` bytes into `line`; returns its length.
+fn chunk_line(len: usize, line: &mut [u8; CHUNK_LINE_MAX]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; CHUNK_LINE_MAX - 2];
+    let mut n = 0;
+    let mut v = len;
+    loop {
+        digits[n] = HEX[v & 0xf];
+        n += 1;
+        v >>= 4;
+        if v == 0 || n == digits.len() {
+            break;
+        }
+    }
+    for (i, d) in digits[..n].iter().rev().enumerate() {
+        line[i] = *d;
+    }
+    line[n..n + 2].copy_from_slice(b"\r\n");
+    n + 2
 }
 
-/// Writes `data` whole; hands the (emptied) vector back for reuse.
-async fn write(
+/// Writes `data[from..]` whole; hands the (emptied) vector back for reuse.
+async fn write_from(
     client: &mut TcpStream,
     data: Vec<u8>,
+    from: usize,
     idle: std::time::Duration,
 ) -> Result<Vec<u8>, XferError> {
-    match deadline::timeout(idle, client.write_all(data)).await {
-        Ok((Ok(_), mut v)) => {
+    let len = data.len();
+    match deadline::timeout(idle, client.write_all(data.slice(from..len))).await {
+        Ok((Ok(_), s)) => {
+            let mut v = s.into_inner();
             v.clear();
             Ok(v)
         }
