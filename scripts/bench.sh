@@ -19,7 +19,11 @@
 #              OpenAI-style SSE origin (benches/backend/sse_backend.py: 200 frames + usage + [DONE],
 #              chunked) through a plain route ("off") vs an AI route with key-auth + token-limit
 #              (local) + ai-stats ("on"), and "on-usage" (same AI route, client sends
-#              stream_options.include_usage); CPU per frame = CPU per request / frames per response
+#              stream_options.include_usage); CPU per frame = CPU per request / frames per response.
+#              The origin writes each response at once: ~200 frames per read, the worst case for
+#              a proxy that reads every frame relative to one that does not
+#   ssepaced   the same A/B with the origin writing one frame per write, SSE_PACE_MS (1) apart, as
+#              a model streaming tokens does: about one frame per read
 #
 # ratelimit/sse run the variants interleaved (off on [on-usage], off on ...) for R rounds, medians,
 # each run on a freshly started Ringway; ratios are on / off.
@@ -34,7 +38,7 @@
 #
 # Output: markdown on stdout and in bench-out/<timestamp>.md (raw numbers in bench-out/<timestamp>.tsv).
 # Needs: nginx, haproxy, wrk, curl, python3, taskset (+ redis-server, redis-cli for ratelimit). The Ringway binary: --ringway PATH, or
-# $RINGWAY_BIN, or /work/bin/ringway, or target/release/ringway (copied to the temp dir first).
+# $RINGWAY_BIN, or target/release/ringway, or /work/bin/ringway (copied to the temp dir first).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,9 +50,10 @@ DURATION=5
 WARMUP=1
 WORKERS=1
 BACKEND_WORKERS=""
-ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle,ratelimit,sse"
+ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle,ratelimit,sse,ssepaced"
 SSE_FRAMES=200
 SSE_FRAME_BYTES=150
+SSE_PACE_MS="${SSE_PACE_MS:-1}"
 IDLE_N=10000
 QUICK=0
 OUTDIR="$ROOT/bench-out"
@@ -83,7 +88,8 @@ NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
 if [ -z "$RINGWAY_SRC" ]; then
-  for c in /work/bin/ringway "$ROOT/target/release/ringway"; do
+  # This checkout's build first: a stale copy elsewhere must never be measured by default.
+  for c in "$ROOT/target/release/ringway" /work/bin/ringway; do
     if [ -x "$c" ]; then RINGWAY_SRC="$c"; break; fi
   done
 fi
@@ -155,7 +161,7 @@ if [ -n "$PROXY_CPUS" ]; then
   PIN_PROXY=(taskset -c "$PROXY_CPUS"); PIN_WRK=(taskset -c "$WRK_CPUS"); PIN_BACKEND=(taskset -c "$BACKEND_CPUS")
 fi
 
-read -r PORT_BACKEND PORT_RINGWAY PORT_NGINX PORT_HAPROXY PORT_REDIS PORT_SSE <<<"$(python3 "$LIB" freeports 6)"
+read -r PORT_BACKEND PORT_RINGWAY PORT_NGINX PORT_HAPROXY PORT_REDIS PORT_SSE PORT_SSE_PACED <<<"$(python3 "$LIB" freeports 7)"
 UPSTREAM_PORT="$PORT_BACKEND"   # @UPSTREAM_PORT@ in the A/B Ringway configs (nginx backend or SSE origin)
 declare -A PORT=([ringway]=$PORT_RINGWAY [nginx]=$PORT_NGINX [haproxy]=$PORT_HAPROXY [direct]=$PORT_BACKEND)
 
@@ -416,6 +422,14 @@ start_sse_backend() {
   LIVE[$SSE_PID]=1
   wait_http "http://127.0.0.1:$PORT_SSE/" 10 || { cat "$d/stdout" >&2; die "SSE backend did not start"; }
 }
+SSE_PACED_PID=""
+start_sse_paced_backend() {
+  local d="$WORK/sse-paced"; mkdir -p "$d"
+  "${PIN_BACKEND[@]}" python3 "$BENCHES/backend/sse_backend.py" "$PORT_SSE_PACED" "$SSE_FRAMES" "$SSE_FRAME_BYTES" "$SSE_PACE_MS" > "$d/stdout" 2>&1 &
+  SSE_PACED_PID=$!
+  LIVE[$SSE_PACED_PID]=1
+  wait_http "http://127.0.0.1:$PORT_SSE_PACED/" 10 || { cat "$d/stdout" >&2; die "paced SSE backend did not start"; }
+}
 
 # One request through Ringway for an A/B variant: status 200 and the expected body (bytes or frames).
 check_ab() { # scen variant lua
@@ -426,7 +440,7 @@ check_ab() { # scen variant lua
         -H 'Authorization: Bearer sk-bench' "$url/hello" || echo "000 0")
       [ "$got" = "200 13" ] && return 0
       got="status/size '$got', expected '200 13'" ;;
-    sse)
+    sse|ssepaced)
       local body; body=$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$3")
       got=$(curl -s -o "$WORK/check.body" -w '%{http_code}' --max-time 20 -H 'Content-Type: application/json' \
         -H 'Authorization: Bearer sk-bench' --data-binary "$body" "$url/v1/chat/completions" || echo "000")
@@ -453,6 +467,9 @@ run_ab_scenario() { # scen conns path desc variant:template:lua ...
   if [ "$scen" = ratelimit ]; then
     [ -n "$REDIS_PID" ] || start_redis
     UPSTREAM_PORT="$PORT_BACKEND"; hdr=(-H 'Authorization: Bearer sk-bench')
+  elif [ "$scen" = ssepaced ]; then
+    [ -n "$SSE_PACED_PID" ] || start_sse_paced_backend
+    UPSTREAM_PORT="$PORT_SSE_PACED"; fpr=$((SSE_FRAMES + 2))
   else
     [ -n "$SSE_PID" ] || start_sse_backend
     UPSTREAM_PORT="$PORT_SSE"; fpr=$((SSE_FRAMES + 2))
@@ -485,7 +502,7 @@ run_ab_scenario() { # scen conns path desc variant:template:lua ...
       redis_per=$(awk -v d=$((c1 - c0)) -v n="$req" 'BEGIN { if (n > 0) printf "%.7f", d / n; else print "nan" }')
       redis_cpu=$(awk -v d=$((rt1 - rt0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { if (n > 0) printf "%.3f", d / hz * 1e6 / n; else print "nan" }')
       [ "$req" -gt 0 ] || check="no-requests"
-      if [ "$scen" = sse ] && [ "$check" = ok ]; then
+      if [ "${scen#sse}" != "$scen" ] && [ "$check" = ok ]; then
         # every response must carry the whole stream: bytes read per response >= 95 % of the checked body
         local cb; cb=$(stat -c %s "$WORK/check.body")
         awk -v b="$bytes" -v n="$req" -v s="$cb" 'BEGIN { exit !(n > 0 && b / n >= s * 0.95) }' || check="short-bodies"
@@ -522,6 +539,8 @@ run_ab_scenario ratelimit 64 /hello "GET /hello with a consumer key, 64 connecti
   off:ringway-ratelimit-off.toml: on:ringway-ratelimit-on.toml:
 run_ab_scenario sse 64 /v1/chat/completions "streamed chat completion ($SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], chunked), 64 connections: AI route (key-auth, token-limit, ai-stats) on vs plain route off" \
   off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
+run_ab_scenario ssepaced 64 /v1/chat/completions "streamed chat completion as a model sends it: $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], one frame per origin write, $SSE_PACE_MS ms apart, 64 connections: AI route on vs plain route off" \
+  off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
 
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 META="$WORK/meta.md"
@@ -537,6 +556,7 @@ META="$WORK/meta.md"
   echo "- CPU µs/req = proxy (all processes and threads) utime+stime delta over the measured wrk run / CLK_TCK($CLK_TCK) / requests completed; peak RSS = VmHWM summed over the proxy's processes (nginx: master + workers)"
   echo "- ulimit -n $NOFILE"
   if want ratelimit; then echo "- ratelimit: own $(redis-server --version 2>&1 | awk '{print $1, $2, $3}'), port $PORT_REDIS, --save '' --appendonly no"; fi
+  if want ssepaced; then echo "- ssepaced: the same origin with pacing (one frame per write, $SSE_PACE_MS ms apart)"; fi
   if want sse; then echo "- sse: origin benches/backend/sse_backend.py (python3 asyncio, one write per response), $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE]"; fi
   if [ -s "$WORK/anomalies" ]; then
     echo

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """OpenAI-style streaming chat-completion origin for scripts/bench.sh (standard library only).
 
-  sse_backend.py PORT [FRAMES] [FRAME_BYTES]
+  sse_backend.py PORT [FRAMES] [FRAME_BYTES] [PACE_MS]
 
 Every request (any method and path; the request body, Content-Length or chunked, is read and
 dropped) gets `200`, `content-type: text/event-stream`, `transfer-encoding: chunked`, and FRAMES
@@ -9,10 +9,12 @@ dropped) gets `200`, `content-type: text/event-stream`, `transfer-encoding: chun
 with `"usage":null`, then one usage-only frame `{"choices":[],"usage":{...}}`, then
 `data: [DONE]` — FRAMES + 2 SSE frames, each in its own HTTP chunk. Keep-alive.
 
-The whole response is built once at start and written with one write per request, so the proxy
-sees the frames back to back (many frames per read: the cheapest case for a proxy's SSE parser;
-a real model delivers them one per read, milliseconds apart). asyncio Protocol, one process:
-about 1 core at a few thousand responses per second.
+Without PACE_MS the whole response is built once at start and written with one write per
+request, so the proxy sees the frames back to back (many frames per read: the cheapest case for a
+plain proxy and the worst ratio for one that reads every frame). With PACE_MS > 0 each HTTP chunk
+(one frame) is its own write, PACE_MS apart, as a model streaming tokens delivers them: the proxy
+reads about one frame per read. asyncio Protocol, one process: about 1 core at a few thousand
+responses (or a few tens of thousands of paced frames) per second.
 """
 import asyncio
 import json
@@ -20,6 +22,7 @@ import sys
 
 
 def build(frames, frame_bytes):
+    """(head, [chunk, ...], terminator): the response in its HTTP chunks."""
     chunks = []
     base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1700000000,
             "model": "m", "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}],
@@ -36,18 +39,24 @@ def build(frames, frame_bytes):
              "usage": {"prompt_tokens": 9, "completion_tokens": frames, "total_tokens": frames + 9}}
     chunks.append("data: " + json.dumps(usage, separators=(",", ":")) + "\n\n")
     chunks.append("data: [DONE]\n\n")
-    body = b"".join(b"%x\r\n%s\r\n" % (len(c), c.encode()) for c in chunks) + b"0\r\n\r\n"
     head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
             b"transfer-encoding: chunked\r\n\r\n")
-    return head + body
+    return head, [b"%x\r\n%s\r\n" % (len(c), c.encode()) for c in chunks], b"0\r\n\r\n"
 
 
 class Conn(asyncio.Protocol):
     RESP = b""
+    PARTS = None
+    PACE = 0.0
 
     def connection_made(self, t):
         self.t = t
         self.buf = bytearray()
+        self.queue = []
+        self.busy = False
+
+    def connection_lost(self, exc):
+        self.t = None
 
     def data_received(self, data):
         self.buf += data
@@ -56,7 +65,27 @@ class Conn(asyncio.Protocol):
             if n is None:
                 return
             del self.buf[:n]
-            self.t.write(self.RESP)
+            if self.PACE <= 0:
+                self.t.write(self.RESP)
+            else:
+                # Pipelined requests are answered in order, one paced stream at a time.
+                self.queue.append(1)
+                if not self.busy:
+                    self.busy = True
+                    asyncio.get_running_loop().create_task(self.paced())
+
+    async def paced(self):
+        head, chunks, end = self.PARTS
+        while self.queue and self.t is not None:
+            self.queue.pop()
+            self.t.write(head)
+            for c in chunks:
+                await asyncio.sleep(self.PACE)
+                if self.t is None:
+                    return
+                self.t.write(c)
+            self.t.write(end)
+        self.busy = False
 
     def one_request(self):
         """Bytes of one whole request at the start of buf, or None if incomplete."""
@@ -96,10 +125,15 @@ def main():
     port = int(sys.argv[1])
     frames = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     fb = int(sys.argv[3]) if len(sys.argv) > 3 else 150
-    Conn.RESP = build(frames, fb)
+    pace_ms = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    head, chunks, end = build(frames, fb)
+    Conn.RESP = head + b"".join(chunks) + end
+    Conn.PARTS = (head, chunks, end)
+    Conn.PACE = pace_ms / 1000.0
     loop = asyncio.new_event_loop()
     srv = loop.run_until_complete(loop.create_server(Conn, "127.0.0.1", port, backlog=4096, reuse_address=True))
-    print("sse backend on %d: %d frames + usage + [DONE], %d bytes per response" % (port, frames, len(Conn.RESP)), flush=True)
+    print("sse backend on %d: %d frames + usage + [DONE], %d bytes per response, pace %g ms"
+          % (port, frames, len(Conn.RESP), pace_ms), flush=True)
     try:
         loop.run_until_complete(srv.serve_forever())
     except KeyboardInterrupt:
