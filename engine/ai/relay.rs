@@ -121,12 +121,14 @@ pub async fn relay(
             for r in &pieces {
                 inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out, &mut frames);
             }
-            let payload = out.len() - room;
-            if done && !rechunk {
+            if done {
                 // The upstream is done: settle before the client sees the end,
                 // so returned tokens reach Redis before its next request can.
                 finish(ctx);
+                // An incomplete last frame is forwarded as it is.
+                out.append(&mut held);
             }
+            let payload = out.len() - room;
             let mut start = room;
             if rechunk && payload > 0 {
                 let mut line = [0u8; CHUNK_LINE_MAX];
@@ -134,6 +136,10 @@ pub async fn relay(
                 start -= n;
                 out[start..room].copy_from_slice(&line[..n]);
                 out.extend_from_slice(b"\r\n");
+            }
+            if done && rechunk {
+                // The last chunk leaves with the data, not in a write of its own.
+                out.extend_from_slice(b"0\r\n\r\n");
             }
             if let Some(h) = head_left.take() {
                 if start < out.len() {
@@ -166,7 +172,7 @@ pub async fn relay(
         ubuf.consume(at + consumed);
         at = 0;
         if done {
-            break;
+            return Ok((written, clean));
         }
         // Read more from the upstream.
         let len = ubuf.len();
@@ -188,7 +194,7 @@ pub async fn relay(
             Err(_) => return Err(XferError::Timeout(Side::Upstream)),
         }
     }
-    // An incomplete last frame is forwarded as it is.
+    // A close-delimited body ended. An incomplete last frame is forwarded as it is.
     finish(ctx);
     let mut tail = Vec::new();
     if rechunk {
@@ -207,7 +213,8 @@ pub async fn relay(
         written += tail.len() as u64;
         write_from(client, tail, 0, client_idle).await?;
     }
-    Ok((written, clean && !matches!(reader, Reader::Eof)))
+    // A close-delimited upstream connection is never reused.
+    Ok((written, false))
 }
 
 /// The upstream's body ended: final usage, then the request is settled

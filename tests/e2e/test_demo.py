@@ -77,13 +77,18 @@ def test_demo_serves_chat_completions_stream_and_not(demo):
     text = "".join(ch.get("delta", {}).get("content") or "" for c in chunks for ch in c["choices"])
     assert text, chunks
 
-    with RawConn(admin) as c:
-        c.send(request_bytes("GET", "/metrics", host="127.0.0.1", headers=[("Connection", "close")]))
-        m = c.read_response()
-    assert m.status == 200
-    lines = [l for l in m.body.decode().splitlines()
-             if l.startswith("ringway_requests_total{") and 'status="200"' in l]
-    assert sum(float(l.rsplit(" ", 1)[1]) for l in lines) >= 2, m.body.decode()[:2000]
+    def ok_requests():
+        with RawConn(admin) as c:
+            c.send(request_bytes("GET", "/metrics", host="127.0.0.1", headers=[("Connection", "close")]))
+            m = c.read_response()
+        assert m.status == 200
+        lines = [l for l in m.body.decode().splitlines()
+                 if l.startswith("ringway_requests_total{") and 'status="200"' in l]
+        return sum(float(l.rsplit(" ", 1)[1]) for l in lines)
+
+    # A request is counted once its last byte is written, so the client can see the end of the
+    # stream a moment before the counter moves.
+    wait_until(lambda: ok_requests() >= 2, 5, what="both requests counted in /metrics")
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0, log.read_text()
