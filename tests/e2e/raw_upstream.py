@@ -17,6 +17,7 @@ import json
 import re
 import selectors
 import socket
+import struct
 import threading
 
 TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -364,3 +365,123 @@ class RecordingUpstream:
             pass
         finally:
             c.sock.setblocking(False)
+
+
+class ScriptedUpstream:
+    """A threaded upstream whose answers are scripted per request.
+
+    Each connection gets a thread that reads request heads (and Content-Length bodies) and calls
+    `handler(sock, req, state)`; `req` has method, target, headers, body, conn (connection
+    number) and seq (request number on it), `state` is a dict per connection. The handler writes
+    whatever it likes (or nothing) and returns True to read the next request on the connection,
+    False to close it (it may also have closed or reset the socket itself). `idle_close`: seconds
+    an idle connection is kept before the upstream closes it (a keep-alive timeout), None for never.
+    """
+
+    def __init__(self, handler, idle_close=None):
+        self.handler = handler
+        self.idle_close = idle_close
+        self.lsock = socket.socket()
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(512)
+        self.port = self.lsock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.requests = []
+        self.accepts = 0
+        self.idle_closes = 0
+        self.socks = []
+        self.stopped = False
+
+    @property
+    def addr(self):
+        return "127.0.0.1:%d" % self.port
+
+    def start(self):
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+        return self
+
+    def stop(self):
+        self.stopped = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+        for s in list(self.socks):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def targets(self):
+        with self.lock:
+            return [r["target"] for r in self.requests]
+
+    def _accept_loop(self):
+        while not self.stopped:
+            try:
+                s, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self.lock:
+                cid = self.accepts
+                self.accepts += 1
+                self.socks.append(s)
+            threading.Thread(target=self._serve, args=(s, cid), daemon=True).start()
+
+    def _serve(self, s, cid):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray()
+        state = {}
+        seq = 0
+        try:
+            while True:
+                s.settimeout(self.idle_close)
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        d = s.recv(65536)
+                    except socket.timeout:
+                        if buf:
+                            raise
+                        with self.lock:
+                            self.idle_closes += 1
+                        return
+                    if not d:
+                        return
+                    buf += d
+                s.settimeout(10)
+                end = buf.index(b"\r\n\r\n") + 4
+                head = bytes(buf[:end]).decode("latin-1")
+                del buf[:end]
+                lines = head.split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = [tuple(x.strip() for x in h.split(":", 1)) for h in lines[1:] if h]
+                n = next((int(v) for k, v in headers if k.lower() == "content-length"), 0)
+                while len(buf) < n:
+                    d = s.recv(65536)
+                    if not d:
+                        return
+                    buf += d
+                body = bytes(buf[:n])
+                del buf[:n]
+                req = {"method": method, "target": target, "headers": headers, "body": body,
+                       "conn": cid, "seq": seq}
+                seq += 1
+                with self.lock:
+                    self.requests.append(req)
+                if not self.handler(s, req, state):
+                    return
+        except OSError:
+            return
+        finally:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def reset(sock):
+    """Closes with SO_LINGER 0: the peer gets a TCP RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
