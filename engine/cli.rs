@@ -155,6 +155,15 @@ fn run(cfg: config::Config) -> i32 {
         }
         return 1;
     }
+    // One descriptor per client and per upstream connection: a soft limit
+    // of 1024 from a login shell must not cap the gateway; the hard one does.
+    match runtime::nofile::raise() {
+        Ok((before, after)) if after > before => {
+            log::info(&format!("open files limit raised from {before} to {after}"))
+        }
+        Ok(_) => {}
+        Err(e) => log::warn(&format!("cannot raise the open files limit: {e}")),
+    }
     for l in &cfg.listeners {
         if let Err(e) = runtime::listen::check_free(&l.name, l.address) {
             log::error(&e);

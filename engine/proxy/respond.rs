@@ -103,7 +103,8 @@ pub(super) async fn read_response_head(
     }
 }
 
-/// Sends the response head and body to the client.
+/// Sends the response head and body to the client. `up_idle` bounds each
+/// wait on the upstream; each wait on the client is bounded by `body_timeout`.
 pub(super) async fn relay_response(
     w: &Worker,
     g: &Generation,
@@ -111,7 +112,7 @@ pub(super) async fn relay_response(
     conn: &mut UpConn,
     mut ubuf: PoolBuf,
     rp: &RespPlan,
-    idle: Duration,
+    up_idle: Duration,
 ) -> Result<Relayed, XferError> {
     let in_buf = ubuf.len() - rp.head_end;
     let head_len = (rp.head_end - rp.head_start) as u64;
@@ -149,9 +150,10 @@ pub(super) async fn relay_response(
             let mut r = Route {
                 src: conn.stream(),
                 src_side: Side::Upstream,
+                src_idle: up_idle,
                 dst: client,
                 dst_side: Side::Client,
-                idle,
+                dst_idle: client_idle,
             };
             if remaining >= g.splice_min {
                 drop(ubuf);
@@ -171,9 +173,10 @@ pub(super) async fn relay_response(
             let mut r = Route {
                 src: conn.stream(),
                 src_side: Side::Upstream,
+                src_idle: up_idle,
                 dst: client,
                 dst_side: Side::Client,
-                idle,
+                dst_idle: client_idle,
             };
             let rest = transfer::forward_chunked(&mut r, ubuf, &mut decoder, rp.dechunk).await?;
             Ok(Relayed {
@@ -190,9 +193,10 @@ pub(super) async fn relay_response(
             let mut r = Route {
                 src: conn.stream(),
                 src_side: Side::Upstream,
+                src_idle: up_idle,
                 dst: client,
                 dst_side: Side::Client,
-                idle,
+                dst_idle: client_idle,
             };
             let n = transfer::copy_to_eof(&mut r, ubuf).await?;
             Ok(Relayed {

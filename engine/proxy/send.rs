@@ -69,9 +69,10 @@ pub(super) async fn send_request(
             let mut route = Route {
                 src: client,
                 src_side: Side::Client,
+                src_idle: g.server.body_timeout,
                 dst: conn.stream(),
                 dst_side: Side::Upstream,
-                idle: g.server.body_timeout,
+                dst_idle: g.server.body_timeout,
             };
             // The body did not fit with the head, so nothing follows it yet.
             let res = if remaining >= g.splice_min {
@@ -98,9 +99,10 @@ pub(super) async fn send_request(
             let mut route = Route {
                 src: client,
                 src_side: Side::Client,
+                src_idle: g.server.body_timeout,
                 dst: conn.stream(),
                 dst_side: Side::Upstream,
-                idle: g.server.body_timeout,
+                dst_idle: g.server.body_timeout,
             };
             let rest = transfer::forward_chunked(&mut route, cbuf, &mut decoder, false)
                 .await

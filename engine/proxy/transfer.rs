@@ -56,17 +56,24 @@ impl XferError {
 }
 
 /// One direction of a transfer: where bytes come from and go to.
+///
+/// Each side has its own inactivity limit: a response body waits on the
+/// upstream by `response_timeout` but on the client by `body_timeout`, so a
+/// client that stops reading is cut by the client's limit, not the
+/// upstream's.
 pub struct Route<'a> {
     /// The socket read from.
     pub src: &'a mut TcpStream,
     /// Who `src` is.
     pub src_side: Side,
+    /// Longest wait for any single read from `src`.
+    pub src_idle: Duration,
     /// The socket written to.
     pub dst: &'a mut TcpStream,
     /// Who `dst` is.
     pub dst_side: Side,
-    /// Longest wait for any single read or write.
-    pub idle: Duration,
+    /// Longest wait for any single write to `dst`.
+    pub dst_idle: Duration,
 }
 
 /// Reads into `buf`'s spare capacity, at most `max` bytes; returns the count (0 at EOF).
@@ -116,13 +123,13 @@ pub async fn copy_exact(
     while n > 0 {
         buf.clear();
         let want = usize::try_from(n).unwrap_or(usize::MAX);
-        let (got, b) = read_some(r.src, buf, want, r.idle, r.src_side).await?;
+        let (got, b) = read_some(r.src, buf, want, r.src_idle, r.src_side).await?;
         if got == 0 {
             return Err(XferError::Eof(r.src_side));
         }
         n -= got as u64;
         let len = b.len();
-        buf = write_range(r.dst, b, 0..len, r.idle, r.dst_side).await?;
+        buf = write_range(r.dst, b, 0..len, r.dst_idle, r.dst_side).await?;
     }
     buf.clear();
     Ok(buf)
@@ -134,13 +141,13 @@ pub async fn copy_to_eof(r: &mut Route<'_>, mut buf: PoolBuf) -> Result<u64, Xfe
     loop {
         buf.clear();
         let cap = buf.capacity();
-        let (got, b) = read_some(r.src, buf, cap, r.idle, r.src_side).await?;
+        let (got, b) = read_some(r.src, buf, cap, r.src_idle, r.src_side).await?;
         if got == 0 {
             return Ok(total);
         }
         total += got as u64;
         let len = b.len();
-        buf = write_range(r.dst, b, 0..len, r.idle, r.dst_side).await?;
+        buf = write_range(r.dst, b, 0..len, r.dst_idle, r.dst_side).await?;
     }
 }
 
@@ -153,7 +160,8 @@ pub async fn splice_exact(
     let mut pipe = pipes.take().map_err(|e| XferError::Io(r.dst_side, e))?;
     while n > 0 {
         let want = n.min(u64::from(SPLICE_CHUNK)) as u32;
-        let got = match deadline::timeout(r.idle, r.src.splice_to_pipe(&mut pipe.write, want)).await
+        let got = match deadline::timeout(r.src_idle, r.src.splice_to_pipe(&mut pipe.write, want))
+            .await
         {
             Ok(Ok(0)) => return Err(XferError::Eof(r.src_side)),
             Ok(Ok(got)) => got,
@@ -162,7 +170,8 @@ pub async fn splice_exact(
         };
         let mut left = got;
         while left > 0 {
-            match deadline::timeout(r.idle, r.dst.splice_from_pipe(&mut pipe.read, left)).await {
+            match deadline::timeout(r.dst_idle, r.dst.splice_from_pipe(&mut pipe.read, left)).await
+            {
                 Ok(Ok(0)) => return Err(XferError::Eof(r.dst_side)),
                 Ok(Ok(put)) => left -= put,
                 Ok(Err(e)) => return Err(XferError::Io(r.dst_side, e)),
@@ -208,9 +217,9 @@ pub async fn forward_chunked(
                     buf.copy_within(range.clone(), at);
                     at += len;
                 }
-                buf = write_range(r.dst, buf, 0..at, r.idle, r.dst_side).await?;
+                buf = write_range(r.dst, buf, 0..at, r.dst_idle, r.dst_side).await?;
             } else {
-                buf = write_range(r.dst, buf, 0..consumed, r.idle, r.dst_side).await?;
+                buf = write_range(r.dst, buf, 0..consumed, r.dst_idle, r.dst_side).await?;
             }
             buf.consume(consumed);
             if progress.done {
@@ -221,7 +230,7 @@ pub async fn forward_chunked(
             return Ok(buf);
         }
         let spare = buf.spare();
-        let (got, b) = read_some(r.src, buf, spare, r.idle, r.src_side).await?;
+        let (got, b) = read_some(r.src, buf, spare, r.src_idle, r.src_side).await?;
         if got == 0 {
             return Err(XferError::Eof(r.src_side));
         }
@@ -269,5 +278,59 @@ async fn pump<R: AsyncReadRent, W: AsyncWriteRentExt>(
             Ok((Ok(n), s)) if n > 0 => buf = s.into_inner(),
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{buf::BufPool, runtime::deadline};
+    use monoio::{net::TcpListener, LegacyDriver, RuntimeBuilder};
+    use std::{io::Write as _, time::Instant};
+
+    /// A response body whose client stops reading is cut by the client's
+    /// limit (`dst_idle`), however long the upstream's (`src_idle`) is.
+    #[test]
+    fn a_stalled_destination_times_out_on_its_own_limit() {
+        let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            monoio::spawn(deadline::install());
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            // The source: a peer that always has bytes to read.
+            let feeder = std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).expect("connect");
+                let block = [b'x'; 65536];
+                while s.write_all(&block).is_ok() {}
+            });
+            let (mut src, _) = listener.accept().await.expect("accept");
+            // The destination: a peer that never reads.
+            let idle_peer = std::net::TcpStream::connect(addr).expect("connect");
+            let (mut dst, _) = listener.accept().await.expect("accept");
+            let pool = BufPool::new(16 * 1024, 1);
+            let buf = pool.try_acquire().expect("buffer");
+            let mut route = Route {
+                src: &mut src,
+                src_side: Side::Upstream,
+                src_idle: Duration::from_secs(60),
+                dst: &mut dst,
+                dst_side: Side::Client,
+                dst_idle: Duration::from_millis(300),
+            };
+            let t0 = Instant::now();
+            let res = copy_exact(&mut route, buf, 1 << 40).await;
+            match res {
+                Err(XferError::Timeout(Side::Client)) => {}
+                Err(e) => panic!("expected the client's timeout, got {e:?}"),
+                Ok(_) => panic!("the copy finished although the client never read"),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            drop(idle_peer);
+            drop(src);
+            let _ = feeder.join();
+        });
     }
 }

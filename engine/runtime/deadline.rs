@@ -117,8 +117,13 @@ impl Expire {
         let wheel = wheel();
         let due = match &wheel {
             Some(w) => {
-                let ticks = after.as_millis().div_ceil(TICK.as_millis()) as u64;
-                w.now.get() + ticks.max(1)
+                // The first tick at or after the real deadline: tick `t`
+                // fires once `start.elapsed() >= t * TICK`, so the deadline
+                // is never early. Counting from `now`, the last tick fired,
+                // was up to one tick early when called late in a tick.
+                let at = w.start.elapsed() + after;
+                let due = at.as_millis().div_ceil(TICK.as_millis()) as u64;
+                due.max(w.now.get() + 1)
             }
             None => u64::MAX,
         };
@@ -240,4 +245,33 @@ pub fn idle_timeout<F: Future>(limit: Duration, fut: F) -> Timeout<F> {
 /// Runs `fut` until `deadline` (to within one tick).
 pub fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Timeout<F> {
     timeout(deadline.saturating_duration_since(Instant::now()), fut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use monoio::{LegacyDriver, RuntimeBuilder};
+
+    /// A timeout started anywhere within a tick never ends before its limit
+    /// (and ends within about a tick after it).
+    #[test]
+    fn a_timeout_never_fires_early() {
+        let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            monoio::spawn(install());
+            let limit = Duration::from_millis(200);
+            for offset_ms in [0u64, 25, 50, 75, 95] {
+                monoio::time::sleep(Duration::from_millis(offset_ms)).await;
+                let t0 = Instant::now();
+                let res = timeout(limit, std::future::pending::<()>()).await;
+                let took = t0.elapsed();
+                assert_eq!(res, Err(Elapsed));
+                assert!(took >= limit, "fired after {took:?}, limit {limit:?}");
+                assert!(took < limit + 4 * TICK, "fired after {took:?}");
+            }
+        });
+    }
 }

@@ -4,6 +4,7 @@
 pub mod deadline;
 pub mod driver;
 pub mod listen;
+pub mod nofile;
 pub mod shutdown;
 pub mod waitq;
 pub mod worker;

@@ -10,6 +10,7 @@ use std::{
     cell::{Cell, RefCell},
     io,
     net::SocketAddr,
+    os::fd::AsRawFd,
     rc::Rc,
     sync::Arc,
     time::Instant,
@@ -183,10 +184,11 @@ impl UpstreamPool {
         while let Some(pos) = idle.iter().rposition(|c| c.idx == idx) {
             let c = idle.remove(pos);
             self.stats.idle.sub(1);
-            if c.addr == addr && c.since.elapsed() < ttl {
+            if c.addr == addr && c.since.elapsed() < ttl && idle_is_clean(&c.stream) {
                 return Some(c.stream);
             }
-            // Expired, or the name now resolves elsewhere: close it.
+            // Expired, the name now resolves elsewhere, or closed or
+            // written to by the upstream while idle: close it.
             self.stats.open.sub(1);
         }
         None
@@ -290,6 +292,32 @@ impl UpstreamPool {
     }
 }
 
+/// True when an idle upstream connection can carry a new request: nothing
+/// to read and not closed.
+///
+/// Bytes waiting on an idle connection are a response nobody asked for (a
+/// confused upstream): sent a request, the connection would hand them over
+/// as the answer, to another client. EOF or an error means the upstream
+/// closed it, typically its keep-alive timeout being shorter than ours: a
+/// request sent on it fails, and one with a body cannot be sent again. One
+/// non-blocking peek costs a syscall per reuse and spares both.
+fn idle_is_clean(stream: &impl AsRawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: the descriptor is an open socket borrowed from `stream`; recv
+    // writes at most one byte into `byte`; MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    // Only "nothing to read yet" is clean; data (n > 0), EOF (0) and every
+    // other error are not.
+    n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+}
+
 /// Returns a reserved slot if a connect attempt fails.
 struct SlotGuard<'a>(&'a UpstreamPool);
 
@@ -364,5 +392,57 @@ impl Drop for UpConn {
             Some(stream) if self.reusable => self.pool.put_idle(self.idx, self.addr, stream),
             _ => self.pool.release_slot(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idle_is_clean;
+    use std::{
+        io::Write,
+        net::{Shutdown, TcpListener, TcpStream},
+        thread,
+        time::Duration,
+    };
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let ours = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (theirs, _) = l.accept().expect("accept");
+        (ours, theirs)
+    }
+
+    /// Waits for what the peer did to reach our socket (loopback: at once).
+    fn settle() {
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_quiet_open_connection_is_clean() {
+        let (ours, _theirs) = pair();
+        assert!(idle_is_clean(&ours));
+        // Peeking never blocks, even when called again.
+        assert!(idle_is_clean(&ours));
+    }
+
+    #[test]
+    fn unread_bytes_make_an_idle_connection_unusable() {
+        let (ours, mut theirs) = pair();
+        theirs
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nEVIL")
+            .expect("write");
+        settle();
+        assert!(!idle_is_clean(&ours));
+    }
+
+    #[test]
+    fn a_connection_the_upstream_closed_is_unusable() {
+        let (ours, theirs) = pair();
+        theirs.shutdown(Shutdown::Write).expect("shutdown");
+        settle();
+        assert!(!idle_is_clean(&ours));
+        drop(theirs);
+        settle();
+        assert!(!idle_is_clean(&ours));
     }
 }
