@@ -412,10 +412,11 @@ verdict $ok "4. statuses: wrk saw $W_TOTAL responses: $W_2XX 2xx, $W_429 429, $W
 # 5. the limits did something, and not everything
 R_REJ=$(msum "$WORK/m-end.txt" '^ringway_limiter_decisions_total\\{.*filter="rps".*decision="rejected"')
 T_REJ=$(msum "$WORK/m-end.txt" '^ringway_limiter_decisions_total\\{.*filter="tpm".*decision="rejected"')
-EVICT=$(msum "$WORK/m-end.txt" '^ringway_limiter_evictions_total')
+EVICT_R=$(msum "$WORK/m-end.txt" '^ringway_limiter_evictions_total\\{filter="rps"')
+EVICT_T=$(msum "$WORK/m-end.txt" '^ringway_limiter_evictions_total\\{filter="tpm"')
 ok=fail
 [ "$R_REJ" -gt 0 ] && [ "$T_REJ" -gt 0 ] && [ "$W_2XX" -gt "$W_429" ] && ok=ok
-verdict $ok "5. limits exercised: rate-limit rejected $R_REJ, token-limit rejected $T_REJ; admitted (2xx) $W_2XX > rejected (429) $W_429; limiter evictions $EVICT"
+verdict $ok "5. limits exercised: rate-limit rejected $R_REJ, token-limit rejected $T_REJ; admitted (2xx) $W_2XX > rejected (429) $W_429; limiter evictions (live counters pushed out of a full table bucket; see filters/src/limit/table.rs) rate-limit $EVICT_R, token-limit $EVICT_T"
 
 # 6. alive
 ok=fail; [ "$GW_ALIVE" = 1 ] && ok=ok
