@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Full test run: setup, release build, cargo tests, then the end-to-end pytest suite.
+# Full test run: setup, release build, cargo tests, a fuzz smoke run (CI only, see below), then
+# the end-to-end pytest suite.
 # Exits non-zero on any failure; ends with pytest's summary line.
 set -euo pipefail
 
@@ -22,6 +23,18 @@ cargo build --release || die "cargo build --release failed"
 
 step "cargo test --workspace"
 cargo test --workspace || die "cargo test --workspace failed"
+
+# Fuzz smoke (CI=true, or RINGWAY_FUZZ_SMOKE=1): every cargo-fuzz target for FUZZ_SECONDS
+# (default 30) each, from an empty or the local corpus. About 2.5 min of fuzzing plus the
+# sanitizer build (and a cargo-fuzz install the first time). fuzz.sh stops at the first crash
+# and names the saved input; that fails this script. RINGWAY_FUZZ_SMOKE=0 skips it even in CI.
+if [ "${RINGWAY_FUZZ_SMOKE:-}" = 1 ] || { [ "${CI:-}" = true ] && [ "${RINGWAY_FUZZ_SMOKE:-}" != 0 ]; }; then
+  step "fuzz smoke (FUZZ_SECONDS=${FUZZ_SECONDS:-30} per target)"
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked || die "cargo install cargo-fuzz --locked failed"
+  fi
+  FUZZ_SECONDS="${FUZZ_SECONDS:-30}" bash scripts/fuzz.sh || die "fuzz smoke failed (a crash, or the fuzz build; see above)"
+fi
 
 export RINGWAY_BIN="${RINGWAY_BIN:-$ROOT/target/release/ringway}"
 [ -x "$RINGWAY_BIN" ] || die "ringway binary not found at $RINGWAY_BIN"
