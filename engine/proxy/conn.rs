@@ -19,7 +19,7 @@ use super::{
     request::HEADROOM,
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
-    send::{keep_pipelined, send_request, SendError, Sent},
+    send::{body_buffered, keep_pipelined, send_request, SendError, Sent},
     transfer::{self},
 };
 use crate::{
@@ -134,13 +134,17 @@ pub(super) async fn exchange(
     };
     let mut record = Record::new(w, g, &plan, peer);
     let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
+    // A rejected request whose body already arrived whole is skipped and the
+    // connection kept (a 429 then costs the client no reconnect); a body
+    // still on the wire cannot stay on the connection.
+    let unread_body = has_body && !body_buffered(&cbuf, &plan);
 
     // Limits, before anything goes upstream.
     let mut extra = ExtraHeaders::default();
     if !plan.limits.is_empty() {
         if let Err(rej) = check_limits(g, &plan, &mut extra).await {
             record.status = rej.status;
-            let rej = rej.closing_if(has_body || !plan.keep_alive);
+            let rej = rej.closing_if(unread_body || !plan.keep_alive);
             let keep = if rej.close {
                 None
             } else {
@@ -160,8 +164,7 @@ pub(super) async fn exchange(
     let mut conn = match connect(pool, &plan, &mut tried).await {
         Ok(c) => c,
         Err(rej) => {
-            // An unread body cannot stay on the connection.
-            let rej = rej.closing_if(has_body || !plan.keep_alive);
+            let rej = rej.closing_if(unread_body || !plan.keep_alive);
             let keep = if rej.close {
                 None
             } else {

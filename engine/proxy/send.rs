@@ -123,6 +123,19 @@ pub(super) fn keep_pipelined(buf: PoolBuf, plan: &Plan) -> Option<PoolBuf> {
     keep_from(buf, plan.head_end.saturating_add(body_in_buf as usize))
 }
 
+/// The request's whole body is already in `buf` (a Content-Length body that
+/// arrived with the head), so [`keep_pipelined`] can step over it.
+pub(super) fn body_buffered(buf: &PoolBuf, plan: &Plan) -> bool {
+    match plan.body {
+        BodyKind::None => true,
+        BodyKind::Length(n) => usize::try_from(n)
+            .ok()
+            .and_then(|n| plan.head_end.checked_add(n))
+            .is_some_and(|end| end <= buf.len()),
+        _ => false,
+    }
+}
+
 /// Keeps `buf[from..]` behind a fresh headroom, or nothing when it is empty.
 pub(super) fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
     if buf.len() <= from {

@@ -840,6 +840,33 @@ def test_rule_matching_first_match_wins(ringway_fn, backend):
     check_limited(res[-1][1], 2, 3600)
 
 
+def test_rejected_post_keeps_the_connection_when_its_body_arrived_whole(ringway_fn, backend):
+    """A 429 for a POST whose small body came with the head keeps the connection (the body is
+    stepped over, the next request on the connection is answered); one whose body is still on
+    the wire closes it, so those bytes are never read as a request."""
+    filt = rate_filter(name="one", key="ip", rules=[{"match": "*", "requests_per_hour": 1}])
+    rw = start_gw(ringway_fn, backend.addr, filters=[filt], route_filters=["one"], name="rejpost")
+    ensure_window(3600, 10)
+    body = b'{"prompt":"hello"}'
+    with RawConn(rw.port) as c:
+        for want in (200, 429, 429):
+            c.send(request_bytes("POST", "/echo", body=body, headers=[("Content-Type", "application/json")]))
+            r = c.read_response("POST")
+            assert r.status == want, r
+            assert r.get("connection", "").lower() != "close", r
+        c.send(request_bytes("GET", "/echo"))
+        assert c.read_response().status == 429
+    with RawConn(rw.port) as c:
+        # The head announces 1000 bytes; none are sent before the answer.
+        c.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        r = c.read_response("POST")
+        assert r.status == 429, r
+        assert r.get("connection", "").lower() == "close", r
+        c.send(b"x" * 1000)
+        with pytest.raises((EOFError, ConnectionError)):
+            c.read_response()
+
+
 @pytest.mark.parametrize("scope", ["local", "cluster"])
 def test_several_windows_in_one_rule(ringway_fn, backend, redis_server, scope):
     """One rule, 2/second and 5/hour: each second admits 2 until the hour's 5 are spent; a
