@@ -49,11 +49,12 @@
 #      admitted (the test exercised what it claims to).
 #   6. Ringway was still running at the end.
 #
-# Reading the samples: a rate-limit 429 is sent before the request body is read, and Ringway
-# closes such a connection (an unread body cannot stay on it), so wrk reconnects once per
-# rate-limit rejection: "client conns accepted" tracks rate-limit rejections and Ringway's side
-# holds those closed connections in TIME_WAIT (column "TIME_WAIT client"). Token-limit 429s come
-# after the body was read and keep the connection. With SOAK_SCOPE=cluster, RSS grew for the
+# Reading the samples: a rate-limit 429 is decided before the request body is read. When the
+# body arrived with the head (as wrk's small bodies do) Ringway steps over it and keeps the
+# connection; only a body still on the wire closes it (then wrk reconnects, "client conns
+# accepted" counts it, and Ringway's side holds the closed connection in TIME_WAIT, column
+# "TIME_WAIT client"). Token-limit 429s come after the body was read and keep the connection.
+# With SOAK_SCOPE=cluster, RSS grew for the
 # first ~40 s (65 -> 85 MB) and then stayed flat in a 90 s trial (local scope: flat ~41 MB from
 # the first sample), so minute one is the baseline, not the start.
 #
