@@ -43,6 +43,9 @@ pub enum HeadError {
     InvalidConnection,
     /// More than [`MAX_CONNECTION_TOKENS`](super::MAX_CONNECTION_TOKENS) distinct Connection tokens (400).
     TooManyConnectionTokens,
+    /// A request field named `Content_Length` or `Transfer_Encoding` (any case):
+    /// CGI-style upstreams map `_` to `-` and would frame the body differently (400).
+    UnderscoreFraming,
     /// A response status code below 100 (response only; the proxy answers 502).
     InvalidStatus,
 }
@@ -66,7 +69,8 @@ impl HeadError {
             | HeadError::InvalidHost
             | HeadError::InvalidTarget
             | HeadError::InvalidConnection
-            | HeadError::TooManyConnectionTokens => 400,
+            | HeadError::TooManyConnectionTokens
+            | HeadError::UnderscoreFraming => 400,
         }
     }
 
@@ -91,6 +95,7 @@ impl HeadError {
             HeadError::UnsupportedMethod => "method not implemented",
             HeadError::InvalidConnection => "invalid Connection header",
             HeadError::TooManyConnectionTokens => "too many Connection options",
+            HeadError::UnderscoreFraming => "Content-Length or Transfer-Encoding spelled with '_'",
             HeadError::InvalidStatus => "invalid response status",
         }
     }

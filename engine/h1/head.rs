@@ -357,6 +357,8 @@ impl<'b> Facts<'b> {
                 }
             } else if name.eq_ignore_ascii_case("upgrade") {
                 facts.upgrade_field = true;
+            } else if role == Role::Request && is_underscore_framing(name) {
+                return Err(HeadError::UnderscoreFraming);
             } else if role == Role::Request && name.eq_ignore_ascii_case("host") {
                 if facts.host.is_some() {
                     return Err(HeadError::DuplicateHost);
@@ -458,6 +460,15 @@ fn check_target(method: &str, target: &str) -> Result<(), HeadError> {
         _ if split_absolute_form(target).is_some() => Ok(()),
         _ => Err(HeadError::InvalidTarget),
     }
+}
+
+/// True for `Content_Length` or `Transfer_Encoding` (any case): not framing
+/// fields here, but CGI-style upstreams (WSGI, PHP) turn `_` into `-` and
+/// would read one as framing, so a request carrying one is refused.
+fn is_underscore_framing(name: &str) -> bool {
+    name.contains('_')
+        && (name.eq_ignore_ascii_case("content_length")
+            || name.eq_ignore_ascii_case("transfer_encoding"))
 }
 
 /// Parses `1*DIGIT` without sign, whitespace, list or leading zeros into u64.
@@ -992,6 +1003,20 @@ mod tests {
             b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             HeadError::InvalidTarget,
         );
+    }
+
+    #[test]
+    fn framing_fields_spelled_with_underscores_are_rejected_in_requests() {
+        for field in [
+            "Transfer_Encoding: chunked\r\n",
+            "content_length: 5\r\n",
+            "CONTENT_LENGTH: 5\r\n",
+        ] {
+            req_err(&req_with(field), HeadError::UnderscoreFraming);
+        }
+        assert_eq!(HeadError::UnderscoreFraming.status(), 400);
+        // Other names with underscores are ordinary fields.
+        req_ok(&req_with("X_Request_Id: 1\r\n"), |_| {});
     }
 
     // Connection
