@@ -1786,6 +1786,96 @@ mod fast_path_tests {
         assert_eq!(t.content_chars(), total);
     }
 
+    /// Thousands of pseudo-random streams of chat chunks and Anthropic deltas whose shape drifts
+    /// from frame to frame (strings with escapes and non-ASCII text, optional role, finish
+    /// reasons, tool calls, `"usage":null` present or not, spaces around colons, a usage frame):
+    /// through one tracker (template and key scan in play) every frame's answer equals the full
+    /// parse's, and `usage_null_at` always points at `,"usage":null`.
+    #[test]
+    fn drifting_streams_agree_with_the_full_parse() {
+        // xorshift: reproducible without a dependency.
+        struct Rng(u64);
+        impl Rng {
+            fn below(&mut self, n: usize) -> usize {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                (self.0 % n.max(1) as u64) as usize
+            }
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let strings = [
+            "",
+            "a",
+            "Hello",
+            " w\\u00f6rld",
+            "\\\"q\\\"",
+            "x\\\\",
+            "naïve 😀",
+            "tab\\tnl\\n",
+            "content",
+            "\\\"usage\\\":null",
+            "type",
+            "{\\\"a\\\":1}",
+        ];
+        let finder = memchr::memmem::Finder::new(b",\"usage\":null");
+        for _ in 0..2000 {
+            let mut t = UsageTracker::new();
+            let mut total = 0u64;
+            let id = rng.below(3);
+            for _ in 0..rng.below(30) + 1 {
+                let text = strings[rng.below(strings.len())];
+                let colon = if rng.below(10) == 0 { " : " } else { ":" };
+                let data = match rng.below(12) {
+                    0 => format!(
+                        r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text"{colon}"{text}"}}}}"#
+                    ),
+                    1 => format!(
+                        r#"{{"id":"c{id}","object":"chat.completion.chunk","choices":[],"usage":{{"prompt_tokens":3,"completion_tokens":{}}}}}"#,
+                        rng.below(50)
+                    ),
+                    k => {
+                        let role = if k == 2 { r#""role":"assistant","# } else { "" };
+                        let delta = if k == 3 {
+                            format!(
+                                r#"{{"tool_calls":[{{"index":0,"function":{{"arguments"{colon}"{text}"}}}}]}}"#
+                            )
+                        } else if k == 4 {
+                            "{}".to_string()
+                        } else {
+                            format!(r#"{{{role}"content"{colon}"{text}"}}"#)
+                        };
+                        let finish = if k == 5 { r#""stop""# } else { "null" };
+                        let usage = if k == 6 { "" } else { r#","usage":null"# };
+                        format!(
+                            r#"{{"id":"c{id}","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]{usage}}}"#
+                        )
+                    }
+                };
+                let d = data.as_bytes();
+                assert!(
+                    serde_json::from_slice::<Value>(d).is_ok(),
+                    "generated invalid JSON: {data}"
+                );
+                let ev = SseEvent {
+                    event: b"",
+                    data: d,
+                    raw_len: 0,
+                };
+                let got = t.on_event(&ev);
+                let want = UsageTracker::new().full_event(d, b"");
+                assert_eq!(got.content_chars, want.content_chars, "{data}");
+                assert_eq!(got.usage, want.usage, "{data}");
+                assert_eq!(got.usage_only, want.usage_only, "{data}");
+                if let Some(at) = got.usage_null_at {
+                    assert_eq!(Some(at), finder.find(d), "{data}");
+                }
+                total += want.content_chars;
+            }
+            assert_eq!(t.content_chars(), total);
+        }
+    }
+
     #[test]
     fn usage_null_offset_is_where_the_field_is() {
         let data = br#" {"object":"chat.completion.chunk","choices":[{"delta":{"content":"a"}}],"usage":null}"#;
