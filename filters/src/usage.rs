@@ -143,8 +143,9 @@ pub struct EventOutcome {
     /// Offset in the event's data of a `,"usage":null` (the last one, when `usage_nulls > 1`),
     /// which the engine removes when the client did not ask for usage.
     pub usage_null_at: Option<usize>,
-    /// How many `,"usage":null` the data holds (found by the fast path; 0 after a full parse).
-    pub usage_nulls: u8,
+    /// How many `,"usage":null` the data holds, when the fast path read it; `None` when not
+    /// known (a full parse, or data that is not JSON): the engine then searches itself.
+    pub usage_nulls: Option<u8>,
 }
 
 /// Follows one streamed response's events and accumulates usage and generated text length.
@@ -295,7 +296,14 @@ impl UsageTracker {
     /// else (a usage object, an unknown shape, text where it is not expected) returns `None` and
     /// takes the full parse, so usage itself is always read by `serde_json`.
     fn fast_event(&mut self, data: &[u8]) -> Option<EventOutcome> {
-        let mut out = EventOutcome::default();
+        let mut out = EventOutcome {
+            usage_nulls: Some(0),
+            ..Default::default()
+        };
+        // Backslashes inside the counted strings; any other one (an escape in a key or another
+        // value) sends the event to the full parse, so an escaped key can never hide from the
+        // search (`"\u0075sage"` is `"usage"`).
+        let mut escapes_seen = 0usize;
         // The top-level `type`, when it is the object's first key (Anthropic and the Responses
         // API always put it first); `None`: an OpenAI chat chunk.
         let mut ty: Option<&[u8]> = None;
@@ -308,6 +316,10 @@ impl UsageTracker {
             let start = m.start().checked_sub(1)?;
             if data[start] != b'"' {
                 continue;
+            }
+            if start > 0 && data[start - 1] == b'\\' {
+                // An escaped quote inside a string, not a key's opening quote.
+                return None;
             }
             let Some(v) = key_value(data, m.end()) else {
                 // A string value that happens to equal a key name, not a key.
@@ -324,9 +336,11 @@ impl UsageTracker {
                     if !v.starts_with(b"null") {
                         return None;
                     }
-                    if start > 0 && data[start - 1] == b',' {
+                    if start > 0
+                        && data.get(start - 1..start - 1 + USAGE_NULL.len()) == Some(USAGE_NULL)
+                    {
                         out.usage_null_at = Some(start - 1);
-                        out.usage_nulls += 1;
+                        out.usage_nulls = out.usage_nulls.map(|n| n.saturating_add(1));
                     }
                     false
                 }
@@ -353,9 +367,13 @@ impl UsageTracker {
                 let body_at = data.len() - v.len() + 1;
                 let (chars, len) = json_string(&data[body_at..])?;
                 out.content_chars += chars;
+                escapes_seen += memchr::memchr_iter(b'\\', &data[body_at..body_at + len]).count();
                 strings += 1;
                 string_at = (body_at, body_at + len);
             }
+        }
+        if memchr::memchr_iter(b'\\', data).count() != escapes_seen {
+            return None;
         }
         match ty {
             None if !is_chunk => return None,
@@ -382,8 +400,8 @@ impl UsageTracker {
         t.prefix.clear();
         t.suffix.clear();
         let null_after = match (out.usage_nulls, out.usage_null_at) {
-            (0, _) => None,
-            (1, Some(at)) if at > b => Some(at - (b + 1)),
+            (Some(0), _) => None,
+            (Some(1), Some(at)) if at > b => Some(at - (b + 1)),
             _ => return,
         };
         if strings != 1 {
@@ -408,11 +426,12 @@ impl UsageTracker {
         }
         let mut out = EventOutcome {
             content_chars: chars,
+            usage_nulls: Some(0),
             ..Default::default()
         };
         if let Some(at) = t.usage_null_in_suffix {
             out.usage_null_at = Some(end + 1 + at);
-            out.usage_nulls = 1;
+            out.usage_nulls = Some(1);
         }
         self.content_chars += chars;
         if chars > 0 && !self.content_seen {
@@ -430,6 +449,8 @@ impl UsageTracker {
                 for k in ["content", "reasoning_content", "refusal"] {
                     out.content_chars += str_chars(d.get(k));
                 }
+                // Legacy `function_call` (before tool calls).
+                out.content_chars += str_chars(d.pointer("/function_call/arguments"));
                 for tc in d
                     .get("tool_calls")
                     .and_then(Value::as_array)
@@ -486,6 +507,9 @@ impl UsageTracker {
         }
     }
 }
+
+/// What an OpenAI-compatible upstream adds to every chunk once asked for usage.
+const USAGE_NULL: &[u8] = b",\"usage\":null";
 
 /// Keys [`UsageTracker::fast_event`] looks for, in the order of [`FrameKey::ALL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -579,9 +603,9 @@ fn is_response_delta(t: &[u8]) -> bool {
 }
 
 /// Characters of a JSON string whose opening quote was just passed, up to
-/// its closing quote: an escape counts as one character (`\uXXXX` too, a
-/// surrogate pair as two, as `chars()` would not — close enough for an
-/// estimate), and the offset of its closing quote. `None` if the string does not end in `body`.
+/// its closing quote, as `str::chars` counts the decoded text (an escape is
+/// one character, a `\uD83D\uDE00` surrogate pair too), and the offset of
+/// its closing quote. `None` if the string does not end in `body`.
 fn json_string(body: &[u8]) -> Option<(u64, usize)> {
     let mut n = 0u64;
     let mut i = 0;
@@ -589,8 +613,21 @@ fn json_string(body: &[u8]) -> Option<(u64, usize)> {
         match body[i] {
             b'"' => return Some((n, i)),
             b'\\' => {
-                i += if body.get(i + 1) == Some(&b'u') { 6 } else { 2 };
-                n += 1;
+                if body.get(i + 1) == Some(&b'u') {
+                    // A high surrogate and the low one after it are one character.
+                    let high = body
+                        .get(i + 2..i + 6)
+                        .and_then(|h| std::str::from_utf8(h).ok())
+                        .and_then(|h| u16::from_str_radix(h, 16).ok())
+                        .is_some_and(|v| (0xD800..0xDC00).contains(&v));
+                    if !high {
+                        n += 1;
+                    }
+                    i += 6;
+                } else {
+                    n += 1;
+                    i += 2;
+                }
                 continue;
             }
             // Count UTF-8 lead bytes only: one per character.
@@ -1876,6 +1913,49 @@ mod fast_path_tests {
         }
     }
 
+    /// Review findings: inputs where the fast path once disagreed with the full parse or
+    /// reported a `,"usage":null` that was not there.
+    #[test]
+    fn fast_path_regressions() {
+        let ev = |data: &'static [u8]| SseEvent {
+            event: b"",
+            data,
+            raw_len: 0,
+        };
+        // A space after the colon: not the exact bytes, so no offset to cut at.
+        let spaced: &[u8] = br#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage": null}"#;
+        let o = UsageTracker::new().on_event(&ev(spaced));
+        assert_eq!(o.usage_null_at, None);
+        assert_eq!(o.content_chars, 2);
+        // A frame the full parse reads: whether it holds `,"usage":null` is not known, so the
+        // engine searches for it itself.
+        let tool: &[u8] = br#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}],"usage":null}"#;
+        assert_eq!(UsageTracker::new().on_event(&ev(tool)).usage_nulls, None);
+        // Escapes outside the counted strings take the full parse: an escaped quote that looks
+        // like a key's, and a key spelled with a \u escape (usage must never be missed).
+        let cases: [(&[u8], u64, bool); 4] = [
+            (br#"{"object":"chat.completion.chunk","choices":[{"delta":{"x\"content":"abcdef"}}]}"#, 0, false),
+            (br#"{"object":"chat.completion.chunk","choices":[],"\u0075sage":{"prompt_tokens":3,"completion_tokens":5}}"#, 0, true),
+            (br#"{"object":"chat.completion.chunk","choices":[{"delta":{"function_call":{"arguments":"{\"loc"}}}]}"#, 5, false),
+            (br#"{"object":"chat.completion.chunk","choices":[{"delta":{"content":"\ud83d\ude00!"}}],"usage":null}"#, 2, false),
+        ];
+        for (data, chars, usage) in cases {
+            let text = String::from_utf8_lossy(data);
+            let full = UsageTracker::new().full_event(data, b"");
+            assert_eq!(
+                (full.content_chars, full.usage),
+                (chars, usage),
+                "full: {text}"
+            );
+            let got = UsageTracker::new().on_event(&ev(data));
+            assert_eq!(
+                (got.content_chars, got.usage),
+                (chars, usage),
+                "on_event: {text}"
+            );
+        }
+    }
+
     #[test]
     fn usage_null_offset_is_where_the_field_is() {
         let data = br#" {"object":"chat.completion.chunk","choices":[{"delta":{"content":"a"}}],"usage":null}"#;
@@ -1888,7 +1968,7 @@ mod fast_path_tests {
         let o = t.on_event(&ev);
         let at = o.usage_null_at.expect("found");
         assert_eq!(&data[at..at + 13], b",\"usage\":null");
-        assert_eq!(o.usage_nulls, 1);
+        assert_eq!(o.usage_nulls, Some(1));
     }
 
     #[test]
