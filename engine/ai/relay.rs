@@ -162,11 +162,21 @@ pub async fn relay(
             if done {
                 finish(ctx);
             }
+            let mut end = at + consumed;
+            if rp.dechunk {
+                // An HTTP/1.0 client cannot read chunked framing: only the
+                // payload goes, packed behind the head (ranges only move left).
+                let mut to = at;
+                for r in &pieces {
+                    ubuf.copy_within(r.clone(), to);
+                    to += r.len();
+                }
+                end = to;
+            }
             let from = head_left.take().map_or(at, |h| h.start);
-            if at + consumed > from {
-                written += (at + consumed - from) as u64;
-                ubuf = write_range(client, ubuf, from..at + consumed, client_idle, Side::Client)
-                    .await?;
+            if end > from {
+                written += (end - from) as u64;
+                ubuf = write_range(client, ubuf, from..end, client_idle, Side::Client).await?;
             }
         }
         ubuf.consume(at + consumed);
@@ -314,8 +324,13 @@ fn inspect_sse(
                 // The field's place in `payload`, when the data was read in place there.
                 let data_at = (ev.data.as_ptr() as usize).wrapping_sub(base);
                 cut = match (o.usage_nulls, o.usage_null_at) {
-                    (0, _) => Cut::None,
-                    (1, Some(i)) if data_at < payload.len() => Cut::At(data_at + i),
+                    (Some(0), _) => Cut::None,
+                    (Some(1), Some(i))
+                        if data_at < payload.len()
+                            && payload[data_at + i..].starts_with(USAGE_NULL) =>
+                    {
+                        Cut::At(data_at + i)
+                    }
                     _ => Cut::Search,
                 };
             } else if f.oversized {

@@ -462,6 +462,12 @@ def test_raw_chat_stream_usage_chunk_removed_and_counted(gw, ai_up, mode):
         ck.ok(False, "the stream through ringway does not parse as SSE of JSON (%s): %r" % (e, r.body[:500]))
     want = _chunk_view(sse_events(d.body))
     ck.ok(got == want, "SSE frames through ringway differ from direct: %s" % first_diff(got, want))
+    try:
+        raw = [json.loads(x) for _, x in sse_events(r.body) if x != "[DONE]"]
+    except ValueError:
+        raw = []
+    ck.ok(not any(isinstance(c, dict) and "usage" in c for c in raw),
+          "a frame through ringway still carries the usage field the client never asked for")
     ck.ok(got and got[-1] == "[DONE]", "the stream through ringway does not end in data: [DONE]")
     ck.ok(not any(isinstance(c, dict) and c.get("choices") == [] for c in got),
           "the client saw the usage-only chunk it never asked for")
@@ -474,6 +480,29 @@ def test_raw_chat_stream_usage_chunk_removed_and_counted(gw, ai_up, mode):
     for b in bad:
         ck.ok(False, b)
     ck.done(lambda: ai_text(mtext))
+
+
+def test_http10_client_gets_a_dechunked_reply_from_a_chunked_upstream(gw, ai_up):
+    """An HTTP/1.0 client cannot read chunked framing: a non-streamed reply the upstream sends
+    chunked reaches it as the bare JSON body, closed at the end, with its usage counted."""
+    tag = new_tag("h10")
+    doc = {"model": "gpt-4o-h10", "messages": msgs("an old client"), "max_tokens": 9}
+    body = json.dumps(doc).encode()
+    with RawConn(gw.port, timeout=30) as c:
+        c.send(request_bytes("POST", "/v1/chat/completions", host="127.0.0.1", body=body,
+                             version="HTTP/1.0",
+                             headers=[("Content-Type", "application/json"),
+                                      ("Authorization", "Bearer sk-alice"), ("x-test-tag", tag),
+                                      ("x-test-byte-at-a-time", "1")]))
+        r = c.read_response("POST")
+    assert r.status == 200, r
+    assert r.get("transfer-encoding") is None, r
+    reply = json.loads(r.body)
+    assert reply["object"] == "chat.completion", r.body[:300]
+    ent = ai_up.entries(tag)
+    assert len(ent) == 1 and ent[0]["usage_reported"], ent
+    bad, mtext = wait_tokens(gw.admin_port, expected_tokens(ent, "chat", "alice"))
+    assert not bad, (bad, ai_text(mtext))
 
 
 def test_include_usage_false_leaves_stream_request_untouched(ringway_fn, ai_up):
