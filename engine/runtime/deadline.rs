@@ -122,7 +122,7 @@ impl Expire {
                 // is never early. Counting from `now`, the last tick fired,
                 // was up to one tick early when called late in a tick.
                 let at = w.start.elapsed() + after;
-                let due = at.as_millis().div_ceil(TICK.as_millis()) as u64;
+                let due = at.as_nanos().div_ceil(TICK.as_nanos()) as u64;
                 due.max(w.now.get() + 1)
             }
             None => u64::MAX,
