@@ -20,7 +20,7 @@ use crate::{
         account::AiCtx,
         request::{capture, Fail},
     },
-    buf::PoolBuf,
+    buf::{HeadAndBody, PoolBuf},
     filter::Filter,
     runtime::{deadline, Generation, Worker},
     upstream::health::now_ms,
@@ -41,7 +41,9 @@ pub(super) async fn exchange(
     mut extra: ExtraHeaders,
 ) -> Next {
     let route_ai = ai::route(&g.shared, plan.route);
-    let head = cbuf[plan.head_start..plan.head_end].to_vec();
+    // The head goes upstream with its framing fields replaced by the body's
+    // final length, known once the body is captured and edited.
+    let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end]);
     let (req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
         Ok(v) => v,
         Err(Fail::Gone) => return Next::Close,
@@ -129,17 +131,18 @@ pub(super) async fn exchange(
 
     // Head with the body's real length, then the body.
     let body_len = req.body.as_ref().map_or(0, |b| b.len());
-    let head = with_length(&head, req.body.is_some().then_some(body_len));
+    end_head(&mut head, req.body.is_some().then_some(body_len));
     record.bytes_in += body_len as u64;
     let idle = pool.shared.conf.response_timeout;
     let sent = async {
-        let (r, _) = conn.stream().write_all(head).await;
-        r?;
-        if let Some(body) = req.body {
-            let (r, _) = conn.stream().write_all(body).await;
-            r?;
+        match req.body {
+            // One writev: the rewritten head and the pooled body.
+            Some(body) => HeadAndBody::new(head, body)
+                .write_all(conn.stream())
+                .await
+                .map(drop),
+            None => conn.stream().write_all(head).await.0.map(drop),
         }
-        Ok::<(), std::io::Error>(())
     };
     if !matches!(deadline::timeout(idle, sent).await, Ok(Ok(()))) {
         pool.report_failure(conn.idx);
@@ -261,30 +264,42 @@ async fn give_up(
     reject(w, g, client, rej.closing_if(true), head_only, None).await
 }
 
-/// The head without its framing headers and final blank line, plus
-/// `content-length` for the body actually sent.
-fn with_length(head: &[u8], len: Option<usize>) -> Vec<u8> {
+/// The request head's lines, less Content-Length and Transfer-Encoding and
+/// the blank line that ends it; [`end_head`] completes it.
+fn head_without_framing(head: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 32);
-    let body = head.strip_suffix(b"\r\n").unwrap_or(head);
-    for line in body.split_inclusive(|&b| b == b'\n') {
-        let lower = line.get(..18).map(|p| p.to_ascii_lowercase());
-        let framing = lower.as_deref().is_some_and(|p| {
-            p.starts_with(b"content-length:") || p.starts_with(b"transfer-encoding:")
-        });
-        if !framing {
+    let lines = head.strip_suffix(b"\r\n").unwrap_or(head);
+    for line in lines.split_inclusive(|&b| b == b'\n') {
+        let is = |name: &[u8]| {
+            line.get(..name.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(name))
+        };
+        if !is(b"content-length:") && !is(b"transfer-encoding:") {
             out.extend_from_slice(line);
         }
     }
+    out
+}
+
+/// Ends a head from [`head_without_framing`] with the body's length.
+fn end_head(out: &mut Vec<u8>, len: Option<usize>) {
     if let Some(n) = len {
-        let _ = std::io::Write::write_fmt(&mut out, format_args!("content-length: {n}\r\n"));
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 #[cfg(test)]
 mod tests {
-    use super::with_length;
+    use super::{end_head, head_without_framing};
+
+    fn with_length(head: &[u8], len: Option<usize>) -> Vec<u8> {
+        let mut out = head_without_framing(head);
+        end_head(&mut out, len);
+        out
+    }
 
     #[test]
     fn framing_headers_are_replaced_by_the_real_length() {
