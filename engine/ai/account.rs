@@ -188,7 +188,48 @@ struct Series {
     tps_count: u64,
 }
 
+/// (route, model, consumer).
 type SeriesKey = (String, String, String);
+
+/// A series key looked up by borrowed parts, so a request whose series
+/// exists allocates nothing (see [`record`]).
+trait KeyParts {
+    fn parts(&self) -> (&str, &str, &str);
+}
+
+impl KeyParts for SeriesKey {
+    fn parts(&self) -> (&str, &str, &str) {
+        (&self.0, &self.1, &self.2)
+    }
+}
+
+impl KeyParts for (&str, &str, &str) {
+    fn parts(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for SeriesKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+// Hashes as the owned tuple does (`(A, B, C)` hashes its fields in order),
+// which `Borrow` requires.
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, o: &Self) -> bool {
+        self.parts() == o.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
 
 fn store() -> &'static Mutex<HashMap<SeriesKey, Series>> {
     static S: OnceLock<Mutex<HashMap<SeriesKey, Series>>> = OnceLock::new();
@@ -199,16 +240,21 @@ fn store() -> &'static Mutex<HashMap<SeriesKey, Series>> {
 /// request, which is tiny next to the request itself).
 fn record(ctx: &AiCtx, u: &Usage) {
     let Ok(mut map) = store().lock() else { return };
-    let mut key = (
-        ctx.route.clone(),
-        ctx.model.clone().unwrap_or_else(|| "unknown".into()),
-        ctx.consumer.clone().unwrap_or_else(|| "anonymous".into()),
-    );
-    if !map.contains_key(&key) && map.len() >= MAX_SERIES {
-        key.1 = "other".into();
-        key.2 = "other".into();
+    let model = ctx.model.as_deref().unwrap_or("unknown");
+    let consumer = ctx.consumer.as_deref().unwrap_or("anonymous");
+    let mut key: (&str, &str, &str) = (&ctx.route, model, consumer);
+    if !map.contains_key(&key as &dyn KeyParts) && map.len() >= MAX_SERIES {
+        key = (&ctx.route, "other", "other");
     }
-    let s = map.entry(key).or_default();
+    if !map.contains_key(&key as &dyn KeyParts) {
+        map.insert(
+            (key.0.into(), key.1.into(), key.2.into()),
+            Series::default(),
+        );
+    }
+    let Some(s) = map.get_mut(&key as &dyn KeyParts) else {
+        return;
+    };
     let est = usize::from(u.source == UsageSource::Estimated);
     s.requests += 1;
     s.input[est] += u.input;
@@ -344,4 +390,31 @@ fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{KeyParts, SeriesKey};
+    use std::collections::HashMap;
+
+    /// A series inserted under its owned key is found by borrowed parts (the
+    /// two hash alike), and only the exact parts match.
+    #[test]
+    fn series_found_by_borrowed_parts() {
+        let mut map: HashMap<SeriesKey, u32> = HashMap::new();
+        for (i, (r, m, c)) in [("chat", "gpt-4o", "alice"), ("chat", "gpt-4o", "bob")]
+            .into_iter()
+            .enumerate()
+        {
+            map.insert((r.into(), m.into(), c.into()), i as u32);
+        }
+        let key = ("chat", "gpt-4o", "bob");
+        assert_eq!(map.get(&key as &dyn KeyParts), Some(&1));
+        let other = ("chat", "gpt-4o", "carol");
+        assert_eq!(map.get(&other as &dyn KeyParts), None);
+        // Field boundaries count: ("ab", "c") is not ("a", "bc").
+        map.insert(("r".into(), "ab".into(), "c".into()), 7);
+        let shifted = ("r", "a", "bc");
+        assert_eq!(map.get(&shifted as &dyn KeyParts), None);
+    }
 }
