@@ -59,7 +59,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from backend import REASONS, BadRequest, Body, read_head  # noqa: E402
+from backend import REASONS, BadRequest, Body, ThreadedServer, read_head  # noqa: E402
+from helpers import stop_process  # noqa: E402
 
 VOCAB = ["alpha", "bravo", "naïve", "日本語", "charlie", "delta", "écho", "foxtrot", "golf", "hôtel"]
 CREATED = 1700000000
@@ -135,43 +136,14 @@ def _j(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-class AiUpstream:
+class AiUpstream(ThreadedServer):
     """A threaded LLM-style upstream bound to 127.0.0.1:port (0 = free port)."""
 
     def __init__(self, name="ai", port=0, host="127.0.0.1"):
+        super().__init__(port, host)
         self.name = name
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(1024)
-        self.port = self.sock.getsockname()[1]
-        self.lock = threading.Lock()
         self.log = []
         self.seq = 0
-        self.stopped = False
-        self.thread = threading.Thread(target=self._accept_loop, daemon=True)
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.stopped = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-    def _accept_loop(self):
-        while not self.stopped:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                if self.stopped:
-                    return
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     # ---- connection loop -------------------------------------------------
     def _serve(self, conn):
@@ -542,16 +514,7 @@ class AiUpstreamProc:
                 pass
 
     def stop(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
+        stop_process(self.proc)
 
 
 def main():

@@ -248,12 +248,11 @@ REASONS = {
 }
 
 
-class Backend:
-    """A threaded HTTP/1.1 origin server bound to 127.0.0.1:port (0 = free port)."""
+class ThreadedServer:
+    """A listening socket on host:port (0 = a free port) whose accept loop serves each connection
+    on its own thread with `self._serve(conn)`; `accepts` counts connections."""
 
-    def __init__(self, name="backend", port=0, host="127.0.0.1", delay_ms=0):
-        self.name = name
-        self.delay = delay_ms / 1000.0  # added before every /echo answer
+    def __init__(self, port=0, host="127.0.0.1"):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -287,6 +286,15 @@ class Backend:
             with self.lock:
                 self.accepts += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+
+class Backend(ThreadedServer):
+    """A threaded HTTP/1.1 origin server bound to 127.0.0.1:port (0 = free port)."""
+
+    def __init__(self, name="backend", port=0, host="127.0.0.1", delay_ms=0):
+        super().__init__(port, host)
+        self.name = name
+        self.delay = delay_ms / 1000.0  # added before every /echo answer
 
     # ---- connection loop -------------------------------------------------
     def _serve(self, conn):

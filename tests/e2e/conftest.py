@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
-from helpers import free_port, port_open  # noqa: E402
+from helpers import free_port, port_open, stop_process  # noqa: E402
 
 WORKERS = 2
 BUFFER_SIZE = 16 * 1024
@@ -159,16 +159,7 @@ class BackendProc:
         self.proc.wait(5)
 
     def stop(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
+        stop_process(self.proc)
 
 
 class Ringway:

@@ -5,8 +5,10 @@ One thread, one selector, non-blocking sockets; requests are counted by their bl
 127.0.0.1 on a free port, prints `PORT <n>` and serves until its stdin closes.
 """
 
+import os
 import selectors
 import socket
+import subprocess
 import sys
 import threading
 
@@ -65,6 +67,27 @@ def serve(lsock, stop):
                 sel.modify(s, selectors.EVENT_READ | (selectors.EVENT_WRITE if st[1] else 0), None)
     for s in list(state):
         s.close()
+
+
+class FastBackend:
+    """This program in its own process (own GIL), on a free port: a canned 200 for every GET."""
+
+    def __init__(self):
+        from helpers import port_open, wait_until
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("PORT "), "fast backend did not start: %r" % line
+        self.port = int(line.split()[1])
+        wait_until(lambda: port_open(self.port), 10, what="the fast backend")
+
+    @property
+    def addr(self):
+        return "127.0.0.1:%d" % self.port
+
+    def stop(self):
+        from helpers import stop_process
+        stop_process(self.proc)
 
 
 def main():

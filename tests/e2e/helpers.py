@@ -3,6 +3,7 @@
 import hashlib
 import json
 import socket
+import subprocess
 import time
 
 
@@ -246,3 +247,19 @@ def assert_json_error(r, status):
     assert isinstance(err["type"], str) and err["type"], "error.type empty in %r" % doc
     assert isinstance(err["message"], str) and err["message"], "error.message empty in %r" % doc
     return err
+
+
+def stop_process(proc, timeout=3.0):
+    """Stops a child that exits when its stdin closes (the test servers do); SIGKILL if it has
+    not within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.stdin.close()
+    except (OSError, AttributeError):
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

@@ -22,6 +22,7 @@ import time
 import pytest
 
 from helpers import RawConn, assert_json_error, free_port, request_bytes, simple_get, wait_until
+from fast_backend import FastBackend
 from raw_upstream import RecordingUpstream, ScriptedUpstream, reset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -263,22 +264,6 @@ def test_slow_writer_is_cut_at_body_timeout_and_upstream_gets_no_request(ringway
         assert r.status == 200 and r.json()["target"] == "/after", r
     finally:
         up.stop()
-
-
-class FastBackend:
-    """fast_backend.py in its own process: a canned 200 for every GET."""
-
-    def __init__(self):
-        import subprocess
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fast_backend.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        self.port = int(line.split()[1])
-
-    def stop(self):
-        self.proc.stdin.close()
-        self.proc.wait(5)
 
 
 IDLE_CONNS = 10000

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import HERE, Ringway, make_config
+from fast_backend import FastBackend
 from helpers import RawConn, assert_json_error, free_port, port_open, request_bytes, simple_get, wait_until
 from redis_procs import redis_cluster, redis_cluster_partial, redis_server  # noqa: F401  (fixtures)
 
@@ -29,31 +30,6 @@ RESET_H = "x-ratelimit-reset-requests"
 
 
 # ================================================================ processes and config
-class FastBackend:
-    """fast_backend.py in its own process: a canned 200 for every GET, many per second."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "fast_backend.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("PORT "), "fast backend did not start: %r" % line
-        self.port = int(line.split()[1])
-        wait_until(lambda: port_open(self.port), 10, what="the fast backend")
-
-    @property
-    def addr(self):
-        return "127.0.0.1:%d" % self.port
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(3)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(3)
-
-
 @pytest.fixture(scope="module")
 def fast_backend():
     b = FastBackend()
