@@ -26,6 +26,11 @@ pub enum HeadError {
     ContentLengthWithTransferEncoding,
     /// The Transfer-Encoding list is anything other than exactly `chunked` (400).
     UnsupportedTransferEncoding,
+    /// A Transfer-Encoding list that ends in `chunked` but also names another
+    /// coding (`gzip, chunked`): well framed, not implemented (501).
+    UnimplementedTransferCoding,
+    /// A request line with an HTTP major version other than 1 (505).
+    VersionNotSupported,
     /// Transfer-Encoding in an HTTP/1.0 message, whose framing is then faulty (400).
     TransferEncodingOnHttp10,
     /// An HTTP/1.1 request without a Host field (400).
@@ -55,7 +60,8 @@ impl HeadError {
     pub fn status(self) -> u16 {
         match self {
             HeadError::HeadTooLarge | HeadError::TooManyHeaders => 431,
-            HeadError::UnsupportedMethod => 501,
+            HeadError::UnsupportedMethod | HeadError::UnimplementedTransferCoding => 501,
+            HeadError::VersionNotSupported => 505,
             HeadError::InvalidStatus => 502,
             HeadError::Malformed
             | HeadError::BareLineFeed
@@ -88,6 +94,8 @@ impl HeadError {
             }
             HeadError::UnsupportedTransferEncoding => "unsupported Transfer-Encoding",
             HeadError::TransferEncodingOnHttp10 => "Transfer-Encoding in an HTTP/1.0 message",
+            HeadError::UnimplementedTransferCoding => "transfer coding not implemented",
+            HeadError::VersionNotSupported => "HTTP version not supported",
             HeadError::MissingHost => "missing Host",
             HeadError::DuplicateHost => "more than one Host",
             HeadError::InvalidHost => "invalid Host",

@@ -12,8 +12,9 @@ use httparse::{Header, ParserConfig, Status};
 use super::error::HeadError;
 
 /// The most distinct Connection tokens a head may carry; more is
-/// [`HeadError::TooManyConnectionTokens`]. Real clients send one or two.
-pub const MAX_CONNECTION_TOKENS: usize = 8;
+/// [`HeadError::TooManyConnectionTokens`]. Real clients send one or two; the
+/// bound only keeps the token table on the stack (32, as other list limits).
+pub const MAX_CONNECTION_TOKENS: usize = 32;
 
 /// Size limits for one message head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,9 +170,12 @@ pub fn parse_request<'b, 'h>(
     let n = limits.max_headers.min(headers.len());
     let storage = &mut headers[..n];
     let mut req = httparse::Request::new(&mut []);
-    let status = ParserConfig::default()
-        .parse_request_with_uninit_headers(&mut req, buf, storage)
-        .map_err(from_httparse)?;
+    let status =
+        match ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, storage) {
+            Ok(s) => s,
+            Err(httparse::Error::Version) => return Err(classify_version(buf)),
+            Err(e) => return Err(from_httparse(e)),
+        };
     let head_len = match check_status(status, buf, limits)? {
         Some(len) => len,
         None => return Ok(Parsed::Partial),
@@ -328,6 +332,11 @@ impl<'b> Facts<'b> {
         let mut facts = Facts::default();
         // Elements of the combined Transfer-Encoding list across all fields.
         let mut te_elements = 0usize;
+        // How many of them are `chunked`, whether the last one is, and
+        // whether another (well-formed) coding is in the list.
+        let mut te_chunked = 0usize;
+        let mut te_last_chunked = false;
+        let mut te_other = false;
         for h in headers {
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
@@ -339,7 +348,14 @@ impl<'b> Facts<'b> {
                 facts.transfer_encoding = true;
                 for element in h.value.split(|&b| b == b',') {
                     te_elements += 1;
-                    if !trim_ows(element).eq_ignore_ascii_case(b"chunked") {
+                    let coding = trim_ows(element);
+                    if coding.eq_ignore_ascii_case(b"chunked") {
+                        te_chunked += 1;
+                        te_last_chunked = true;
+                    } else if !coding.is_empty() && coding.iter().all(|&b| is_token_byte(b)) {
+                        te_other = true;
+                        te_last_chunked = false;
+                    } else {
                         return Err(HeadError::UnsupportedTransferEncoding);
                     }
                 }
@@ -371,7 +387,13 @@ impl<'b> Facts<'b> {
                 facts.expect_continue |= h.value.eq_ignore_ascii_case(b"100-continue");
             }
         }
-        if facts.transfer_encoding && te_elements != 1 {
+        if facts.transfer_encoding && (te_elements != 1 || te_chunked != 1) {
+            // A coding list that ends in exactly one `chunked` is well framed
+            // but asks for a coding Ringway does not implement: 501 (RFC 9112
+            // §6.1). Anything else (chunked twice or not last) is bad framing.
+            if te_other && te_chunked == 1 && te_last_chunked {
+                return Err(HeadError::UnimplementedTransferCoding);
+            }
             return Err(HeadError::UnsupportedTransferEncoding);
         }
         Ok(facts)
@@ -396,6 +418,37 @@ impl<'b> Facts<'b> {
         } else {
             version == 1 || self.conn.contains("keep-alive")
         }
+    }
+}
+
+/// Where the minor version digit of the request line is, when that line
+/// ends in `HTTP/1.x` with `x` above 1: RFC 9112 §2.3 has a recipient treat a
+/// higher minor version as the highest it implements, so the caller rewrites
+/// that digit to `1` and parses again.
+pub fn newer_minor_version(buf: &[u8]) -> Option<usize> {
+    let line_end = memchr::memchr(b'\r', buf)?;
+    let line = &buf[..line_end];
+    let v = line.len().checked_sub(8)?;
+    match &line[v..] {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', d] if (b'2'..=b'9').contains(d) => {
+            Some(v + 7).filter(|_| line[..v].ends_with(b" "))
+        }
+        _ => None,
+    }
+}
+
+/// httparse refused the version: `HTTP/d.d` with another major version is
+/// 505 (RFC 9110 §15.6.6); anything else in that place is malformed.
+fn classify_version(buf: &[u8]) -> HeadError {
+    let line_end = memchr::memchr(b'\r', buf).unwrap_or(buf.len());
+    let line = &buf[..line_end];
+    match line.get(line.len().saturating_sub(9)..) {
+        Some([b' ', b'H', b'T', b'T', b'P', b'/', major, b'.', minor])
+            if major.is_ascii_digit() && minor.is_ascii_digit() && *major != b'1' =>
+        {
+            HeadError::VersionNotSupported
+        }
+        _ => HeadError::Malformed,
     }
 }
 
@@ -839,7 +892,10 @@ mod tests {
 
     #[test]
     fn bad_request_line_is_rejected() {
-        req_err(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", HeadError::Malformed);
+        req_err(
+            b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            HeadError::VersionNotSupported,
+        );
         req_err(b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", HeadError::Malformed);
         req_err(b"G(T / HTTP/1.1\r\nHost: a\r\n\r\n", HeadError::Malformed);
     }
@@ -925,7 +981,6 @@ mod tests {
         for te in [
             "xchunked",
             "chunked, identity",
-            "gzip, chunked",
             "identity",
             "",
             "chunked,",
@@ -937,6 +992,59 @@ mod tests {
                 HeadError::UnsupportedTransferEncoding,
             );
         }
+    }
+
+    #[test]
+    fn an_unimplemented_coding_before_chunked_is_501() {
+        for te in ["gzip, chunked", "deflate , chunked", "identity, chunked"] {
+            req_err(
+                &req_with(&format!("Transfer-Encoding: {te}\r\n")),
+                HeadError::UnimplementedTransferCoding,
+            );
+        }
+        req_err(
+            &req_with("Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n"),
+            HeadError::UnimplementedTransferCoding,
+        );
+        assert_eq!(HeadError::UnimplementedTransferCoding.status(), 501);
+        // Chunked twice, or not last, is bad framing whatever else is listed.
+        for te in [
+            "chunked, gzip",
+            "gzip, chunked, chunked",
+            "gzip, \"x\", chunked",
+        ] {
+            req_err(
+                &req_with(&format!("Transfer-Encoding: {te}\r\n")),
+                HeadError::UnsupportedTransferEncoding,
+            );
+        }
+    }
+
+    #[test]
+    fn higher_minor_versions_are_found_for_rewriting() {
+        let raw = b"GET /test HTTP/1.2\r\nHost: a\r\n\r\n";
+        req_err(raw, HeadError::Malformed);
+        let at = newer_minor_version(raw).expect("minor version found");
+        let mut fixed = raw.to_vec();
+        fixed[at] = b'1';
+        req_ok(&fixed, |r| assert_eq!(r.version, 1));
+        assert_eq!(newer_minor_version(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(newer_minor_version(b"GET / HTTP/1.9"), None);
+        assert_eq!(newer_minor_version(b"GET / XHTTP/1.2\r\n"), None);
+    }
+
+    #[test]
+    fn other_major_versions_are_505() {
+        for raw in [
+            &b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/0.9\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/3.0\r\n",
+        ] {
+            req_err(raw, HeadError::VersionNotSupported);
+        }
+        assert_eq!(HeadError::VersionNotSupported.status(), 505);
+        req_err(b"GET / HTTX/1.1\r\nHost: a\r\n\r\n", HeadError::Malformed);
+        req_err(b"GET / HTTP/1.x\r\nHost: a\r\n\r\n", HeadError::Malformed);
     }
 
     #[test]
@@ -1023,9 +1131,21 @@ mod tests {
 
     #[test]
     fn too_many_connection_tokens_are_rejected() {
+        let nine = "Connection: a, b, c, d, e, f, g, h, i\r\n";
+        req_ok(&req_with(nine), |r| {
+            assert_eq!(r.connection_tokens.len(), 9)
+        });
+        let list: Vec<String> = (0..=MAX_CONNECTION_TOKENS)
+            .map(|i| format!("t{i}"))
+            .collect();
         req_err(
-            &req_with("Connection: a, b, c, d, e, f, g, h, i\r\n"),
+            &req_with(&format!("Connection: {}\r\n", list.join(", "))),
             HeadError::TooManyConnectionTokens,
+        );
+        let fits = &list[..MAX_CONNECTION_TOKENS];
+        req_ok(
+            &req_with(&format!("Connection: {}\r\n", fits.join(","))),
+            |r| assert_eq!(r.connection_tokens.len(), MAX_CONNECTION_TOKENS),
         );
         // Duplicates do not count.
         req_ok(

@@ -15,8 +15,8 @@ pub use decode::{
 };
 pub use error::{ChunkError, HeadError};
 pub use head::{
-    is_hop_by_hop, parse_request, parse_response, split_absolute_form, BodyKind, ConnTokens,
-    Limits, Parsed, RequestHead, ResponseHead, MAX_CONNECTION_TOKENS,
+    is_hop_by_hop, newer_minor_version, parse_request, parse_response, split_absolute_form,
+    BodyKind, ConnTokens, Limits, Parsed, RequestHead, ResponseHead, MAX_CONNECTION_TOKENS,
 };
 
 #[cfg(test)]

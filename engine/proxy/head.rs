@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     buf::PoolBuf,
-    h1::Parsed,
+    h1::{self, HeadError, Parsed},
     runtime::{deadline, Generation, Worker},
 };
 
@@ -45,6 +45,15 @@ pub(super) async fn read_request_head(
                 Ok(Parsed::Complete(plan)) => return Ok((plan, buf)),
                 Ok(Parsed::Partial) => {}
                 Err(rejected) => {
+                    // HTTP/1.2 and up are served as HTTP/1.1 (RFC 9112 §2.3):
+                    // httparse knows only 1.0 and 1.1, so the digit is
+                    // rewritten and the head parsed again.
+                    if rejected.reject.message == HeadError::Malformed.message() {
+                        if let Some(at) = h1::newer_minor_version(&buf[HEADROOM..]) {
+                            buf[HEADROOM + at] = b'1';
+                            continue;
+                        }
+                    }
                     let keep = match rejected.head_end {
                         Some(end) if !rejected.reject.close => keep_from(buf, end),
                         _ => None,
