@@ -107,12 +107,7 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
 }
 
 fn respond(s: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        _ => "Service Unavailable",
-    };
+    let reason = crate::proxy::error::reason(status);
     let head = format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()

@@ -555,19 +555,6 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        413 => "Content Too Large",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
 /// Writes a whole response with Content-Length in one write (head and body together).
 fn write_response(
     w: &mut TcpStream,
@@ -584,7 +571,7 @@ fn write_response(
     };
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\nServer: ringway-demo\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{conn}\r\n",
-        reason(status),
+        crate::proxy::error::reason(status),
         body.len()
     )
     .into_bytes();

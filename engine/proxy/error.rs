@@ -54,6 +54,7 @@ impl Reject {
             502 => "bad_gateway",
             503 => "service_unavailable",
             504 => "gateway_timeout",
+            501 | 505 => "not_implemented",
             _ => "api_error",
         }
     }
@@ -84,25 +85,75 @@ impl Reject {
     }
 }
 
-/// The reason phrase for the statuses Ringway writes.
+/// The standard reason phrase (RFC 9110 §15, IANA registry) for a status;
+/// an unregistered code gets its class's generic phrase.
 pub fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
+        101 => "Switching Protocols",
+        102 => "Processing",
+        103 => "Early Hints",
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        203 => "Non-Authoritative Information",
+        204 => "No Content",
+        205 => "Reset Content",
+        206 => "Partial Content",
+        207 => "Multi-Status",
+        208 => "Already Reported",
+        226 => "IM Used",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        305 => "Use Proxy",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         401 => "Unauthorized",
+        402 => "Payment Required",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        407 => "Proxy Authentication Required",
         408 => "Request Timeout",
+        409 => "Conflict",
+        410 => "Gone",
+        411 => "Length Required",
+        412 => "Precondition Failed",
         413 => "Content Too Large",
+        414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Range Not Satisfiable",
+        417 => "Expectation Failed",
+        421 => "Misdirected Request",
+        422 => "Unprocessable Content",
+        423 => "Locked",
+        424 => "Failed Dependency",
+        425 => "Too Early",
+        426 => "Upgrade Required",
+        428 => "Precondition Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        451 => "Unavailable For Legal Reasons",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
-        _ => "Unknown",
+        505 => "HTTP Version Not Supported",
+        506 => "Variant Also Negotiates",
+        507 => "Insufficient Storage",
+        508 => "Loop Detected",
+        511 => "Network Authentication Required",
+        100..=199 => "Informational",
+        200..=299 => "Success",
+        300..=399 => "Redirection",
+        400..=499 => "Client Error",
+        _ => "Server Error",
     }
 }
 
@@ -181,6 +232,28 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())));
         assert!(body.contains("\"type\":\"not_found_error\""));
         assert!(!head.contains("connection: close"));
+    }
+
+    #[test]
+    fn every_status_ringway_writes_has_its_standard_reason() {
+        for (status, phrase) in [
+            (400, "Bad Request"),
+            (401, "Unauthorized"),
+            (404, "Not Found"),
+            (408, "Request Timeout"),
+            (413, "Content Too Large"),
+            (429, "Too Many Requests"),
+            (431, "Request Header Fields Too Large"),
+            (501, "Not Implemented"),
+            (502, "Bad Gateway"),
+            (503, "Service Unavailable"),
+            (504, "Gateway Timeout"),
+            (505, "HTTP Version Not Supported"),
+        ] {
+            assert_eq!(reason(status), phrase);
+        }
+        assert_eq!(reason(599), "Server Error");
+        assert_eq!(reason(299), "Success");
     }
 
     #[test]

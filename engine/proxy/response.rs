@@ -100,7 +100,12 @@ pub fn plan_response(
         let mut code = itoa::Buffer::new();
         out.extend_from_slice(code.format(status).as_bytes());
         out.push(b' ');
-        out.extend_from_slice(head.reason.as_bytes());
+        // An upstream that sent no reason phrase gets the standard one.
+        let reason = match head.reason {
+            "" => error::reason(status),
+            r => r,
+        };
+        out.extend_from_slice(reason.as_bytes());
         out.extend_from_slice(b"\r\n");
         for h in head.headers {
             let name = h.name;
