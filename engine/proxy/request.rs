@@ -152,7 +152,14 @@ pub fn plan_request(
             Some((auth, path)) => (path, Some(auth)),
             None => (head.target, None),
         };
+        // OPTIONS about the server as a whole (RFC 9112 §3.2.4): the asterisk
+        // form, or an absolute form with an empty path, which the last proxy
+        // turns into the asterisk form. It is routed as the path "/".
+        let asterisk = head.method == "OPTIONS"
+            && (head.target == "*"
+                || authority.is_some_and(|a| head.target.len() == "http://".len() + a.len()));
         let path = match memchr::memchr(b'?', target.as_bytes()) {
+            _ if asterisk => "/",
             Some(q) => &target[..q],
             None => target,
         };
@@ -218,11 +225,15 @@ pub fn plan_request(
         let out = &mut *scratch;
         out.extend_from_slice(head.method.as_bytes());
         out.push(b' ');
-        let rest = &target[route.strip.min(target.len())..];
-        if !rest.starts_with('/') {
-            out.push(b'/');
+        if asterisk {
+            out.push(b'*');
+        } else {
+            let rest = &target[route.strip.min(target.len())..];
+            if !rest.starts_with('/') {
+                out.push(b'/');
+            }
+            out.extend_from_slice(rest.as_bytes());
         }
-        out.extend_from_slice(rest.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
 
         let mut request_id: Option<RequestId> = None;
