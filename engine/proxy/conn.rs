@@ -5,9 +5,17 @@
 //! (its head, the first body bytes, pipelined bytes after it) and, while the
 //! response is read, the upstream buffer. Nothing else is allocated per request.
 
-use std::{net::SocketAddr, rc::Rc, time::Instant};
+use std::{
+    net::SocketAddr,
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
-use monoio::{io::AsyncWriteRent, net::TcpStream};
+use monoio::{
+    buf::IoBufMut as _,
+    io::{AsyncReadRent, AsyncWriteRent},
+    net::TcpStream,
+};
 
 use super::{
     error::{self},
@@ -16,7 +24,7 @@ use super::{
     limits::check_limits,
     record::Record,
     reject::{reject, reject_with},
-    request::HEADROOM,
+    request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
     send::{body_buffered, keep_pipelined, send_request, SendError, Sent},
@@ -34,6 +42,10 @@ pub(super) enum Next {
     KeepAlive(Option<PoolBuf>),
     /// Close the connection.
     Close,
+    /// Close after an answer given before the request body was read: the
+    /// unread body is drained for a while first, so the client's stack does
+    /// not meet a reset that discards the answer (RFC 9112 §9.6).
+    CloseLingering,
     /// Switch to a byte tunnel with this upstream stream.
     Tunnel(TcpStream, PoolBuf, PoolBuf),
 }
@@ -83,12 +95,47 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
                 let _ = client.shutdown().await;
                 return;
             }
+            Next::CloseLingering => {
+                drop(g);
+                // Boxed, as the exchange: an idle connection's task stays small.
+                Box::pin(linger(&w, client)).await;
+                return;
+            }
             Next::Tunnel(up, cbuf, ubuf) => {
                 let idle = g.server.keepalive_timeout;
                 drop(g);
                 Box::pin(transfer::tunnel(client, up, cbuf, ubuf, idle)).await;
                 return;
             }
+        }
+    }
+}
+
+/// Longest wait for each read while draining an unread request body.
+const LINGER_READ: Duration = Duration::from_secs(2);
+/// Longest drain of an unread request body in all.
+const LINGER_TOTAL: Duration = Duration::from_secs(10);
+
+/// Half-closes the client and reads what it still sends, discarding it,
+/// until it closes too, pauses for [`LINGER_READ`] or [`LINGER_TOTAL`]
+/// passed: the answer already written then reaches the client before the
+/// close (nginx's lingering close). Holds one pool buffer, if one is free.
+async fn linger(w: &Worker, mut client: TcpStream) {
+    let _ = client.shutdown().await;
+    let Some(mut buf) = w.pool.try_acquire() else {
+        return;
+    };
+    let until = Instant::now() + LINGER_TOTAL;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        buf.clear();
+        let cap = buf.capacity();
+        match deadline::timeout(LINGER_READ.min(left), client.read(buf.slice_mut(0..cap))).await {
+            Ok((Ok(n), b)) if n > 0 => buf = b.into_inner(),
+            _ => return,
         }
     }
 }
@@ -186,7 +233,19 @@ pub(super) async fn exchange(
     // starts, in case the connection fails before answering.
     let replayable = plan.idempotent && !has_body && !plan.upgrade;
 
-    let mut cbuf = match send_request(w, g, client, &mut conn, cbuf, &plan).await {
+    let cbuf = send_request(w, g, client, &mut conn, cbuf, &plan).await;
+    // The upstream answered before the whole body was sent: the client
+    // connection closes after that answer, whatever the client asked.
+    let early = matches!(cbuf, Ok(Sent::Early));
+    let plan = if early {
+        Plan {
+            keep_alive: false,
+            ..plan
+        }
+    } else {
+        plan
+    };
+    let mut cbuf = match cbuf {
         Ok(Sent::HeadKept(b)) if replayable => Sent::HeadKept(b),
         Ok(Sent::HeadKept(b)) => Sent::Pipelined(keep_pipelined(b, &plan)),
         Ok(sent) => sent,
@@ -246,7 +305,7 @@ pub(super) async fn exchange(
                         true
                     }
                     Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
-                    Sent::Pipelined(_) => false,
+                    Sent::Pipelined(_) | Sent::Early => false,
                 };
                 if !again {
                     error::BAD_GATEWAY
@@ -291,6 +350,7 @@ pub(super) async fn exchange(
     let cbuf = match cbuf {
         Sent::HeadKept(b) => keep_pipelined(b, &plan),
         Sent::Pipelined(p) => p,
+        Sent::Early => None,
     };
     record.status = rp.status;
     record.upstream = Some(conn.addr);
@@ -327,13 +387,16 @@ pub(super) async fn exchange(
     match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
         Ok(r) => {
             record.bytes_out = r.bytes;
-            if rp.upstream_keep_alive && r.upstream_clean {
+            if rp.upstream_keep_alive && r.upstream_clean && !early {
                 conn.set_reusable();
             }
         }
         Err(_) => return Next::Close,
     }
     drop(conn);
+    if early {
+        return Next::CloseLingering;
+    }
     if rp.client_close {
         return Next::Close;
     }

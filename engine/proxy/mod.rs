@@ -2,6 +2,7 @@
 
 pub mod ai_exchange;
 pub mod conn;
+mod early;
 pub mod error;
 pub mod head;
 pub mod headers;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use monoio::{io::AsyncWriteRentExt, net::TcpStream};
 
 use super::{
+    early::{EarlyWatch, Watched},
     error::{self, Reject},
     request::{Plan, HEADROOM},
     respond::write_all,
@@ -23,6 +24,10 @@ pub(super) enum Sent {
     HeadKept(PoolBuf),
     /// Only pipelined bytes remain, behind the headroom (or nothing).
     Pipelined(Option<PoolBuf>),
+    /// The upstream answered, closed or reset before the body was all sent:
+    /// its answer (if any) is relayed, then both connections close, since
+    /// the rest of the client's body was never read.
+    Early,
 }
 
 pub(super) enum SendError {
@@ -48,67 +53,91 @@ pub(super) async fn send_request(
             // A write to a pooled connection the upstream already closed
             // still succeeds (the reset comes later), so failing here is a
             // real upstream failure, not a stale connection.
-            write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
-                .await
-                .map(Sent::HeadKept)
-                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))
+            // A failed write may still leave an answer to read (an upstream
+            // that refused the request and closed): the response reader
+            // decides between relaying it and a 502.
+            Ok(
+                write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
+                    .await
+                    .map_or(Sent::Early, Sent::HeadKept),
+            )
         }
         BodyKind::Length(n) => {
             let first = (n.min(in_buf as u64)) as usize;
             let end = plan.head_end + first;
-            cbuf = write_all(conn.stream(), cbuf, plan.head_start..end, up_idle)
-                .await
-                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))?;
+            cbuf = match write_all(conn.stream(), cbuf, plan.head_start..end, up_idle).await {
+                Ok(b) => b,
+                Err(()) => return Ok(Sent::Early),
+            };
             let remaining = n - first as u64;
             if remaining == 0 {
                 return Ok(Sent::HeadKept(cbuf));
             }
-            if plan.expect_continue {
-                continue_100(client, g.server.body_timeout).await?;
-            }
-            let mut route = Route {
-                src: client,
-                src_side: Side::Client,
-                src_idle: g.server.body_timeout,
-                dst: conn.stream(),
-                dst_side: Side::Upstream,
-                dst_idle: g.server.body_timeout,
+            let watch = EarlyWatch::new(conn.stream());
+            let body = async {
+                if plan.expect_continue {
+                    continue_100(client, g.server.body_timeout).await?;
+                }
+                let mut route = Route {
+                    src: client,
+                    src_side: Side::Client,
+                    src_idle: g.server.body_timeout,
+                    dst: conn.stream(),
+                    dst_side: Side::Upstream,
+                    dst_idle: g.server.body_timeout,
+                };
+                // The body did not fit with the head, so nothing follows it yet.
+                let res = if remaining >= g.splice_min {
+                    drop(cbuf);
+                    transfer::splice_exact(&mut route, &w.pipes, remaining).await
+                } else {
+                    cbuf.clear();
+                    transfer::copy_exact(&mut route, cbuf, remaining)
+                        .await
+                        .map(drop)
+                };
+                res.map(|()| Sent::Pipelined(None))
+                    .or_else(request_body_error)
             };
-            // The body did not fit with the head, so nothing follows it yet.
-            let res = if remaining >= g.splice_min {
-                drop(cbuf);
-                transfer::splice_exact(&mut route, &w.pipes, remaining).await
-            } else {
-                cbuf.clear();
-                transfer::copy_exact(&mut route, cbuf, remaining)
-                    .await
-                    .map(drop)
-            };
-            res.map(|()| Sent::Pipelined(None))
-                .map_err(request_body_error)
+            watched(watch.as_ref(), body).await
         }
         BodyKind::Chunked => {
-            cbuf = write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
+            cbuf = match write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
                 .await
-                .map_err(|()| SendError::Reject(error::BAD_GATEWAY.closing_if(true)))?;
-            if plan.expect_continue && in_buf == 0 {
-                continue_100(client, g.server.body_timeout).await?;
-            }
-            cbuf.consume(plan.head_end);
-            let mut decoder = ChunkedDecoder::new(g.max_body);
-            let mut route = Route {
-                src: client,
-                src_side: Side::Client,
-                src_idle: g.server.body_timeout,
-                dst: conn.stream(),
-                dst_side: Side::Upstream,
-                dst_idle: g.server.body_timeout,
+            {
+                Ok(b) => b,
+                Err(()) => return Ok(Sent::Early),
             };
-            let rest = transfer::forward_chunked(&mut route, cbuf, &mut decoder, false)
-                .await
-                .map_err(request_body_error)?;
-            // Pipelined bytes after the body go back behind the headroom.
-            Ok(Sent::Pipelined(rebase(rest)))
+            cbuf.consume(plan.head_end);
+            // A body that arrived whole with the head needs no watch.
+            let whole = ChunkedDecoder::new(g.max_body)
+                .decode(&cbuf, &mut |_| {})
+                .is_ok_and(|p| p.done);
+            let watch = if whole {
+                None
+            } else {
+                EarlyWatch::new(conn.stream())
+            };
+            let body = async {
+                if plan.expect_continue && in_buf == 0 {
+                    continue_100(client, g.server.body_timeout).await?;
+                }
+                let mut decoder = ChunkedDecoder::new(g.max_body);
+                let mut route = Route {
+                    src: client,
+                    src_side: Side::Client,
+                    src_idle: g.server.body_timeout,
+                    dst: conn.stream(),
+                    dst_side: Side::Upstream,
+                    dst_idle: g.server.body_timeout,
+                };
+                match transfer::forward_chunked(&mut route, cbuf, &mut decoder, false).await {
+                    // Pipelined bytes after the body go back behind the headroom.
+                    Ok(rest) => Ok(Sent::Pipelined(rebase(rest))),
+                    Err(e) => request_body_error(e),
+                }
+            };
+            watched(watch.as_ref(), body).await
         }
     }
 }
@@ -162,14 +191,32 @@ pub(super) fn rebase(mut buf: PoolBuf) -> Option<PoolBuf> {
     Some(buf)
 }
 
-pub(super) fn request_body_error(e: XferError) -> SendError {
-    match e {
+/// What a failed request body transfer means for the exchange. A write to
+/// the upstream that failed (reset, closed) may have a refusal behind it to
+/// relay; one that timed out had none (the watch would have seen it).
+pub(super) fn request_body_error(e: XferError) -> Result<Sent, SendError> {
+    Err(match e {
         XferError::Chunk(Side::Client, ChunkError::BodyTooLarge) => {
             SendError::Reject(error::BODY_TOO_LARGE)
         }
         XferError::Chunk(Side::Client, _) => SendError::Reject(error::BAD_BODY),
         e if e.side() == Side::Client => SendError::Client,
+        XferError::Io(..) | XferError::Eof(_) => return Ok(Sent::Early),
         _ => SendError::Reject(error::BAD_GATEWAY.closing_if(true)),
+    })
+}
+
+/// Runs a body transfer under the upstream watch (when there is one).
+async fn watched(
+    watch: Option<&EarlyWatch>,
+    body: impl std::future::Future<Output = Result<Sent, SendError>>,
+) -> Result<Sent, SendError> {
+    match watch {
+        None => body.await,
+        Some(watch) => match watch.run(body).await {
+            Watched::Done(r) => r,
+            Watched::Answered => Ok(Sent::Early),
+        },
     }
 }
 

@@ -1,0 +1,117 @@
+//! Watching the upstream for an answer while the request body is still on
+//! its way (RFC 9112 §9.5): an origin may refuse an upload (413, 401) after
+//! reading only the head, and that answer must reach the client at once, not
+//! after the client sent everything, and not as a 502 when the origin closes.
+//!
+//! The watch is a `dup` of the upstream socket: its readiness wait runs
+//! beside the body transfer, which holds the original mutably. One readiness
+//! operation covers the whole body; it is armed only for bodies that did not
+//! arrive with the head.
+
+use std::{
+    future::Future,
+    io,
+    os::fd::{AsRawFd, FromRawFd},
+};
+
+use monoio::net::TcpStream;
+
+/// A second handle on an upstream socket, used only to wait for readability.
+pub(super) struct EarlyWatch {
+    dup: TcpStream,
+}
+
+/// How a watched body transfer ended.
+pub(super) enum Watched<T> {
+    /// The transfer finished (or failed) on its own.
+    Done(T),
+    /// The upstream answered (or closed) first; the transfer was dropped.
+    Answered,
+}
+
+impl EarlyWatch {
+    /// A watch on `up`; `None` when the socket cannot be duplicated (the body
+    /// is then sent unwatched, as before).
+    pub(super) fn new(up: &TcpStream) -> Option<Self> {
+        // SAFETY: dup of a descriptor this task owns; the new descriptor is
+        // owned by the std stream below and closed when the watch drops.
+        let fd = unsafe { libc::dup(up.as_raw_fd()) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+        TcpStream::from_std(std).ok().map(|dup| Self { dup })
+    }
+
+    /// Runs `transfer` until it ends or the upstream sends a final answer.
+    /// An interim (1xx) answer does not stop the body: the transfer then runs
+    /// on unwatched, and the response reader relays the 1xx as usual.
+    pub(super) async fn run<T>(&self, transfer: impl Future<Output = T>) -> Watched<T> {
+        let mut transfer = std::pin::pin!(transfer);
+        let ready = std::pin::pin!(self.dup.readable(false));
+        monoio::select! {
+            r = &mut transfer => return Watched::Done(r),
+            _ = ready => {},
+        }
+        if self.final_answer_waiting() {
+            return Watched::Answered;
+        }
+        Watched::Done(transfer.await)
+    }
+
+    /// Peeks at what the upstream sent: a close, a reset or anything but an
+    /// interim status line ends the upload.
+    fn final_answer_waiting(&self) -> bool {
+        let mut peek = [0u8; 12];
+        // SAFETY: a non-blocking peek into a stack buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                self.dup.as_raw_fd(),
+                peek.as_mut_ptr().cast(),
+                peek.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            // Nothing there after all (a spurious wake-up): keep sending.
+            return io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock;
+        }
+        let got = &peek[..n as usize];
+        is_final(got)
+    }
+}
+
+/// True when `head` starts a final status line (or anything that is not a
+/// status line); an empty peek is the upstream's close, which ends the upload
+/// too. A status line cut before its code is not known to be final: the body
+/// goes on, as it would without the watch.
+fn is_final(head: &[u8]) -> bool {
+    const START: &[u8] = b"HTTP/1.";
+    match head.len() {
+        0 => true,
+        n if n < 10 => {
+            let k = n.min(START.len());
+            head[..k] != START[..k]
+        }
+        _ => !(head.starts_with(START) && head[9] == b'1'),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_final;
+
+    #[test]
+    fn only_an_interim_status_line_lets_the_body_go_on() {
+        assert!(!is_final(b"HTTP/1.1 100 Continue"));
+        assert!(!is_final(b"HTTP/1.1 103"));
+        assert!(is_final(b"HTTP/1.1 413 Payload"));
+        assert!(is_final(b"HTTP/1.0 200"));
+        assert!(is_final(b""));
+        assert!(is_final(b"garbage!!!!!"));
+        assert!(!is_final(b"HTTP/"));
+        assert!(!is_final(b"HTTP/1.1 "));
+        assert!(is_final(b"HTX"));
+    }
+}
