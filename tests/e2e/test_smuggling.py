@@ -294,7 +294,8 @@ def test_ambiguous_request_is_rejected_or_forwarded_unambiguously(gw, upstream, 
         "a Ringway error came before upstream answers: %r" % responses)
     assert len(tail) <= 1, "more than one response not from the upstream: %r" % tail
     for r in tail:
-        assert 400 <= r.status < 500, "expected a 4xx for the rejected bytes, got %r" % r
+        # 501: a well-framed coding list Ringway does not implement (gzip, chunked).
+        assert 400 <= r.status < 500 or r.status == 501, "expected a 4xx (or 501) for the rejected bytes, got %r" % r
         assert_json_error(r, r.status)
 
     # Every request the upstream parsed was answered to this client, in order.
