@@ -88,7 +88,18 @@ impl Reject {
 /// The standard reason phrase (RFC 9110 §15, IANA registry) for a status;
 /// an unregistered code gets its class's generic phrase.
 pub fn reason(status: u16) -> &'static str {
-    match status {
+    registered_reason(status).unwrap_or(match status / 100 {
+        1 => "Informational",
+        2 => "Success",
+        3 => "Redirection",
+        4 => "Client Error",
+        _ => "Server Error",
+    })
+}
+
+/// The IANA-registered reason phrase, for registered codes.
+fn registered_reason(status: u16) -> Option<&'static str> {
+    Some(match status {
         100 => "Continue",
         101 => "Switching Protocols",
         102 => "Processing",
@@ -149,12 +160,8 @@ pub fn reason(status: u16) -> &'static str {
         507 => "Insufficient Storage",
         508 => "Loop Detected",
         511 => "Network Authentication Required",
-        100..=199 => "Informational",
-        200..=299 => "Success",
-        300..=399 => "Redirection",
-        400..=499 => "Client Error",
-        _ => "Server Error",
-    }
+        _ => return None,
+    })
 }
 
 /// Key auth found no known key.
