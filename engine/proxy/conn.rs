@@ -5,17 +5,9 @@
 //! (its head, the first body bytes, pipelined bytes after it) and, while the
 //! response is read, the upstream buffer. Nothing else is allocated per request.
 
-use std::{
-    net::SocketAddr,
-    rc::Rc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, rc::Rc, time::Instant};
 
-use monoio::{
-    buf::IoBufMut as _,
-    io::{AsyncReadRent, AsyncWriteRent},
-    net::TcpStream,
-};
+use monoio::{io::AsyncWriteRent, net::TcpStream};
 
 use super::{
     error::{self},
@@ -23,7 +15,7 @@ use super::{
     headers::ExtraHeaders,
     limits::check_limits,
     record::Record,
-    reject::{reject, reject_with},
+    reject::{linger, reject, reject_with},
     request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
@@ -42,10 +34,6 @@ pub(super) enum Next {
     KeepAlive(Option<PoolBuf>),
     /// Close the connection.
     Close,
-    /// Close after an answer given before the request body was read: the
-    /// unread body is drained for a while first, so the client's stack does
-    /// not meet a reset that discards the answer (RFC 9112 §9.6).
-    CloseLingering,
     /// Switch to a byte tunnel with this upstream stream.
     Tunnel(TcpStream, PoolBuf, PoolBuf),
 }
@@ -95,47 +83,12 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
                 let _ = client.shutdown().await;
                 return;
             }
-            Next::CloseLingering => {
-                drop(g);
-                // Boxed, as the exchange: an idle connection's task stays small.
-                Box::pin(linger(&w, client)).await;
-                return;
-            }
             Next::Tunnel(up, cbuf, ubuf) => {
                 let idle = g.server.keepalive_timeout;
                 drop(g);
                 Box::pin(transfer::tunnel(client, up, cbuf, ubuf, idle)).await;
                 return;
             }
-        }
-    }
-}
-
-/// Longest wait for each read while draining an unread request body.
-const LINGER_READ: Duration = Duration::from_secs(2);
-/// Longest drain of an unread request body in all.
-const LINGER_TOTAL: Duration = Duration::from_secs(10);
-
-/// Half-closes the client and reads what it still sends, discarding it,
-/// until it closes too, pauses for [`LINGER_READ`] or [`LINGER_TOTAL`]
-/// passed: the answer already written then reaches the client before the
-/// close (nginx's lingering close). Holds one pool buffer, if one is free.
-async fn linger(w: &Worker, mut client: TcpStream) {
-    let _ = client.shutdown().await;
-    let Some(mut buf) = w.pool.try_acquire() else {
-        return;
-    };
-    let until = Instant::now() + LINGER_TOTAL;
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        buf.clear();
-        let cap = buf.capacity();
-        match deadline::timeout(LINGER_READ.min(left), client.read(buf.slice_mut(0..cap))).await {
-            Ok((Ok(n), b)) if n > 0 => buf = b.into_inner(),
-            _ => return,
         }
     }
 }
@@ -395,7 +348,10 @@ pub(super) async fn exchange(
     }
     drop(conn);
     if early {
-        return Next::CloseLingering;
+        // The unread rest of the body is drained for a moment first, so the
+        // client does not meet a reset that discards the answer (RFC 9112 §9.6).
+        linger(w, client).await;
+        return Next::Close;
     }
     if rp.client_close {
         return Next::Close;
