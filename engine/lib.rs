@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the TOML file, validated, every error naming key and line.
 //! - [`runtime`]: worker threads, one monoio runtime each, their listeners.
+//! - [`transport`]: the streams under the codec: plain TCP or TLS.
 //! - [`proxy`]: one client connection: heads, routing, bodies, responses.
 //! - [`h1`]: the sans-IO HTTP/1.1 codec (head parsing, chunked framing).
 //! - [`route`]: matching a request to a route.
@@ -28,4 +29,5 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod runtime;
+pub mod transport;
 pub mod upstream;

@@ -5,12 +5,12 @@
 //! more than [`MAX_SSE_FRAME`] bytes. Other bodies (JSON) go out verbatim
 //! while a streaming scan finds their `usage`.
 
+use crate::transport::Stream;
 use std::{ops::Range, time::Instant};
 
 use monoio::{
     buf::IoBuf,
     io::{AsyncReadRent, AsyncWriteRentExt},
-    net::TcpStream,
 };
 use ringway_filters::sse::{SseItem, SseParser};
 
@@ -45,8 +45,8 @@ const CHUNK_LINE_MAX: usize = 10;
 /// one vector per read, behind room for the head and chunk-size line.
 pub async fn relay(
     g: &Generation,
-    client: &mut TcpStream,
-    up: &mut TcpStream,
+    client: &mut Stream,
+    up: &mut Stream,
     mut ubuf: PoolBuf,
     rp: &RespPlan,
     ctx: &mut AiCtx,
@@ -412,7 +412,7 @@ fn chunk_line(len: usize, line: &mut [u8; CHUNK_LINE_MAX]) -> usize {
 
 /// Writes `data[from..]` whole; hands the (emptied) vector back for reuse.
 async fn write_from(
-    client: &mut TcpStream,
+    client: &mut Stream,
     data: Vec<u8>,
     from: usize,
     idle: std::time::Duration,

@@ -6,12 +6,10 @@
 //! picks the upstream may come after an 8 MB image, so the body must be held
 //! before the upstream is chosen — in pool memory, which the pool bounds.
 
+use crate::transport::Stream;
 use std::time::Duration;
 
-use monoio::{
-    io::{AsyncReadRent, AsyncWriteRentExt},
-    net::TcpStream,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use ringway_filters::{
     model::{glob_match, ModelScan, ModelScanner},
     usage::RequestEstimator,
@@ -65,7 +63,7 @@ pub enum Fail {
 pub async fn capture(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     mut cbuf: PoolBuf,
     plan: &Plan,
     ai: &AiRoute,
@@ -210,7 +208,7 @@ async fn acquire(w: &Worker, bytes: usize, wait: Duration) -> Result<PoolBuf, Fa
     }
 }
 
-async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), Fail> {
+async fn continue_100(client: &mut Stream, idle: Duration) -> Result<(), Fail> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
     match deadline::timeout(idle, client.write_all(CONTINUE)).await {
         Ok((Ok(_), _)) => Ok(()),
@@ -223,7 +221,7 @@ async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), Fail
 async fn read_chunked(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     mut cbuf: PoolBuf,
     start: usize,
 ) -> Result<(PoolBuf, PoolBuf, usize), Fail> {

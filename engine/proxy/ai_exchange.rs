@@ -2,7 +2,8 @@
 //! upstream picked by model, response relayed while usage is watched, and
 //! the request settled (reservations reconciled, metrics, access log).
 
-use monoio::{io::AsyncWriteRentExt, net::TcpStream};
+use crate::transport::Stream;
+use monoio::io::AsyncWriteRentExt;
 
 use super::{
     conn::Next,
@@ -34,7 +35,7 @@ const DEFAULT_OUTPUT_RESERVE: u64 = 1024;
 pub(super) async fn exchange(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     plan: Plan,
     cbuf: PoolBuf,
     mut record: Record<'_>,
@@ -253,7 +254,7 @@ pub(super) async fn exchange(
 async fn give_up(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     ctx: &mut AiCtx,
     record: &mut Record<'_>,
     rej: error::Reject,

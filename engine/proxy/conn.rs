@@ -5,9 +5,10 @@
 //! (its head, the first body bytes, pipelined bytes after it) and, while the
 //! response is read, the upstream buffer. Nothing else is allocated per request.
 
+use crate::transport::Stream;
 use std::{net::SocketAddr, rc::Rc, time::Instant};
 
-use monoio::{io::AsyncWriteRent, net::TcpStream};
+use monoio::io::AsyncWriteRent;
 
 use super::{
     error::{self},
@@ -35,11 +36,11 @@ pub(super) enum Next {
     /// Close the connection.
     Close,
     /// Switch to a byte tunnel with this upstream stream.
-    Tunnel(TcpStream, PoolBuf, PoolBuf),
+    Tunnel(Stream, PoolBuf, PoolBuf),
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, listener: SocketAddr) {
+pub async fn serve(w: Rc<Worker>, mut client: Stream, peer: SocketAddr, listener: SocketAddr) {
     let _ = client.set_nodelay(true);
     let _conn = ConnGuard::new(&w);
     let mut pending: Option<PoolBuf> = None;
@@ -58,9 +59,11 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
                     }
                 };
                 // An idle wait also ends when the worker starts draining.
-                match deadline::idle_timeout(wait, client.readable(false)).await {
-                    Ok(Ok(())) => {}
-                    _ => return,
+                if !client.has_buffered() {
+                    match deadline::idle_timeout(wait, client.socket().readable(false)).await {
+                        Ok(Ok(())) => {}
+                        _ => return,
+                    }
                 }
                 let mut b = w.pool.acquire().await;
                 b.clear();
@@ -80,7 +83,8 @@ pub async fn serve(w: Rc<Worker>, mut client: TcpStream, peer: SocketAddr, liste
         match Box::pin(exchange(&w, &g, &mut client, peer, listener_idx, buf)).await {
             Next::KeepAlive(p) => pending = p,
             Next::Close => {
-                let _ = client.shutdown().await;
+                // Boxed: a TLS close (close_notify) must not grow every idle task.
+                let _ = Box::pin(client.shutdown()).await;
                 return;
             }
             Next::Tunnel(up, cbuf, ubuf) => {
@@ -113,7 +117,7 @@ impl Drop for ConnGuard {
 pub(super) async fn exchange(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     peer: SocketAddr,
     listener: usize,
     buf: PoolBuf,

@@ -16,6 +16,8 @@ use std::{
 
 use monoio::net::TcpStream;
 
+use crate::transport::Stream;
+
 /// A second handle on an upstream socket, used only to wait for readability.
 pub(super) struct EarlyWatch {
     dup: TcpStream,
@@ -30,9 +32,11 @@ pub(super) enum Watched<T> {
 }
 
 impl EarlyWatch {
-    /// A watch on `up`; `None` when the socket cannot be duplicated (the body
-    /// is then sent unwatched, as before).
-    pub(super) fn new(up: &TcpStream) -> Option<Self> {
+    /// A watch on `up`; `None` when the socket cannot be duplicated, or
+    /// carries TLS, whose records a peek cannot read (the body is then sent
+    /// unwatched, as before).
+    pub(super) fn new(up: &Stream) -> Option<Self> {
+        let up = up.tcp()?;
         // SAFETY: dup of a descriptor this task owns; the new descriptor is
         // owned by the std stream below and closed when the watch drops.
         let fd = unsafe { libc::dup(up.as_raw_fd()) };

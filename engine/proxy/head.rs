@@ -1,8 +1,9 @@
 //! Reading a request head until it is whole and planned.
 
+use crate::transport::Stream;
 use std::{net::SocketAddr, time::Instant};
 
-use monoio::{buf::IoBufMut as _, io::AsyncReadRent, net::TcpStream};
+use monoio::{buf::IoBufMut as _, io::AsyncReadRent};
 
 use super::{
     error::{self, Reject},
@@ -33,7 +34,7 @@ pub(super) enum HeadFail {
 pub(super) async fn read_request_head(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     peer: SocketAddr,
     listener: usize,
     mut buf: PoolBuf,

@@ -1,11 +1,11 @@
 //! Answers Ringway gives itself, and closing after them without losing them.
 
+use crate::transport::Stream;
 use std::time::{Duration, Instant};
 
 use monoio::{
     buf::IoBufMut as _,
     io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
-    net::TcpStream,
 };
 
 use super::{conn::Next, error::Reject};
@@ -19,7 +19,7 @@ use crate::{
 pub(super) async fn reject(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     rej: Reject,
     head_only: bool,
     keep: Option<PoolBuf>,
@@ -31,7 +31,7 @@ pub(super) async fn reject(
 pub(super) async fn reject_with(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     rej: Reject,
     head_only: bool,
     keep: Option<PoolBuf>,
@@ -56,7 +56,7 @@ pub(super) async fn reject_with(
 /// Half-closes and discards what the client still sends for a moment, so the
 /// error response is not destroyed by a reset (unread data at close() makes
 /// the kernel send RST, and the client may lose the response with it).
-pub(super) async fn linger(w: &Worker, client: &mut TcpStream) {
+pub(super) async fn linger(w: &Worker, client: &mut Stream) {
     let _ = client.shutdown().await;
     let Some(buf) = w.pool.try_acquire() else {
         return;

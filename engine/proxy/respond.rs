@@ -1,9 +1,10 @@
 //! The upstream's answer: reading its head (relaying interim responses)
 //! and relaying its body to the client.
 
+use crate::transport::Stream;
 use std::time::{Duration, Instant};
 
-use monoio::{buf::IoBufMut as _, io::AsyncReadRent, net::TcpStream};
+use monoio::{buf::IoBufMut as _, io::AsyncReadRent};
 
 use super::{
     error::{self, Reject},
@@ -34,7 +35,7 @@ pub(super) enum RespError {
 pub(super) async fn read_response_head(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     conn: &mut UpConn,
     mut ubuf: PoolBuf,
     plan: &Plan,
@@ -108,7 +109,7 @@ pub(super) async fn read_response_head(
 pub(super) async fn relay_response(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     conn: &mut UpConn,
     mut ubuf: PoolBuf,
     rp: &RespPlan,
@@ -155,7 +156,7 @@ pub(super) async fn relay_response(
                 dst_side: Side::Client,
                 dst_idle: client_idle,
             };
-            if remaining >= g.splice_min {
+            if remaining >= g.splice_min && r.can_splice() {
                 drop(ubuf);
                 transfer::splice_exact(&mut r, &w.pipes, remaining).await?;
             } else {
@@ -218,7 +219,7 @@ pub(super) struct Relayed {
 /// Writes `buf[range]` whole and hands the buffer back; on failure the
 /// buffer is gone and the caller closes the connection.
 pub(super) async fn write_all(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: PoolBuf,
     range: std::ops::Range<usize>,
     idle: Duration,

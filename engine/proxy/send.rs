@@ -1,8 +1,9 @@
 //! Sending a planned request upstream: head, then body by its framing.
 
+use crate::transport::Stream;
 use std::time::Duration;
 
-use monoio::{io::AsyncWriteRentExt, net::TcpStream};
+use monoio::io::AsyncWriteRentExt;
 
 use super::{
     early::{EarlyWatch, Watched},
@@ -41,7 +42,7 @@ pub(super) enum SendError {
 pub(super) async fn send_request(
     w: &Worker,
     g: &Generation,
-    client: &mut TcpStream,
+    client: &mut Stream,
     conn: &mut UpConn,
     mut cbuf: PoolBuf,
     plan: &Plan,
@@ -87,7 +88,7 @@ pub(super) async fn send_request(
                     dst_idle: g.server.body_timeout,
                 };
                 // The body did not fit with the head, so nothing follows it yet.
-                let res = if remaining >= g.splice_min {
+                let res = if remaining >= g.splice_min && route.can_splice() {
                     drop(cbuf);
                     transfer::splice_exact(&mut route, &w.pipes, remaining).await
                 } else {
@@ -220,7 +221,7 @@ async fn watched(
     }
 }
 
-pub(super) async fn continue_100(client: &mut TcpStream, idle: Duration) -> Result<(), SendError> {
+pub(super) async fn continue_100(client: &mut Stream, idle: Duration) -> Result<(), SendError> {
     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
     match deadline::timeout(idle, client.write_all(CONTINUE)).await {
         Ok((Ok(_), _)) => Ok(()),

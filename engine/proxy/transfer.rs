@@ -5,6 +5,7 @@
 //! next request will find them), and reports which side failed.
 
 use crate::runtime::deadline;
+use crate::transport::Stream;
 use std::{io, ops::Range, time::Duration};
 
 use monoio::{
@@ -13,7 +14,6 @@ use monoio::{
         splice::{SpliceDestination, SpliceSource},
         AsyncReadRent, AsyncWriteRentExt, Splitable,
     },
-    net::TcpStream,
 };
 
 use crate::{
@@ -63,17 +63,25 @@ impl XferError {
 /// upstream's.
 pub struct Route<'a> {
     /// The socket read from.
-    pub src: &'a mut TcpStream,
+    pub src: &'a mut Stream,
     /// Who `src` is.
     pub src_side: Side,
     /// Longest wait for any single read from `src`.
     pub src_idle: Duration,
     /// The socket written to.
-    pub dst: &'a mut TcpStream,
+    pub dst: &'a mut Stream,
     /// Who `dst` is.
     pub dst_side: Side,
     /// Longest wait for any single write to `dst`.
     pub dst_idle: Duration,
+}
+
+impl Route<'_> {
+    /// Both legs are kernel sockets carrying plaintext, so bytes can move
+    /// between them with splice.
+    pub fn can_splice(&self) -> bool {
+        self.src.tcp().is_some() && self.dst.tcp().is_some()
+    }
 }
 
 /// Reads into `buf`'s spare capacity, at most `max` bytes; returns the count (0 at EOF).
@@ -81,7 +89,7 @@ pub struct Route<'a> {
 /// On error the buffer is gone (a timed-out read is cancelled with the buffer
 /// inside it): every caller closes the connection then.
 pub async fn read_some(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: PoolBuf,
     max: usize,
     idle: Duration,
@@ -98,7 +106,7 @@ pub async fn read_some(
 
 /// Writes `buf[range]` whole.
 pub async fn write_range(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     buf: PoolBuf,
     range: Range<usize>,
     idle: Duration,
@@ -157,21 +165,23 @@ pub async fn splice_exact(
     pipes: &PipePool,
     mut n: u64,
 ) -> Result<(), XferError> {
+    let (Some(src), Some(dst)) = (r.src.tcp_mut(), r.dst.tcp_mut()) else {
+        // Callers ask `can_splice` first; a TLS leg never gets here.
+        return Err(XferError::Io(r.dst_side, io::ErrorKind::Unsupported.into()));
+    };
     let mut pipe = pipes.take().map_err(|e| XferError::Io(r.dst_side, e))?;
     while n > 0 {
         let want = n.min(u64::from(SPLICE_CHUNK)) as u32;
-        let got = match deadline::timeout(r.src_idle, r.src.splice_to_pipe(&mut pipe.write, want))
-            .await
-        {
-            Ok(Ok(0)) => return Err(XferError::Eof(r.src_side)),
-            Ok(Ok(got)) => got,
-            Ok(Err(e)) => return Err(XferError::Io(r.src_side, e)),
-            Err(_) => return Err(XferError::Timeout(r.src_side)),
-        };
+        let got =
+            match deadline::timeout(r.src_idle, src.splice_to_pipe(&mut pipe.write, want)).await {
+                Ok(Ok(0)) => return Err(XferError::Eof(r.src_side)),
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => return Err(XferError::Io(r.src_side, e)),
+                Err(_) => return Err(XferError::Timeout(r.src_side)),
+            };
         let mut left = got;
         while left > 0 {
-            match deadline::timeout(r.dst_idle, r.dst.splice_from_pipe(&mut pipe.read, left)).await
-            {
+            match deadline::timeout(r.dst_idle, dst.splice_from_pipe(&mut pipe.read, left)).await {
                 Ok(Ok(0)) => return Err(XferError::Eof(r.dst_side)),
                 Ok(Ok(put)) => left -= put,
                 Ok(Err(e)) => return Err(XferError::Io(r.dst_side, e)),
@@ -240,12 +250,19 @@ pub async fn forward_chunked(
 
 /// Copies both directions until either side closes (an upgraded connection).
 pub async fn tunnel(
-    client: TcpStream,
-    upstream: TcpStream,
+    client: Stream,
+    upstream: Stream,
     cbuf: PoolBuf,
     ubuf: PoolBuf,
     idle: Duration,
 ) {
+    // Plain legs: each direction on its own half. A TLS leg's state cannot
+    // be split that way, so one loop serves whichever side is readable.
+    let (client, upstream) = match (client, upstream) {
+        (Stream::Plain(c), Stream::Plain(u)) => (c, u),
+        #[allow(unreachable_patterns)] // until the TLS variant lands
+        (c, u) => return tunnel_one_task(c, u, cbuf, ubuf, idle).await,
+    };
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
     let up = pump(&mut cr, &mut uw, cbuf, idle);
@@ -255,6 +272,77 @@ pub async fn tunnel(
     monoio::select! {
         _ = up => {},
         _ = down => {},
+    }
+}
+
+/// The tunnel for a TLS leg: waits until either side is readable, moves
+/// what it has to the other, until either closes or both stay quiet for
+/// `idle`. A write blocks the other direction meanwhile, as one task must.
+async fn tunnel_one_task(
+    mut client: Stream,
+    mut upstream: Stream,
+    cbuf: PoolBuf,
+    ubuf: PoolBuf,
+    idle: Duration,
+) {
+    // Bytes that arrived with the handshake go first.
+    let Ok(mut cbuf) = flush(&mut upstream, cbuf, idle).await else {
+        return;
+    };
+    let Ok(mut ubuf) = flush(&mut client, ubuf, idle).await else {
+        return;
+    };
+    loop {
+        let from_client = {
+            let ready = async {
+                monoio::select! {
+                    _ = client.readable(false) => true,
+                    _ = upstream.readable(false) => false,
+                }
+            };
+            match deadline::timeout(idle, ready).await {
+                Ok(side) => side,
+                Err(_) => return,
+            }
+        };
+        if from_client {
+            match relay_once(&mut client, &mut upstream, cbuf, idle).await {
+                Ok(b) => cbuf = b,
+                Err(()) => return,
+            }
+        } else {
+            match relay_once(&mut upstream, &mut client, ubuf, idle).await {
+                Ok(b) => ubuf = b,
+                Err(()) => return,
+            }
+        }
+    }
+}
+
+/// Writes what `buf` holds to `dst`; hands the emptied buffer back.
+async fn flush(dst: &mut Stream, mut buf: PoolBuf, idle: Duration) -> Result<PoolBuf, ()> {
+    if !buf.is_empty() {
+        let len = buf.len();
+        buf = match deadline::timeout(idle, dst.write_all(buf.slice(0..len))).await {
+            Ok((Ok(_), s)) => s.into_inner(),
+            _ => return Err(()),
+        };
+    }
+    buf.clear();
+    Ok(buf)
+}
+
+/// One read from `src` and its write to `dst`; `Err` when either ends.
+async fn relay_once(
+    src: &mut Stream,
+    dst: &mut Stream,
+    buf: PoolBuf,
+    idle: Duration,
+) -> Result<PoolBuf, ()> {
+    let cap = buf.capacity();
+    match deadline::timeout(idle, src.read(buf.slice_mut(0..cap))).await {
+        Ok((Ok(n), s)) if n > 0 => flush(dst, s.into_inner(), idle).await,
+        _ => Err(()),
     }
 }
 
@@ -306,10 +394,12 @@ mod tests {
                 let block = [b'x'; 65536];
                 while s.write_all(&block).is_ok() {}
             });
-            let (mut src, _) = listener.accept().await.expect("accept");
+            let (src, _) = listener.accept().await.expect("accept");
+            let mut src = Stream::Plain(src);
             // The destination: a peer that never reads.
             let idle_peer = std::net::TcpStream::connect(addr).expect("connect");
-            let (mut dst, _) = listener.accept().await.expect("accept");
+            let (dst, _) = listener.accept().await.expect("accept");
+            let mut dst = Stream::Plain(dst);
             let pool = BufPool::new(16 * 1024, 1);
             let buf = pool.try_acquire().expect("buffer");
             let mut route = Route {

@@ -6,6 +6,7 @@
 //! not change) and binds or closes listeners. Requests take the generation in
 //! force when they start and finish on it.
 
+use crate::transport::Stream;
 use std::{
     cell::{Cell, RefCell},
     net::SocketAddr,
@@ -414,7 +415,7 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, sto
         match accepted {
             Ok((stream, peer)) => {
                 w.stats.accepted.add(1);
-                monoio::spawn(proxy::serve(w.clone(), stream, peer, addr));
+                monoio::spawn(proxy::serve(w.clone(), Stream::Plain(stream), peer, addr));
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.

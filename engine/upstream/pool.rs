@@ -18,6 +18,8 @@ use std::{
 
 use monoio::net::TcpStream;
 
+use crate::transport::Stream;
+
 use super::{balance, health::now_ms, UpstreamShared};
 use crate::{
     config::Balance,
@@ -46,7 +48,7 @@ pub struct UpstreamPool {
 struct Idle {
     idx: usize,
     addr: SocketAddr,
-    stream: TcpStream,
+    stream: Stream,
     since: Instant,
 }
 
@@ -156,7 +158,13 @@ impl UpstreamPool {
         std::mem::forget(slot);
         let _ = stream.set_nodelay(true);
         self.stats.connects.add(1);
-        Ok(UpConn::new(self.clone(), stream, idx, addr, false))
+        Ok(UpConn::new(
+            self.clone(),
+            Stream::Plain(stream),
+            idx,
+            addr,
+            false,
+        ))
     }
 
     /// Records a failure of endpoint `idx` (connect error, reset, 5xx).
@@ -178,7 +186,7 @@ impl UpstreamPool {
     }
 
     /// Pops the most recently used live idle connection to `idx` at `addr`.
-    fn take_idle(&self, idx: usize, addr: SocketAddr) -> Option<TcpStream> {
+    fn take_idle(&self, idx: usize, addr: SocketAddr) -> Option<Stream> {
         let ttl = self.shared.conf.idle_timeout;
         let mut idle = self.idle.borrow_mut();
         while let Some(pos) = idle.iter().rposition(|c| c.idx == idx) {
@@ -204,7 +212,7 @@ impl UpstreamPool {
         addr: SocketAddr,
         fresh: bool,
         deadline_at: Instant,
-    ) -> Result<Option<TcpStream>, CheckoutError> {
+    ) -> Result<Option<Stream>, CheckoutError> {
         let max = self.shared.conf.max_connections as u64;
         let mut waited = false;
         loop {
@@ -271,7 +279,7 @@ impl UpstreamPool {
         }
     }
 
-    fn put_idle(&self, idx: usize, addr: SocketAddr, stream: TcpStream) {
+    fn put_idle(&self, idx: usize, addr: SocketAddr, stream: Stream) {
         let mut idle = self.idle.borrow_mut();
         if idle.len() >= self.shared.conf.max_idle {
             drop(idle);
@@ -330,7 +338,7 @@ impl Drop for SlotGuard<'_> {
 /// An upstream connection checked out for one exchange.
 pub struct UpConn {
     pool: Rc<UpstreamPool>,
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     /// Index of the endpoint in the upstream's list.
     pub idx: usize,
     /// The endpoint's address.
@@ -343,7 +351,7 @@ pub struct UpConn {
 impl UpConn {
     fn new(
         pool: Rc<UpstreamPool>,
-        stream: TcpStream,
+        stream: Stream,
         idx: usize,
         addr: SocketAddr,
         reused: bool,
@@ -362,7 +370,7 @@ impl UpConn {
     }
 
     /// The socket.
-    pub fn stream(&mut self) -> &mut TcpStream {
+    pub fn stream(&mut self) -> &mut Stream {
         // Only `into_stream` takes it, and that consumes the guard.
         match self.stream.as_mut() {
             Some(s) => s,
@@ -377,7 +385,7 @@ impl UpConn {
 
     /// Takes the socket out of the pool for good (an upgraded connection);
     /// its slot is freed now.
-    pub fn into_stream(mut self) -> Option<TcpStream> {
+    pub fn into_stream(mut self) -> Option<Stream> {
         self.reusable = false;
         self.stream.take()
     }
