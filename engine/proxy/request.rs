@@ -120,7 +120,8 @@ impl From<Reject> for Rejected {
     }
 }
 
-/// Parses the head in `buf[HEADROOM..]`, routes it, and rewrites it in place.
+/// Parses the head in `buf[HEADROOM..]`, routes it, and rewrites it in place;
+/// `tls`: the client connection is TLS.
 /// `Partial` means more bytes are needed.
 pub fn plan_request(
     w: &Worker,
@@ -128,6 +129,7 @@ pub fn plan_request(
     buf: &mut PoolBuf,
     listener: usize,
     peer: IpAddr,
+    tls: bool,
 ) -> Result<Parsed<Plan>, Rejected> {
     let shared = &*g.shared;
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
@@ -296,7 +298,11 @@ pub fn plan_request(
             }
         }
         let _ = write!(out, "{peer}");
-        out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+        out.extend_from_slice(if tls {
+            b"\r\nx-forwarded-proto: https\r\n".as_slice()
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
         if request_id.is_none() {
             out.extend_from_slice(b"x-request-id: ");
             let at = out.len();

@@ -48,6 +48,13 @@ impl Stream {
         }
     }
 
+    /// Whether the stream is TLS (`x-forwarded-proto: https`).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+        }
+    }
+
     /// Bytes already read and decrypted but not yet consumed: a reader has
     /// something without waiting on the socket.
     pub fn has_buffered(&self) -> bool {
