@@ -11,6 +11,7 @@ use std::{
 };
 
 use ringway_filters::{
+    coding::Decoder,
     sse::SseParser,
     usage::{estimate_tokens_from_chars, JsonUsageScanner, Usage, UsageSource, UsageTracker},
 };
@@ -50,7 +51,11 @@ pub struct AiCtx {
     pub sse: Option<SseParser>,
     /// Usage from a JSON body.
     pub json: JsonUsageScanner,
-    /// Bytes of a non-streamed body (for an estimate when it reports no usage).
+    /// Decodes a body the upstream compressed although asked for `identity`: the client gets
+    /// the coded bytes, the usage scanners this decoder's output.
+    pub decoder: Option<Decoder>,
+    /// Bytes of a non-streamed body, decoded when it was coded (for an estimate when it
+    /// reports no usage).
     pub json_bytes: u64,
     /// The response was an event stream.
     pub streamed: bool,
@@ -86,6 +91,7 @@ impl AiCtx {
             tracker: UsageTracker::new(),
             sse: None,
             json: JsonUsageScanner::new(),
+            decoder: None,
             json_bytes: 0,
             streamed: false,
             sent_at: Instant::now(),
