@@ -236,3 +236,68 @@ def test_sdk_through_a_gzipping_upstream_matches_direct(gw, up_oa):
     ck.ok(got == want, "SDK results through ringway differ from direct: %s" % first_diff(got, want))
     ctx = check_exact(ck, gw, sent)
     ck.done(*ctx)
+
+
+# ================================================================ stream_options
+STREAM_OPTIONS = {
+    "include_usage false": {"include_usage": False},
+    "null": None,
+    "other member": {"include_obfuscation": False},
+    "empty": {},
+}
+
+
+@pytest.mark.parametrize("case", list(STREAM_OPTIONS))
+def test_client_stream_options_cannot_switch_accounting_off(gw, up_oa, case):
+    """A streamed chat request whose stream_options is {"include_usage": false}, null, another
+    member only, or {}: the upstream always gets include_usage true (other members kept), the
+    client gets exactly what a direct call with its own body gives (no usage chunk, no usage
+    field), and the tokens are counted exactly."""
+    ck = Checks()
+    so = STREAM_OPTIONS[case]
+    doc = {"model": "gpt-so-" + case.replace(" ", "-"), "messages": msgs("stream options: %s" % case), "max_tokens": 14, "stream": True,
+           "stream_options": so}
+    r_id, tag = rid("so"), new_tag("so")
+    r = _post_raw(gw.port, "/v1/chat/completions", doc,
+                  [("Authorization", "Bearer sk-alice"), ("x-request-id", r_id), ("x-test-tag", tag)])
+    d = _post_raw(up_oa.port, "/v1/chat/completions", doc)
+    ck.eq(r.status, 200, "status through ringway (body %r)" % r.body[:300])
+    got = [json.loads(x) if x != "[DONE]" else x for _, x in sse_events(r.body)]
+    want = [json.loads(x) if x != "[DONE]" else x for _, x in sse_events(d.body)]
+    ck.ok(got == want, "frames through ringway differ from a direct call with the client's body: %s"
+          % first_diff(got, want))
+    ck.ok(not any(isinstance(c, dict) and "usage" in c for c in got),
+          "a frame through ringway carries usage the client did not ask for")
+    ent = up_oa.entries(tag)
+    if ck.eq(len(ent), 1, "upstream entries"):
+        e = ent[0]
+        ck.eq(e["include_usage"], True, "include_usage in the body the upstream got")
+        body = json.loads(e["body"])
+        want_so = dict(so or {})
+        want_so["include_usage"] = True
+        ck.eq(body.get("stream_options"), want_so, "stream_options the upstream got")
+        body.pop("stream_options", None)
+        client = dict(doc)
+        client.pop("stream_options")
+        ck.eq(body, client, "the rest of the body the upstream got")
+    ctx = check_exact(ck, gw, [(r_id, "chat", up_oa, tag)])
+    ck.done(*ctx)
+
+
+def test_sdk_stream_options_include_usage_false_matches_direct(gw, up_oa):
+    """openai SDK, stream_options={"include_usage": False}: the SDK's chunks through ringway equal
+    the direct ones (no usage chunk), and ringway counts the exact usage."""
+    ck = Checks()
+    direct = OpenAI(base_url=up_oa.base + "/v1", api_key="x", max_retries=0, timeout=30)
+    r_id, tag = rid("so-sdk"), new_tag("so-sdk")
+
+    def call(client, h):
+        return [c.model_dump() for c in client.chat.completions.create(
+            model="gpt-so-sdk", messages=msgs("sdk"), max_tokens=16, stream=True,
+            stream_options={"include_usage": False}, extra_headers=h)]
+
+    got = call(oai(gw.port), {"x-request-id": r_id, "x-test-tag": tag})
+    want = call(direct, {})
+    ck.ok(got == want, "SDK chunks through ringway differ from direct: %s" % first_diff(got, want))
+    ctx = check_exact(ck, gw, [(r_id, "chat", up_oa, tag)])
+    ck.done(*ctx)
