@@ -118,13 +118,20 @@ impl Counts {
         (c != Counts::default()).then_some(c)
     }
 
-    /// Later reports override earlier ones field by field (Anthropic sends input in
-    /// `message_start` and cumulative output in each `message_delta`).
+    /// Merges a later report. Output: the later count wins (Anthropic sends a provisional count
+    /// in `message_start` and the cumulative one in each `message_delta`). Input and cache
+    /// counts: the larger wins, as they do not change during a response and some
+    /// Anthropic-compatible servers send `"input_tokens": 0` in `message_delta` after the real
+    /// count in `message_start`.
     fn merge(&mut self, o: Counts) {
-        self.input = o.input.or(self.input);
+        let larger = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.input = larger(self.input, o.input);
         self.output = o.output.or(self.output);
-        self.cache_read = o.cache_read.or(self.cache_read);
-        self.cache_write = o.cache_write.or(self.cache_write);
+        self.cache_read = larger(self.cache_read, o.cache_read);
+        self.cache_write = larger(self.cache_write, o.cache_write);
     }
 }
 
@@ -1362,6 +1369,24 @@ mod tests {
         // input_tokens + cache writes + cache reads; output from the last message_delta.
         assert_eq!(u, reported(2125, 15, 2000, 100));
         assert_eq!((chars, first), (6, Some(3)));
+    }
+
+    /// Anthropic-compatible servers that send `"input_tokens": 0` (and zero cache counts) in
+    /// `message_delta`: the input `message_start` reported stands, the output is the delta's.
+    #[test]
+    fn message_delta_with_zero_input_keeps_message_start_input() {
+        let zeroed = ANTHROPIC.replace(
+            "\"usage\":{\"output_tokens\":15}",
+            "\"usage\":{\"input_tokens\":0,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":15}",
+        );
+        assert_ne!(zeroed, ANTHROPIC);
+        assert_eq!(shotgun(&zeroed).0, reported(2125, 15, 2000, 100));
+        // A delta that repeats the real count (Anthropic's own API does) changes nothing.
+        let repeated = ANTHROPIC.replace(
+            "\"usage\":{\"output_tokens\":15}",
+            "\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":2000,\"output_tokens\":15}",
+        );
+        assert_eq!(shotgun(&repeated).0, reported(2125, 15, 2000, 100));
     }
 
     #[test]

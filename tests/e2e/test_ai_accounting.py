@@ -301,3 +301,28 @@ def test_sdk_stream_options_include_usage_false_matches_direct(gw, up_oa):
     ck.ok(got == want, "SDK chunks through ringway differ from direct: %s" % first_diff(got, want))
     ctx = check_exact(ck, gw, [(r_id, "chat", up_oa, tag)])
     ck.done(*ctx)
+
+
+# ================================================================ Anthropic message_delta input 0
+def test_anthropic_delta_with_zero_input_keeps_the_message_start_input(gw, up_an):
+    """An Anthropic-compatible upstream whose message_delta says input_tokens: 0: the input
+    counted is message_start's (what the upstream reported), not 0; the SDK sees what it sees
+    directly."""
+    ck = Checks()
+    direct = Anthropic(base_url=up_an.base, api_key="x", max_retries=0, timeout=30)
+    r_id, tag = rid("d0"), new_tag("d0")
+
+    def call(client, h):
+        h = dict(h, **{"x-test-delta-input-zero": "1"})
+        return [e.model_dump() for e in client.messages.create(
+            model="claude-d0", max_tokens=13, stream=True, extra_headers=h,
+            messages=[{"role": "user", "content": "a prompt long enough to have some input tokens"}])]
+
+    got = call(ant(gw.port), {"x-request-id": r_id, "x-test-tag": tag})
+    want = call(direct, {})
+    ck.ok(got == want, "SDK events through ringway differ from direct: %s" % first_diff(got, want))
+    deltas = [e for e in got if e["type"] == "message_delta"]
+    ck.ok(deltas and deltas[-1]["usage"].get("input_tokens") == 0,
+          "control: the upstream's message_delta does not report input_tokens 0: %r" % deltas)
+    ctx = check_exact(ck, gw, [(r_id, "messages", up_an, tag)])
+    ck.done(*ctx)
