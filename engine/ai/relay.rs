@@ -17,6 +17,7 @@ use monoio::{
 use ringway_filters::{
     coding::ContentCoding,
     sse::{SseItem, SseParser},
+    usage::usage_member,
 };
 
 use super::account::{AiCtx, MAX_SSE_FRAME};
@@ -322,8 +323,10 @@ fn observe_plain(ctx: &mut AiCtx, payload: &[u8]) {
 /// Where the frames of one read end, and what to cut from each.
 #[derive(Default)]
 struct FrameCuts {
-    /// (end offset in the payload, drop the frame, `,"usage":null` to remove).
+    /// (end offset in the payload, drop the frame, what to remove from it).
     ends: Vec<(usize, bool, Cut)>,
+    /// The bytes of the usage members [`Cut::FindMember`] looks for.
+    members: Vec<u8>,
 }
 
 /// What to remove from a kept frame.
@@ -335,6 +338,10 @@ enum Cut {
     At(usize),
     /// Find every `,"usage":null` in the frame (its data was not read in place).
     Search,
+    /// A usage member on a content chunk, at this range of the payload.
+    Member(usize, usize),
+    /// The same, its data not read in place: find these bytes of `members` in the frame.
+    FindMember(usize, usize),
 }
 
 /// `,"usage":null`: what the upstream adds to every chunk once asked for usage.
@@ -358,6 +365,8 @@ fn inspect_sse(
     let injected = ctx.injected;
     let ends = &mut cuts.ends;
     ends.clear();
+    let members = &mut cuts.members;
+    members.clear();
     let base = payload.as_ptr() as usize;
     p.feed_items(payload, &mut |item| match item {
         SseItem::End(f) => {
@@ -371,15 +380,32 @@ fn inspect_sse(
                 drop_it = injected && o.usage_only;
                 // The field's place in `payload`, when the data was read in place there.
                 let data_at = (ev.data.as_ptr() as usize).wrapping_sub(base);
-                cut = match (o.usage_nulls, o.usage_null_at) {
-                    (Some(0), _) => Cut::None,
-                    (Some(1), Some(i))
-                        if data_at < payload.len()
-                            && payload[data_at + i..].starts_with(USAGE_NULL) =>
-                    {
-                        Cut::At(data_at + i)
+                let in_place =
+                    || payload.get(data_at..data_at.wrapping_add(ev.data.len())) == Some(ev.data);
+                let member = if injected && o.usage && !o.usage_only {
+                    // Usage on a content chunk (Gemini-compatible servers): the
+                    // client did not ask for it, so the member goes, the chunk stays.
+                    usage_member(ev.data)
+                } else {
+                    None
+                };
+                cut = match (member, o.usage_nulls, o.usage_null_at) {
+                    (Some(r), ..) if in_place() => Cut::Member(data_at + r.start, data_at + r.end),
+                    (Some(r), ..) => {
+                        let at = members.len();
+                        members.extend_from_slice(&ev.data[r]);
+                        Cut::FindMember(at, members.len())
                     }
-                    _ => Cut::Search,
+                    (None, nulls, null_at) => match (nulls, null_at) {
+                        (Some(0), _) => Cut::None,
+                        (Some(1), Some(i))
+                            if data_at < payload.len()
+                                && payload[data_at + i..].starts_with(USAGE_NULL) =>
+                        {
+                            Cut::At(data_at + i)
+                        }
+                        _ => Cut::Search,
+                    },
                 };
             } else if f.oversized {
                 let _ = tracker.on_oversized_end();
@@ -405,6 +431,19 @@ fn inspect_sse(
                 Cut::At(i) if (prev..end).contains(&i) => {
                     out.extend_from_slice(&payload[prev..i]);
                     out.extend_from_slice(&payload[i + USAGE_NULL.len()..end]);
+                }
+                Cut::Member(a, b) if prev <= a && b <= end => {
+                    out.extend_from_slice(&payload[prev..a]);
+                    out.extend_from_slice(&payload[b..end]);
+                }
+                Cut::FindMember(a, b) => {
+                    out.extend_from_slice(&payload[prev..end]);
+                    let member = &cuts.members[a..b];
+                    // A member split over several `data:` lines is not found and stays.
+                    if let Some(at) = memchr::memmem::find(&out[start..], member) {
+                        let at = start + at;
+                        out.drain(at..at + member.len());
+                    }
                 }
                 Cut::None => out.extend_from_slice(&payload[prev..end]),
                 _ => {

@@ -668,6 +668,91 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
             .is_some_and(Vec::is_empty)
 }
 
+/// Where the top-level `usage` member of one event's data is, as the range to remove so the
+/// object stays valid JSON without it: the member with the comma before it, or (when it is the
+/// first member) with the comma and blanks after it. `None` when the data is not a JSON object
+/// with a `usage` member.
+///
+/// Gemini-compatible servers asked for `include_usage` put the usage on the last content chunk
+/// (non-empty `choices`); when the gateway asked, the engine removes the member and keeps the
+/// chunk. Only frames that carry usage are scanned (once or twice per stream), and `data` is
+/// bounded by the SSE parser.
+pub fn usage_member(data: &[u8]) -> Option<std::ops::Range<usize>> {
+    #[derive(Default)]
+    struct Find {
+        key: SmallBuf<8>,
+        is_usage: bool,
+        object: bool,
+        /// Where the previous member's value ended (or just past the object's `{`).
+        prev_end: u64,
+        /// No member came before the current one.
+        first: bool,
+        /// The usage member: from the previous member's end to its value's end, and whether
+        /// it was the first member.
+        found: Option<(u64, u64, bool)>,
+    }
+    impl Sink for Find {
+        fn key_start(&mut self, depth: usize) {
+            if depth == 1 {
+                self.key.clear();
+            }
+        }
+        fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+            if key {
+                self.key.push(bytes);
+            }
+        }
+        fn key_end(&mut self, depth: usize) {
+            if depth == 1 {
+                self.is_usage = self.key.get() == Some(b"usage");
+            }
+        }
+        fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+            if depth == 0 {
+                self.object = kind == Kind::Object;
+                self.prev_end = at + 1;
+                self.first = true;
+            }
+        }
+        fn value_end(&mut self, _kind: Kind, depth: usize, end: u64) {
+            if depth != 1 {
+                return;
+            }
+            if self.is_usage && self.found.is_none() {
+                self.found = Some((self.prev_end, end, self.first));
+            }
+            self.is_usage = false;
+            self.prev_end = end;
+            self.first = false;
+        }
+    }
+    let mut f = Find::default();
+    let mut scan = Scanner::new();
+    scan.feed(data, &mut f).ok()?;
+    scan.finish(&mut f).ok()?;
+    let (from, to, first) = f.found?;
+    if !f.object {
+        return None;
+    }
+    // Both offsets lie within `data`.
+    let (from, mut to) = (from as usize, to as usize);
+    if !first {
+        // `,"usage":{…}` from the end of the member before it.
+        return Some(from..to);
+    }
+    // The first member: from after `{` through the comma that follows, and the blanks after it.
+    let rest = &data[to..];
+    let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    if rest.get(skip) == Some(&b',') {
+        to += skip + 1;
+        to += data[to..]
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace())
+            .count();
+    }
+    Some(from..to)
+}
+
 /// Top-level keys of a response body that [`JsonUsageScanner`] wants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum RespKey {
@@ -1387,6 +1472,45 @@ mod tests {
             "\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":2000,\"output_tokens\":15}",
         );
         assert_eq!(shotgun(&repeated).0, reported(2125, 15, 2000, 100));
+    }
+
+    /// The usage member comes out of a content chunk whatever its place, and what is left is
+    /// the same object without it.
+    #[test]
+    fn usage_member_is_cut_from_a_content_chunk() {
+        let cases = [
+            r#"{"id":"x","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":1},"id":"x","choices":[{"delta":{}}]}"#,
+            r#"{"id":"x","usage":{"prompt_tokens":3,"nested":{"usage":1}},"choices":[]}"#,
+            r#"{ "id" : "x" , "usage" : { "prompt_tokens" : 3 } , "choices" : [ ] }"#,
+            r#"{ "usage" : null ,  "id" : "x" }"#,
+            r#"{"usage":{"prompt_tokens":3},"id":"x"}"#,
+            r#"{"usage":{"prompt_tokens":3}}"#,
+        ];
+        for c in cases {
+            let Some(r) = usage_member(c.as_bytes()) else {
+                panic!("no usage member found in {c}");
+            };
+            let cut = format!("{}{}", &c[..r.start], &c[r.end..]);
+            let (Ok(mut want), Ok(got)) = (
+                serde_json::from_str::<Value>(c),
+                serde_json::from_str::<Value>(&cut),
+            ) else {
+                panic!("{c} -> {cut}: not JSON");
+            };
+            if let Some(o) = want.as_object_mut() {
+                o.remove("usage");
+            }
+            assert_eq!(got, want, "{c} -> {cut}");
+        }
+        for none in [
+            r#"{"id":"x","choices":[{"usage":1}]}"#,
+            r#"[{"usage":1}]"#,
+            r#"{"usage":"#,
+            "[DONE]",
+        ] {
+            assert_eq!(usage_member(none.as_bytes()), None, "{none}");
+        }
     }
 
     #[test]

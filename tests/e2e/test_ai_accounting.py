@@ -326,3 +326,40 @@ def test_anthropic_delta_with_zero_input_keeps_the_message_start_input(gw, up_an
           "control: the upstream's message_delta does not report input_tokens 0: %r" % deltas)
     ctx = check_exact(ck, gw, [(r_id, "messages", up_an, tag)])
     ck.done(*ctx)
+
+
+# ================================================================ usage on a content chunk
+@pytest.mark.parametrize("mode", ["normal", "byte-at-a-time"])
+def test_usage_on_the_last_content_chunk_is_removed_when_ringway_asked(gw, up_oa, mode):
+    """A Gemini-compatible upstream puts the usage on its last content chunk (with the
+    finish_reason) rather than in a usage-only chunk. A client that did not ask for usage gets
+    that chunk without its usage member (its choices kept): the SDK's chunks equal a direct
+    call's. A client that asked gets the usage. Both are counted exactly."""
+    ck = Checks()
+    direct = OpenAI(base_url=up_oa.base + "/v1", api_key="x", max_retries=0, timeout=30)
+    h = {"x-test-usage-on-last-chunk": "1"}
+    if mode == "byte-at-a-time":
+        h["x-test-byte-at-a-time"] = "1"
+    sent = []
+
+    def call(client, hdr, **kw):
+        return [c.model_dump() for c in client.chat.completions.create(
+            model="gpt-last-" + mode, messages=msgs("gemini style"), max_tokens=9, stream=True,
+            extra_headers=dict(h, **hdr), **kw)]
+
+    def via():
+        r_id, tag = rid("last"), new_tag("last")
+        sent.append((r_id, "chat", up_oa, tag))
+        return {"x-request-id": r_id, "x-test-tag": tag}
+
+    got, want = call(oai(gw.port), via()), call(direct, {})
+    ck.ok(got == want, "SDK chunks through ringway differ from direct: %s" % first_diff(got, want))
+    ck.ok(got and got[-1]["choices"] and got[-1]["choices"][0]["finish_reason"] == "stop",
+          "the last chunk (with the finish_reason) did not reach the client: %r" % (got[-1:],))
+    asked = call(oai(gw.port), via(), stream_options={"include_usage": True})
+    asked_d = call(direct, {}, stream_options={"include_usage": True})
+    ck.ok(asked == asked_d, "with include_usage asked: SDK chunks through ringway differ from direct: %s"
+          % first_diff(asked, asked_d))
+    ck.ok(asked and asked[-1].get("usage"), "the client asked for usage and its last chunk has none")
+    ctx = check_exact(ck, gw, sent)
+    ck.done(*ctx)
