@@ -222,12 +222,12 @@ pub(super) async fn exchange(
     } else {
         pool.report_success(conn.idx);
     }
-    ctx.answered = (200..300).contains(&rp.status);
+    ctx.status = rp.status;
 
     let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
     // Settled on every path: a client that left is charged what was streamed.
     if let Some(u) = ctx.settle() {
-        if ctx.answered {
+        if ctx.answered() {
             record.tokens = Some((
                 u.input,
                 u.output,

@@ -363,3 +363,57 @@ def test_usage_on_the_last_content_chunk_is_removed_when_ringway_asked(gw, up_oa
     ck.ok(asked and asked[-1].get("usage"), "the client asked for usage and its last chunk has none")
     ctx = check_exact(ck, gw, sent)
     ck.done(*ctx)
+
+
+# ================================================================ upstream error answers
+def test_upstream_error_answers_are_counted_with_their_status_and_zero_tokens(ringway_fn, up_oa, tmp_path):
+    """The upstream refuses (429, 503; JSON error, no usage): the client gets the refusal, the
+    request counts in ringway_ai_requests_total with its status, with zero tokens (no estimate),
+    and its token reservation is released (the next identical request sees the same
+    x-ratelimit-remaining-tokens)."""
+    alog = tmp_path / "access.log"
+    rw = start_ai(ringway_fn, "refused", upstreams=[ups("openai", up_oa)],
+                  routes=[{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
+                           "filters": ["auth", "tpm", "stats"], "include_usage": True}],
+                  filters=[AUTH, tpm_filter(1_000_000, per="tokens_per_hour", max_reserve=None), STATS],
+                  log={"access": str(alog)})
+    ck = Checks()
+    hour_left = 3600 - time.time() % 3600
+    sent = []
+    for status, stream in ((429, False), (429, False), (503, True), (500, False)):
+        r_id = rid("err%d" % status)
+        doc = {"model": "gpt-refused", "messages": msgs("refuse me"), "max_tokens": 700, "stream": stream}
+        r = _post_raw(rw.port, "/v1/chat/completions", doc,
+                      [("Authorization", "Bearer sk-alice"), ("x-request-id", r_id), ("x-test-status", str(status))])
+        ck.eq(r.status, status, "%s: status the client got (body %r)" % (r_id, r.body[:200]))
+        sent.append((r_id, status, r.get("x-ratelimit-remaining-tokens")))
+    rem = [s[2] for s in sent]
+    if hour_left > 20:
+        ck.ok(all(x is not None and x == rem[0] for x in rem),
+              "x-ratelimit-remaining-tokens changed across refused requests (reservations kept): %r" % rem)
+    recs = log_records(alog, [s[0] for s in sent])
+    for r_id, status, _ in sent:
+        rec = recs.get(r_id)
+        if ck.ok(rec is not None, "no access-log line for %s" % r_id):
+            ck.eq(rec.get("status"), status, r_id + ": access-log status")
+            t = rec.get("tokens") or {}
+            ck.eq((t.get("input"), t.get("output"), t.get("estimated")), (0, 0, False),
+                  r_id + ": access-log tokens (input, output, estimated)")
+    deadline = time.monotonic() + 3
+    while True:
+        samples, mtext = scrape(rw.admin_port)
+        counts = {st: msum(samples, REQS, model="gpt-refused", status=st) for st in (429, 503, 500)}
+        if counts == {429: 2, 503: 1, 500: 1} or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    ck.eq(counts, {429: 2, 503: 1, 500: 1}, "%s{model=\"gpt-refused\"} by status" % REQS)
+    ck.eq(msum(samples, TOK, model="gpt-refused"), 0, "%s{model=\"gpt-refused\"} (refused requests)" % TOK)
+    # A success on the same route is counted under its own status.
+    ok = oai(rw.port).chat.completions.create(model="gpt-refused", messages=msgs("fine"), max_tokens=3)
+    ck.eq(ok.usage.completion_tokens, 3, "a successful request after the refusals")
+    deadline = time.monotonic() + 3
+    while msum(scrape(rw.admin_port)[0], REQS, model="gpt-refused", status=200) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    samples, mtext = scrape(rw.admin_port)
+    ck.eq(msum(samples, REQS, model="gpt-refused", status=200), 1, "%s{status=\"200\"}" % REQS)
+    ck.done(lambda: ai_text(mtext), lambda: log_tail(alog))
