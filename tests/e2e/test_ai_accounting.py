@@ -417,3 +417,43 @@ def test_upstream_error_answers_are_counted_with_their_status_and_zero_tokens(ri
     samples, mtext = scrape(rw.admin_port)
     ck.eq(msum(samples, REQS, model="gpt-refused", status=200), 1, "%s{status=\"200\"}" % REQS)
     ck.done(lambda: ai_text(mtext), lambda: log_tail(alog))
+
+
+# ================================================================ client leaves after the content
+@pytest.mark.parametrize("api", ["chat", "messages"])
+def test_client_leaving_after_the_last_content_chunk_is_charged_the_exact_usage(gw, up_oa, up_an, api):
+    """A client reads a stream until the last piece of generated text and closes at once; the
+    upstream sends its next frames 150 ms apart, so the client is gone before the usage frame
+    exists. It is charged the exact usage the upstream reported (not an estimate)."""
+    ck = Checks()
+    n = 10
+    r_id, tag = rid("leave"), new_tag("leave")
+    if api == "chat":
+        up, path, route = up_oa, "/v1/chat/completions", "chat"
+        doc = {"model": "gpt-leave", "messages": msgs("leave early"), "max_tokens": n, "stream": True}
+    else:
+        up, path, route = up_an, "/v1/messages", "messages"
+        doc = {"model": "claude-leave", "max_tokens": n, "stream": True,
+               "messages": [{"role": "user", "content": "leave early"}]}
+    last = json.dumps(word_pieces(n)[-1], ensure_ascii=False)[1:-1].encode()
+    body = json.dumps(doc).encode()
+    seen = b""
+    with RawConn(gw.port, timeout=30) as c:
+        c.send(request_bytes("POST", path, host="127.0.0.1", body=body,
+                             headers=[("Content-Type", "application/json"), ("Authorization", "Bearer sk-alice"),
+                                      ("x-request-id", r_id), ("x-test-tag", tag),
+                                      ("x-test-frame-delay-ms", "150")]))
+        r = c.read_head()
+        ck.eq(r.status, 200, "status")
+        # Raw reads (chunk framing included): stop as soon as the last text piece is in.
+        while last not in seen:
+            piece = c.rf.read1(65536)
+            if not piece:
+                break
+            seen += piece
+    ck.ok(last in seen, "the last text piece %r never arrived" % last)
+    end_of_content = b'"finish_reason":"stop"' if api == "chat" else b"content_block_stop"
+    ck.ok(end_of_content not in seen,
+          "the client saw %r before leaving, so it did not leave right after the content" % end_of_content)
+    ctx = check_exact(ck, gw, [(r_id, route, up, tag)])
+    ck.done(*ctx)
