@@ -11,6 +11,7 @@ use std::{
 };
 
 use ringway_filters::{
+    coding::Decoder,
     sse::SseParser,
     usage::{estimate_tokens_from_chars, JsonUsageScanner, Usage, UsageSource, UsageTracker},
 };
@@ -50,7 +51,11 @@ pub struct AiCtx {
     pub sse: Option<SseParser>,
     /// Usage from a JSON body.
     pub json: JsonUsageScanner,
-    /// Bytes of a non-streamed body (for an estimate when it reports no usage).
+    /// Decodes a body the upstream compressed although asked for `identity`: the client gets
+    /// the coded bytes, the usage scanners this decoder's output.
+    pub decoder: Option<Decoder>,
+    /// Bytes of a non-streamed body, decoded when it was coded (for an estimate when it
+    /// reports no usage).
     pub json_bytes: u64,
     /// The response was an event stream.
     pub streamed: bool,
@@ -60,8 +65,9 @@ pub struct AiCtx {
     pub first_token: Option<Instant>,
     /// When the response ended.
     pub done_at: Option<Instant>,
-    /// The upstream answered (status < 500); usage is only counted then.
-    pub answered: bool,
+    /// The upstream's status, once its response head arrived; 0 before. A
+    /// request the upstream never answered is not counted.
+    pub status: u16,
     settled: Option<Usage>,
 }
 
@@ -86,12 +92,13 @@ impl AiCtx {
             tracker: UsageTracker::new(),
             sse: None,
             json: JsonUsageScanner::new(),
+            decoder: None,
             json_bytes: 0,
             streamed: false,
             sent_at: Instant::now(),
             first_token: None,
             done_at: None,
-            answered: false,
+            status: 0,
             settled: None,
         }
     }
@@ -131,29 +138,52 @@ impl AiCtx {
         }
     }
 
+    /// The usage of an answer that is not a success (a 429, a 5xx, a 400):
+    /// providers bill nothing for a refused request, so it counts zero tokens
+    /// (not an estimate), unless its body reported usage.
+    fn refused_usage(&self) -> Usage {
+        let reported = if self.streamed {
+            Some(self.tracker.usage(0)).filter(|u| u.source == UsageSource::Reported)
+        } else {
+            self.json.usage()
+        };
+        reported.unwrap_or(Usage {
+            input: 0,
+            output: 0,
+            cache_read: 0,
+            cache_write: 0,
+            source: UsageSource::Reported,
+        })
+    }
+
+    /// Whether the upstream answered (a response head arrived).
+    pub fn answered(&self) -> bool {
+        self.status != 0
+    }
+
     /// Settles once: reconciles reservations and records metrics. Returns
     /// the usage (for the access log).
     pub fn settle(&mut self) -> Option<Usage> {
         if self.settled.is_some() {
             return self.settled;
         }
-        let usage = if self.answered {
-            self.usage()
-        } else {
-            Usage {
+        let usage = match self.status {
+            200..=299 => self.usage(),
+            0 => Usage {
                 input: 0,
                 output: 0,
                 cache_read: 0,
                 cache_write: 0,
                 source: UsageSource::Estimated,
-            }
+            },
+            _ => self.refused_usage(),
         };
         let used = usage.input + usage.output;
         for (rl, check, tokens, taken) in self.reservations.iter().flatten() {
             rl.reconcile(check, *tokens, used, *taken);
         }
         self.reservations = Default::default();
-        if self.stats && self.answered {
+        if self.stats && self.answered() {
             record(self, &usage);
         }
         self.settled = Some(usage);
@@ -175,9 +205,14 @@ const TTFT_BUCKETS: [f64; 12] = [
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
 ];
 
+/// Most distinct statuses counted per series (there are only a few in
+/// practice); later ones are counted under the last slot's status.
+const MAX_STATUSES: usize = 16;
+
 #[derive(Default)]
 struct Series {
-    requests: u64,
+    /// Requests by the upstream's status, in order of first appearance.
+    requests: Vec<(u16, u64)>,
     input: [u64; 2],
     output: [u64; 2],
     cache_read: u64,
@@ -256,7 +291,15 @@ fn record(ctx: &AiCtx, u: &Usage) {
         return;
     };
     let est = usize::from(u.source == UsageSource::Estimated);
-    s.requests += 1;
+    match s.requests.iter().position(|(st, _)| *st == ctx.status) {
+        Some(i) => s.requests[i].1 += 1,
+        None if s.requests.len() < MAX_STATUSES => s.requests.push((ctx.status, 1)),
+        None => {
+            if let Some((_, n)) = s.requests.last_mut() {
+                *n += 1;
+            }
+        }
+    }
     s.input[est] += u.input;
     s.output[est] += u.output;
     s.cache_read += u.cache_read;
@@ -295,16 +338,19 @@ pub fn render_metrics(out: &mut String) {
     };
     let _ = writeln!(
         out,
-        "# HELP ringway_ai_requests_total AI requests answered, by route, model and consumer."
+        "# HELP ringway_ai_requests_total AI requests the upstream answered, by route, model, consumer and the upstream's status."
     );
     let _ = writeln!(out, "# TYPE ringway_ai_requests_total counter");
     for k in &keys {
-        let _ = writeln!(
-            out,
-            "ringway_ai_requests_total{{{}}} {}",
-            lbl(k),
-            map[*k].requests
-        );
+        let mut by_status = map[*k].requests.clone();
+        by_status.sort_unstable();
+        for (status, n) in by_status {
+            let _ = writeln!(
+                out,
+                "ringway_ai_requests_total{{{},status=\"{status}\"}} {n}",
+                lbl(k)
+            );
+        }
     }
     let _ = writeln!(out, "# HELP ringway_ai_tokens_total Tokens by route, model, consumer and direction; estimated=\"true\" when the upstream reported none.");
     let _ = writeln!(out, "# TYPE ringway_ai_tokens_total counter");

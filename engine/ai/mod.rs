@@ -44,6 +44,12 @@ impl AiRoute {
             || !self.model_map.is_empty()
     }
 
+    /// Whether requests on this route are accounted (token limits or `ai-stats`): their
+    /// replies' usage must be readable, so the upstream is asked not to compress them.
+    pub fn accounts(&self) -> bool {
+        self.stats || !self.token_limits.is_empty()
+    }
+
     /// Compiles every route's AI settings.
     pub fn build_all(cfg: &config::Config, filters: &Filters) -> Vec<AiRoute> {
         cfg.routes

@@ -3,7 +3,9 @@
 //! when Ringway itself asked for usage, the usage-only chunk is removed —
 //! only a frame still incomplete at the end of a read is held back, never
 //! more than [`MAX_SSE_FRAME`] bytes. Other bodies (JSON) go out verbatim
-//! while a streaming scan finds their `usage`.
+//! while a streaming scan finds their `usage`. A body the upstream compressed
+//! (although asked for `identity`) goes out verbatim too, and a decoded copy
+//! of it is what the scans read.
 
 use crate::transport::Stream;
 use std::{ops::Range, time::Instant};
@@ -12,7 +14,11 @@ use monoio::{
     buf::IoBuf,
     io::{AsyncReadRent, AsyncWriteRentExt},
 };
-use ringway_filters::sse::{SseItem, SseParser};
+use ringway_filters::{
+    coding::ContentCoding,
+    sse::{SseItem, SseParser},
+    usage::usage_member,
+};
 
 use super::account::{AiCtx, MAX_SSE_FRAME};
 use crate::{
@@ -64,8 +70,13 @@ pub async fn relay(
         BodyKind::Chunked => Reader::Chunked(ChunkedDecoder::new(u64::MAX)),
         BodyKind::CloseDelimited => Reader::Eof,
     };
-    ctx.streamed = rp.sse;
-    if rp.sse {
+    // Content-Encoding is end to end, so it is still in the head rewritten for the client.
+    let coding = content_coding(&ubuf[head.clone()]);
+    ctx.decoder = coding.decoder();
+    // A coding Ringway cannot read: the body is only measured, for an estimate
+    // from its length, and (being unread) never edited.
+    ctx.streamed = rp.sse && coding != ContentCoding::Unsupported;
+    if ctx.streamed {
         ctx.sse = Some(SseParser::new(MAX_SSE_FRAME));
     }
     let rechunk = rp.reframe && !rp.client_close_http10();
@@ -119,7 +130,14 @@ pub async fn relay(
             out.clear();
             out.resize(room, 0);
             for r in &pieces {
-                inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out, &mut frames);
+                if ctx.decoder.is_some() {
+                    // Coded frames cannot be edited: they go as they came (re-framed only),
+                    // and their decoded copy is watched.
+                    observe(ctx, &ubuf[r.clone()]);
+                    out.extend_from_slice(&ubuf[r.clone()]);
+                } else {
+                    inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out, &mut frames);
+                }
             }
             if done {
                 // The upstream is done: settle before the client sees the end,
@@ -244,8 +262,39 @@ fn finish(ctx: &mut AiCtx) {
     let _ = ctx.settle();
 }
 
-/// Watches a non-SSE body (or an SSE body forwarded verbatim).
+/// The coding named by the `Content-Encoding` fields of a response head.
+fn content_coding(head: &[u8]) -> ContentCoding {
+    const NAME: &[u8] = b"content-encoding:";
+    ContentCoding::from_fields(
+        head.split(|&b| b == b'\n')
+            .skip(1)
+            .filter(|line| {
+                line.get(..NAME.len())
+                    .is_some_and(|n| n.eq_ignore_ascii_case(NAME))
+            })
+            .map(|line| &line[NAME.len()..]),
+    )
+}
+
+/// Watches a non-SSE body (or an SSE body forwarded verbatim); a coded body
+/// through its decoder.
 fn observe(ctx: &mut AiCtx, payload: &[u8]) {
+    let Some(mut d) = ctx.decoder.take() else {
+        return observe_plain(ctx, payload);
+    };
+    if d.feed(payload, &mut |plain| observe_plain(ctx, plain))
+        .is_err()
+    {
+        // Corrupt: what was decoded stays counted; the rest is only measured
+        // (its coded length stands in for an estimate).
+        ctx.json_bytes += payload.len() as u64;
+    }
+    // Kept after an error too: it marks the body as coded, never to be edited.
+    ctx.decoder = Some(d);
+}
+
+/// Watches the plain bytes of a body.
+fn observe_plain(ctx: &mut AiCtx, payload: &[u8]) {
     match ctx.sse.as_mut() {
         Some(p) => {
             let tracker = &mut ctx.tracker;
@@ -274,8 +323,10 @@ fn observe(ctx: &mut AiCtx, payload: &[u8]) {
 /// Where the frames of one read end, and what to cut from each.
 #[derive(Default)]
 struct FrameCuts {
-    /// (end offset in the payload, drop the frame, `,"usage":null` to remove).
+    /// (end offset in the payload, drop the frame, what to remove from it).
     ends: Vec<(usize, bool, Cut)>,
+    /// The bytes of the usage members [`Cut::FindMember`] looks for.
+    members: Vec<u8>,
 }
 
 /// What to remove from a kept frame.
@@ -287,6 +338,10 @@ enum Cut {
     At(usize),
     /// Find every `,"usage":null` in the frame (its data was not read in place).
     Search,
+    /// A usage member on a content chunk, at this range of the payload.
+    Member(usize, usize),
+    /// The same, its data not read in place: find these bytes of `members` in the frame.
+    FindMember(usize, usize),
 }
 
 /// `,"usage":null`: what the upstream adds to every chunk once asked for usage.
@@ -310,6 +365,8 @@ fn inspect_sse(
     let injected = ctx.injected;
     let ends = &mut cuts.ends;
     ends.clear();
+    let members = &mut cuts.members;
+    members.clear();
     let base = payload.as_ptr() as usize;
     p.feed_items(payload, &mut |item| match item {
         SseItem::End(f) => {
@@ -323,15 +380,32 @@ fn inspect_sse(
                 drop_it = injected && o.usage_only;
                 // The field's place in `payload`, when the data was read in place there.
                 let data_at = (ev.data.as_ptr() as usize).wrapping_sub(base);
-                cut = match (o.usage_nulls, o.usage_null_at) {
-                    (Some(0), _) => Cut::None,
-                    (Some(1), Some(i))
-                        if data_at < payload.len()
-                            && payload[data_at + i..].starts_with(USAGE_NULL) =>
-                    {
-                        Cut::At(data_at + i)
+                let in_place =
+                    || payload.get(data_at..data_at.wrapping_add(ev.data.len())) == Some(ev.data);
+                let member = if injected && o.usage && !o.usage_only {
+                    // Usage on a content chunk (Gemini-compatible servers): the
+                    // client did not ask for it, so the member goes, the chunk stays.
+                    usage_member(ev.data)
+                } else {
+                    None
+                };
+                cut = match (member, o.usage_nulls, o.usage_null_at) {
+                    (Some(r), ..) if in_place() => Cut::Member(data_at + r.start, data_at + r.end),
+                    (Some(r), ..) => {
+                        let at = members.len();
+                        members.extend_from_slice(&ev.data[r]);
+                        Cut::FindMember(at, members.len())
                     }
-                    _ => Cut::Search,
+                    (None, nulls, null_at) => match (nulls, null_at) {
+                        (Some(0), _) => Cut::None,
+                        (Some(1), Some(i))
+                            if data_at < payload.len()
+                                && payload[data_at + i..].starts_with(USAGE_NULL) =>
+                        {
+                            Cut::At(data_at + i)
+                        }
+                        _ => Cut::Search,
+                    },
                 };
             } else if f.oversized {
                 let _ = tracker.on_oversized_end();
@@ -357,6 +431,19 @@ fn inspect_sse(
                 Cut::At(i) if (prev..end).contains(&i) => {
                     out.extend_from_slice(&payload[prev..i]);
                     out.extend_from_slice(&payload[i + USAGE_NULL.len()..end]);
+                }
+                Cut::Member(a, b) if prev <= a && b <= end => {
+                    out.extend_from_slice(&payload[prev..a]);
+                    out.extend_from_slice(&payload[b..end]);
+                }
+                Cut::FindMember(a, b) => {
+                    out.extend_from_slice(&payload[prev..end]);
+                    let member = &cuts.members[a..b];
+                    // A member split over several `data:` lines is not found and stays.
+                    if let Some(at) = memchr::memmem::find(&out[start..], member) {
+                        let at = start + at;
+                        out.drain(at..at + member.len());
+                    }
                 }
                 Cut::None => out.extend_from_slice(&payload[prev..end]),
                 _ => {
@@ -426,5 +513,25 @@ async fn write_from(
         }
         Ok((Err(e), _)) => Err(XferError::Io(Side::Client, e)),
         Err(_) => Err(XferError::Timeout(Side::Client)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{content_coding, ContentCoding};
+
+    /// Content-Encoding is found in any case and over several fields; the
+    /// status line and other fields are not read as one.
+    #[test]
+    fn content_coding_is_read_from_the_head() {
+        let head =
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Encoding: gzip\r\n\r\n";
+        assert_eq!(content_coding(head), ContentCoding::Gzip);
+        let head = b"HTTP/1.1 200 OK\r\nCONTENT-ENCODING: identity\r\ncontent-encoding:br\r\n\r\n";
+        assert_eq!(content_coding(head), ContentCoding::Br);
+        let head = b"HTTP/1.1 200 OK\r\nx-content-encoding: gzip\r\ncontent-length: 2\r\n\r\n";
+        assert_eq!(content_coding(head), ContentCoding::Identity);
+        let head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-encoding: br\r\n\r\n";
+        assert_eq!(content_coding(head), ContentCoding::Unsupported);
     }
 }

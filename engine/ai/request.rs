@@ -38,8 +38,9 @@ pub struct AiRequest {
     pub upstream: Option<usize>,
     /// `stream: true`.
     pub stream: bool,
-    /// Ringway added `stream_options.include_usage` (and so removes the
-    /// usage-only chunk from the response).
+    /// Ringway made the upstream report usage the client did not ask for
+    /// (`stream_options.include_usage` added, or switched to `true`), and so
+    /// removes that usage from the response.
     pub injected: bool,
     /// `max_tokens` (or its newer names).
     pub max_tokens: Option<u64>,
@@ -159,23 +160,37 @@ pub async fn capture(
         None
     };
 
-    // Edits, from the end of the body backwards so offsets stay valid.
-    if let Some(inj) = injection {
-        if insert(body, inj.at as usize, inj.bytes) {
-            req.injected = true;
+    // Edits, the later one in the body first so the other's offsets stay valid.
+    let rename = match (&model, model_range) {
+        (Some(m), Some(range)) => ai
+            .model_map
+            .iter()
+            .find(|(glob, _)| glob_match(glob, m))
+            .map(|(_, new)| (range.start as usize..range.end as usize, json_escape(new))),
+        _ => None,
+    };
+    let usage_edit = injection.map(|i| (i.range.start as usize..i.range.end as usize, i.bytes));
+    let usage_first = match (&usage_edit, &rename) {
+        (Some((u, _)), Some((m, _))) => u.start > m.start,
+        _ => true,
+    };
+    let mut apply_usage = |body: &mut PoolBuf| {
+        if let Some((range, bytes)) = usage_edit.clone() {
+            // Out of room (never with EDIT_ROOM): the request goes unedited and
+            // its usage is estimated.
+            req.injected = replace(body, range, bytes);
+        }
+    };
+    if usage_first {
+        apply_usage(body);
+    }
+    if let Some((range, new)) = rename {
+        if !replace(body, range, new.as_bytes()) {
+            return Err(Fail::Reject(error::BODY_TOO_LARGE));
         }
     }
-    if let (Some(m), Some(range)) = (&model, model_range) {
-        if let Some((_, new)) = ai.model_map.iter().find(|(glob, _)| glob_match(glob, m)) {
-            let escaped = json_escape(new);
-            if !replace(
-                body,
-                range.start as usize..range.end as usize,
-                escaped.as_bytes(),
-            ) {
-                return Err(Fail::Reject(error::BODY_TOO_LARGE));
-            }
-        }
+    if !usage_first {
+        apply_usage(body);
     }
     req.model = model;
     Ok((req, pipelined))
@@ -296,11 +311,6 @@ fn keep_from(mut buf: PoolBuf, from: usize) -> Option<PoolBuf> {
     buf.consume(from - HEADROOM);
     buf[..HEADROOM].fill(0);
     Some(buf)
-}
-
-/// Inserts `bytes` at `at`, moving the tail; false when out of room.
-fn insert(buf: &mut PoolBuf, at: usize, bytes: &[u8]) -> bool {
-    replace(buf, at..at, bytes)
 }
 
 /// Replaces `range` with `with`, moving the tail; false when out of room.

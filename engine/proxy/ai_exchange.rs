@@ -43,8 +43,11 @@ pub(super) async fn exchange(
 ) -> Next {
     let route_ai = ai::route(&g.shared, plan.route);
     // The head goes upstream with its framing fields replaced by the body's
-    // final length, known once the body is captured and edited.
-    let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end]);
+    // final length, known once the body is captured and edited. An accounted
+    // route asks for an uncompressed reply, whatever the client accepts (the
+    // official SDKs send `gzip, deflate`), so its usage can be read.
+    let identity = route_ai.accounts();
+    let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
     let (req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
         Ok(v) => v,
         Err(Fail::Gone) => return Next::Close,
@@ -132,7 +135,7 @@ pub(super) async fn exchange(
 
     // Head with the body's real length, then the body.
     let body_len = req.body.as_ref().map_or(0, |b| b.len());
-    end_head(&mut head, req.body.is_some().then_some(body_len));
+    end_head(&mut head, req.body.is_some().then_some(body_len), identity);
     record.bytes_in += body_len as u64;
     let idle = pool.shared.conf.response_timeout;
     let sent = async {
@@ -220,12 +223,12 @@ pub(super) async fn exchange(
     } else {
         pool.report_success(conn.idx);
     }
-    ctx.answered = (200..300).contains(&rp.status);
+    ctx.status = rp.status;
 
     let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
     // Settled on every path: a client that left is charged what was streamed.
     if let Some(u) = ctx.settle() {
-        if ctx.answered {
+        if ctx.answered() {
             record.tokens = Some((
                 u.input,
                 u.output,
@@ -265,9 +268,10 @@ async fn give_up(
     reject(w, g, client, rej.closing_if(true), head_only, None).await
 }
 
-/// The request head's lines, less Content-Length and Transfer-Encoding and
-/// the blank line that ends it; [`end_head`] completes it.
-fn head_without_framing(head: &[u8]) -> Vec<u8> {
+/// The request head's lines, less Content-Length and Transfer-Encoding (and
+/// Accept-Encoding when `identity`: [`end_head`] then asks for `identity`)
+/// and the blank line that ends it; [`end_head`] completes it.
+fn head_without_framing(head: &[u8], identity: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 32);
     let lines = head.strip_suffix(b"\r\n").unwrap_or(head);
     for line in lines.split_inclusive(|&b| b == b'\n') {
@@ -275,15 +279,23 @@ fn head_without_framing(head: &[u8]) -> Vec<u8> {
             line.get(..name.len())
                 .is_some_and(|p| p.eq_ignore_ascii_case(name))
         };
-        if !is(b"content-length:") && !is(b"transfer-encoding:") {
+        let dropped = is(b"content-length:")
+            || is(b"transfer-encoding:")
+            || (identity && is(b"accept-encoding:"));
+        if !dropped {
             out.extend_from_slice(line);
         }
     }
     out
 }
 
-/// Ends a head from [`head_without_framing`] with the body's length.
-fn end_head(out: &mut Vec<u8>, len: Option<usize>) {
+/// Ends a head from [`head_without_framing`] with the body's length and, when
+/// `identity`, an explicit `accept-encoding: identity` (RFC 9110 §12.5.3: a
+/// request without the field accepts any coding).
+fn end_head(out: &mut Vec<u8>, len: Option<usize>, identity: bool) {
+    if identity {
+        out.extend_from_slice(b"accept-encoding: identity\r\n");
+    }
     if let Some(n) = len {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
@@ -296,19 +308,43 @@ fn end_head(out: &mut Vec<u8>, len: Option<usize>) {
 mod tests {
     use super::{end_head, head_without_framing};
 
-    fn with_length(head: &[u8], len: Option<usize>) -> Vec<u8> {
-        let mut out = head_without_framing(head);
-        end_head(&mut out, len);
+    fn with_length(head: &[u8], len: Option<usize>, identity: bool) -> Vec<u8> {
+        let mut out = head_without_framing(head, identity);
+        end_head(&mut out, len, identity);
         out
     }
 
     #[test]
     fn framing_headers_are_replaced_by_the_real_length() {
         let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nContent-Length: 10\r\ntransfer-encoding: chunked\r\nx-a: b\r\n\r\n";
-        let out = with_length(head, Some(42));
+        let out = with_length(head, Some(42), false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-a: b\r\ncontent-length: 42\r\n\r\n"
+        );
+    }
+
+    /// An accounted route replaces the client's Accept-Encoding (every one of
+    /// them) with `identity`, and adds it when the client sent none; other
+    /// routes keep the client's.
+    #[test]
+    fn accounted_routes_ask_for_identity() {
+        let head = b"POST /v1/chat/completions HTTP/1.1\r\nAccept-Encoding: gzip, deflate\r\nhost: x\r\naccept-encoding: br\r\n\r\n";
+        let out = String::from_utf8(with_length(head, Some(2), true)).unwrap_or_default();
+        assert_eq!(
+            out,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\naccept-encoding: identity\r\ncontent-length: 2\r\n\r\n"
+        );
+        let bare = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n";
+        let out = String::from_utf8(with_length(bare, None, true)).unwrap_or_default();
+        assert_eq!(
+            out,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\naccept-encoding: identity\r\n\r\n"
+        );
+        let kept = String::from_utf8(with_length(head, Some(2), false)).unwrap_or_default();
+        assert!(
+            kept.contains("Accept-Encoding: gzip, deflate\r\n")
+                && kept.contains("accept-encoding: br\r\n")
         );
     }
 }

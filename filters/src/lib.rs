@@ -20,6 +20,8 @@
 //!   - [`limit::lease`]: `scope = "cluster"`: lease sizing, the worker-side lease slot, the
 //!     control core's lease book, the Redis key format and the Lua scripts.
 //! - [`key_hash`]: the one hash the engine uses to name a limiter key.
+//! - [`coding`]: content codings (gzip, deflate, br) of response bodies, decoded as a stream so
+//!   usage is read from replies an upstream compressed.
 //! - [`sse`]: `text/event-stream` framing, frames split anywhere across reads.
 //! - [`usage`]: token usage from SSE frames and JSON bodies, and estimation when none is reported.
 //! - [`model`]: the request body's top-level `"model"`, found by a streaming scan.
@@ -28,6 +30,7 @@
 //! configuration, never by body size; all body scanning builds on one push JSON tokenizer.
 
 pub mod auth;
+pub mod coding;
 pub mod limit;
 pub mod model;
 pub mod sse;

@@ -118,13 +118,20 @@ impl Counts {
         (c != Counts::default()).then_some(c)
     }
 
-    /// Later reports override earlier ones field by field (Anthropic sends input in
-    /// `message_start` and cumulative output in each `message_delta`).
+    /// Merges a later report. Output: the later count wins (Anthropic sends a provisional count
+    /// in `message_start` and the cumulative one in each `message_delta`). Input and cache
+    /// counts: the larger wins, as they do not change during a response and some
+    /// Anthropic-compatible servers send `"input_tokens": 0` in `message_delta` after the real
+    /// count in `message_start`.
     fn merge(&mut self, o: Counts) {
-        self.input = o.input.or(self.input);
+        let larger = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.input = larger(self.input, o.input);
         self.output = o.output.or(self.output);
-        self.cache_read = o.cache_read.or(self.cache_read);
-        self.cache_write = o.cache_write.or(self.cache_write);
+        self.cache_read = larger(self.cache_read, o.cache_read);
+        self.cache_write = larger(self.cache_write, o.cache_write);
     }
 }
 
@@ -661,6 +668,91 @@ pub fn is_usage_only_chunk(data: &[u8]) -> bool {
             .is_some_and(Vec::is_empty)
 }
 
+/// Where the top-level `usage` member of one event's data is, as the range to remove so the
+/// object stays valid JSON without it: the member with the comma before it, or (when it is the
+/// first member) with the comma and blanks after it. `None` when the data is not a JSON object
+/// with a `usage` member.
+///
+/// Gemini-compatible servers asked for `include_usage` put the usage on the last content chunk
+/// (non-empty `choices`); when the gateway asked, the engine removes the member and keeps the
+/// chunk. Only frames that carry usage are scanned (once or twice per stream), and `data` is
+/// bounded by the SSE parser.
+pub fn usage_member(data: &[u8]) -> Option<std::ops::Range<usize>> {
+    #[derive(Default)]
+    struct Find {
+        key: SmallBuf<8>,
+        is_usage: bool,
+        object: bool,
+        /// Where the previous member's value ended (or just past the object's `{`).
+        prev_end: u64,
+        /// No member came before the current one.
+        first: bool,
+        /// The usage member: from the previous member's end to its value's end, and whether
+        /// it was the first member.
+        found: Option<(u64, u64, bool)>,
+    }
+    impl Sink for Find {
+        fn key_start(&mut self, depth: usize) {
+            if depth == 1 {
+                self.key.clear();
+            }
+        }
+        fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+            if key {
+                self.key.push(bytes);
+            }
+        }
+        fn key_end(&mut self, depth: usize) {
+            if depth == 1 {
+                self.is_usage = self.key.get() == Some(b"usage");
+            }
+        }
+        fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+            if depth == 0 {
+                self.object = kind == Kind::Object;
+                self.prev_end = at + 1;
+                self.first = true;
+            }
+        }
+        fn value_end(&mut self, _kind: Kind, depth: usize, end: u64) {
+            if depth != 1 {
+                return;
+            }
+            if self.is_usage && self.found.is_none() {
+                self.found = Some((self.prev_end, end, self.first));
+            }
+            self.is_usage = false;
+            self.prev_end = end;
+            self.first = false;
+        }
+    }
+    let mut f = Find::default();
+    let mut scan = Scanner::new();
+    scan.feed(data, &mut f).ok()?;
+    scan.finish(&mut f).ok()?;
+    let (from, to, first) = f.found?;
+    if !f.object {
+        return None;
+    }
+    // Both offsets lie within `data`.
+    let (from, mut to) = (from as usize, to as usize);
+    if !first {
+        // `,"usage":{…}` from the end of the member before it.
+        return Some(from..to);
+    }
+    // The first member: from after `{` through the comma that follows, and the blanks after it.
+    let rest = &data[to..];
+    let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+    if rest.get(skip) == Some(&b',') {
+        to += skip + 1;
+        to += data[to..]
+            .iter()
+            .take_while(|b| b.is_ascii_whitespace())
+            .count();
+    }
+    Some(from..to)
+}
+
 /// Top-level keys of a response body that [`JsonUsageScanner`] wants.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum RespKey {
@@ -919,8 +1011,17 @@ struct ReqSink {
     images: u64,
     max_tokens: Option<u64>,
     stream: Option<bool>,
+    /// The top-level `stream_options` value's range (the last one, as JSON parsers keep the
+    /// last of duplicate keys), its end once complete.
     stream_options: Option<(u64, Option<u64>)>,
+    /// That value is an object.
+    so_object: bool,
+    /// Members of that object.
+    so_members: u32,
+    /// `stream_options.include_usage`, if its (last) value is a boolean.
     include_usage: Option<bool>,
+    /// The range of that (last) value, whatever it is.
+    include_usage_at: Option<(u64, Option<u64>)>,
     top_is_object: bool,
     top_level_end: Option<u64>,
 }
@@ -941,7 +1042,10 @@ impl Default for ReqSink {
             max_tokens: None,
             stream: None,
             stream_options: None,
+            so_object: false,
+            so_members: 0,
             include_usage: None,
+            include_usage_at: None,
             top_is_object: false,
             top_level_end: None,
         }
@@ -970,6 +1074,10 @@ impl Sink for ReqSink {
     fn key_end(&mut self, depth: usize) {
         if depth <= MAX_DEPTH {
             self.keys[depth] = classify(self.key.get(), depth);
+        }
+        // Keys at depth 2 under `stream_options` exist only when its value is an object.
+        if depth == 2 && self.keys[1] == ReqKey::StreamOptions {
+            self.so_members += 1;
         }
     }
     fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
@@ -1010,8 +1118,15 @@ impl Sink for ReqSink {
             }
             _ => self.scalar.clear(),
         }
-        if depth == 1 && key == ReqKey::StreamOptions && self.stream_options.is_none() {
+        if depth == 1 && key == ReqKey::StreamOptions {
             self.stream_options = Some((at, None));
+            self.so_object = kind == Kind::Object;
+            self.so_members = 0;
+            self.include_usage = None;
+            self.include_usage_at = None;
+        }
+        if depth == 2 && self.keys[1] == ReqKey::StreamOptions && key == ReqKey::IncludeUsage {
+            self.include_usage_at = Some((at, None));
         }
     }
     fn value_end(&mut self, kind: Kind, depth: usize, end: u64) {
@@ -1041,16 +1156,8 @@ impl Sink for ReqSink {
                     .and_then(|s| std::str::from_utf8(s).ok())
                     .and_then(|s| s.parse().ok());
             }
-            Kind::True | Kind::False => {
-                let b = kind == Kind::True;
-                if depth == 1 && key == ReqKey::Stream {
-                    self.stream = Some(b);
-                } else if depth == 2
-                    && self.keys[1] == ReqKey::StreamOptions
-                    && key == ReqKey::IncludeUsage
-                {
-                    self.include_usage = Some(b);
-                }
+            Kind::True | Kind::False if depth == 1 && key == ReqKey::Stream => {
+                self.stream = Some(kind == Kind::True);
             }
             Kind::Object if depth == 0 => self.top_level_end = Some(end - 1),
             _ => {}
@@ -1060,15 +1167,26 @@ impl Sink for ReqSink {
                 self.stream_options = Some((s, Some(end)));
             }
         }
+        if depth == 2 && self.keys[1] == ReqKey::StreamOptions && key == ReqKey::IncludeUsage {
+            self.include_usage = match kind {
+                Kind::True => Some(true),
+                Kind::False => Some(false),
+                _ => None,
+            };
+            if let Some((s, None)) = self.include_usage_at {
+                self.include_usage_at = Some((s, Some(end)));
+            }
+        }
     }
 }
 
-/// Where and what to insert so the upstream reports usage in a stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The edit of a request body that makes the upstream report usage in a stream: replace
+/// `range` with `bytes` (an empty range inserts).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Injection {
-    /// Absolute body offset to insert at: the top-level object's closing `}`.
-    pub at: u64,
-    /// The bytes to insert there: `,"stream_options":{"include_usage":true}`.
+    /// Absolute body range to replace.
+    pub range: std::ops::Range<u64>,
+    /// What goes there instead.
     pub bytes: &'static [u8],
 }
 
@@ -1161,27 +1279,49 @@ impl RequestEstimator {
         self.sink.top_level_end
     }
 
-    /// What to insert so the upstream adds a usage chunk to the stream: only once the top-level
-    /// value is a complete, valid object with `"stream": true` and no `stream_options` at all.
-    /// If the client sent `stream_options` (with or without `include_usage`), the engine leaves
-    /// the request alone and must not strip any chunk: the client owns that choice.
+    /// The edit that makes the upstream add a usage chunk to the stream, so usage is always
+    /// reported: only once the top-level value is a complete, valid object with `"stream": true`
+    /// whose `stream_options.include_usage` is not already `true`. A client's `stream_options`
+    /// cannot switch accounting off:
+    ///
+    /// - absent: `,"stream_options":{"include_usage":true}` before the closing `}`;
+    /// - not an object (`null`, `false`, …): replaced by `{"include_usage":true}`;
+    /// - an object with `include_usage` (`false`, `null`, …): that value becomes `true`;
+    /// - an object without it: `"include_usage":true` is its first member, the others kept.
+    ///
+    /// `None` when the client asked for usage itself: then it also gets the usage chunk. Some
+    /// edit means the client did not ask, and the engine removes the usage it was not shown
+    /// directly.
     ///
     /// It becomes `Some` during the [`feed`](Self::feed) of the slice holding the closing `}`
-    /// (the body's last non-whitespace byte), so the engine can split that slice at `at` before
-    /// forwarding it; [`finish`](Self::finish) is not required.
+    /// (the body's last non-whitespace byte); [`finish`](Self::finish) is not required.
     pub fn include_usage_injection(&self) -> Option<Injection> {
         let s = &self.sink;
         if self.invalid || !s.top_is_object || s.stream != Some(true) {
             return None;
         }
-        if s.stream_options.is_some() {
+        let end = s.top_level_end?;
+        let Some((start, so_end)) = s.stream_options else {
+            // `"stream": true` is a member, so the object is never empty: a comma always leads.
+            return Some(Injection {
+                range: end..end,
+                bytes: br#","stream_options":{"include_usage":true}"#,
+            });
+        };
+        let so_end = so_end?;
+        if s.include_usage == Some(true) {
             return None;
         }
-        // `"stream": true` is a member, so the object is never empty: a comma always leads.
-        Some(Injection {
-            at: s.top_level_end?,
-            bytes: br#","stream_options":{"include_usage":true}"#,
-        })
+        let (range, bytes): (_, &'static [u8]) = if !s.so_object {
+            (start..so_end, br#"{"include_usage":true}"#)
+        } else if let Some((a, Some(b))) = s.include_usage_at {
+            (a..b, b"true")
+        } else if s.so_members == 0 {
+            (start + 1..start + 1, br#""include_usage":true"#)
+        } else {
+            (start + 1..start + 1, br#""include_usage":true,"#)
+        };
+        Some(Injection { range, bytes })
     }
 }
 
@@ -1314,6 +1454,63 @@ mod tests {
         // input_tokens + cache writes + cache reads; output from the last message_delta.
         assert_eq!(u, reported(2125, 15, 2000, 100));
         assert_eq!((chars, first), (6, Some(3)));
+    }
+
+    /// Anthropic-compatible servers that send `"input_tokens": 0` (and zero cache counts) in
+    /// `message_delta`: the input `message_start` reported stands, the output is the delta's.
+    #[test]
+    fn message_delta_with_zero_input_keeps_message_start_input() {
+        let zeroed = ANTHROPIC.replace(
+            "\"usage\":{\"output_tokens\":15}",
+            "\"usage\":{\"input_tokens\":0,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0,\"output_tokens\":15}",
+        );
+        assert_ne!(zeroed, ANTHROPIC);
+        assert_eq!(shotgun(&zeroed).0, reported(2125, 15, 2000, 100));
+        // A delta that repeats the real count (Anthropic's own API does) changes nothing.
+        let repeated = ANTHROPIC.replace(
+            "\"usage\":{\"output_tokens\":15}",
+            "\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":2000,\"output_tokens\":15}",
+        );
+        assert_eq!(shotgun(&repeated).0, reported(2125, 15, 2000, 100));
+    }
+
+    /// The usage member comes out of a content chunk whatever its place, and what is left is
+    /// the same object without it.
+    #[test]
+    fn usage_member_is_cut_from_a_content_chunk() {
+        let cases = [
+            r#"{"id":"x","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":1},"id":"x","choices":[{"delta":{}}]}"#,
+            r#"{"id":"x","usage":{"prompt_tokens":3,"nested":{"usage":1}},"choices":[]}"#,
+            r#"{ "id" : "x" , "usage" : { "prompt_tokens" : 3 } , "choices" : [ ] }"#,
+            r#"{ "usage" : null ,  "id" : "x" }"#,
+            r#"{"usage":{"prompt_tokens":3},"id":"x"}"#,
+            r#"{"usage":{"prompt_tokens":3}}"#,
+        ];
+        for c in cases {
+            let Some(r) = usage_member(c.as_bytes()) else {
+                panic!("no usage member found in {c}");
+            };
+            let cut = format!("{}{}", &c[..r.start], &c[r.end..]);
+            let (Ok(mut want), Ok(got)) = (
+                serde_json::from_str::<Value>(c),
+                serde_json::from_str::<Value>(&cut),
+            ) else {
+                panic!("{c} -> {cut}: not JSON");
+            };
+            if let Some(o) = want.as_object_mut() {
+                o.remove("usage");
+            }
+            assert_eq!(got, want, "{c} -> {cut}");
+        }
+        for none in [
+            r#"{"id":"x","choices":[{"usage":1}]}"#,
+            r#"[{"usage":1}]"#,
+            r#"{"usage":"#,
+            "[DONE]",
+        ] {
+            assert_eq!(usage_member(none.as_bytes()), None, "{none}");
+        }
     }
 
     #[test]
@@ -1500,12 +1697,19 @@ mod tests {
             (Some(256), Some(true), None, false)
         );
         let inj = inj.expect("stream without stream_options gets an injection");
-        assert_eq!(inj.at, body.len() as u64 - 1);
-        let mut out = body[..inj.at as usize].to_vec();
-        out.extend_from_slice(inj.bytes);
-        out.extend_from_slice(&body[inj.at as usize..]);
-        let v: Value = serde_json::from_slice(&out).expect("valid after injection");
+        let end = body.len() as u64 - 1;
+        assert_eq!(inj.range, end..end);
+        let v = edited(body, &inj);
         assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+    }
+
+    /// `body` with `inj` applied, parsed.
+    fn edited(body: &[u8], inj: &Injection) -> Value {
+        let (a, b) = (inj.range.start as usize, inj.range.end as usize);
+        let mut out = body[..a].to_vec();
+        out.extend_from_slice(inj.bytes);
+        out.extend_from_slice(&body[b..]);
+        serde_json::from_slice(&out).unwrap_or(Value::Null)
     }
 
     #[test]
@@ -1516,14 +1720,18 @@ mod tests {
         assert_eq!(e.include_usage_injection(), None);
         e.feed(&body[body.len() - 3..]);
         let inj = e.include_usage_injection();
-        assert_eq!(inj.map(|i| i.at), Some(body.len() as u64 - 3));
+        let end = body.len() as u64 - 3;
+        assert_eq!(inj.map(|i| i.range), Some(end..end));
         let mut e = RequestEstimator::new();
         e.feed(b"{}");
         assert_eq!(e.include_usage_injection(), None, "no stream: true");
     }
 
+    /// Whatever `stream_options` a streamed request carries, the upstream is asked for usage:
+    /// `include_usage` ends up `true` and every other member is kept. Only a client that asked
+    /// for usage itself gets no edit.
     #[test]
-    fn client_stream_options_means_no_injection() {
+    fn client_stream_options_cannot_switch_usage_off() {
         let body =
             br#"{"stream":true,"stream_options":{"include_usage":false},"prompt":["ab","cd"]}"#;
         let (chars, _, _, _, so, inj, _) = est_shotgun(body);
@@ -1536,11 +1744,83 @@ mod tests {
             })
         );
         assert_eq!(&body[32..55], br#"{"include_usage":false}"#);
-        assert_eq!(inj, None);
-        let body = br#"{"stream":true,"stream_options":{}}"#;
-        assert_eq!(est_shotgun(body).5, None);
+        assert_eq!(
+            inj,
+            Some(Injection {
+                range: 49..54,
+                bytes: b"true"
+            })
+        );
+        for (client, want) in [
+            (r#"{"include_usage":false}"#, r#"{"include_usage":true}"#),
+            (r#"{"include_usage":null}"#, r#"{"include_usage":true}"#),
+            (r#"{ "include_usage" : "no" }"#, r#"{"include_usage":true}"#),
+            (r#"null"#, r#"{"include_usage":true}"#),
+            (r#"false"#, r#"{"include_usage":true}"#),
+            (r#"[]"#, r#"{"include_usage":true}"#),
+            (r#"{}"#, r#"{"include_usage":true}"#),
+            (r#"{ }"#, r#"{"include_usage":true}"#),
+            (
+                r#"{"include_obfuscation":false}"#,
+                r#"{"include_usage":true,"include_obfuscation":false}"#,
+            ),
+            (
+                r#"{"include_obfuscation":false,"include_usage":false}"#,
+                r#"{"include_obfuscation":false,"include_usage":true}"#,
+            ),
+            // Duplicate keys: parsers keep the last one, so the last one is what is edited.
+            (
+                r#"{"include_usage":true,"include_usage":false}"#,
+                r#"{"include_usage":true,"include_usage":true}"#,
+            ),
+        ] {
+            let body = format!(r#"{{"model":"m","stream_options":{client},"stream":true}}"#);
+            let inj = est_shotgun(body.as_bytes()).5;
+            let Some(inj) = inj else {
+                panic!("stream_options {client}: no edit");
+            };
+            let v = edited(body.as_bytes(), &inj);
+            let want: Value = serde_json::from_str(want).unwrap_or(Value::Null);
+            assert_eq!(v["stream_options"], want, "stream_options {client}");
+            // The edited text itself, for the duplicate case a tree cannot show.
+            let (a, b) = (inj.range.start as usize, inj.range.end as usize);
+            let text = format!(
+                "{}{}{}",
+                &body[..a],
+                String::from_utf8_lossy(inj.bytes),
+                &body[b..]
+            )
+            .replace(' ', "");
+            assert!(text.contains(r#""include_usage":true"#), "{text}");
+            for off in [
+                r#""include_usage":false"#,
+                r#""include_usage":null"#,
+                r#""include_usage":"no""#,
+            ] {
+                assert!(!text.contains(off), "{text}");
+            }
+        }
+        // A duplicate stream_options: the last one counts.
+        let body =
+            br#"{"stream":true,"stream_options":{"include_usage":true},"stream_options":null}"#;
+        let inj = est_shotgun(body).5;
+        let null_at = body.len() as u64 - 5;
+        assert_eq!(inj.map(|i| i.range), Some(null_at..null_at + 4));
+        // The client asked: nothing to edit, and it gets the usage chunk.
+        for client in [
+            r#"{"include_usage":true}"#,
+            r#"{"include_usage":false,"include_usage":true}"#,
+        ] {
+            let body = format!(r#"{{"stream":true,"stream_options":{client}}}"#);
+            assert_eq!(est_shotgun(body.as_bytes()).5, None, "{client}");
+        }
         assert_eq!(est_shotgun(br#"{"stream":false}"#).5, None);
+        assert_eq!(
+            est_shotgun(br#"{"stream":false,"stream_options":null}"#).5,
+            None
+        );
         assert_eq!(est_shotgun(br#"{"stream":true"#).5, None);
+        assert_eq!(est_shotgun(br#"{"stream":true,"stream_options":{"#).5, None);
     }
 
     #[test]

@@ -35,6 +35,21 @@ Modes (request header, or query parameter of the same name without `x-test-`):
   x-test-delay-ms: M         wait M ms before the response head
   x-test-words: N            the reply's length in words (= output tokens)
   x-test-tag: T              recorded, for GET /_log?tag=T
+  x-test-encoding: C         compress the reply with C (gzip, deflate or br) whatever the request
+                             accepts, as some servers do; SSE frames are flushed one by one
+  x-test-honour-accept-encoding: 1
+                             compress the reply the way real providers do: with the first of
+                             gzip, br, deflate that the request's Accept-Encoding allows; no
+                             Accept-Encoding at all allows any (RFC 9110), so gzip; identity: none
+  x-test-usage-on-last-chunk: 1
+                             chat streams with include_usage put the usage on the last content
+                             chunk (with its finish_reason) instead of a usage-only chunk, and no
+                             "usage": null elsewhere (Gemini's OpenAI-compatible API)
+  x-test-delta-input-zero: 1 Anthropic streams report "input_tokens": 0 in message_delta (some
+                             Anthropic-compatible servers do; message_start has the real count)
+  x-test-frame-delay-ms: M   wait M ms before each SSE frame after the first
+  x-test-status: S           answer status S (429, 5xx, ...) with an OpenAI-style JSON error and
+                             no usage, as providers refuse a request
 
 A /v1/responses or /v1/messages request whose body carries `stream_options`, or a chat request
 with `stream_options` but no `stream: true`, is refused 400 the way the real APIs refuse it.
@@ -43,17 +58,19 @@ Each log entry: seq, upstream (name), port, method, path, target, headers, frami
 ("length"/"chunked"), body_len, body_sha256, body (text, when <= 64 KiB), json_ok, model, api,
 stream, include_usage (requested by the body), words, text (the reply's text), usage (what the
 upstream would count: {"input","output"}), usage_reported (what it actually sent, or null),
-status, modes.
+status, modes, content_encoding (the coding of the reply, or null).
 """
 
 import argparse
 import hashlib
 import json
+import gzip
 import socket
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -136,6 +153,90 @@ def _j(obj):
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+CODINGS = ("gzip", "deflate", "br")
+
+
+def _bits(fields):
+    """(value, width) bit fields packed LSB first (RFC 7932 §2), zero-padded to whole bytes."""
+    acc, n = 0, 0
+    for v, w in fields:
+        acc |= v << n
+        n += w
+    return acc.to_bytes((n + 7) // 8, "little")
+
+
+class BrStored:
+    """A valid br stream made of uncompressed meta-blocks (RFC 7932 §9.2): the standard library
+    has no brotli encoder, and a stored stream still makes the decoder at the other end run."""
+
+    MAX_BLOCK = 1 << 16
+
+    def __init__(self):
+        self.started = False
+
+    def compress(self, data):
+        out = b""
+        for i in range(0, len(data), self.MAX_BLOCK):
+            piece = data[i:i + self.MAX_BLOCK]
+            # WBITS = 16 (one 0 bit) before the first block; ISLAST = 0, MNIBBLES = 4 (0),
+            # MLEN - 1 in 16 bits, ISUNCOMPRESSED = 1, then the bytes from the next byte boundary.
+            fields = [] if self.started else [(0, 1)]
+            self.started = True
+            out += _bits(fields + [(0, 1), (0, 2), (len(piece) - 1, 16), (1, 1)]) + piece
+        return out
+
+    def flush(self):
+        # ISLAST = 1, ISLASTEMPTY = 1 (after a WBITS bit when nothing was written yet).
+        return _bits(([] if self.started else [(0, 1)]) + [(1, 1), (1, 1)])
+
+
+class Coder:
+    """Compresses a reply as a stream: every piece is flushed so SSE frames arrive one by one."""
+
+    def __init__(self, coding):
+        self.coding = coding
+        if coding == "br":
+            self.c = BrStored()
+        else:
+            # wbits 31: a gzip member; 15: a zlib stream (what "deflate" means in HTTP).
+            self.c = zlib.compressobj(wbits=31 if coding == "gzip" else 15)
+
+    def piece(self, data):
+        if self.coding == "br":
+            return self.c.compress(data)
+        return self.c.compress(data) + self.c.flush(zlib.Z_SYNC_FLUSH)
+
+    def end(self):
+        return self.c.flush()
+
+    def whole(self, data):
+        return self.piece(data) + self.end()
+
+
+def pick_coding(req):
+    """The reply's coding for this request: forced by x-test-encoding, or chosen from
+    Accept-Encoding under x-test-honour-accept-encoding; None for identity."""
+    forced = (req.get("x-test-encoding") or "").strip().lower()
+    if forced in CODINGS:
+        return forced
+    if not _flag(req, "honour-accept-encoding"):
+        return None
+    fields = req.get_all("accept-encoding")
+    if not fields:
+        return "gzip"  # RFC 9110 §12.5.3: no Accept-Encoding field, any coding is acceptable
+    allowed = set()
+    for v in fields:
+        for item in v.split(","):
+            name, _, params = item.strip().lower().partition(";")
+            q = params.replace(" ", "")
+            if name and q not in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+                allowed.add(name.strip())
+    for c in ("gzip", "br", "deflate"):
+        if c in allowed or "*" in allowed:
+            return c
+    return None
+
+
 class AiUpstream(ThreadedServer):
     """A threaded LLM-style upstream bound to 127.0.0.1:port (0 = free port)."""
 
@@ -144,6 +245,9 @@ class AiUpstream(ThreadedServer):
         self.name = name
         self.log = []
         self.seq = 0
+        # The coding of the reply being written; each connection is served by its own thread,
+        # so this is per request without threading it through every reply builder.
+        self.reply = threading.local()
 
     # ---- connection loop -------------------------------------------------
     def _serve(self, conn):
@@ -173,11 +277,18 @@ class AiUpstream(ThreadedServer):
             except OSError:
                 pass
 
+    def _coding(self):
+        return getattr(self.reply, "coding", None)
+
     def _send(self, conn, status, body, ctype, close=False, extra=(), byte_at_a_time=False):
         head = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Status")),
                 "Content-Type: %s" % ctype,
                 "X-Upstream: %s" % self.name]
         head += list(extra)
+        coding = self._coding()
+        if coding:
+            body = Coder(coding).whole(body)
+            head.append("Content-Encoding: %s" % coding)
         if byte_at_a_time:
             head.append("Transfer-Encoding: chunked")
         else:
@@ -218,6 +329,8 @@ class AiUpstream(ThreadedServer):
         raw = b"".join(parts)
         path = req.path
         close = not keep
+        self.reply.coding = None
+        self.reply.frame_delay = 0
 
         if path == "/healthz":
             self._send(conn, 200, b"ok\n", "text/plain", close=close)
@@ -245,7 +358,9 @@ class AiUpstream(ThreadedServer):
             "tag": req.get("x-test-tag"), "request_id": req.get("x-request-id"),
             "api": api, "json_ok": False, "model": None, "stream": False, "include_usage": False,
             "words": 0, "text": None, "usage": None, "usage_reported": None, "status": None,
-            "modes": {m: _flag(req, m) for m in ("byte-at-a-time", "no-usage", "crlf")},
+            "modes": {m: _flag(req, m) for m in ("byte-at-a-time", "no-usage", "crlf", "usage-on-last-chunk",
+                                                 "delta-input-zero")},
+            "content_encoding": None,
         }
         if api is None or req.method != "POST":
             entry["status"] = 404
@@ -267,6 +382,10 @@ class AiUpstream(ThreadedServer):
             return keep
         entry["json_ok"] = True
         entry["model"] = doc.get("model")
+        coding = pick_coding(req)
+        self.reply.coding = coding
+        self.reply.frame_delay = _num(req, "frame-delay-ms") or 0
+        entry["content_encoding"] = coding
         stream = doc.get("stream") is True
         entry["stream"] = stream
         so = doc.get("stream_options")
@@ -286,6 +405,17 @@ class AiUpstream(ThreadedServer):
                    {"error": {"message": refuse, "type": "invalid_request_error",
                               "param": "stream_options", "code": "unknown_parameter"}})
             self._json(conn, err, status=400, close=close)
+            return keep
+
+        refused = _num(req, "status")
+        if refused is not None and refused >= 400:
+            # A provider refusing the request (rate limit, overload): no usage, nothing billed.
+            entry["status"] = refused
+            self._record(entry)
+            self._json(conn, {"error": {"message": "upstream refused with %d" % refused,
+                                        "type": "rate_limit_exceeded" if refused == 429 else "server_error",
+                                        "code": None}},
+                       status=refused, close=close)
             return keep
 
         n = _num(req, "words")
@@ -314,11 +444,12 @@ class AiUpstream(ThreadedServer):
 
         if api == "chat":
             reported = self._chat(conn, doc, rid, model, n, usage, stream, entry["include_usage"],
-                                  no_usage, byte_mode, nl, close)
+                                  no_usage, byte_mode, nl, close, _flag(req, "usage-on-last-chunk"))
         elif api == "responses":
             reported = self._responses(conn, rid, model, n, usage, stream, no_usage, byte_mode, nl, close)
         else:
-            reported = self._messages(conn, rid, model, n, usage, stream, no_usage, byte_mode, nl, close)
+            reported = self._messages(conn, rid, model, n, usage, stream, no_usage, byte_mode, nl, close,
+                                      _flag(req, "delta-input-zero"))
         entry["usage_reported"] = reported
         self._record(entry)
         return keep
@@ -328,17 +459,37 @@ class AiUpstream(ThreadedServer):
         """Send SSE frames (already-encoded str each) as a chunked text/event-stream."""
         head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream; charset=utf-8",
                 "Cache-Control: no-cache", "Transfer-Encoding: chunked", "X-Upstream: %s" % self.name]
+        coding = self._coding()
+        coder = Coder(coding) if coding else None
+        if coding:
+            head.append("Content-Encoding: %s" % coding)
         if close:
             head.append("Connection: close")
         conn.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        for f in frames:
-            data = f.encode("utf-8")
+
+        def send(data):
+            if not data:
+                return
             if byte_mode:
                 for i in range(len(data)):
                     conn.sendall(b"1\r\n" + data[i:i + 1] + b"\r\n")
             else:
                 conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
-        conn.sendall(b"0\r\n\r\n")
+
+        gap = getattr(self.reply, "frame_delay", 0) / 1000.0
+        try:
+            for i, f in enumerate(frames):
+                if gap and i:
+                    time.sleep(gap)
+                data = f.encode("utf-8")
+                send(coder.piece(data) if coder else data)
+            if coder:
+                send(coder.end())
+            conn.sendall(b"0\r\n\r\n")
+        except OSError:
+            # The reader left mid-stream (a test of exactly that): the reply still counts as
+            # sent, so its entry, with the usage it carries, is recorded.
+            pass
 
     @staticmethod
     def _data(obj, nl, event=None):
@@ -348,7 +499,8 @@ class AiUpstream(ThreadedServer):
         s += "data: %s%s%s" % (obj if isinstance(obj, str) else _j(obj), nl, nl)
         return s
 
-    def _chat(self, conn, doc, rid, model, n, usage, stream, include_usage, no_usage, byte_mode, nl, close):
+    def _chat(self, conn, doc, rid, model, n, usage, stream, include_usage, no_usage, byte_mode, nl, close,
+              usage_on_last=False):
         cid = "chatcmpl-" + rid
         u = {"prompt_tokens": usage["input"], "completion_tokens": usage["output"],
              "total_tokens": usage["input"] + usage["output"]}
@@ -366,17 +518,20 @@ class AiUpstream(ThreadedServer):
         base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
                 "system_fingerprint": "fp_ringway_test"}
 
-        def chunk(delta, finish=None):
+        def chunk(delta, finish=None, last=False):
             c = dict(base)
             c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-            if with_usage:
+            if with_usage and usage_on_last:
+                if last:
+                    c["usage"] = u
+            elif with_usage:
                 c["usage"] = None
             return self._data(c, nl)
 
         frames = [chunk({"role": "assistant", "content": "", "refusal": None})]
         frames += [chunk({"content": p}) for p in word_pieces(n)]
-        frames.append(chunk({}, "stop"))
-        if with_usage:
+        frames.append(chunk({}, "stop", last=True))
+        if with_usage and not usage_on_last:
             c = dict(base)
             c["choices"] = []
             c["usage"] = u
@@ -422,7 +577,8 @@ class AiUpstream(ThreadedServer):
         self._stream(conn, frames, byte_mode, close)
         return None if no_usage else dict(usage)
 
-    def _messages(self, conn, rid, model, n, usage, stream, no_usage, byte_mode, nl, close):
+    def _messages(self, conn, rid, model, n, usage, stream, no_usage, byte_mode, nl, close,
+                  delta_input_zero=False):
         mid = "msg_" + rid
         text = words_text(n)
         if not stream:
@@ -452,6 +608,9 @@ class AiUpstream(ThreadedServer):
         md = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
         if not no_usage:
             md["usage"] = {"output_tokens": usage["output"]}
+            if delta_input_zero:
+                md["usage"] = {"input_tokens": 0, "cache_creation_input_tokens": 0,
+                               "cache_read_input_tokens": 0, "output_tokens": usage["output"]}
         frames.append(self._data(md, nl, "message_delta"))
         frames.append(self._data({"type": "message_stop"}, nl, "message_stop"))
         self._stream(conn, frames, byte_mode, close)
