@@ -37,10 +37,10 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 
-//pub use client::ClientTls;
+pub use client::ClientTls;
 pub use error::TlsError;
-//pub use server::ServerTls;
-//pub use stream::TlsStream;
+pub use server::ServerTls;
+pub use stream::TlsStream;
 
 /// The one crypto provider every Ringway TLS config uses (aws-lc-rs).
 pub fn provider() -> Arc<CryptoProvider> {
