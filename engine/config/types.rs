@@ -314,6 +314,21 @@ pub enum HostHeader {
     Literal(String),
 }
 
+impl Upstream {
+    /// The `Host` value to send to `endpoint` (an address as written in `endpoints`), or
+    /// `None` to pass the client's on.
+    pub fn host_header_for<'a>(&'a self, endpoint: &'a str) -> Option<&'a str> {
+        match &self.host_header {
+            HostHeader::Client => None,
+            HostHeader::Literal(v) => Some(v),
+            HostHeader::Endpoint => {
+                let default = if self.tls.is_some() { ":443" } else { ":80" };
+                Some(endpoint.strip_suffix(default).unwrap_or(endpoint))
+            }
+        }
+    }
+}
+
 /// One backend address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {

@@ -242,6 +242,15 @@ fn upstream_tls_forms_and_host_header_defaults() {
         (None, Roots::Webpki, false)
     );
     assert_eq!(v.host_header, HostHeader::Endpoint);
+    assert_eq!(
+        v.host_header_for("api.example.com:443"),
+        Some("api.example.com")
+    );
+    assert_eq!(
+        v.host_header_for("api.example.com:8443"),
+        Some("api.example.com:8443")
+    );
+    assert_eq!(v.host_header_for("[::1]:443"), Some("[::1]"));
     // Plain upstreams pass the client's Host by default.
     assert_eq!(c.upstream("u").expect("u").host_header, HostHeader::Client);
     let c = ok_in(
@@ -254,6 +263,11 @@ fn upstream_tls_forms_and_host_header_defaults() {
         v.host_header,
         HostHeader::Literal("api.internal:8443".into())
     );
+    assert_eq!(v.host_header_for("10.0.0.1:80"), Some("api.internal:8443"));
+    let mut plain = v.clone();
+    plain.host_header = HostHeader::Endpoint;
+    assert_eq!(plain.host_header_for("backend:80"), Some("backend"));
+    assert_eq!(plain.host_header_for("backend:443"), Some("backend:443"));
 
     let c = ok_in(
         &up("tls = { sni = \"internal.test\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\" }\nhost_header = \"client\""),
