@@ -63,7 +63,7 @@ pub fn main(args: Vec<String>) -> i32 {
             0
         }
         Command::Check(path) => match load(path.as_deref()) {
-            Ok(cfg) => match check_supported(&cfg) {
+            Ok(cfg) => match warn_all(&cfg, |w| eprintln!("warning: {w}")) {
                 Ok(()) => {
                     println!("ok");
                     0
@@ -147,8 +147,22 @@ pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
     }
 }
 
+/// Reports every warning of a loaded config, then checks what this build supports.
+fn warn_all(
+    cfg: &config::Config,
+    mut report: impl FnMut(&config::ConfigError),
+) -> Result<(), Vec<String>> {
+    for w in &cfg.warnings {
+        report(w);
+    }
+    check_supported(cfg)
+}
+
 fn run(cfg: config::Config) -> i32 {
     log::set_level(&cfg.log.level);
+    for w in &cfg.warnings {
+        log::warn(&w.to_string());
+    }
     if let Err(msgs) = check_supported(&cfg) {
         for m in msgs {
             log::error(&m);

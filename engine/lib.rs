@@ -10,6 +10,7 @@
 //! - [`route`]: matching a request to a route.
 //! - [`upstream`]: resolved endpoints and per-worker connection pools.
 //! - [`buf`]: the fixed buffer pool and splice pipes.
+//! - [`tls`]: rustls over pool buffers, for TLS listeners and upstreams.
 //! - [`control`]: the control core, the only thread that may block.
 //! - [`admin`], [`reload`], [`metrics`]: operating a running gateway.
 
@@ -29,5 +30,6 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod runtime;
+pub mod tls;
 pub mod transport;
 pub mod upstream;

@@ -65,6 +65,9 @@ fn reload_locked() -> Result<String, String> {
         None => config::load_str(config::EMBEDDED, "conf/ringway.toml (embedded)"),
     }
     .map_err(|e| e.to_string())?;
+    for w in &cfg.warnings {
+        log::warn(&w.to_string());
+    }
     cli::check_supported(&cfg).map_err(|errs| errs.join("\n"))?;
     let current = runtime::current().ok_or("the gateway is not running yet")?;
     for l in &cfg.listeners {

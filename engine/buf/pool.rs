@@ -197,6 +197,25 @@ impl PoolBuf {
         self.data.truncate(len);
     }
 
+    /// Lets `f` write into the free room after the filled part and keeps the bytes it reports
+    /// written (none on error); for APIs that fill a `&mut [u8]` (TLS encryption). The room is
+    /// zeroed first, because a `&mut [u8]` must not point at uninitialised memory.
+    pub fn fill_with<T, E>(
+        &mut self,
+        f: impl FnOnce(&mut [u8]) -> Result<(usize, T), E>,
+    ) -> Result<T, E> {
+        let len = self.data.len();
+        let cap = self.data.capacity();
+        self.data.resize(cap, 0);
+        let res = f(&mut self.data[len..]);
+        let n = match &res {
+            Ok((n, _)) => (*n).min(cap - len),
+            Err(_) => 0,
+        };
+        self.data.truncate(len + n);
+        res.map(|(_, t)| t)
+    }
+
     /// Appends `bytes` if they fit; never grows the buffer.
     pub fn put(&mut self, bytes: &[u8]) -> Result<(), Full> {
         if bytes.len() > self.spare() {

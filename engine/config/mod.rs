@@ -7,6 +7,7 @@
 mod filters;
 mod raw;
 mod routes;
+mod tls;
 mod types;
 mod units;
 mod upstreams;
@@ -17,6 +18,7 @@ mod tests;
 
 use std::fmt;
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use types::*;
 pub use units::{parse_duration, parse_size};
@@ -71,11 +73,12 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Reads and checks a configuration file.
+/// Reads and checks a configuration file; paths inside it are relative to its directory.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let origin = path.display().to_string();
+    let base = path.parent().unwrap_or(Path::new("."));
     match std::fs::read_to_string(path) {
-        Ok(src) => load_str(&src, &origin),
+        Ok(src) => load_str_in(&src, &origin, base),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             origin,
             key: String::new(),
@@ -85,12 +88,30 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
-/// Parses and checks configuration text; `origin` names it in error messages.
+/// Parses and checks configuration text; `origin` names it in error messages. Relative file
+/// paths are resolved against the current directory.
 pub fn load_str(src: &str, origin: &str) -> Result<Config, ConfigErrors> {
+    load_str_in(src, origin, Path::new("."))
+}
+
+/// Parses and checks configuration text whose relative file paths start at `base`.
+pub fn load_str_in(src: &str, origin: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    load_at(src, origin, &validate::Env { base, now })
+}
+
+/// [`load_str_in`] with the clock given, so that expiry checks can be tested.
+pub(crate) fn load_at(
+    src: &str,
+    origin: &str,
+    env: &validate::Env<'_>,
+) -> Result<Config, ConfigErrors> {
     let de = toml::Deserializer::new(src);
     let raw: raw::RawConfig = serde_path_to_error::deserialize(de)
         .map_err(|e| ConfigErrors(vec![parse_error(&e, src, origin)]))?;
-    validate::build(&raw, src, origin).map_err(ConfigErrors)
+    validate::build(&raw, src, origin, env).map_err(ConfigErrors)
 }
 
 /// 1-based line of a byte offset.

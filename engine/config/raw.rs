@@ -67,6 +67,13 @@ pub(crate) struct RawRedis {
     pub cluster_nodes: Option<S<Vec<S<String>>>>,
     pub flush_interval: Option<S<Dur>>,
     pub timeout: Option<S<Dur>>,
+    pub tls: Option<S<RawRedisTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedisTls {
+    pub ca: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -81,6 +88,29 @@ pub(crate) struct RawLog {
 pub(crate) struct RawListener {
     pub name: S<String>,
     pub address: S<SocketAddr>,
+    pub tls: Option<S<RawListenerTls>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListenerTls {
+    pub certs: S<Vec<S<RawCertPair>>>,
+    pub min_version: Option<S<String>>,
+    pub client_auth: Option<S<RawClientAuth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertPair {
+    pub cert: S<String>,
+    pub key: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawClientAuth {
+    pub ca: S<String>,
+    pub mode: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +128,54 @@ pub(crate) struct RawUpstream {
     pub retries: Option<u32>,
     pub health: Option<RawHealth>,
     pub resolve_interval: Option<S<Dur>>,
+    pub tls: Option<S<RawUpstreamTls>>,
+    pub host_header: Option<S<String>>,
+}
+
+/// `tls = true | false` or `tls = { sni = …, roots = …, … }`.
+#[derive(Default)]
+pub(crate) struct RawUpstreamTls {
+    pub enabled: bool,
+    pub table: Option<RawUpstreamTlsTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTlsTable {
+    pub sni: Option<S<String>>,
+    pub roots: Option<S<String>>,
+    pub ca: Option<S<String>>,
+    pub client_cert: Option<S<String>>,
+    pub client_key: Option<S<String>>,
+    pub insecure_skip_verify: Option<S<bool>>,
+}
+
+impl<'de> Deserialize<'de> for RawUpstreamTls {
+    // Hand-written for the same reason as `RawEndpoint`: untagged enums lose spans.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawUpstreamTls;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("true, false or a table { sni, roots, ca, client_cert, client_key, insecure_skip_verify }")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawUpstreamTls, E> {
+                Ok(RawUpstreamTls {
+                    enabled: v,
+                    table: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawUpstreamTls, A::Error> {
+                let t =
+                    RawUpstreamTlsTable::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawUpstreamTls {
+                    enabled: true,
+                    table: Some(t),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// An endpoint is written either as "host:port" or as `{ address = "host:port", weight = 3 }`.

@@ -27,6 +27,9 @@ pub struct Config {
     pub filters: Vec<FilterConf>,
     /// Routes, in file order: the first match wins.
     pub routes: Vec<Route>,
+    /// Problems that do not stop the gateway (a certificate about to expire,
+    /// `insecure_skip_verify`); printed by `ringway check`, logged at start and reload.
+    pub warnings: Vec<super::ConfigError>,
 }
 
 impl Config {
@@ -140,6 +143,16 @@ pub struct Redis {
     pub flush_interval: Duration,
     /// Time allowed for one Redis round trip.
     pub timeout: Duration,
+    /// TLS settings for `rediss://` addresses (`[redis] tls`); absent: public roots only.
+    pub tls: Option<RedisTls>,
+}
+
+/// `[redis] tls`: how a `rediss://` Redis is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    /// A private CA bundle (PEM) trusted instead of the public roots; resolved against the
+    /// config file's directory and checked when the config loads.
+    pub ca: Option<PathBuf>,
 }
 
 /// `[log]`: access log and log level.
@@ -172,12 +185,65 @@ pub enum AccessLog {
 }
 
 /// `[[listeners]]`: one accepting socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     /// Unique name, referred to by `routes.listener`.
     pub name: String,
     /// Address to bind.
     pub address: SocketAddr,
+    /// TLS termination (`[listeners.tls]`); plain HTTP when absent.
+    pub tls: Option<ListenerTls>,
+}
+
+/// `[listeners.tls]`: certificates and client authentication of a TLS listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    /// Certificates chosen by SNI (exact name, then `*.` wildcard); the first is the default.
+    pub certs: Vec<CertPair>,
+    /// Oldest protocol version accepted.
+    pub min_version: TlsVersion,
+    /// Client certificates (mTLS); off when absent.
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// A certificate chain file and its key file, already loaded and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertPair {
+    /// The PEM certificate chain, leaf first (resolved path).
+    pub cert: PathBuf,
+    /// The PEM private key (resolved path).
+    pub key: PathBuf,
+    /// What the two files hold; the key matches the leaf.
+    pub loaded: crate::tls::certs::LoadedCert,
+}
+
+/// A TLS protocol version, as written in `min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// "1.2": TLS 1.2 and 1.3.
+    V1_2,
+    /// "1.3": TLS 1.3 only.
+    V1_3,
+}
+
+/// `client_auth`: which client certificates a listener asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientAuth {
+    /// The CA bundle client certificates must chain to (resolved path).
+    pub ca: PathBuf,
+    /// The CA certificates, loaded.
+    pub roots: crate::tls::certs::CaCerts,
+    /// Whether a client without a certificate is let in.
+    pub mode: ClientAuthMode,
+}
+
+/// `client_auth.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuthMode {
+    /// A certificate is verified if sent; clients without one are accepted.
+    Optional,
+    /// Clients without a valid certificate fail the handshake.
+    Required,
 }
 
 /// `[[upstreams]]`: a pool of backend endpoints.
@@ -207,6 +273,60 @@ pub struct Upstream {
     pub health: Option<Health>,
     /// How often host names in endpoints are resolved again.
     pub resolve_interval: Duration,
+    /// TLS to the endpoints (`tls = true` or a table); plain TCP when absent.
+    pub tls: Option<UpstreamTls>,
+    /// What the forwarded `Host` header carries.
+    pub host_header: HostHeader,
+}
+
+/// `[[upstreams]] tls`: how Ringway connects to and verifies a TLS upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// Server name sent and verified; the endpoint's host name when absent (no SNI for an IP).
+    pub sni: Option<String>,
+    /// Which public roots are trusted.
+    pub roots: Roots,
+    /// A private CA bundle trusted in addition to `roots`: resolved path and certificates.
+    pub ca: Option<(PathBuf, crate::tls::certs::CaCerts)>,
+    /// A client certificate for upstreams that require mTLS.
+    pub client_cert: Option<CertPair>,
+    /// Accept any server certificate (testing only; warned at every start and reload).
+    pub insecure_skip_verify: bool,
+}
+
+/// `tls.roots`: the public trust anchors of an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roots {
+    /// Mozilla's roots compiled into the binary (`webpki-roots`).
+    Webpki,
+    /// The system bundle, /etc/ssl/certs/ca-certificates.crt.
+    System,
+}
+
+/// `host_header`: the `Host` sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostHeader {
+    /// The client's `Host`, unchanged.
+    Client,
+    /// The endpoint's host name, with ":port" unless the port is the scheme's default.
+    Endpoint,
+    /// This exact value.
+    Literal(String),
+}
+
+impl Upstream {
+    /// The `Host` value to send to `endpoint` (an address as written in `endpoints`), or
+    /// `None` to pass the client's on.
+    pub fn host_header_for<'a>(&'a self, endpoint: &'a str) -> Option<&'a str> {
+        match &self.host_header {
+            HostHeader::Client => None,
+            HostHeader::Literal(v) => Some(v),
+            HostHeader::Endpoint => {
+                let default = if self.tls.is_some() { ":443" } else { ":80" };
+                Some(endpoint.strip_suffix(default).unwrap_or(endpoint))
+            }
+        }
+    }
 }
 
 /// One backend address.

@@ -189,6 +189,12 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
             }
         });
 
+        let tls = u
+            .tls
+            .as_ref()
+            .and_then(|t| super::tls::upstream_tls(ck, &k("tls"), t));
+        let host_header = host_header(ck, &k("host_header"), &u.host_header, tls.is_some());
+
         out.push(Upstream {
             name: u.name.get_ref().clone(),
             endpoints,
@@ -214,7 +220,40 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
                 &u.resolve_interval,
                 Duration::from_secs(30),
             ),
+            tls,
+            host_header,
         });
     }
     out
+}
+
+/// `host_header`: "client", "endpoint" or a literal host; the default follows `tls`.
+fn host_header(ck: &mut Ck, key: &str, v: &Option<S<String>>, tls: bool) -> HostHeader {
+    let Some(v) = v else {
+        // A TLS upstream is usually a provider on its own name (api.openai.com), which rejects
+        // the gateway's host; a plain one is usually a backend that wants the client's.
+        return if tls {
+            HostHeader::Endpoint
+        } else {
+            HostHeader::Client
+        };
+    };
+    match v.get_ref().as_str() {
+        "client" => HostHeader::Client,
+        "endpoint" => HostHeader::Endpoint,
+        lit => {
+            let ok = !lit.is_empty()
+                && lit
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
+            if !ok {
+                ck.err(
+                    key,
+                    v.span(),
+                    format!("expected \"client\", \"endpoint\" or a host name (with an optional :port), got {lit:?}"),
+                );
+            }
+            HostHeader::Literal(lit.to_string())
+        }
+    }
 }

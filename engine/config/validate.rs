@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::*;
@@ -15,10 +15,35 @@ use super::{line_of, ConfigError};
 pub(crate) struct Ck<'a> {
     src: &'a str,
     origin: &'a str,
+    /// Directory that relative file paths (certificates, keys) are resolved against.
+    base: &'a Path,
+    /// Unix seconds; certificate expiry is judged against it.
+    pub now: i64,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Ck<'_> {
+    /// Records a problem that does not make the file invalid.
+    pub fn warn(&mut self, key: impl Into<String>, span: Range<usize>, msg: impl Into<String>) {
+        self.warnings.push(ConfigError {
+            origin: self.origin.to_string(),
+            key: key.into(),
+            line: Some(line_of(self.src, span.start)),
+            message: msg.into(),
+        });
+    }
+
+    /// A file path as written, resolved against the config file's directory.
+    pub fn path(&self, written: &str) -> PathBuf {
+        let p = Path::new(written);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
     pub fn err_line(
         &mut self,
         key: impl Into<String>,
@@ -154,12 +179,28 @@ pub(crate) fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// Where a file is read from and when: the context of checks that touch files and the clock.
+pub(crate) struct Env<'a> {
+    /// Directory relative paths are resolved against.
+    pub base: &'a Path,
+    /// Unix seconds, for certificate expiry.
+    pub now: i64,
+}
+
 /// Resolves and checks the whole file.
-pub(crate) fn build(raw: &RawConfig, src: &str, origin: &str) -> Result<Config, Vec<ConfigError>> {
+pub(crate) fn build(
+    raw: &RawConfig,
+    src: &str,
+    origin: &str,
+    env: &Env<'_>,
+) -> Result<Config, Vec<ConfigError>> {
     let mut ck = Ck {
         src,
         origin,
+        base: env.base,
+        now: env.now,
         errors: Vec::new(),
+        warnings: Vec::new(),
     };
     let server = server(&mut ck, &raw.server);
     let redis = raw.redis.as_ref().map(|r| redis(&mut ck, r));
@@ -203,6 +244,7 @@ pub(crate) fn build(raw: &RawConfig, src: &str, origin: &str) -> Result<Config, 
             consumers,
             filters,
             routes,
+            warnings: ck.warnings,
         })
     } else {
         let mut errors = ck.errors;
@@ -336,6 +378,7 @@ fn redis(ck: &mut Ck, r: &RawRedis) -> Redis {
             Duration::from_millis(5),
         ),
         timeout: ck.dur("redis.timeout", &r.timeout, Duration::from_millis(200)),
+        tls: super::tls::redis_tls(ck, r),
     }
 }
 
@@ -395,9 +438,14 @@ fn listeners(ck: &mut Ck, raw: &[RawListener]) -> Vec<Listener> {
         } else {
             addrs.insert(addr, l.name.get_ref().clone());
         }
+        let tls = l
+            .tls
+            .as_ref()
+            .and_then(|t| super::tls::listener_tls(ck, &format!("listeners[{i}].tls"), t));
         out.push(Listener {
             name: l.name.get_ref().clone(),
             address: addr,
+            tls,
         });
     }
     out

@@ -395,20 +395,47 @@ enum Conn {
 
 impl Conn {
     fn open(conf: &config::Redis) -> redis::RedisResult<Conn> {
+        // The redis client builds its rustls config from the process default provider.
+        crate::tls::provider();
+        let certs = tls_certs(conf)?;
         if let Some(url) = &conf.url {
-            let c = redis::Client::open(url.as_str())?;
+            let c = match certs {
+                Some(certs) => redis::Client::build_with_tls(url.as_str(), certs)?,
+                None => redis::Client::open(url.as_str())?,
+            };
             let con = c.get_connection_with_timeout(conf.timeout)?;
             con.set_read_timeout(Some(conf.timeout))?;
             con.set_write_timeout(Some(conf.timeout))?;
             Ok(Conn::Single(con))
         } else {
-            let client = redis::cluster::ClusterClient::builder(conf.cluster_nodes.clone())
+            let mut builder = redis::cluster::ClusterClient::builder(conf.cluster_nodes.clone())
                 .connection_timeout(conf.timeout)
-                .response_timeout(conf.timeout)
-                .build()?;
-            Ok(Conn::Cluster(Box::new(client.get_connection()?)))
+                .response_timeout(conf.timeout);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            Ok(Conn::Cluster(Box::new(builder.build()?.get_connection()?)))
         }
     }
+}
+
+/// `[redis] tls.ca`, read again at each connect (on this thread, which may block) so that a
+/// renewed CA file is picked up; `None` keeps the compiled-in public roots for rediss://.
+fn tls_certs(conf: &config::Redis) -> redis::RedisResult<Option<redis::TlsCertificates>> {
+    let Some(path) = conf.tls.as_ref().and_then(|t| t.ca.as_ref()) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "cannot read redis.tls.ca",
+            format!("{}: {e}", path.display()),
+        ))
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
 }
 
 /// A lease granted for a window, to be returned if unspent near its end.

@@ -109,9 +109,13 @@ def commandstats(port):
 class RedisServer:
     """One redis-server on a free port (or a given one, for a restart on the same port)."""
 
-    def __init__(self, workdir, port=None, cluster=False, bus_port=None, extra_args=()):
+    def __init__(self, workdir, port=None, cluster=False, bus_port=None, extra_args=(), tls=None):
         self.workdir = Path(workdir)
         self.extra_args = list(extra_args)
+        # tls: a TlsFiles; the server then also listens with TLS on tls_port (the plain port
+        # stays, for the tests' own RESP client).
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.cluster = cluster
@@ -122,6 +126,10 @@ class RedisServer:
     @property
     def url(self):
         return "redis://127.0.0.1:%d" % self.port
+
+    @property
+    def tls_url(self):
+        return "rediss://127.0.0.1:%d" % self.tls_port
 
     def start(self, timeout=10.0):
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
@@ -135,6 +143,12 @@ class RedisServer:
                      "--cluster-config-file", str(self.workdir / ("nodes-%d.conf" % self.port)),
                      "--cluster-port", str(self.bus_port),
                      "--cluster-node-timeout", "5000"]
+        if self.tls:
+            args += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(self.tls.cert),
+                     "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                     "--tls-auth-clients", "no"]
+            if self.cluster:
+                args += ["--tls-cluster", "yes"]
         args += self.extra_args
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -201,14 +215,19 @@ class RedisServer:
 class RedisCluster:
     """Three cluster-enabled masters (no replicas), created with `redis-cli --cluster create`."""
 
-    def __init__(self, workdir, n=3, extra_args=()):
+    def __init__(self, workdir, n=3, extra_args=(), tls=None):
         self.workdir = Path(workdir)
-        self.nodes = [RedisServer(self.workdir / ("node%d" % i), cluster=True, extra_args=extra_args)
+        self.nodes = [RedisServer(self.workdir / ("node%d" % i), cluster=True, extra_args=extra_args,
+                                  tls=tls)
                       for i in range(n)]
 
     @property
     def urls(self):
         return [n.url for n in self.nodes]
+
+    @property
+    def tls_urls(self):
+        return [n.tls_url for n in self.nodes]
 
     def start(self, timeout=30.0):
         for n in self.nodes:
@@ -265,6 +284,38 @@ class RedisCluster:
             n.stop()
 
 
+# ---------------------------------------------------------------- TLS
+class TlsFiles:
+    """A private CA and a server certificate for 127.0.0.1, made with the openssl command."""
+
+    def __init__(self, workdir):
+        d = Path(workdir)
+        d.mkdir(parents=True, exist_ok=True)
+        self.ca, self.cert, self.key = d / "ca.pem", d / "redis.pem", d / "redis.key"
+
+        def ossl(*args):
+            subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
+
+        ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=redis test CA")
+        (d / "redis.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
+                                     "extendedKeyUsage=serverAuth,clientAuth\n"
+                                     "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        ossl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "redis.key", "-out", "redis.csr", "-subj", "/CN=127.0.0.1")
+        ossl("x509", "-req", "-in", "redis.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-days", "2", "-extfile", "redis.ext", "-out", "redis.pem")
+
+
+def _need_tls_redis():
+    _need_redis()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True).stdout
+    if "build=" not in out:
+        pytest.skip("cannot tell whether redis-server was built with TLS")
+
+
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture
 def redis_server(tmp_path_factory):
@@ -301,5 +352,31 @@ def redis_cluster(tmp_path_factory):
     except Exception:
         c.stop()
         raise
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def redis_tls_server(tmp_path_factory):
+    """A fresh redis-server that also listens with TLS (`tls_url`, CA in `.tls.ca`)."""
+    _need_tls_redis()
+    d = tmp_path_factory.mktemp("redistls")
+    r = RedisServer(d / "server", tls=TlsFiles(d / "pki")).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_tls_cluster(tmp_path_factory):
+    """A 3-master Redis Cluster speaking TLS on its clients' and bus ports."""
+    _need_tls_redis()
+    d = tmp_path_factory.mktemp("redistlscluster")
+    c = RedisCluster(d / "nodes", tls=TlsFiles(d / "pki"))
+    try:
+        c.start()
+    except Exception:
+        c.stop()
+        raise
+    c.tls = c.nodes[0].tls
     yield c
     c.stop()

@@ -63,6 +63,33 @@ def test_check_reports_route_to_unknown_upstream(tmp_path, need_bin):
     assert re.search(r"%s:%d: [^\n]*upstream" % (re.escape(str(p)), lineno), out), out
 
 
+def _openssl(cwd, *args):
+    subprocess.run(["openssl"] + list(args), cwd=cwd, check=True, capture_output=True)
+
+
+def test_check_warns_about_a_certificate_expiring_soon_and_fails_on_a_bad_key(tmp_path, need_bin):
+    """A listener certificate valid 5 more days is a warning line on stderr (exit 0); a key
+    that does not match its certificate is an error naming key, line and file (exit 1)."""
+    for name in ("a", "b"):
+        _openssl(tmp_path, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-nodes", "-keyout", name + ".key", "-out", name + ".pem", "-days", "5",
+                 "-subj", "/CN=%s.test" % name, "-addext", "subjectAltName=DNS:%s.test" % name)
+    text = _valid().replace("[[upstreams]]", '[listeners.tls]\ncerts = [ { cert = "a.pem", key = "a.key" } ]\n\n[[upstreams]]', 1)
+    p = tmp_path / "tls.toml"
+    p.write_text(text)
+    r = _check(p)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lineno = next(i + 1 for i, l in enumerate(text.splitlines()) if l.startswith("certs = "))
+    assert re.search(r"^warning: %s:%d: listeners\[0\]\.tls\.certs\[0\]\.cert: .*a\.pem expires on"
+                     % (re.escape(str(p)), lineno), r.stderr, re.M), r.stderr
+
+    p.write_text(text.replace('key = "a.key"', 'key = "b.key"'))
+    r = _check(p)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"%s:%d: listeners\[0\]\.tls\.certs\[0\]\.key: the key in \S*b\.key does not match"
+                     % (re.escape(str(p)), lineno), r.stderr), r.stderr
+
+
 def test_logs_listening_and_stops_on_sigterm(tmp_path, need_bin):
     """At start ringway logs a `listening` line; SIGTERM stops it promptly with status 0."""
     port = free_port()

@@ -22,7 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import HERE, Ringway, make_config
 from fast_backend import FastBackend
 from helpers import RawConn, assert_json_error, free_port, port_open, request_bytes, simple_get, wait_until
-from redis_procs import redis_cluster, redis_cluster_partial, redis_server  # noqa: F401  (fixtures)
+from redis_procs import (  # noqa: F401  (fixtures)
+    redis_cluster,
+    redis_cluster_partial,
+    redis_server,
+    redis_tls_cluster,
+    redis_tls_server,
+)
 
 LIMIT_H = "x-ratelimit-limit-requests"
 REMAIN_H = "x-ratelimit-remaining-requests"
@@ -468,6 +474,55 @@ def test_cluster_limit_exact_through_redis_cluster(ringway_fn, backend, redis_cl
     # the 100 keys really are spread over the 3 masters
     holders = {redis_cluster.node_of_key(k).port for k in stored}
     assert len(holders) == 3, holders
+
+
+def test_cluster_limit_exact_across_three_replicas_over_rediss(ringway_fn, backend, redis_tls_server):
+    """The single-key test with Redis reached over rediss://, verified against a private CA."""
+    redis = redis_conf(url=redis_tls_server.tls_url)
+    redis["tls"] = {"ca": str(redis_tls_server.tls.ca)}
+    filt = rate_filter(scope="cluster", rules=[{"match": "*", "requests_per_minute": 20}])
+    gws = three_gateways(ringway_fn, backend.addr, redis, filt,
+                         [{"name": "alice", "keys": ["sk-alice-1"]}], "tls")
+    t0 = ensure_window(60, 20)
+    run_single_key_exact(gws, "sk-alice-1", 20, period=60)
+    d = decisions(gws, "rpm")
+    assert (d["allowed"], d["rejected"]) == (20, 280), d
+    key = "ringway:{rpm:alice}:%d" % (int(t0 // 60) * 60000)
+    assert redis_tls_server.keys() == [key]
+    assert int(redis_tls_server.cmd("GET", key)) == 20
+
+
+def test_cluster_limit_exact_through_redis_cluster_over_rediss(ringway_fn, backend, redis_tls_cluster):
+    """The same through a 3-master Redis Cluster whose nodes speak TLS."""
+    tag = uuid.uuid4().hex[:8]
+    consumers = [{"name": "alice-%s" % tag, "keys": ["sk-alice-%s" % tag]}]
+    filt = rate_filter(name="rt" + tag, scope="cluster", rules=[{"match": "*", "requests_per_hour": 20}])
+    redis = redis_conf(nodes=redis_tls_cluster.tls_urls)
+    redis["tls"] = {"ca": str(redis_tls_cluster.tls.ca)}
+    gws = three_gateways(ringway_fn, backend.addr, redis, filt, consumers, "rt")
+    ensure_window(3600, 30)
+    run_single_key_exact(gws, "sk-alice-%s" % tag, 20)
+    d = decisions(gws, filt["name"])
+    assert (d["allowed"], d["rejected"]) == (20, 280), d
+    in_redis = redis_tls_cluster.keys("ringway:{%s:*" % filt["name"])
+    assert len(in_redis) == 1
+    assert int(redis_tls_cluster.node_of_key(in_redis[0]).cmd("GET", in_redis[0])) == 20
+
+
+def test_rediss_with_the_wrong_ca_never_admits_past_redis(ringway_fn, backend, redis_tls_server, tmp_path):
+    """A Redis whose certificate the configured CA did not issue is unreachable: the cluster
+    limit falls back to its failure mode (closed here), and nothing is written to Redis."""
+    from redis_procs import TlsFiles
+    other = TlsFiles(tmp_path / "other")
+    redis = redis_conf(url=redis_tls_server.tls_url)
+    redis["tls"] = {"ca": str(other.ca)}
+    filt = rate_filter(scope="cluster", failure_mode="closed",
+                       rules=[{"match": "*", "requests_per_minute": 20}])
+    gws = three_gateways(ringway_fn, backend.addr, redis, filt,
+                         [{"name": "alice", "keys": ["sk-alice-1"]}], "badca")
+    res = spread([g.port for g in gws], [("/echo", bearer("sk-alice-1"))] * 6, 3)
+    assert all(s != 200 for s, _, _ in res), [s for s, _, _ in res]
+    assert redis_tls_server.keys() == []
 
 
 # ================================================================ 3. local: exact across workers

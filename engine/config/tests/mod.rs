@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::*;
 
 mod checks;
+mod tls;
 
 /// The smallest valid file: one listener, one upstream, one route.
 const MIN: &str = r#"[[listeners]]
