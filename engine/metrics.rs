@@ -169,6 +169,35 @@ pub struct Registry {
     pub reloads: SharedCounter,
     /// Refused reloads.
     pub reload_errors: SharedCounter,
+    /// TLS handshakes on listeners: (listener, result, version) → count.
+    tls_handshakes: Mutex<Vec<(String, &'static str, &'static str, u64)>>,
+    /// TLS handshakes with upstreams: (upstream, resumed) → count.
+    upstream_tls_handshakes: Mutex<Vec<(String, bool, u64)>>,
+}
+
+/// Counts a listener's TLS handshake. One lock per connection: next to the
+/// handshake's own crypto it costs nothing, and the table stays small
+/// (listeners × results × versions).
+pub fn tls_handshake(listener: &str, result: &'static str, version: &'static str) {
+    if let Ok(mut t) = registry().tls_handshakes.lock() {
+        match t
+            .iter_mut()
+            .find(|e| e.0 == listener && e.1 == result && e.2 == version)
+        {
+            Some(e) => e.3 += 1,
+            None => t.push((listener.to_owned(), result, version, 1)),
+        }
+    }
+}
+
+/// Counts a TLS handshake with an upstream, resumed or full.
+pub fn upstream_tls_handshake(upstream: &str, resumed: bool) {
+    if let Ok(mut t) = registry().upstream_tls_handshakes.lock() {
+        match t.iter_mut().find(|e| e.0 == upstream && e.1 == resumed) {
+            Some(e) => e.2 += 1,
+            None => t.push((upstream.to_owned(), resumed, 1)),
+        }
+    }
 }
 
 /// The process registry.
@@ -511,6 +540,32 @@ impl Registry {
             let _ = writeln!(out, "# HELP {metric} {help}");
             let _ = writeln!(out, "# TYPE {metric} counter");
             let _ = writeln!(out, "{metric} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_tls_handshakes_total TLS handshakes on listeners, by result and version."
+        );
+        let _ = writeln!(out, "# TYPE ringway_tls_handshakes_total counter");
+        if let Ok(t) = self.tls_handshakes.lock() {
+            for (listener, result, version, n) in t.iter() {
+                let _ = writeln!(
+                    out,
+                    "ringway_tls_handshakes_total{{listener=\"{listener}\",result=\"{result}\",version=\"{version}\"}} {n}"
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_tls_handshakes_total TLS handshakes with upstreams, full or resumed."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_tls_handshakes_total counter");
+        if let Ok(t) = self.upstream_tls_handshakes.lock() {
+            for (upstream, resumed, n) in t.iter() {
+                let _ = writeln!(
+                    out,
+                    "ringway_upstream_tls_handshakes_total{{upstream=\"{upstream}\",resumed=\"{resumed}\"}} {n}"
+                );
+            }
         }
         render_process(out);
     }

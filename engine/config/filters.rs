@@ -172,6 +172,7 @@ fn key_source(v: &str) -> Result<KeySource, String> {
         "ip" => KeySource::Ip,
         "route" => KeySource::Route,
         "global" => KeySource::Global,
+        "client_cert" => KeySource::ClientCert,
         _ => {
             if let Some(n) = named("header:") {
                 KeySource::Header(n.to_ascii_lowercase())
@@ -182,7 +183,7 @@ fn key_source(v: &str) -> Result<KeySource, String> {
             } else {
                 return Err(format!(
                     "expected \"consumer\", \"ip\", \"header:NAME\", \"query:NAME\", \
-                     \"cookie:NAME\", \"route\" or \"global\", got {v:?}"
+                     \"cookie:NAME\", \"route\", \"global\" or \"client_cert\", got {v:?}"
                 ));
             }
         }

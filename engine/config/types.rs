@@ -451,6 +451,9 @@ pub enum KeySource {
     Route,
     /// One counter for everything.
     Global,
+    /// The subject of the client certificate verified on a TLS listener
+    /// with `client_auth` (requests without one are not limited by it).
+    ClientCert,
 }
 
 /// One limit rule: which key values it applies to, and its windows.

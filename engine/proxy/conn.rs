@@ -6,16 +6,21 @@
 //! response is read, the upstream buffer. Nothing else is allocated per request.
 
 use crate::transport::Stream;
-use std::{net::SocketAddr, rc::Rc, time::Instant};
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
-use monoio::io::AsyncWriteRent;
+use monoio::{io::AsyncWriteRent, net::TcpStream};
 
 use super::{
     error::{self},
     head::{read_request_head, HeadFail},
     headers::ExtraHeaders,
     limits::check_limits,
-    record::Record,
+    record::{Record, TlsFacts},
     reject::{linger, reject, reject_with},
     request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
@@ -27,6 +32,7 @@ use crate::{
     buf::PoolBuf,
     h1::BodyKind,
     runtime::{deadline, Generation, Worker},
+    tls::ServerTls,
 };
 
 /// What happens to the client connection after one exchange.
@@ -40,7 +46,15 @@ pub(super) enum Next {
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve(w: Rc<Worker>, mut client: Stream, peer: SocketAddr, listener: SocketAddr) {
+/// `first_wait` cuts the first request's wait (to what is left of
+/// `header_timeout` after a TLS handshake).
+pub async fn serve(
+    w: Rc<Worker>,
+    mut client: Stream,
+    peer: SocketAddr,
+    listener: SocketAddr,
+    first_wait: Option<Duration>,
+) {
     let _ = client.set_nodelay(true);
     let _conn = ConnGuard::new(&w);
     let mut pending: Option<PoolBuf> = None;
@@ -53,7 +67,7 @@ pub async fn serve(w: Rc<Worker>, mut client: Stream, peer: SocketAddr, listener
                 let wait = {
                     let g = w.generation();
                     if first {
-                        g.server.header_timeout
+                        first_wait.unwrap_or(g.server.header_timeout)
                     } else {
                         g.server.keepalive_timeout
                     }
@@ -97,6 +111,78 @@ pub async fn serve(w: Rc<Worker>, mut client: Stream, peer: SocketAddr, listener
     }
 }
 
+/// Serves a connection accepted on a TLS listener: the handshake (inside
+/// `header_timeout`), then requests as on any connection. Plain HTTP sent to
+/// the port gets a plaintext 400, as nginx answers it.
+pub async fn serve_tls(
+    w: Rc<Worker>,
+    tcp: TcpStream,
+    tls: ServerTls,
+    peer: SocketAddr,
+    listener: SocketAddr,
+) {
+    let (name, header_timeout) = {
+        let g = w.generation();
+        let name = g
+            .listener_index(listener)
+            .and_then(|i| g.shared.cfg.listeners.get(i))
+            .map(|l| l.name.clone())
+            .unwrap_or_default();
+        (name, g.server.header_timeout)
+    };
+    let until = Instant::now() + header_timeout;
+    // What the first byte says, before any buffer or TLS state is taken.
+    match deadline::timeout_at(until, tcp.readable(false)).await {
+        Ok(Ok(())) => {}
+        _ => return tls_failed(&name, "timeout"),
+    }
+    match first_byte(&tcp) {
+        Some(TLS_HANDSHAKE_RECORD) => {}
+        Some(b) if b.is_ascii_uppercase() => {
+            let g = w.generation();
+            let mut client = Stream::Plain(tcp);
+            let _ = reject(&w, &g, &mut client, error::PLAIN_HTTP_TO_TLS, false, None).await;
+            return tls_failed(&name, "plaintext");
+        }
+        _ => return tls_failed(&name, "failed"),
+    }
+    let mut stream = match tls.accept(tcp, &w.pool) {
+        Ok(s) => s,
+        Err(_) => return tls_failed(&name, "failed"),
+    };
+    match deadline::timeout_at(until, stream.handshake()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return tls_failed(&name, "failed"),
+        Err(_) => return tls_failed(&name, "timeout"),
+    }
+    crate::metrics::tls_handshake(&name, "ok", stream.protocol_version().unwrap_or("unknown"));
+    drop(name);
+    let left = until.saturating_duration_since(Instant::now());
+    serve(w, Stream::Tls(Box::new(stream)), peer, listener, Some(left)).await
+}
+
+/// The first byte of a TLS record carrying a handshake message.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Peeks at the first byte the client sent; `None` at EOF or on an error.
+fn first_byte(tcp: &TcpStream) -> Option<u8> {
+    let mut b = 0u8;
+    // SAFETY: a non-blocking one-byte peek into a local.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    (n == 1).then_some(b)
+}
+
+fn tls_failed(listener: &str, result: &'static str) {
+    crate::metrics::tls_handshake(listener, result, "none");
+}
+
 /// Counts an open client connection in the worker's gauge.
 pub(super) struct ConnGuard(Rc<Worker>);
 
@@ -129,6 +215,9 @@ pub(super) async fn exchange(
             let _record = route.map(|b| {
                 let (r, id, head_len) = *b;
                 let mut rec = Record::bare(w, g, r, peer, id, head_len);
+                if g.access_log {
+                    rec.tls = TlsFacts::of(client);
+                }
                 rec.status = rej.status;
                 rec
             });
@@ -137,6 +226,9 @@ pub(super) async fn exchange(
         Err(HeadFail::Gone) => return Next::Close,
     };
     let mut record = Record::new(w, g, &plan, peer);
+    if g.access_log {
+        record.tls = TlsFacts::of(client);
+    }
     let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
     // A rejected request whose body already arrived whole is skipped and the
     // connection kept (a 429 then costs the client no reconnect); a body
@@ -367,7 +459,7 @@ pub(super) async fn exchange(
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, D, Fut>(_: impl Fn(A, B, C, D) -> Fut) -> usize {
+    fn future_size<A, B, C, D, E, Fut>(_: impl Fn(A, B, C, D, E) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
 

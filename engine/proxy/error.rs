@@ -180,6 +180,19 @@ pub const BODY_TOO_LARGE: Reject =
 /// The upstream refused or reset the connection, or answered garbage.
 pub const BAD_GATEWAY: Reject =
     Reject::keep(502, "upstream_error", "the upstream failed to answer");
+/// Plain HTTP arrived on a TLS listener.
+pub const PLAIN_HTTP_TO_TLS: Reject = Reject::closing(
+    400,
+    "plain_http_to_tls_port",
+    "the plain HTTP request was sent to an HTTPS port",
+);
+/// The TLS handshake with the upstream failed (unknown CA, wrong name,
+/// expired certificate, protocol error); the log line names the reason.
+pub const UPSTREAM_TLS_ERROR: Reject = Reject::keep(
+    502,
+    "upstream_tls_error",
+    "the TLS handshake with the upstream failed",
+);
 /// The upstream could not be connected to.
 pub const CONNECT_FAILED: Reject = Reject::keep(
     502,

@@ -42,7 +42,7 @@ pub(super) async fn read_request_head(
     let deadline = Instant::now() + g.server.header_timeout;
     loop {
         if buf.len() > HEADROOM {
-            match plan_request(w, g, &mut buf, listener, peer.ip(), client.is_tls()) {
+            match plan_request(w, g, &mut buf, listener, peer.ip(), client.tls()) {
                 Ok(Parsed::Complete(plan)) => return Ok((plan, buf)),
                 Ok(Parsed::Partial) => {}
                 Err(rejected) => {

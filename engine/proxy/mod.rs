@@ -16,4 +16,4 @@ pub mod retry;
 pub mod send;
 pub mod transfer;
 
-pub use conn::serve;
+pub use conn::{serve, serve_tls};

@@ -1,12 +1,13 @@
 //! The record of one request: route metrics and its access-log line,
 //! written when the exchange ends, on every path.
 
-use std::{io::Write as _, net::SocketAddr, time::Instant};
+use std::{io::Write as _, net::SocketAddr, rc::Rc, time::Instant};
 
 use super::request::{Plan, RequestId, HEADROOM};
 use crate::{
     accesslog,
     runtime::{Generation, Worker},
+    transport::Stream,
 };
 
 /// Counts a request in its route's metrics, and writes its access-log line,
@@ -29,6 +30,27 @@ pub(super) struct Record<'a> {
     pub(super) model: Option<String>,
     /// Input and output tokens, and whether they were estimated.
     pub(super) tokens: Option<(u64, u64, bool)>,
+    /// The client connection's TLS: version, SNI, client certificate subject.
+    pub(super) tls: Option<TlsFacts>,
+}
+
+/// What the access log says of a TLS client connection.
+pub(super) struct TlsFacts {
+    version: &'static str,
+    sni: Option<Rc<str>>,
+    client_cert: Option<Rc<str>>,
+}
+
+impl TlsFacts {
+    /// The facts of `client`, when it is TLS.
+    pub(super) fn of(client: &Stream) -> Option<Self> {
+        let t = client.tls()?;
+        Some(Self {
+            version: t.protocol_version().unwrap_or("unknown"),
+            sni: t.sni_shared(),
+            client_cert: t.client_subject_shared(),
+        })
+    }
 }
 
 impl<'a> Record<'a> {
@@ -56,6 +78,7 @@ impl<'a> Record<'a> {
             upstream_time: None,
             model: None,
             tokens: None,
+            tls: None,
         }
     }
 
@@ -75,6 +98,7 @@ impl<'a> Record<'a> {
             upstream_time: None,
             model: None,
             tokens: None,
+            tls: None,
         }
     }
 }
@@ -136,6 +160,23 @@ impl Drop for Record<'_> {
         match &self.model {
             Some(m) => accesslog::push_json_str(&mut out, m.as_bytes()),
             None => out.extend_from_slice(b"null"),
+        }
+        match &self.tls {
+            Some(t) => {
+                let _ = write!(out, ",\"tls_version\":\"{}\",\"sni\":", t.version);
+                match &t.sni {
+                    Some(s) => accesslog::push_json_str(&mut out, s.as_bytes()),
+                    None => out.extend_from_slice(b"null"),
+                }
+                out.extend_from_slice(b",\"client_cert\":");
+                match &t.client_cert {
+                    Some(s) => accesslog::push_json_str(&mut out, s.as_bytes()),
+                    None => out.extend_from_slice(b"null"),
+                }
+            }
+            None => {
+                out.extend_from_slice(b",\"tls_version\":null,\"sni\":null,\"client_cert\":null")
+            }
         }
         match self.tokens {
             Some((i, o, est)) => {

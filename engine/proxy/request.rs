@@ -16,6 +16,7 @@ use crate::{
     proxy::error::{self, Reject},
     route::RequestView,
     runtime::{Generation, Shared, Worker},
+    tls::TlsStream,
     upstream::{balance::hash_bytes, cookie_value, HashSource},
 };
 
@@ -121,7 +122,7 @@ impl From<Reject> for Rejected {
 }
 
 /// Parses the head in `buf[HEADROOM..]`, routes it, and rewrites it in place;
-/// `tls`: the client connection is TLS.
+/// `tls`: the client connection's TLS, when it is TLS.
 /// `Partial` means more bytes are needed.
 pub fn plan_request(
     w: &Worker,
@@ -129,7 +130,7 @@ pub fn plan_request(
     buf: &mut PoolBuf,
     listener: usize,
     peer: IpAddr,
-    tls: bool,
+    tls: Option<&TlsStream>,
 ) -> Result<Parsed<Plan>, Rejected> {
     let shared = &*g.shared;
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS_CAP];
@@ -204,8 +205,9 @@ pub fn plan_request(
         let upstream = &shared.upstreams[route.upstream];
         let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
         let query = memchr::memchr(b'?', target.as_bytes()).map(|q| &target.as_bytes()[q + 1..]);
-        let (consumer, limits, tokens) = run_filters(shared, route_idx, &head, query, peer)
-            .map_err(|rej| {
+        let client_cert = tls.and_then(|t| t.client_subject());
+        let (consumer, limits, tokens) =
+            run_filters(shared, route_idx, &head, query, peer, client_cert).map_err(|rej| {
                 let id = head
                     .headers
                     .iter()
@@ -238,6 +240,13 @@ pub fn plan_request(
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
 
+        // `host_header`: the upstream's own name (the first endpoint's, for
+        // "endpoint") or a literal replaces the client's Host.
+        let fixed_host = upstream
+            .conf
+            .endpoints
+            .first()
+            .and_then(|e| upstream.conf.host_header_for(&e.address));
         let mut request_id: Option<RequestId> = None;
         let mut has_xff = false;
         for h in head.headers {
@@ -262,7 +271,7 @@ pub fn plan_request(
             if name.eq_ignore_ascii_case("x-forwarded-proto") {
                 continue;
             }
-            if name.eq_ignore_ascii_case("host") && authority.is_some() {
+            if name.eq_ignore_ascii_case("host") && (authority.is_some() || fixed_host.is_some()) {
                 continue;
             }
             if name.eq_ignore_ascii_case("x-request-id") {
@@ -273,7 +282,11 @@ pub fn plan_request(
             out.extend_from_slice(h.value);
             out.extend_from_slice(b"\r\n");
         }
-        if let Some(auth) = authority {
+        if let Some(h) = fixed_host {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(h.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        } else if let Some(auth) = authority {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(auth.as_bytes());
             out.extend_from_slice(b"\r\n");
@@ -298,7 +311,7 @@ pub fn plan_request(
             }
         }
         let _ = write!(out, "{peer}");
-        out.extend_from_slice(if tls {
+        out.extend_from_slice(if tls.is_some() {
             b"\r\nx-forwarded-proto: https\r\n".as_slice()
         } else {
             b"\r\nx-forwarded-proto: http\r\n"
@@ -391,6 +404,7 @@ fn run_filters(
     head: &h1::RequestHead<'_, '_>,
     query: Option<&[u8]>,
     peer: IpAddr,
+    client_cert: Option<&str>,
 ) -> Result<(Option<u32>, LimitChecks, LimitChecks), Reject> {
     let mut consumer: Option<u32> = None;
     let mut limits = LimitChecks::default();
@@ -443,6 +457,7 @@ fn run_filters(
                         .find_map(|h| cookie_value(h.value, name)),
                     KeySource::Route => Some(shared.routes.get(route).name.as_bytes()),
                     KeySource::Global => Some(b"global".as_slice()),
+                    KeySource::ClientCert => client_cert.map(str::as_bytes),
                 };
                 // A request without the key part is not limited by this filter.
                 if let Some(v) = value {

@@ -70,6 +70,9 @@ pub(super) async fn resend(
         Err(CheckoutError::Connect(idx, _)) => {
             return Err(Resend::Connect(idx, error::CONNECT_FAILED, cbuf))
         }
+        Err(CheckoutError::Tls(idx)) => {
+            return Err(Resend::Connect(idx, error::UPSTREAM_TLS_ERROR, cbuf))
+        }
         Err(CheckoutError::NoSlot) => return Err(Resend::Reject(error::NO_SLOT)),
         Err(CheckoutError::AllDown) => return Err(Resend::Reject(error::ALL_DOWN)),
         Err(CheckoutError::NoEndpoint) => return Err(Resend::Reject(error::NO_ENDPOINT)),
@@ -99,7 +102,10 @@ pub(super) async fn connect(
             Ok(c) => return Ok(c),
             Err(e) => e,
         };
-        if let CheckoutError::Connect(idx, _) | CheckoutError::ConnectTimeout(idx) = err {
+        if let CheckoutError::Connect(idx, _)
+        | CheckoutError::ConnectTimeout(idx)
+        | CheckoutError::Tls(idx) = err
+        {
             pool.report_failure(idx);
             if tried.len() < retries && tried.push(idx) {
                 pool.stats.retries.add(1);
@@ -112,6 +118,7 @@ pub(super) async fn connect(
             CheckoutError::NoSlot => error::NO_SLOT,
             CheckoutError::Connect(..) => error::CONNECT_FAILED,
             CheckoutError::ConnectTimeout(_) => error::CONNECT_TIMEOUT,
+            CheckoutError::Tls(_) => error::UPSTREAM_TLS_ERROR,
         });
     }
 }

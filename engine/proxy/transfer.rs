@@ -260,7 +260,6 @@ pub async fn tunnel(
     // be split that way, so one loop serves whichever side is readable.
     let (client, upstream) = match (client, upstream) {
         (Stream::Plain(c), Stream::Plain(u)) => (c, u),
-        #[allow(unreachable_patterns)] // until the TLS variant lands
         (c, u) => return tunnel_one_task(c, u, cbuf, ubuf, idle).await,
     };
     let (mut cr, mut cw) = client.into_split();

@@ -47,6 +47,8 @@ pub struct Shared {
     pub filters: Filters,
     /// What each route does with AI traffic.
     pub ai_routes: Vec<crate::ai::AiRoute>,
+    /// Each listener's TLS server settings, by listener index.
+    pub listener_tls: Vec<Option<crate::tls::ServerTls>>,
 }
 
 impl Shared {
@@ -58,13 +60,25 @@ impl Shared {
         let upstreams = cfg
             .upstreams
             .iter()
-            .map(|u| {
-                previous
-                    .and_then(|p| p.upstreams.iter().find(|old| old.conf == *u))
-                    .cloned()
-                    .unwrap_or_else(|| UpstreamShared::new(u.clone()))
+            .map(
+                |u| match previous.and_then(|p| p.upstreams.iter().find(|old| old.conf == *u)) {
+                    Some(old) => Ok(old.clone()),
+                    None => UpstreamShared::new(u.clone()),
+                },
+            )
+            .collect::<Result<_, _>>()?;
+        // Rebuilt on every reload, so certificate files are read again; open
+        // connections keep the configuration they were accepted with.
+        let listener_tls = cfg
+            .listeners
+            .iter()
+            .map(|l| match &l.tls {
+                Some(t) => crate::tls::ServerTls::new(t)
+                    .map(Some)
+                    .map_err(|e| format!("listeners.{}.tls: {e}", l.name)),
+                None => Ok(None),
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         let filters = Filters::build(&cfg)?;
         let ai_routes = crate::ai::AiRoute::build_all(&cfg, &filters);
         Ok(Arc::new(Self {
@@ -73,6 +87,7 @@ impl Shared {
             upstreams,
             filters,
             ai_routes,
+            listener_tls,
         }))
     }
 }
@@ -130,6 +145,7 @@ pub struct Generation {
 impl Generation {
     fn build(
         worker: usize,
+        pool: &BufPool,
         shared: Arc<Shared>,
         number: u64,
         previous: Option<&Generation>,
@@ -142,7 +158,7 @@ impl Generation {
                 previous
                     .and_then(|p| p.upstreams.iter().find(|old| Arc::ptr_eq(&old.shared, u)))
                     .cloned()
-                    .unwrap_or_else(|| UpstreamPool::new(u.clone(), worker))
+                    .unwrap_or_else(|| UpstreamPool::new(u.clone(), worker, pool))
             })
             .collect();
         let routes = (0..shared.routes.len())
@@ -250,7 +266,7 @@ impl Worker {
         let scratch = RefCell::new(Vec::with_capacity(s.max_header_bytes + 1024));
         let stats = registry().worker_shard(id);
         stats.buffers_capacity.set(s.buffers_per_worker as u64);
-        let gen = Generation::build(id, shared, current_generation(), None);
+        let gen = Generation::build(id, &pool, shared, current_generation(), None);
         Self {
             id,
             gen: RefCell::new(Rc::new(gen)),
@@ -312,7 +328,13 @@ impl Worker {
             return;
         }
         let Some(shared) = current() else { return };
-        let next = Generation::build(self.id, shared, number, Some(&self.gen.borrow()));
+        let next = Generation::build(
+            self.id,
+            &self.pool,
+            shared,
+            number,
+            Some(&self.gen.borrow()),
+        );
         *self.gen.borrow_mut() = Rc::new(next);
         self.sync_listeners();
     }
@@ -415,7 +437,27 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, sto
         match accepted {
             Ok((stream, peer)) => {
                 w.stats.accepted.add(1);
-                monoio::spawn(proxy::serve(w.clone(), Stream::Plain(stream), peer, addr));
+                // A listener's TLS settings as of this accept: a reload that
+                // changes certificates leaves this connection on the old ones.
+                let tls = {
+                    let g = w.generation();
+                    g.listener_index(addr)
+                        .and_then(|i| g.shared.listener_tls.get(i).cloned().flatten())
+                };
+                match tls {
+                    None => {
+                        monoio::spawn(proxy::serve(
+                            w.clone(),
+                            Stream::Plain(stream),
+                            peer,
+                            addr,
+                            None,
+                        ));
+                    }
+                    Some(tls) => {
+                        monoio::spawn(proxy::serve_tls(w.clone(), stream, tls, peer, addr));
+                    }
+                }
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.

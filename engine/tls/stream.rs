@@ -19,8 +19,10 @@
 //! A failed operation poisons it too. The caller closes a poisoned connection.
 
 use std::ops::{Deref, DerefMut};
+use std::rc::Rc;
 use std::time::Duration;
 
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -62,9 +64,9 @@ pub struct TlsStream {
     /// `handshake` completed.
     ready: bool,
     /// SNI the client sent (server side), read from its ClientHello.
-    sni: Option<Box<str>>,
+    sni: Option<Rc<str>>,
     /// Subject of the client's verified certificate (server side, mTLS).
-    client_subject: Option<Box<str>>,
+    client_subject: Option<Rc<str>>,
 }
 
 enum Conn {
@@ -132,19 +134,36 @@ enum Job<'a> {
 }
 
 /// Where decrypted bytes go: the caller's buffer first, up to `room` bytes, then `pending`.
+///
+/// The caller's buffer is an owned IO buffer's writable region, held as a raw pointer so any
+/// `IoBufMut` (a pool buffer or a slice of one) can be read into, as a socket read would.
 struct Sink<'a> {
-    dst: Option<&'a mut PoolBuf>,
+    dst: *mut u8,
     room: usize,
     got: usize,
+    _buf: std::marker::PhantomData<&'a mut [u8]>,
 }
 
 impl Sink<'_> {
     fn none() -> Sink<'static> {
         Sink {
-            dst: None,
+            dst: std::ptr::null_mut(),
             room: 0,
             got: 0,
+            _buf: std::marker::PhantomData,
         }
+    }
+
+    /// Copies as much of `data` as fits; returns the count.
+    fn put(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.room - self.got);
+        if n > 0 {
+            // SAFETY: `dst` points at `room` writable bytes (see `read_buf`), `got + n <= room`,
+            // and decrypted data never overlaps the caller's buffer.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.dst.add(self.got), n) };
+            self.got += n;
+        }
+        n
     }
 }
 
@@ -193,7 +212,7 @@ impl TlsStream {
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .and_then(|leaf| certs::subject_of(leaf.as_ref()))
-                    .map(String::into_boxed_str);
+                    .map(Rc::from);
             }
         }
         self.leave(res)
@@ -202,13 +221,42 @@ impl TlsStream {
     /// Reads plaintext into `dst`'s free room, at most `max` bytes; returns the count, 0 once
     /// the peer has closed (close_notify, or TCP closed without it) or when `dst` has no room.
     pub async fn read(&mut self, dst: &mut PoolBuf, max: usize) -> Result<usize, TlsError> {
+        let len = dst.len();
+        let room = max.min(dst.spare());
+        // SAFETY: `len + room` is within the buffer's capacity.
+        let at = unsafe { dst.write_ptr().add(len) };
+        let n = self.read_into(at, room).await?;
+        // SAFETY: `read_into` wrote `n` bytes right after the first `len`.
+        unsafe { dst.set_init(len + n) };
+        Ok(n)
+    }
+
+    /// Reads plaintext into an owned IO buffer's writable region, as a socket read does:
+    /// returns the count (0 once the peer has closed) and the buffer.
+    pub async fn read_buf<T: IoBufMut>(&mut self, mut buf: T) -> (Result<usize, TlsError>, T) {
+        let res = self.read_into(buf.write_ptr(), buf.bytes_total()).await;
+        if let Ok(n) = res {
+            // SAFETY: `read_into` wrote exactly `n` bytes from the start of the region.
+            unsafe { buf.set_init(n) };
+        }
+        (res, buf)
+    }
+
+    /// Reads plaintext into the `room` writable bytes at `dst`.
+    async fn read_into(&mut self, dst: *mut u8, room: usize) -> Result<usize, TlsError> {
         self.enter()?;
         if !self.ready {
             return self.leave(Err(TlsError::NotReady));
         }
+        let mut sink = Sink {
+            dst,
+            room,
+            got: 0,
+            _buf: std::marker::PhantomData,
+        };
         let res = match &mut self.conn {
-            Conn::Server(c) => read_on(c, &mut self.io, dst, max).await,
-            Conn::Client(c) => read_on(c, &mut self.io, dst, max).await,
+            Conn::Server(c) => read_on(c, &mut self.io, &mut sink).await,
+            Conn::Client(c) => read_on(c, &mut self.io, &mut sink).await,
         };
         self.leave(res)
     }
@@ -321,6 +369,16 @@ impl TlsStream {
     /// The SNI name the client sent, lowercased (server side).
     pub fn sni(&self) -> Option<&str> {
         self.sni.as_deref()
+    }
+
+    /// The SNI name, shared (for the access log, without a copy per request).
+    pub fn sni_shared(&self) -> Option<Rc<str>> {
+        self.sni.clone()
+    }
+
+    /// The client certificate's subject, shared (access log, limit keys).
+    pub fn client_subject_shared(&self) -> Option<Rc<str>> {
+        self.client_subject.clone()
     }
 
     /// The subject ("CN=…, O=…") of the client certificate verified in the handshake (server
@@ -439,11 +497,8 @@ async fn deliver(
 ) -> Result<(), TlsError> {
     let mut rest = payload;
     let nothing_pending = pending.as_ref().is_none_or(|p| p.is_empty());
-    if let (true, Some(dst)) = (nothing_pending, sink.dst.as_deref_mut()) {
-        let n = rest.len().min(sink.room - sink.got);
-        // Fits: `room` never exceeds the caller's free room.
-        let _ = dst.put(&rest[..n]);
-        sink.got += n;
+    if nothing_pending && !sink.dst.is_null() {
+        let n = sink.put(rest);
         rest = &rest[n..];
     }
     if rest.is_empty() {
@@ -633,14 +688,14 @@ async fn step<C: Role>(
 async fn handshake_on<C: Role>(
     conn: &mut C,
     io: &mut Io,
-    mut sni: Option<&mut Option<Box<str>>>,
+    mut sni: Option<&mut Option<Rc<str>>>,
 ) -> Result<(), TlsError> {
     // Read the client's SNI before rustls consumes the ClientHello.
     let mut hello_seen = false;
     loop {
         if let (false, Some(slot), Some(inc)) = (hello_seen, sni.as_deref_mut(), &io.incoming) {
             if slot.is_none() {
-                *slot = hello::client_hello_sni(inc).map(String::into_boxed_str);
+                *slot = hello::client_hello_sni(inc).map(Rc::from);
             }
         }
         let event = match step(conn, io, &mut Sink::none(), &mut Job::Idle).await {
@@ -704,29 +759,21 @@ async fn send_alert<C: Role>(conn: &mut C, io: &mut Io) {
 async fn read_on<C: Role>(
     conn: &mut C,
     io: &mut Io,
-    dst: &mut PoolBuf,
-    max: usize,
+    sink: &mut Sink<'_>,
 ) -> Result<usize, TlsError> {
-    let room = max.min(dst.spare());
-    if room == 0 {
+    if sink.room == 0 {
         return Ok(0);
     }
     if let Some(p) = io.pending.as_mut().filter(|p| !p.is_empty()) {
-        let n = room.min(p.len());
-        let _ = dst.put(&p[..n]);
+        let n = sink.put(p);
         p.consume(n);
         return Ok(n);
     }
     if io.peer_closed {
         return Ok(0);
     }
-    let mut sink = Sink {
-        dst: Some(dst),
-        room,
-        got: 0,
-    };
     loop {
-        let event = step(conn, io, &mut sink, &mut Job::Idle).await?;
+        let event = step(conn, io, sink, &mut Job::Idle).await?;
         if sink.got > 0 {
             return Ok(sink.got);
         }

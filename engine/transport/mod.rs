@@ -11,6 +11,7 @@ use std::{
     os::fd::{AsRawFd, RawFd},
 };
 
+use crate::tls::TlsStream;
 use monoio::{
     buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut},
     io::{AsyncReadRent, AsyncWriteRent},
@@ -22,6 +23,9 @@ use monoio::{
 pub enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
+    /// TLS in user space (rustls over pool buffers); boxed, so a plain
+    /// connection's task does not carry the TLS state's size.
+    Tls(Box<TlsStream>),
 }
 
 impl Stream {
@@ -30,6 +34,7 @@ impl Stream {
     pub fn tcp_mut(&mut self) -> Option<&mut TcpStream> {
         match self {
             Stream::Plain(s) => Some(s),
+            Stream::Tls(_) => None,
         }
     }
 
@@ -37,6 +42,15 @@ impl Stream {
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Plain(s) => Some(s),
+            Stream::Tls(_) => None,
+        }
+    }
+
+    /// The TLS state, for the access log and limit keys.
+    pub fn tls(&self) -> Option<&TlsStream> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(t) => Some(t),
         }
     }
 
@@ -45,14 +59,13 @@ impl Stream {
     pub fn socket(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
+            Stream::Tls(t) => t.tcp(),
         }
     }
 
     /// Whether the stream is TLS (`x-forwarded-proto: https`).
     pub fn is_tls(&self) -> bool {
-        match self {
-            Stream::Plain(_) => false,
-        }
+        matches!(self, Stream::Tls(_))
     }
 
     /// Bytes already read and decrypted but not yet consumed: a reader has
@@ -60,6 +73,7 @@ impl Stream {
     pub fn has_buffered(&self) -> bool {
         match self {
             Stream::Plain(_) => false,
+            Stream::Tls(t) => t.has_buffered(),
         }
     }
 
@@ -67,23 +81,21 @@ impl Stream {
     pub async fn readable(&self, relaxed: bool) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.readable(relaxed).await,
+            Stream::Tls(t) if t.has_buffered() => Ok(()),
+            Stream::Tls(t) => t.tcp().readable(relaxed).await,
         }
     }
 
     /// Sets TCP_NODELAY on the socket underneath.
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.set_nodelay(on),
-        }
+        self.socket().set_nodelay(on)
     }
 }
 
 impl AsRawFd for Stream {
     /// The TCP socket underneath (ciphertext, for a TLS stream).
     fn as_raw_fd(&self) -> RawFd {
-        match self {
-            Stream::Plain(s) => s.as_raw_fd(),
-        }
+        self.socket().as_raw_fd()
     }
 }
 
@@ -91,38 +103,71 @@ impl AsyncReadRent for Stream {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Stream::Plain(s) => s.read(buf).await,
+            Stream::Tls(t) => {
+                let (res, buf) = t.read_buf(buf).await;
+                (res.map_err(io::Error::from), buf)
+            }
         }
     }
 
     async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Stream::Plain(s) => s.readv(buf).await,
+            // Nothing here reads vectored; a TLS read fills one region.
+            Stream::Tls(_) => (Err(io::ErrorKind::Unsupported.into()), buf),
         }
     }
 }
 
 impl AsyncWriteRent for Stream {
+    /// On TLS, everything is encrypted and sent before this returns: a
+    /// write is never short.
     async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Stream::Plain(s) => s.write(buf).await,
+            Stream::Tls(t) => {
+                // SAFETY: an IoBuf's first `bytes_init` bytes at `read_ptr` are initialised
+                // and stay put while we own `buf`.
+                let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+                let res = t.write_slice(data).await.map(|()| data.len());
+                (res.map_err(io::Error::from), buf)
+            }
         }
     }
 
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Stream::Plain(s) => s.writev(buf).await,
+            Stream::Tls(t) => {
+                let mut total = 0;
+                for i in 0..buf.read_iovec_len() {
+                    // SAFETY: the IoVecBuf holds `read_iovec_len` valid iovecs whose memory
+                    // stays put while we own `buf`.
+                    let data = unsafe {
+                        let v = *buf.read_iovec_ptr().add(i);
+                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                    };
+                    if let Err(e) = t.write_slice(data).await {
+                        return (Err(e.into()), buf);
+                    }
+                    total += data.len();
+                }
+                (Ok(total), buf)
+            }
         }
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush().await,
+            Stream::Tls(_) => Ok(()),
         }
     }
 
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.shutdown().await,
+            Stream::Tls(t) => t.shutdown().await.map_err(io::Error::from),
         }
     }
 }

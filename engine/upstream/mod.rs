@@ -32,6 +32,9 @@ pub struct UpstreamShared {
     pub default_host: String,
     /// Where `balance = "hash"` takes its key from.
     pub hash_source: Option<HashSource>,
+    /// The TLS client settings (`tls`); each worker's pool takes its own
+    /// copy, with its own session cache.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// The request part that `balance = "hash"` hashes.
@@ -74,8 +77,16 @@ pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
 }
 
 impl UpstreamShared {
-    /// Builds the shared state with whatever resolves now.
-    pub fn new(conf: config::Upstream) -> Arc<Self> {
+    /// Builds the shared state with whatever resolves now; fails only when
+    /// the TLS settings cannot make a client configuration.
+    pub fn new(conf: config::Upstream) -> Result<Arc<Self>, String> {
+        let tls = match &conf.tls {
+            Some(t) => Some(
+                crate::tls::ClientTls::new(t)
+                    .map_err(|e| format!("upstreams.{}.tls: {e}", conf.name))?,
+            ),
+            None => None,
+        };
         let addrs = resolve::resolve_each(&conf);
         let default_host = conf
             .endpoints
@@ -97,14 +108,15 @@ impl UpstreamShared {
             config::Balance::Hash => conf.hash_key.as_deref().and_then(HashSource::parse),
             _ => None,
         };
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             hash_source,
             conf,
             addrs: ArcSwap::from_pointee(addrs),
             health,
             ring,
             default_host,
-        })
+            tls,
+        }))
     }
 
     /// Failures in a row that eject an endpoint.

@@ -18,7 +18,7 @@ use std::{
 
 use monoio::net::TcpStream;
 
-use crate::transport::Stream;
+use crate::{buf::BufPool, transport::Stream};
 
 use super::{balance, health::now_ms, UpstreamShared};
 use crate::{
@@ -43,6 +43,10 @@ pub struct UpstreamPool {
     /// Counters for /metrics and /stats; `open` and `idle` are also the
     /// pool's own bookkeeping.
     pub stats: Arc<UpstreamShard>,
+    /// This worker's TLS client (its own session cache), with `tls` on.
+    tls: Option<crate::tls::ClientTls>,
+    /// The worker's buffer pool, which TLS streams draw on.
+    bufs: BufPool,
 }
 
 struct Idle {
@@ -65,6 +69,8 @@ pub enum CheckoutError {
     Connect(usize, io::Error),
     /// The connection attempt to endpoint `.0` took longer than `connect_timeout`.
     ConnectTimeout(usize),
+    /// The TLS handshake with endpoint `.0` failed (verification, protocol).
+    Tls(usize),
 }
 
 /// What the balancer may use to pick.
@@ -77,10 +83,12 @@ pub struct Pick<'a> {
 
 impl UpstreamPool {
     /// An empty pool for worker `worker`.
-    pub fn new(shared: Arc<UpstreamShared>, worker: usize) -> Rc<Self> {
+    pub fn new(shared: Arc<UpstreamShared>, worker: usize, bufs: &BufPool) -> Rc<Self> {
         let n = shared.conf.endpoints.len();
         let stats = registry().upstream_shard(&shared.conf.name, worker);
         Rc::new(Self {
+            tls: shared.tls.as_ref().map(|t| t.for_worker()),
+            bufs: bufs.clone(),
             shared,
             idle: RefCell::new(Vec::new()),
             waiters: WaitQueue::default(),
@@ -155,16 +163,39 @@ impl UpstreamPool {
                 return Err(CheckoutError::ConnectTimeout(idx));
             }
         };
-        std::mem::forget(slot);
         let _ = stream.set_nodelay(true);
+        let stream = match &self.tls {
+            None => Stream::Plain(stream),
+            Some(tls) => {
+                // The handshake counts toward `connect_timeout`.
+                let endpoint = &conf.endpoints[idx].address;
+                let handshake = async {
+                    let mut s = tls.connect(stream, endpoint, &self.bufs)?;
+                    s.handshake().await.map(|()| s)
+                };
+                match deadline::timeout_at(deadline_at, handshake).await {
+                    Ok(Ok(s)) => {
+                        crate::metrics::upstream_tls_handshake(&conf.name, s.resumed());
+                        Stream::Tls(Box::new(s))
+                    }
+                    Ok(Err(e)) => {
+                        self.stats.connect_errors.add(1);
+                        crate::log::warn(&format!(
+                            "upstream {}: TLS with {endpoint} ({addr}) failed: {e}",
+                            conf.name
+                        ));
+                        return Err(CheckoutError::Tls(idx));
+                    }
+                    Err(_) => {
+                        self.stats.connect_errors.add(1);
+                        return Err(CheckoutError::ConnectTimeout(idx));
+                    }
+                }
+            }
+        };
+        std::mem::forget(slot);
         self.stats.connects.add(1);
-        Ok(UpConn::new(
-            self.clone(),
-            Stream::Plain(stream),
-            idx,
-            addr,
-            false,
-        ))
+        Ok(UpConn::new(self.clone(), stream, idx, addr, false))
     }
 
     /// Records a failure of endpoint `idx` (connect error, reset, 5xx).

@@ -250,6 +250,7 @@ fn key_sources_and_rule_matchers() {
         ("ip", KeySource::Ip),
         ("route", KeySource::Route),
         ("global", KeySource::Global),
+        ("client_cert", KeySource::ClientCert),
         ("header:X-Tenant", KeySource::Header("x-tenant".into())),
         ("query:api_key", KeySource::Query("api_key".into())),
         ("cookie:sid", KeySource::Cookie("sid".into())),
