@@ -546,3 +546,116 @@ def test_session_resumption_works_across_workers(ringway_fn, pki, backend):
         resumed += s.session_reused
         s.close()
     assert resumed == 12, "%d of 12 handshakes resumed" % resumed
+
+
+# ------------------------------------------------------------------------------ AI over TLS
+def test_event_stream_token_accounting_through_an_https_upstream(ringway_fn, pki, tmp_path_factory):
+    """An AI route whose upstream is HTTPS (nginx with `ssl` in front of the OpenAI-style origin):
+    the SDK's streamed answer equals the direct one, and the token metrics hold exactly the
+    usage the origin reported."""
+    from test_ai import STATS, ai_config, expected_tokens, wait_tokens
+    up = AiUpstreamProc("openai")
+    n = NginxTls(tmp_path_factory.mktemp("nginx-ai"), pki.local[0], pki.local[1], up.addr).start()
+    try:
+        port, admin = free_port(), free_port()
+        text = ai_config(port, admin,
+                         [{"name": "openai", "endpoints": ["localhost:%d" % n.port],
+                           "tls": {"ca": pki.ca}, "response_timeout": "10s"}],
+                         [{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
+                           "filters": ["auth", "stats"], "include_usage": True}],
+                         [{"name": "auth", "kind": "key-auth"}, STATS])
+        gw = Ringway(text, ringway_fn.tmpdir / "ai-tls", name="ai-tls", port=port)
+        ringway_fn.instances.append(gw)
+        gw.start()
+        via = OpenAI(base_url="http://127.0.0.1:%d/v1" % port, api_key="sk-alice", max_retries=0,
+                     timeout=30)
+        direct = OpenAI(base_url="https://localhost:%d/v1" % n.port, api_key="x", max_retries=0,
+                        timeout=30, http_client=openai.DefaultHttpxClient(verify=pki.ca))
+        outs = []
+        for client in (via, direct):
+            chunks = client.chat.completions.create(
+                model="gpt-4o-tls", messages=[{"role": "user", "content": "count my tokens over TLS"}],
+                stream=True, max_tokens=20)
+            outs.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+        assert outs[0] == outs[1] and outs[0], outs
+        entries = [e for e in up.entries() if e.get("model") == "gpt-4o-tls"]
+        assert len(entries) == 2, entries
+        exp = expected_tokens(entries[:1], "chat", "alice")
+        assert exp, entries
+        bad, mtext = wait_tokens(admin, exp)
+        assert not bad, bad
+    finally:
+        n.stop()
+        up.stop()
+
+
+def test_client_certificate_subject_is_a_limit_key(ringway_fn, pki, backend):
+    """client_auth = required: a client without a certificate is refused in the handshake; with
+    `key = "client_cert"`, each certificate subject has its own request budget."""
+    other = pki.leaf("client-b", cn="tenant-b", client=True)
+    port, admin = free_port(), free_port()
+    listener = {"name": "public", "address": "127.0.0.1:%d" % port,
+                "tls": {"certs": [{"cert": pki.api[0], "key": pki.api[1]}],
+                        "client_auth": {"ca": pki.ca, "mode": "required"}}}
+    text = make_config(port, [{"name": "b", "endpoints": [backend.addr]}],
+                       [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "b",
+                         "filters": ["per-cert"]}],
+                       None, listeners=[listener], admin=admin)
+    text += ('\n[[filters]]\nname = "per-cert"\nkind = "rate-limit"\nscope = "local"\n'
+             'key = "client_cert"\nrules = [ { match = "*", requests_per_minute = 3 } ]\n')
+    gw = Ringway(text, ringway_fn.tmpdir / "mtls-in", name="mtls-in", port=port)
+    gw.admin_port = admin
+    ringway_fn.instances.append(gw)
+    gw.start()
+
+    def with_cert(cert):
+        ctx = client_ctx(pki)
+        if cert:
+            ctx.load_cert_chain(cert[0], cert[1])
+        return ctx
+
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        # TLS 1.3 reports the refusal at the first read after the handshake.
+        tls_get(port, with_cert(None), "api.test")
+    a = [tls_get(port, with_cert(pki.client), "api.test")[0] for _ in range(4)]
+    b = [tls_get(port, with_cert(other), "api.test")[0] for _ in range(4)]
+    assert a == [200, 200, 200, 429] and b == [200, 200, 200, 429], (a, b)
+
+
+def test_10000_idle_tls_connections_do_not_stop_new_clients(ringway_fn, pki, backend):
+    """10,000 TLS connections, handshaken and idle: they hold no pool buffer, their memory is
+    bounded, and a new client is still served at once."""
+    import resource
+    n_idle = 10000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n_idle + 1000
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip("hard RLIMIT_NOFILE %d < %d" % (hard, need))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else need, hard))
+    gw = start_gw(ringway_fn, "idle10k",
+                  upstreams=[{"name": "b", "endpoints": [backend.addr]}],
+                  routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "b"}],
+                  tls={"certs": [{"cert": pki.api[0], "key": pki.api[1]}]},
+                  server={"keepalive_timeout": "120s", "header_timeout": "60s"})
+    ctx = client_ctx(pki)
+    assert tls_get(gw.port, ctx, "api.test")[0] == 200
+    rss0 = gw.rss()
+    socks = []
+    try:
+        for _ in range(n_idle):
+            socks.append(ctx.wrap_socket(socket.create_connection(("127.0.0.1", gw.port), timeout=10),
+                                         server_hostname="api.test"))
+        wait_until(lambda: buffers_in_use(gw) == 0, 10, what="idle TLS connections holding no buffer")
+        grown = gw.rss() - rss0
+        assert grown < n_idle * 32 * 1024, "RSS grew %d KiB for %d idle TLS connections" % (grown >> 10, n_idle)
+        for i in range(5):
+            t = time.monotonic()
+            assert tls_get(gw.port, ctx, "api.test", path="/echo?new=%d" % i)[0] == 200
+            assert time.monotonic() - t < 2.0
+        # Some of the idle ones still work.
+        for s in socks[::2500]:
+            s.sendall(request_bytes("GET", "/echo", host="api.test", headers=[("Connection", "close")]))
+            assert s.recv(12).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
