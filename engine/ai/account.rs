@@ -68,6 +68,8 @@ pub struct AiCtx {
     /// The upstream's status, once its response head arrived; 0 before. A
     /// request the upstream never answered is not counted.
     pub status: u16,
+    /// The route's `sse_keepalive`.
+    pub keepalive: Option<std::time::Duration>,
     settled: Option<Usage>,
 }
 
@@ -99,6 +101,7 @@ impl AiCtx {
             first_token: None,
             done_at: None,
             status: 0,
+            keepalive: None,
             settled: None,
         }
     }

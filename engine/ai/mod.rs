@@ -33,6 +33,8 @@ pub struct AiRoute {
     pub model_map: Vec<(String, String)>,
     /// Add `stream_options.include_usage` to streamed chat requests.
     pub include_usage: bool,
+    /// `sse_keepalive`: a comment written during upstream silence on an event stream.
+    pub sse_keepalive: Option<std::time::Duration>,
 }
 
 impl AiRoute {
@@ -42,6 +44,8 @@ impl AiRoute {
             || !self.token_limits.is_empty()
             || !self.models.is_empty()
             || !self.model_map.is_empty()
+            // Keep-alive comments need the event stream framed by Ringway.
+            || self.sse_keepalive.is_some()
     }
 
     /// Whether requests on this route are accounted (token limits or `ai-stats`): their
@@ -58,6 +62,7 @@ impl AiRoute {
             .map(|(ri, r)| {
                 let mut ai = AiRoute {
                     include_usage: r.include_usage,
+                    sse_keepalive: r.sse_keepalive,
                     ..Default::default()
                 };
                 for &fi in &filters.by_route[ri] {

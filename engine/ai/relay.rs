@@ -38,6 +38,9 @@ enum Reader {
     Eof,
 }
 
+/// The SSE comment written during upstream silence (`sse_keepalive`).
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
 /// Longest chunk-size line Ringway writes: eight hex digits and CRLF.
 const CHUNK_LINE_MAX: usize = 10;
 
@@ -201,6 +204,36 @@ pub async fn relay(
         at = 0;
         if done {
             return Ok((written, clean));
+        }
+        // Upstream silence on an event stream, between whole events: keep-alive
+        // comments go out until it speaks again (each counts as written output,
+        // not as upstream progress: `response_timeout` still bounds the silence).
+        if let (Some(every), true) = (ctx.keepalive, rp.reframe) {
+            let quiet_since = std::time::Instant::now();
+            loop {
+                let between_events = held.is_empty()
+                    && ctx.sse.as_ref().is_some_and(|p| p.pending_len() == 0);
+                let left = up_idle.saturating_sub(quiet_since.elapsed());
+                let wait = if between_events { every.min(left) } else { left };
+                match deadline::timeout(wait, up.readable(false)).await {
+                    Ok(_) => break,
+                    Err(_) if !between_events || quiet_since.elapsed() >= up_idle => {
+                        return Err(XferError::Timeout(Side::Upstream));
+                    }
+                    Err(_) => {}
+                }
+                // The head already left on the first pass (re-framed bodies always send it).
+                let mut ping = Vec::with_capacity(24);
+                if rechunk {
+                    ping.extend_from_slice(b"e\r\n");
+                    ping.extend_from_slice(KEEPALIVE);
+                    ping.extend_from_slice(b"\r\n");
+                } else {
+                    ping.extend_from_slice(KEEPALIVE);
+                }
+                written += ping.len() as u64;
+                write_from(client, ping, 0, client_idle).await?;
+            }
         }
         // Read more from the upstream.
         let len = ubuf.len();

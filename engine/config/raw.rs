@@ -305,6 +305,7 @@ pub(crate) struct RawRoute {
     #[serde(default)]
     pub model_map: OrderedMap<S<String>>,
     pub include_usage: Option<bool>,
+    pub sse_keepalive: Option<S<Dur>>,
 }
 
 #[derive(Deserialize, Default)]

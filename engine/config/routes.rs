@@ -96,6 +96,10 @@ pub(crate) fn routes(
             models: pairs(&r.models),
             model_map: pairs(&r.model_map),
             include_usage: r.include_usage.unwrap_or(true),
+            sse_keepalive: r.sse_keepalive.as_ref().map(|d| {
+                let key = format!("routes[{i}].sse_keepalive");
+                ck.dur(&key, &r.sse_keepalive, d.get_ref().0)
+            }),
         });
     }
     out

@@ -531,6 +531,8 @@ pub struct Route {
     pub model_map: Vec<(String, String)>,
     /// Ask the upstream for usage in streamed responses.
     pub include_usage: bool,
+    /// During upstream silence on an event stream, write `: keep-alive` this often.
+    pub sse_keepalive: Option<std::time::Duration>,
 }
 
 /// Conditions a request must meet for a route; absent ones match everything.

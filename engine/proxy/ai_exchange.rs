@@ -68,6 +68,7 @@ pub(super) async fn exchange(
         req.input_estimate,
         route_ai.stats,
     );
+    ctx.keepalive = route_ai.sse_keepalive;
 
     // Reserve tokens before anything goes upstream.
     let redis_timeout = g

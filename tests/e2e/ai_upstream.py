@@ -48,6 +48,7 @@ Modes (request header, or query parameter of the same name without `x-test-`):
   x-test-delta-input-zero: 1 Anthropic streams report "input_tokens": 0 in message_delta (some
                              Anthropic-compatible servers do; message_start has the real count)
   x-test-frame-delay-ms: M   wait M ms before each SSE frame after the first
+  x-test-pause-ms: M         stay silent M ms mid-stream, before SSE frame x-test-pause-after (2)
   x-test-status: S           answer status S (429, 5xx, ...) with an OpenAI-style JSON error and
                              no usage, as providers refuse a request
 
@@ -331,6 +332,7 @@ class AiUpstream(ThreadedServer):
         close = not keep
         self.reply.coding = None
         self.reply.frame_delay = 0
+        self.reply.pause = (0, 0)
 
         if path == "/healthz":
             self._send(conn, 200, b"ok\n", "text/plain", close=close)
@@ -385,6 +387,7 @@ class AiUpstream(ThreadedServer):
         coding = pick_coding(req)
         self.reply.coding = coding
         self.reply.frame_delay = _num(req, "frame-delay-ms") or 0
+        self.reply.pause = (_num(req, "pause-ms") or 0, _num(req, "pause-after") or 2)
         entry["content_encoding"] = coding
         stream = doc.get("stream") is True
         entry["stream"] = stream
@@ -477,10 +480,13 @@ class AiUpstream(ThreadedServer):
                 conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
 
         gap = getattr(self.reply, "frame_delay", 0) / 1000.0
+        pause_ms, pause_at = getattr(self.reply, "pause", (0, 0))
         try:
             for i, f in enumerate(frames):
                 if gap and i:
                     time.sleep(gap)
+                if pause_ms and i == pause_at:
+                    time.sleep(pause_ms / 1000.0)
                 data = f.encode("utf-8")
                 send(coder.piece(data) if coder else data)
             if coder:
