@@ -7,6 +7,7 @@ use monoio::io::AsyncWriteRentExt;
 
 use super::{
     conn::Next,
+    early::{EarlyWatch, Watched},
     error,
     headers::ExtraHeaders,
     record::Record,
@@ -183,18 +184,24 @@ pub(super) async fn exchange(
             .await
         }
     };
-    let (rp, ubuf) = match read_response_head(
-        w,
-        g,
-        client,
-        &mut conn,
-        ubuf,
-        &plan,
-        &extra,
-        ctx.injected,
-    )
-    .await
-    {
+    // A client that leaves while the model thinks: the upstream connection
+    // closes at once (the provider stops generating) and the reservation is
+    // released, instead of waiting for an answer nobody will read.
+    let watch = EarlyWatch::on_socket(client);
+    let head = read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, ctx.injected);
+    let head = match &watch {
+        Some(watch) => match watch.run_until_closed(head).await {
+            Watched::Done(r) => r,
+            Watched::Answered => {
+                drop(conn);
+                ctx.settle();
+                return Next::Close;
+            }
+        },
+        None => head.await,
+    };
+    drop(watch);
+    let (rp, ubuf) = match head {
         Ok(v) => v,
         Err(RespError::Client) => return Next::Close,
         Err(RespError::NoAnswer) => {

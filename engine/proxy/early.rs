@@ -18,7 +18,8 @@ use monoio::net::TcpStream;
 
 use crate::transport::Stream;
 
-/// A second handle on an upstream socket, used only to wait for readability.
+/// A second handle on a socket (an upstream's, or a client's), used only to
+/// wait for readability beside an operation that holds the socket itself.
 pub(super) struct EarlyWatch {
     dup: TcpStream,
 }
@@ -36,7 +37,16 @@ impl EarlyWatch {
     /// carries TLS, whose records a peek cannot read (the body is then sent
     /// unwatched, as before).
     pub(super) fn new(up: &Stream) -> Option<Self> {
-        let up = up.tcp()?;
+        Self::on(up.tcp()?)
+    }
+
+    /// A watch on any socket, TLS or not: for what a peek can tell without
+    /// reading records (a close).
+    pub(super) fn on_socket(s: &Stream) -> Option<Self> {
+        Self::on(s.socket())
+    }
+
+    fn on(up: &TcpStream) -> Option<Self> {
         // SAFETY: dup of a descriptor this task owns; the new descriptor is
         // owned by the std stream below and closed when the watch drops.
         let fd = unsafe { libc::dup(up.as_raw_fd()) };
@@ -62,6 +72,44 @@ impl EarlyWatch {
             return Watched::Answered;
         }
         Watched::Done(transfer.await)
+    }
+
+    /// Runs `op` until it ends or the peer closes (a client that left while
+    /// the upstream was still thinking). Bytes from the peer (a pipelined
+    /// request, TLS records) are not a close: `op` then runs on unwatched.
+    pub(super) async fn run_until_closed<T>(&self, op: impl Future<Output = T>) -> Watched<T> {
+        let mut op = std::pin::pin!(op);
+        let ready = std::pin::pin!(self.dup.readable(false));
+        monoio::select! {
+            r = &mut op => return Watched::Done(r),
+            _ = ready => {},
+        }
+        if self.peek().is_some_and(|got| got.is_empty()) {
+            return Watched::Answered;
+        }
+        Watched::Done(op.await)
+    }
+
+    /// Up to 12 waiting bytes, without taking them: empty at a close or a
+    /// reset, `None` when there is nothing after all (a spurious wake-up).
+    fn peek(&self) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 12];
+        // SAFETY: a non-blocking peek into a stack buffer of the given length.
+        let n = unsafe {
+            libc::recv(
+                self.dup.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return match io::Error::last_os_error().kind() {
+                io::ErrorKind::WouldBlock => None,
+                _ => Some(Vec::new()),
+            };
+        }
+        Some(buf[..n as usize].to_vec())
     }
 
     /// Peeks at what the upstream sent: a close, a reset or anything but an

@@ -66,6 +66,7 @@ import argparse
 import hashlib
 import json
 import gzip
+import select
 import socket
 import subprocess
 import sys
@@ -443,7 +444,23 @@ class AiUpstream(ThreadedServer):
 
         delay = _num(req, "delay-ms")
         if delay:
-            time.sleep(delay / 1000.0)
+            # Wait, watching the connection: a gateway that closes it while the model
+            # "thinks" is recorded (closed_after_ms: how long after the request it closed).
+            t0 = time.monotonic()
+            end = t0 + delay / 1000.0
+            while time.monotonic() < end:
+                r, _, _ = select.select([conn], [], [], max(0.0, end - time.monotonic()))
+                if r:
+                    try:
+                        gone = conn.recv(1, socket.MSG_PEEK) == b""
+                    except OSError:
+                        gone = True
+                    if gone:
+                        entry["closed_at"] = time.time()
+                        entry["usage_reported"] = None
+                        self._record(entry)
+                        return False
+                    break
 
         if api == "chat":
             reported = self._chat(conn, doc, rid, model, n, usage, stream, entry["include_usage"],
@@ -454,6 +471,7 @@ class AiUpstream(ThreadedServer):
             reported = self._messages(conn, rid, model, n, usage, stream, no_usage, byte_mode, nl, close,
                                       _flag(req, "delta-input-zero"))
         entry["usage_reported"] = reported
+        entry["closed_at"] = self.reply.__dict__.pop("cut_at", None)
         self._record(entry)
         return keep
 
@@ -494,8 +512,8 @@ class AiUpstream(ThreadedServer):
             conn.sendall(b"0\r\n\r\n")
         except OSError:
             # The reader left mid-stream (a test of exactly that): the reply still counts as
-            # sent, so its entry, with the usage it carries, is recorded.
-            pass
+            # sent, so its entry, with the usage it carries, is recorded, with when it was cut.
+            self.reply.cut_at = time.time()
 
     @staticmethod
     def _data(obj, nl, event=None):

@@ -1,0 +1,108 @@
+"""A client that leaves: before the response head (the model is still thinking) or mid-stream.
+The upstream connection is closed at once, what was delivered is charged, and the rest of the
+token reservation is released."""
+
+import json
+import socket
+import time
+
+import pytest
+
+from ai_upstream import AiUpstreamProc
+from conftest import Ringway
+from helpers import RawConn, free_port
+from test_ai import STATS, ai_config, tpm_filter
+
+BUDGET = 1000
+
+
+@pytest.fixture(scope="module")
+def up():
+    u = AiUpstreamProc("openai")
+    yield u
+    u.stop()
+
+
+@pytest.fixture
+def gw(ringway_fn, up):
+    """A token budget of 1000 per minute for alice; each request reserves 700 (its max_tokens
+    plus input), so two reservations never fit at once."""
+    port, admin = free_port(), free_port()
+    text = ai_config(port, admin,
+                     [{"name": "openai", "endpoints": [up.addr], "response_timeout": "10s"}],
+                     [{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
+                       "filters": ["auth", "tpm", "stats"]}],
+                     [{"name": "auth", "kind": "key-auth"}, tpm_filter(BUDGET, max_reserve=None), STATS])
+    rw = Ringway(text, ringway_fn.tmpdir / "abort", name="abort", port=port)
+    rw.admin_port = admin
+    ringway_fn.instances.append(rw)
+    return rw.start()
+
+
+def request(tag, extra=b"", words=None, stream=True):
+    doc = {"model": "gpt-4o-abort", "stream": stream, "max_tokens": 680,
+           "messages": [{"role": "user", "content": "x"}]}
+    body = json.dumps(doc).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer sk-alice\r\n"
+            b"Content-Type: application/json\r\nx-test-tag: " + tag.encode() + b"\r\n" + extra +
+            (b"x-test-words: %d\r\n" % words if words else b"") +
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def entry(up, tag, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = up.entries(tag=tag)
+        if got:
+            return got[-1]
+        time.sleep(0.02)
+    raise AssertionError("the upstream recorded nothing for %s" % tag)
+
+
+def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw, up):
+    """The model 'thinks' for 3 s; the client leaves after 0.3 s: the upstream sees its
+    connection closed within 200 ms of that, and the reservation is back (a request that needs
+    most of the budget is allowed right after, twice in a row)."""
+    for i in range(2):
+        tag = "abort-head-%d-%f" % (i, time.time())
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        s.sendall(request(tag, b"x-test-delay-ms: 3000\r\n"))
+        time.sleep(0.3)
+        left_at = time.time()
+        s.close()
+        e = entry(up, tag)
+        assert e.get("closed_at"), e
+        assert e["closed_at"] - left_at < 0.2, "upstream closed %.3fs after the client left" % (
+            e["closed_at"] - left_at)
+    with RawConn(gw.port, timeout=10) as c:
+        c.send(request("abort-after-%f" % time.time(), stream=False, words=3))
+        r = c.read_response()
+        assert r.status == 200, "the aborted requests' reservations were not released: %r" % r
+
+
+def test_client_leaving_mid_stream_is_charged_what_it_got(gw, up):
+    """A stream of 300 words, one event per 20 ms; the client reads a few events and leaves: the
+    upstream's connection is cut within 200 ms, and the budget is released but for what was
+    delivered (a near-budget request then fits)."""
+    tag = "abort-mid-%f" % time.time()
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall(request(tag, b"x-test-frame-delay-ms: 20\r\n", words=300))
+    got = b""
+    while got.count(b"data: ") < 5:
+        d = s.recv(65536)
+        assert d, "the stream ended early: %r" % got[-300:]
+        got += d
+    left_at = time.time()
+    s.close()
+    e = entry(up, tag)
+    assert e.get("closed_at"), e
+    assert e["closed_at"] - left_at < 0.2, "upstream cut %.3fs after the client left" % (
+        e["closed_at"] - left_at)
+    time.sleep(0.1)
+    with RawConn(gw.port, timeout=10) as c:
+        c.send(request("abort-mid-after-%f" % time.time(), stream=False, words=3))
+        r = c.read_response()
+        assert r.status == 200, "the reservation was not released after the client left: %r" % r
+        remaining = int(r.get("x-ratelimit-remaining-tokens"))
+        # Charged: the input and the few words delivered, not the 300 the stream would have had.
+        assert BUDGET - 700 - 100 < remaining < BUDGET, remaining
