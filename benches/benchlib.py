@@ -3,9 +3,15 @@
 
   benchlib.py freeports N                     print N free TCP ports on 127.0.0.1
   benchlib.py parse-wrk FILE                  wrk --latency output -> one TSV line
-  benchlib.py idle HOST PORT N PATH READYFILE open N keep-alive connections, one request each,
+  benchlib.py idle HOST PORT N PATH READYFILE [tls]
+                                              open N keep-alive connections, one request each,
                                               write "ok failed" to READYFILE, hold them until
-                                              SIGTERM, then print how many were still open
+                                              SIGTERM, then print how many were still open;
+                                              "tls": each connection is a TLS handshake first
+                                              (Python ssl, no verification, SNI localhost)
+  benchlib.py tls-resume HOST PORT PATH       3 TLS connections, each one GET (Connection: close),
+                                              the 2nd and 3rd offering the previous session:
+                                              prints version, cipher and new/reused per connection
   benchlib.py report RESULTS.tsv META.txt     markdown report on stdout
 """
 import os
@@ -14,6 +20,7 @@ import resource
 import select
 import signal
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -73,11 +80,22 @@ def parse_wrk(path):
 
 
 # ---------------------------------------------------------------- idle connections
-def idle(host, port, n, path, readyfile):
+def _client_ctx():
+    # Certificates are made at run time and self-signed: no verification. Cipher suites and
+    # groups come from OPENSSL_CONF (bench.sh pins TLS 1.3, TLS_AES_128_GCM_SHA256, X25519).
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def idle(host, port, n, path, readyfile, tls=False):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, n + 256))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (path, host, port)).encode()
+    ctx = _client_ctx() if tls else None
     conns, failed, batch = [], 0, 500
     t0 = time.time()
     while len(conns) + failed < n:
@@ -86,9 +104,11 @@ def idle(host, port, n, path, readyfile):
         for _ in range(todo):
             try:
                 s = socket.create_connection((host, port), timeout=10)
+                if ctx is not None:
+                    s = ctx.wrap_socket(s, server_hostname="localhost")   # full handshake
                 s.sendall(req)
                 cur.append(s)
-            except OSError:
+            except OSError:   # ssl.SSLError is an OSError
                 failed += 1
         for s in cur:
             try:
@@ -116,13 +136,40 @@ def idle(host, port, n, path, readyfile):
         try:
             if s.recv(1) == b"":
                 closed += 1
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             pass
         except OSError:
             closed += 1
     print("idle: opened %d failed %d still_open %d" % (len(conns), failed, len(conns) - closed))
     for s in conns:
         s.close()
+
+
+def tls_resume(host, port, path):
+    ctx = _client_ctx()
+    sess, out = None, []
+    req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (path, host, port)).encode()
+    for _ in range(3):
+        s = ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
+                            server_hostname="localhost", session=sess)
+        s.sendall(req)
+        status = b"?"
+        data = b""
+        while True:
+            try:
+                c = s.recv(65536)
+            except (ssl.SSLEOFError, ConnectionResetError):
+                break
+            if not c:
+                break
+            data += c
+        if data.startswith(b"HTTP/1.1 "):
+            status = data.split(b" ", 2)[1]
+        out.append("%s/%s/%s/%s" % (s.version(), s.cipher()[0], "reused" if s.session_reused else "new",
+                                    status.decode(errors="replace")))
+        sess = s.session
+        s.close()
+    print(" ".join(out))
 
 
 def _read_response(s):
@@ -250,30 +297,40 @@ def report(tsv, meta):
                                                        "" if dlm[t]["ok"] else " [ERRORS]")
                 for t in PROXIES if t in dlm)))
 
-    # idle: idle scenario proxy round n_open n_failed still_open rss_before_kb rss_after_kb
+    # idle: idle scenario proxy n_open n_failed still_open rss_before_kb rss_after_kb wanted round
+    # (scenario "idle": plain keep-alive connections; "tls-idle": TLS keep-alive connections)
     idl = [r for r in rows if r[0] == "idle"]
-    idm = {}
-    if idl:
-        want = idl[0][8]
-        w("\n### idle%s — %s idle keep-alive connections (one GET /hello each), proxy RSS before and after\n" % ("", want))
+    idm = {}      # the plain idle scenario (its target below)
+    idle_all = {}
+    for isc in [s for i, s in enumerate(r[1] for r in idl) if s not in [r[1] for r in idl][:i]]:
+        irows = [r for r in idl if r[1] == isc]
+        want = irows[0][8]
+        if isc == "idle":
+            w("\n### idle%s — %s idle keep-alive connections (one GET /hello each), proxy RSS before and after\n" % ("", want))
+        else:
+            w("\n### %s — %s idle TLS keep-alive connections (a TLS 1.3 handshake and one GET /hello each, Python ssl), proxy RSS before and after\n" % (isc, want))
         w("| proxy | RSS before MiB | RSS after MiB | user-space bytes per idle conn | vs nginx | opened | failed | still open at end | runs |")
         w("|---|---|---|---|---|---|---|---|---|")
+        im = {}
         for p in PROXIES:
-            rs = [r for r in idl if r[2] == p]
+            rs = [r for r in irows if r[2] == p]
             if not rs:
                 continue
-            idm[p] = dict(
+            im[p] = dict(
                 per=med([(float(r[7]) - float(r[6])) * 1024 / max(1, int(r[3])) for r in rs]),
                 before=med([float(r[6]) / 1024 for r in rs]), after=med([float(r[7]) / 1024 for r in rs]),
                 opened=min(int(r[3]) for r in rs), failed=max(int(r[4]) for r in rs),
                 still=min(int(r[5]) for r in rs), n=len(rs))
-        for p, x in idm.items():
+        for p, x in im.items():
             w("| %s | %s | %s | %s | %s | %d | %d | %d | %d |" % (
                 p, fnum(x["before"], 1), fnum(x["after"], 1), fnum(x["per"], 0),
-                ratio(x["per"], idm["nginx"]["per"]) if "nginx" in idm else "n/a",
+                ratio(x["per"], im["nginx"]["per"]) if "nginx" in im else "n/a",
                 x["opened"], x["failed"], x["still"], x["n"]))
-        summary.append("idle: " + "; ".join("%s %s B/conn (opened %d, failed %d, still open %d)" % (
-            p, fnum(x["per"], 0), x["opened"], x["failed"], x["still"]) for p, x in idm.items()))
+        summary.append("%s: " % isc + "; ".join("%s %s B/conn (opened %d, failed %d, still open %d)" % (
+            p, fnum(x["per"], 0), x["opened"], x["failed"], x["still"]) for p, x in im.items()))
+        idle_all[isc] = im
+        if isc == "idle":
+            idm = im
 
     # Ringway A/B: ab scenario variant round requests rps p50 p99 cpu_us hwm_kb bytes non2 sock sockd
     #             check redis_cmds_per_req redis_cpu_us_per_req frames_per_response client_frames desc
@@ -344,9 +401,18 @@ def report(tsv, meta):
         r, n = sm["ringway"], sm["nginx"]
         tgt("CPU µs per small request ≤ 0.8 × nginx (small64)", "%.2f vs %.2f µs = %s" % (r["cpu"], n["cpu"], ratio(r["cpu"], n["cpu"])), r["cpu"] <= 0.8 * n["cpu"])
         tgt("req/s with one worker ≥ 1.25 × nginx (small64)", "%s vs %s = %s" % (fnum(r["rps"], 0), fnum(n["rps"], 0), ratio(r["rps"], n["rps"])), r["rps"] >= 1.25 * n["rps"])
+    # TLS termination (issue: CPU per request and per handshake at or below nginx's)
+    for sc, what in (("tls-small", "request"), ("tls-handshake", "resumed handshake (wrk Connection: close)"),
+                     ("tls-handshake-new", "full handshake (openssl s_time -new)")):
+        m = meds.get(sc, {})
+        if "ringway" in m and "nginx" in m:
+            r, n = m["ringway"], m["nginx"]
+            tgt("TLS CPU µs per %s ≤ nginx (%s)" % (what, sc), "%.2f vs %.2f µs = %s" % (r["cpu"], n["cpu"], ratio(r["cpu"], n["cpu"])), r["cpu"] <= n["cpu"])
     for sc, m in meds.items():
         if "ringway" in m and "nginx" in m:
             r, n = m["ringway"], m["nginx"]
+            if r["p99"] != r["p99"] or n["p99"] != n["p99"]:
+                continue   # no latency distribution (openssl s_time rows)
             tgt("p99 ≤ nginx (%s)" % sc, "%.2f vs %.2f ms" % (r["p99"], n["p99"]), r["p99"] <= n["p99"])
     for sc, m in meds.items():
         if "ringway" in m:
@@ -386,6 +452,8 @@ def report(tsv, meta):
     w("# wrk: kind scenario proxy round requests rps p50_ms p99_ms cpu_us_per_req peak_rss_kb bytes_read non2xx sock_errors sock_detail bytes_check desc")
     w("# dl: kind scenario target round http_code size_bytes speed_Bps proxy_cpu_ms peak_rss_kb")
     w("# idle: kind scenario proxy opened failed still_open rss_before_kb rss_after_kb wanted round")
+    if any(r[1] == "tls-handshake-new" for r in wrk_rows):
+        w("# tls-handshake-new rows (openssl s_time -new): requests = connections (each a full handshake + one GET), rps = connections/s, no latency (nan)")
     w("# ab: kind scenario variant round requests rps p50_ms p99_ms cpu_us_per_req peak_rss_kb bytes_read non2xx sock_errors sock_detail check redis_cmds_per_req redis_cpu_us_per_req frames_per_response client_frames desc")
     for r in rows:
         w("\t".join(r))
@@ -401,7 +469,10 @@ def main():
     elif cmd == "parse-wrk":
         parse_wrk(sys.argv[2])
     elif cmd == "idle":
-        idle(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+        idle(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6],
+             tls=len(sys.argv) > 7 and sys.argv[7] == "tls")
+    elif cmd == "tls-resume":
+        tls_resume(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif cmd == "report":
         report(sys.argv[2], sys.argv[3])
     else:

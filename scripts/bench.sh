@@ -2,7 +2,7 @@
 # Ringway vs nginx vs HAProxy, the same nginx origin behind each.
 #
 #   scripts/bench.sh [--quick] [--rounds R] [--duration S] [--workers N] [--backend-workers N]
-#                    [--only LIST] [--idle N] [--ringway PATH] [--out DIR]
+#                    [--only LIST] [--idle N] [--tls-idle N] [--ringway PATH] [--out DIR]
 #
 # Scenarios (--only takes a comma list of these names):
 #   small64    GET /hello (13-byte body), wrk -c64
@@ -25,6 +25,25 @@
 #   ssepaced   the same A/B with the origin writing one frame per write, SSE_PACE_MS (1) apart, as
 #              a model streaming tokens does: about one frame per read
 #
+# TLS termination (not in the default list; ask with --only tls-small,tls-handshake,tls-1m,tls-idle).
+# Client <-> proxy is TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, ECDSA P-256 certificate made at run
+# time with `openssl` in the temp dir (never kept); proxy <-> origin stays plain. nginx and HAProxy
+# pin suite and group in their configs (benches/proxies/*-tls.*); Ringway has no such setting
+# (rustls follows the client's order, and an OpenSSL client lists AES-256-GCM first), so every
+# CLIENT (wrk, openssl, curl probes, Python) runs with OPENSSL_CONF pinning TLS 1.3 + that suite +
+# X25519. Before the runs, `openssl s_client` records what each proxy negotiates (pinned and
+# default client) and benchlib.py tls-resume whether it resumes sessions.
+#   tls-small      GET /hello over TLS keep-alive, wrk -c64
+#   tls-handshake  GET /hello with `Connection: close`, wrk -c64: one handshake per request. wrk 4.1
+#                  keeps the session across its reconnects (SSL_clear), so these are RESUMED
+#                  handshakes (PSK + X25519, no certificate signature) on every proxy that issues
+#                  tickets (all three do); also measured as tls-handshake-new: FULL handshakes with
+#                  STIME_CLIENTS (4) parallel `openssl s_time -new -www /hello` (HTTP/1.0, one GET per
+#                  connection), connections/s and CPU µs per connection
+#   tls-1m         GET /1m (1 MiB body) over TLS keep-alive, wrk -c64
+#   tls-idle       open TLS_IDLE_N (2000, --tls-idle N) idle TLS keep-alive connections (handshake +
+#                  one GET /hello each, Python ssl): RSS before/after -> bytes per connection
+#
 # ratelimit/sse run the variants interleaved (off on [on-usage], off on ...) for R rounds, medians,
 # each run on a freshly started Ringway; ratios are on / off.
 #
@@ -37,7 +56,7 @@
 # responses, socket errors or short bodies are flagged.
 #
 # Output: markdown on stdout and in bench-out/<timestamp>.md (raw numbers in bench-out/<timestamp>.tsv).
-# Needs: nginx, haproxy, wrk, curl, python3, taskset (+ redis-server, redis-cli for ratelimit). The Ringway binary: --ringway PATH, or
+# Needs: nginx, haproxy, wrk, curl, python3, taskset (+ redis-server, redis-cli for ratelimit; openssl for tls-*). The Ringway binary: --ringway PATH, or
 # $RINGWAY_BIN, or target/release/ringway, or /work/bin/ringway (copied to the temp dir first).
 set -euo pipefail
 
@@ -55,6 +74,8 @@ SSE_FRAMES=200
 SSE_FRAME_BYTES=150
 SSE_PACE_MS="${SSE_PACE_MS:-1}"
 IDLE_N=10000
+TLS_IDLE_N=2000
+STIME_CLIENTS="${STIME_CLIENTS:-4}"
 QUICK=0
 OUTDIR="$ROOT/bench-out"
 RINGWAY_SRC="${RINGWAY_BIN:-}"
@@ -70,6 +91,7 @@ while [ $# -gt 0 ]; do
     --backend-workers) BACKEND_WORKERS="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --idle) IDLE_N="$2"; shift 2 ;;
+    --tls-idle) TLS_IDLE_N="$2"; shift 2 ;;
     --ringway) RINGWAY_SRC="$2"; shift 2 ;;
     --out) OUTDIR="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -80,8 +102,11 @@ done
 log() { printf 'bench: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+want_tls() { want tls-small || want tls-handshake || want tls-1m || want tls-idle; }
 
-for c in nginx haproxy wrk curl python3 taskset; do
+TOOLS="nginx haproxy wrk curl python3 taskset"
+if want_tls; then TOOLS="$TOOLS openssl"; fi
+for c in $TOOLS; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || die "$c not found"
 done
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
@@ -119,6 +144,7 @@ set -E
 trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT TERM
 
+TLS_DIR="$WORK/tls"   # @TLS_DIR@: certificate and key made at run time (tls-* scenarios)
 mkdir -p "$WORK/bin"; cp "$RINGWAY_SRC" "$WORK/bin/ringway"
 RINGWAY="$WORK/bin/ringway"
 RINGWAY_VERSION="$("$RINGWAY" --version 2>&1 | awk 'NR == 1' || true)"
@@ -140,6 +166,10 @@ HAPROXY_MAXCONN=$(( (NOFILE - 14) / 2 ))
 if [ $((IDLE_N + 50)) -gt "$HAPROXY_MAXCONN" ]; then
   log "ulimit -n $NOFILE: HAProxy maxconn is $HAPROXY_MAXCONN; idle connections lowered from $IDLE_N to $((HAPROXY_MAXCONN - 50))"
   IDLE_N=$((HAPROXY_MAXCONN - 50))
+fi
+if [ $((TLS_IDLE_N + 50)) -gt "$HAPROXY_MAXCONN" ]; then
+  log "ulimit -n $NOFILE: TLS idle connections lowered from $TLS_IDLE_N to $((HAPROXY_MAXCONN - 50))"
+  TLS_IDLE_N=$((HAPROXY_MAXCONN - 50))
 fi
 
 NCPU="$(nproc)"
@@ -169,10 +199,14 @@ fill() { # template -> output, substituting @NAME@ placeholders
   sed -e "s|@DIR@|$3|g" -e "s|@PORT@|$4|g" -e "s|@BACKEND_PORT@|$PORT_BACKEND|g" \
       -e "s|@WORKERS@|$WORKERS|g" -e "s|@BACKEND_WORKERS@|$BACKEND_WORKERS|g" \
       -e "s|@UPSTREAM_PORT@|$UPSTREAM_PORT|g" -e "s|@REDIS_PORT@|$PORT_REDIS|g" \
-      -e "s|@NOFILE@|$NOFILE|g" -e "s|@MAXCONN@|$HAPROXY_MAXCONN|g" "$1" > "$2"
+      -e "s|@NOFILE@|$NOFILE|g" -e "s|@MAXCONN@|$HAPROXY_MAXCONN|g" -e "s|@TLS_DIR@|$TLS_DIR|g" "$1" > "$2"
 }
 
-PROBE_ARGS=()   # extra curl arguments for wait_http (the A/B scenarios' Authorization header)
+PROBE_ARGS=()   # extra curl arguments for wait_http (the A/B scenarios' Authorization header; -k for TLS)
+SCHEME=http     # https in the tls-* scenarios (proxy URLs of wait_http, check_once and wrk)
+CLIENT_ENV=()   # prefix for the load clients: `env OPENSSL_CONF=...` in the tls-* scenarios
+WRK_EXTRA=()    # extra wrk arguments (tls-handshake: -H 'Connection: close')
+RINGWAY_TMPL="$BENCHES/proxies/ringway.toml" NGINX_TMPL="$BENCHES/proxies/nginx-proxy.conf" HAPROXY_TMPL="$BENCHES/proxies/haproxy.cfg"
 wait_http() { # url, timeout seconds
   local i
   for i in $(seq $(( $2 * 20 ))); do
@@ -205,7 +239,7 @@ start_backend() {
 # ------------------------------------------------------------------ proxies
 PROXY_PID=""
 start_proxy() { # name [ringway config template]
-  local name="$1" d="$WORK/$1" port="${PORT[$1]}" tmpl="${2:-$BENCHES/proxies/ringway.toml}"
+  local name="$1" d="$WORK/$1" port="${PORT[$1]}" tmpl="${2:-$RINGWAY_TMPL}"
   mkdir -p "$d" "$d/client_body" "$d/proxy" "$d/fastcgi" "$d/uwsgi" "$d/scgi"
   chmod 755 "$d"
   case "$name" in
@@ -214,17 +248,17 @@ start_proxy() { # name [ringway config template]
       "${PIN_PROXY[@]}" "$RINGWAY" --conf "$d/ringway.toml" >>"$d/stdout" 2>&1 &
       ;;
     nginx)
-      fill "$BENCHES/proxies/nginx-proxy.conf" "$d/nginx-proxy.conf" "$d" "$port"
+      fill "$NGINX_TMPL" "$d/nginx-proxy.conf" "$d" "$port"
       "${PIN_PROXY[@]}" "$NGINX" -p "$d" -e "$d/error.log" -c "$d/nginx-proxy.conf" >>"$d/stdout" 2>&1 &
       ;;
     haproxy)
-      fill "$BENCHES/proxies/haproxy.cfg" "$d/haproxy.cfg" "$d" "$port"
+      fill "$HAPROXY_TMPL" "$d/haproxy.cfg" "$d" "$port"
       "${PIN_PROXY[@]}" "$HAPROXY" -db -f "$d/haproxy.cfg" >>"$d/stdout" 2>&1 &
       ;;
   esac
   PROXY_PID=$!
   LIVE[$PROXY_PID]=1
-  if ! wait_http "${START_PROBE_URL:-http://127.0.0.1:$port/hello}" 10; then
+  if ! wait_http "${START_PROBE_URL:-$SCHEME://127.0.0.1:$port/hello}" 10; then
     tail -20 "$d/stdout" "$d/error.log" >&2 2>/dev/null || true
     die "$name did not answer 200 on /hello"
   fi
@@ -269,12 +303,12 @@ mem_kb() { # VmHWM or VmRSS summed over the process tree
 # ------------------------------------------------------------------ checks
 # One request through the proxy: status 200 and exactly the expected number of body bytes.
 check_once() { # name path expected_bytes [post]
-  local url="http://127.0.0.1:${PORT[$1]}$2" got
+  local url="$SCHEME://127.0.0.1:${PORT[$1]}$2" got
   if [ "${4:-}" = post ]; then
     got=$(curl -s -o "$WORK/check.body" -w '%{http_code} %{size_download}' --max-time 20 \
       --data-binary @"$WORK/post64k.bin" -H 'Content-Type: application/octet-stream' "$url" || echo "000 0")
   else
-    got=$(curl -s -o "$WORK/check.body" -w '%{http_code} %{size_download}' --max-time 20 "$url" || echo "000 0")
+    got=$(curl -s -o "$WORK/check.body" -w '%{http_code} %{size_download}' --max-time 20 ${PROBE_ARGS[@]+"${PROBE_ARGS[@]}"} "$url" || echo "000 0")
   fi
   if [ "$got" != "200 $3" ]; then
     log "WARNING: $1 $2 returned '$got', expected '200 $3'"
@@ -296,18 +330,18 @@ run_wrk_scenario() { # scen path conns body_bytes desc [lua]
   want "$scen" || return 0
   CUR_SCEN="$scen"
   log "scenario $scen: $desc ($ROUNDS round(s) x ${DURATION}s)"
-  local args=(-t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s)
+  local args=(-t1 "-c$conns" "-d${DURATION}s" --latency --timeout 5s ${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"})
   [ -n "$lua" ] && args+=(-s "$lua")
   for r in $(seq "$ROUNDS"); do
     for p in "${PROXY_LIST[@]}"; do
       CUR_PROXY="$p"
       start_proxy "$p"
-      local url="http://127.0.0.1:${PORT[$p]}$path" check="ok"
+      local url="$SCHEME://127.0.0.1:${PORT[$p]}$path" check="ok"
       check_once "$p" "$path" "$body" ${lua:+post} || check="curl-check-failed"
-      "${PIN_WRK[@]}" wrk -t1 "-c$conns" "-d${WARMUP}s" --timeout 5s ${lua:+-s "$lua"} "$url" > "$WORK/warm.out" 2>&1 || true
+      "${PIN_WRK[@]}" ${CLIENT_ENV[@]+"${CLIENT_ENV[@]}"} wrk -t1 "-c$conns" "-d${WARMUP}s" --timeout 5s ${WRK_EXTRA[@]+"${WRK_EXTRA[@]}"} ${lua:+-s "$lua"} "$url" > "$WORK/warm.out" 2>&1 || true
       local t0 t1 out="$WORK/wrk-$scen-$p-$r.out"
       t0=$(cpu_ticks "$PROXY_PID")
-      "${PIN_WRK[@]}" wrk "${args[@]}" "$url" > "$out" 2>&1 || log "wrk exited non-zero ($p, $scen)"
+      "${PIN_WRK[@]}" ${CLIENT_ENV[@]+"${CLIENT_ENV[@]}"} wrk "${args[@]}" "$url" > "$out" 2>&1 || log "wrk exited non-zero ($p, $scen)"
       t1=$(cpu_ticks "$PROXY_PID")
       local hwm; hwm=$(mem_kb VmHWM "$PROXY_PID")
       kill -0 "$PROXY_PID" 2>/dev/null || { echo "- $p died during $scen round $r" >> "$WORK/anomalies"; check="proxy-died"; }
@@ -359,29 +393,30 @@ run_download() {
   done
 }
 
-run_idle() {
-  want idle || return 0
-  CUR_SCEN=idle
-  log "scenario idle: $IDLE_N idle keep-alive connections, $ROUNDS round(s)"
+run_idle() { # [scenario N tls]: idle (default) or tls-idle
+  local scen="${1:-idle}" n="${2:-$IDLE_N}" tls="${3:-}"
+  want "$scen" || return 0
+  CUR_SCEN="$scen"
+  log "scenario $scen: $n idle ${tls:+TLS }keep-alive connections, $ROUNDS round(s)"
   local r p
   for r in $(seq "$ROUNDS"); do
     for p in "${PROXY_LIST[@]}"; do
       CUR_PROXY="$p"
       start_proxy "$p"
-      local url="http://127.0.0.1:${PORT[$p]}/hello"
-      "${PIN_WRK[@]}" wrk -t1 -c64 -d1s "$url" > /dev/null 2>&1 || true   # warm pools and buffers
+      local url="$SCHEME://127.0.0.1:${PORT[$p]}/hello"
+      "${PIN_WRK[@]}" ${CLIENT_ENV[@]+"${CLIENT_ENV[@]}"} wrk -t1 -c64 -d1s "$url" > /dev/null 2>&1 || true   # warm pools and buffers
       sleep 0.5
       local before after ready="$WORK/idle.ready" ipid
       before=$(mem_kb VmRSS "$PROXY_PID")
       rm -f "$ready"
-      "${PIN_WRK[@]}" python3 "$LIB" idle 127.0.0.1 "${PORT[$p]}" "$IDLE_N" /hello "$ready" > "$WORK/idle.out" 2>&1 &
+      "${PIN_WRK[@]}" ${CLIENT_ENV[@]+"${CLIENT_ENV[@]}"} python3 "$LIB" idle 127.0.0.1 "${PORT[$p]}" "$n" /hello "$ready" $tls > "$WORK/idle.out" 2>&1 &
       ipid=$!
       LIVE[$ipid]=1
       local i
       for i in $(seq 1200); do [ -f "$ready" ] && break; kill -0 "$ipid" 2>/dev/null || break; sleep 0.1; done
       sleep 1
       after=$(mem_kb VmRSS "$PROXY_PID")
-      local opened=0 failed="$IDLE_N" secs=0
+      local opened=0 failed="$n" secs=0
       [ -f "$ready" ] && read -r opened failed secs < "$ready"
       kill -TERM "$ipid" 2>/dev/null || true
       wait "$ipid" 2>/dev/null || true
@@ -389,10 +424,10 @@ run_idle() {
       local still; still=$(awk '/^idle:/ {print $7}' "$WORK/idle.out"); still=${still:-0}
       stop_proxy
       if [ "$failed" != 0 ] || [ "$still" != "$opened" ]; then
-        echo "- $p idle round $r: opened $opened, failed $failed, still open at the end $still" >> "$WORK/anomalies"
+        echo "- $p $scen round $r: opened $opened, failed $failed, still open at the end $still" >> "$WORK/anomalies"
       fi
-      printf 'idle\tidle\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$p" "$opened" "$failed" "$still" "$before" "$after" "$IDLE_N" "$r" >> "$RESULTS"
-      log "  idle r$r $p: opened $opened failed $failed (${secs}s) still-open $still rss ${before}kB -> ${after}kB"
+      printf 'idle\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$p" "$opened" "$failed" "$still" "$before" "$after" "$n" "$r" >> "$RESULTS"
+      log "  $scen r$r $p: opened $opened failed $failed (${secs}s) still-open $still rss ${before}kB -> ${after}kB"
     done
   done
 }
@@ -520,6 +555,136 @@ run_ab_scenario() { # scen conns path desc variant:template:lua ...
   PROBE_ARGS=(); START_PROBE_URL=""; UPSTREAM_PORT="$PORT_BACKEND"
 }
 
+# ------------------------------------------------------------------ TLS termination scenarios
+CLIENT_CNF=""
+tls_setup() { # certificate + key for the proxies, OpenSSL config pinning the clients
+  mkdir -p "$TLS_DIR"; chmod 755 "$TLS_DIR"
+  # Self-signed ECDSA P-256 leaf for localhost / 127.0.0.1, 30 days (Ringway warns below 14).
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 -days 30 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -keyout "$TLS_DIR/cert.key" -out "$TLS_DIR/cert.pem" > "$TLS_DIR/req.log" 2>&1 \
+    || { cat "$TLS_DIR/req.log" >&2; die "openssl req failed"; }
+  cat "$TLS_DIR/cert.pem" "$TLS_DIR/cert.key" > "$TLS_DIR/combined.pem"   # HAProxy: crt + key in one file
+  chmod 600 "$TLS_DIR/combined.pem"
+  CLIENT_CNF="$TLS_DIR/client-openssl.cnf"
+  cat > "$CLIENT_CNF" <<'EOF'
+# Loaded by the load clients only (OPENSSL_CONF): the same suite and group on every proxy.
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1.3
+Ciphersuites = TLS_AES_128_GCM_SHA256
+Groups = X25519
+EOF
+}
+
+s_client_summary() { # port [OPENSSL_CONF]: "TLSv1.3 SUITE, X25519, ECDSA/SHA256, ALPN http/1.1"
+  local cnf="${2:-}" out
+  if [ -n "$cnf" ]; then
+    out=$(OPENSSL_CONF="$cnf" timeout 10 openssl s_client -connect "127.0.0.1:$1" -servername localhost -alpn http/1.1 </dev/null 2>&1 || true)
+  else
+    out=$(timeout 10 openssl s_client -connect "127.0.0.1:$1" -servername localhost -alpn http/1.1 </dev/null 2>&1 || true)
+  fi
+  printf '%s\n' "$out" | awk '
+    /^(New|Reused), / { sub(/^(New|Reused), /, ""); sub(/, Cipher is /, " "); proto = $0 }
+    /^Server Temp Key:/ { sub(/^Server Temp Key: /, ""); kx = $0 }
+    /^Peer signature type:/ { sig = $4 }
+    /^Peer signing digest:/ { dig = $4 }
+    /^ALPN protocol:/ { alpn = $3 }
+    /^No ALPN/ { alpn = "none" }
+    END { if (proto == "") print "handshake FAILED"; else printf "%s, key exchange %s, signature %s/%s, ALPN %s\n", proto, kx, sig, dig, alpn }'
+}
+
+tls_probe() { # proxy (running): what a pinned and a default OpenSSL client negotiate; resumption
+  local p="$1" port="${PORT[$1]}" pinned dflt resume
+  pinned=$(s_client_summary "$port" "$CLIENT_CNF")
+  dflt=$(s_client_summary "$port")
+  resume=$(OPENSSL_CONF="$CLIENT_CNF" timeout 20 python3 "$LIB" tls-resume 127.0.0.1 "$port" /hello 2>&1 | tail -1 || true)
+  echo "- $p: pinned client (wrk, s_time, Python here): $pinned; default OpenSSL 3 client: $dflt; 3 connections offering the previous session (version/suite/new-or-reused/status): $resume" >> "$WORK/tls-negotiated"
+  log "  $p negotiated: pinned: $pinned | default client: $dflt | resumption: $resume"
+  case "$pinned" in *"TLSv1.3 TLS_AES_128_GCM_SHA256, key exchange X25519"*) ;;
+    *) echo "- $p: the pinned client did NOT negotiate TLS 1.3 / TLS_AES_128_GCM_SHA256 / X25519: $pinned" >> "$WORK/anomalies" ;;
+  esac
+}
+
+run_stime_scenario() { # scen desc: full handshakes, STIME_CLIENTS parallel `openssl s_time -new`
+  local scen="$1" desc="$2" r p i
+  want tls-handshake || return 0
+  CUR_SCEN="$scen"
+  log "scenario $scen: $desc ($ROUNDS round(s) x ${DURATION}s)"
+  for r in $(seq "$ROUNDS"); do
+    for p in "${PROXY_LIST[@]}"; do
+      CUR_PROXY="$p"
+      start_proxy "$p"
+      local port="${PORT[$p]}" check=ok
+      check_once "$p" /hello 13 || check="curl-check-failed"
+      local st=(openssl s_time -connect "127.0.0.1:$port" -new -www /hello)
+      "${PIN_WRK[@]}" "${CLIENT_ENV[@]}" "${st[@]}" -time "$WARMUP" > "$WORK/stime-warm.out" 2>&1 || true
+      local t0 t1 w0 w1 pids=() fails=0 conns=0 bytes=0 out="$WORK/stime-$scen-$p-$r.out"
+      : > "$out"
+      t0=$(cpu_ticks "$PROXY_PID"); w0=$(date +%s.%N)
+      for i in $(seq "$STIME_CLIENTS"); do
+        "${PIN_WRK[@]}" "${CLIENT_ENV[@]}" "${st[@]}" -time "$DURATION" > "$WORK/stime.$i" 2>&1 &
+        pids+=($!); LIVE[$!]=1
+      done
+      for i in "${!pids[@]}"; do
+        wait "${pids[$i]}" || fails=$((fails + 1))
+        unset "LIVE[${pids[$i]}]"
+      done
+      w1=$(date +%s.%N); t1=$(cpu_ticks "$PROXY_PID")
+      for i in $(seq "$STIME_CLIENTS"); do
+        # "N connections in 1.11s; ... bytes read B" (first line of the -new part)
+        local c b
+        c=0 b=0
+        read -r c b < <(tr -d '*' < "$WORK/stime.$i" | awk '/connections in .*s; .*bytes read/ { print $1, $NF; exit }') || true
+        conns=$((conns + ${c:-0})); bytes=$((bytes + ${b:-0}))
+        grep -aq -i 'error' "$WORK/stime.$i" && fails=$((fails + 1))
+        { echo "== client $i"; tr -d '*' < "$WORK/stime.$i"; } >> "$out"
+      done
+      local hwm; hwm=$(mem_kb VmHWM "$PROXY_PID")
+      kill -0 "$PROXY_PID" 2>/dev/null || { echo "- $p died during $scen round $r" >> "$WORK/anomalies"; check="proxy-died"; }
+      stop_proxy
+      local rps cpu_us
+      rps=$(awk -v n="$conns" -v a="$w0" -v b="$w1" 'BEGIN { printf "%.2f", n / (b - a) }')
+      cpu_us=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$conns" 'BEGIN { if (n > 0) printf "%.3f", d / hz * 1e6 / n; else print "nan" }')
+      # every connection read a response: > 100 bytes (status line, headers, 13-byte body) on average
+      awk -v b="$bytes" -v n="$conns" 'BEGIN { exit !(n > 0 && b / n > 100) }' || check="short-responses"
+      [ "$conns" -gt 0 ] || check="no-requests"
+      if [ "$fails" != 0 ] || [ "$check" != ok ]; then
+        echo "- $p $scen round $r: $fails s_time client(s) failed or printed an error, check $check" >> "$WORK/anomalies"
+        cp "$out" "$OUTDIR/$STAMP-stime-$scen-$p-$r.out" 2>/dev/null || true
+      fi
+      printf 'wrk\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+        "$scen" "$p" "$r" "$conns" "$rps" nan nan "$cpu_us" "$hwm" "$bytes" 0 "$fails" "$([ "$fails" = 0 ] && echo 0 || echo "s_time-failed/$fails")" "$check" "$desc" >> "$RESULTS"
+      log "  $scen r$r $p: $rps conn/s ($conns full handshakes, $((conns > 0 ? bytes / conns : 0)) B/conn) cpu ${cpu_us}us/conn hwm ${hwm}kB failed-clients $fails $check"
+    done
+  done
+}
+
+run_tls() {
+  want_tls || return 0
+  tls_setup
+  SCHEME=https; PROBE_ARGS=(-k); CLIENT_ENV=(env "OPENSSL_CONF=$CLIENT_CNF")
+  RINGWAY_TMPL="$BENCHES/proxies/ringway-tls.toml" NGINX_TMPL="$BENCHES/proxies/nginx-proxy-tls.conf" HAPROXY_TMPL="$BENCHES/proxies/haproxy-tls.cfg"
+  CUR_SCEN=tls-probe
+  log "TLS: what each proxy negotiates (openssl s_client) and whether it resumes (benchlib.py tls-resume)"
+  : > "$WORK/tls-negotiated"
+  local p
+  for p in "${PROXY_LIST[@]}"; do CUR_PROXY="$p"; start_proxy "$p"; tls_probe "$p"; stop_proxy; done
+  run_wrk_scenario tls-small /hello 64 13 "TLS 1.3 (AES-128-GCM, X25519, ECDSA P-256): GET /hello (13-byte body), 64 keep-alive connections"
+  WRK_EXTRA=(-H 'Connection: close')
+  run_wrk_scenario tls-handshake /hello 64 13 "TLS 1.3: GET /hello with Connection: close, 64 connections, wrk: one RESUMED handshake (PSK + X25519) per request"
+  WRK_EXTRA=()
+  run_stime_scenario tls-handshake-new "TLS 1.3: FULL handshake (X25519 + ECDSA P-256 signature) + one GET /hello (HTTP/1.0) per connection, $STIME_CLIENTS parallel openssl s_time -new; req/s = connections/s, CPU µs/req = per connection"
+  run_wrk_scenario tls-1m /1m 64 1048576 "TLS 1.3: GET /1m (1 MiB body), 64 keep-alive connections"
+  run_idle tls-idle "$TLS_IDLE_N" tls
+  SCHEME=http; PROBE_ARGS=(); CLIENT_ENV=()
+  RINGWAY_TMPL="$BENCHES/proxies/ringway.toml" NGINX_TMPL="$BENCHES/proxies/nginx-proxy.conf" HAPROXY_TMPL="$BENCHES/proxies/haproxy.cfg"
+}
+
 mkdir -p "$OUTDIR"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -541,6 +706,7 @@ run_ab_scenario sse 64 /v1/chat/completions "streamed chat completion ($SSE_FRAM
   off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
 run_ab_scenario ssepaced 64 /v1/chat/completions "streamed chat completion as a model sends it: $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], one frame per origin write, $SSE_PACE_MS ms apart, 64 connections: AI route on vs plain route off" \
   off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
+run_tls
 
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
 META="$WORK/meta.md"
@@ -558,6 +724,13 @@ META="$WORK/meta.md"
   if want ratelimit; then echo "- ratelimit: own $(redis-server --version 2>&1 | awk '{print $1, $2, $3}'), port $PORT_REDIS, --save '' --appendonly no"; fi
   if want ssepaced; then echo "- ssepaced: the same origin with pacing (one frame per write, $SSE_PACE_MS ms apart)"; fi
   if want sse; then echo "- sse: origin benches/backend/sse_backend.py (python3 asyncio, one write per response), $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE]"; fi
+  if want_tls; then
+    echo "- TLS (client <-> proxy; proxy <-> origin plain): TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, self-signed ECDSA P-256 certificate made by \`openssl req\` at run time in the temp dir (deleted afterwards); $(openssl version). nginx: \`ssl_protocols TLSv1.3; ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256; ssl_ecdh_curve X25519;\` (tickets default on, no session cache); HAProxy: \`bind ... ssl crt ... alpn http/1.1 ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256 curves X25519\` (defaults: tickets + session cache); Ringway: rustls/aws-lc-rs, \`min_version = \"1.3\"\`, no suite/group setting (follows the client's order), stateless tickets. Clients (wrk, s_time, Python) pinned with OPENSSL_CONF: MinProtocol TLSv1.3, Ciphersuites TLS_AES_128_GCM_SHA256, Groups X25519"
+    echo "- TLS negotiated (openssl s_client before the runs):"
+    sed 's/^/  /' "$WORK/tls-negotiated" 2>/dev/null || true
+    if want tls-handshake; then echo "- tls-handshake: wrk 4.1 keeps its SSL session across reconnects (SSL_shutdown + SSL_clear), so with Connection: close every request after the first per connection is a RESUMED TLS 1.3 handshake (PSK + X25519 key share, no certificate signature) — see the resumption probe above; tls-handshake-new: $STIME_CLIENTS parallel \`openssl s_time -new -www /hello -time $DURATION\` (new SSL object per connection: FULL handshakes, HTTP/1.0 GET, the proxy closes), connections/s from the total over the wall time, CPU µs per connection"; fi
+    if want tls-idle; then echo "- tls-idle: $TLS_IDLE_N connections, each a TLS 1.3 handshake (Python ssl, OPENSSL_CONF-pinned) + one GET /hello, then held open; bytes = (VmRSS after - before) / N"; fi
+  fi
   if [ -s "$WORK/anomalies" ]; then
     echo
     echo "**Anomalies (runs flagged):**"
