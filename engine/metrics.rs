@@ -131,6 +131,8 @@ pub struct UpstreamShard {
     pub connect_errors: Counter,
     /// Requests retried on another endpoint or a fresh connection.
     pub retries: Counter,
+    /// Requests that found every connection slot busy for `connect_timeout` (503 `upstream_busy`).
+    pub busy: Counter,
 }
 
 /// One worker's process-level counters.
@@ -409,7 +411,7 @@ impl Registry {
         }
 
         // Upstreams, summed over workers.
-        let mut ups: Vec<(String, [u64; 5])> = Vec::new();
+        let mut ups: Vec<(String, [u64; 6])> = Vec::new();
         if let Ok(l) = self.upstreams.lock() {
             for e in l.iter() {
                 let Some(s) = e.shard.upgrade() else { continue };
@@ -417,7 +419,7 @@ impl Registry {
                 let idx = match ups.iter().position(|u| &u.0 == name) {
                     Some(i) => i,
                     None => {
-                        ups.push((name.clone(), [0; 5]));
+                        ups.push((name.clone(), [0; 6]));
                         ups.len() - 1
                     }
                 };
@@ -427,6 +429,7 @@ impl Registry {
                 v[2] += s.connects.get();
                 v[3] += s.connect_errors.get();
                 v[4] += s.retries.get();
+                v[5] += s.busy.get();
             }
         }
         let _ = writeln!(
@@ -460,6 +463,11 @@ impl Registry {
                 3,
             ),
             ("ringway_upstream_retries_total", "Requests retried.", 4),
+            (
+                "ringway_upstream_busy_total",
+                "Requests answered 503 upstream_busy: every connection slot stayed busy.",
+                5,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {metric} {help}");
             let _ = writeln!(out, "# TYPE {metric} counter");

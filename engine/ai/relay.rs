@@ -211,10 +211,14 @@ pub async fn relay(
         if let (Some(every), true) = (ctx.keepalive, rp.reframe) {
             let quiet_since = std::time::Instant::now();
             loop {
-                let between_events = held.is_empty()
-                    && ctx.sse.as_ref().is_some_and(|p| p.pending_len() == 0);
+                let between_events =
+                    held.is_empty() && ctx.sse.as_ref().is_some_and(|p| p.pending_len() == 0);
                 let left = up_idle.saturating_sub(quiet_since.elapsed());
-                let wait = if between_events { every.min(left) } else { left };
+                let wait = if between_events {
+                    every.min(left)
+                } else {
+                    left
+                };
                 match deadline::timeout(wait, up.readable(false)).await {
                     Ok(_) => break,
                     Err(_) if !between_events || quiet_since.elapsed() >= up_idle => {

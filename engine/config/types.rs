@@ -257,8 +257,8 @@ pub struct Upstream {
     pub balance: Balance,
     /// What `Balance::Hash` hashes: "header:NAME", "ip", "cookie:NAME" or "consumer".
     pub hash_key: Option<String>,
-    /// Connections per worker to this upstream.
-    pub max_connections: usize,
+    /// Connections per worker to this upstream; `None`: sized from the open-files limit.
+    pub max_connections: Option<usize>,
     /// Idle keep-alive connections kept per worker.
     pub max_idle: usize,
     /// How long an idle upstream connection is kept.

@@ -132,9 +132,12 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
             _ => {}
         }
 
-        let max_connections = ck.count(&k("max_connections"), &u.max_connections, 512, 1, u64::MAX);
+        let max_connections = u
+            .max_connections
+            .as_ref()
+            .map(|_| ck.count(&k("max_connections"), &u.max_connections, 512, 1, u64::MAX));
         let max_idle = ck.count(&k("max_idle"), &u.max_idle, 64, 0, u64::MAX);
-        if max_idle > max_connections {
+        if let Some(max_connections) = max_connections.filter(|&m| max_idle > m) {
             let (key, span) = match (&u.max_idle, &u.max_connections) {
                 (Some(s), _) => (k("max_idle"), s.span()),
                 (None, Some(s)) => (k("max_connections"), s.span()),
@@ -194,13 +197,37 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
             .as_ref()
             .and_then(|t| super::tls::upstream_tls(ck, &k("tls"), t));
         let host_header = host_header(ck, &k("host_header"), &u.host_header, tls.is_some());
+        // The head is written before an endpoint is picked, so "endpoint" can only name
+        // one host: endpoints under different names need an explicit choice.
+        if host_header == HostHeader::Endpoint {
+            let mut hosts = endpoints.iter().map(|e| {
+                (
+                    crate::tls::client::endpoint_host(&e.address),
+                    e.address.rsplit(':').next(),
+                )
+            });
+            if let Some(first) = hosts.next() {
+                if hosts.any(|h| h != first) {
+                    let span = u
+                        .host_header
+                        .as_ref()
+                        .map_or(u.endpoints.span(), |h| h.span());
+                    ck.err(
+                        k("host_header"),
+                        span,
+                        "\"endpoint\" (the default with tls) needs every endpoint under one \
+                         host name and port; set host_header = \"client\" or a literal host",
+                    );
+                }
+            }
+        }
 
         out.push(Upstream {
             name: u.name.get_ref().clone(),
             endpoints,
             balance,
             hash_key: hash,
-            max_connections: usize_of(max_connections),
+            max_connections: max_connections.map(usize_of),
             max_idle: usize_of(max_idle),
             idle_timeout: ck.dur(&k("idle_timeout"), &u.idle_timeout, Duration::from_secs(60)),
             connect_timeout: ck.dur(

@@ -155,6 +155,11 @@ pub async fn serve_tls(
         Ok(Err(_)) => return tls_failed(&name, "failed"),
         Err(_) => return tls_failed(&name, "timeout"),
     }
+    if tls.requires_client_cert() && stream.client_subject().is_none() {
+        // The verifier already demands one; this guards against a session resumed
+        // without it, whatever rustls restores from a ticket.
+        return tls_failed(&name, "failed");
+    }
     crate::metrics::tls_handshake(&name, "ok", stream.protocol_version().unwrap_or("unknown"));
     drop(name);
     let left = until.saturating_duration_since(Instant::now());

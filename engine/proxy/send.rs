@@ -74,7 +74,13 @@ pub(super) async fn send_request(
             if remaining == 0 {
                 return Ok(Sent::HeadKept(cbuf));
             }
-            let watch = EarlyWatch::new(conn.stream());
+            // Not for a TLS client: stopping its body mid-read would poison its stream,
+            // and the answer could not be relayed on it any more.
+            let watch = if client.is_tls() {
+                None
+            } else {
+                EarlyWatch::new(conn.stream())
+            };
             let body = async {
                 if plan.expect_continue {
                     continue_100(client, g.server.body_timeout).await?;
@@ -114,7 +120,7 @@ pub(super) async fn send_request(
             let whole = ChunkedDecoder::new(g.max_body)
                 .decode(&cbuf, &mut |_| {})
                 .is_ok_and(|p| p.done);
-            let watch = if whole {
+            let watch = if whole || client.is_tls() {
                 None
             } else {
                 EarlyWatch::new(conn.stream())

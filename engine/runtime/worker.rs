@@ -158,7 +158,7 @@ impl Generation {
                 previous
                     .and_then(|p| p.upstreams.iter().find(|old| Arc::ptr_eq(&old.shared, u)))
                     .cloned()
-                    .unwrap_or_else(|| UpstreamPool::new(u.clone(), worker, pool))
+                    .unwrap_or_else(|| UpstreamPool::new(u.clone(), worker, s.workers, pool))
             })
             .collect();
         let routes = (0..shared.routes.len())

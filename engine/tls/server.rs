@@ -16,6 +16,8 @@ use crate::config::{ClientAuthMode, ListenerTls, TlsVersion};
 #[derive(Clone)]
 pub struct ServerTls {
     config: Arc<ServerConfig>,
+    /// `client_auth` with mode "required".
+    requires_client_cert: bool,
 }
 
 impl ServerTls {
@@ -58,13 +60,30 @@ impl ServerTls {
         // Ringway speaks HTTP/1.1 only: a client offering only h2 is refused with
         // no_application_protocol instead of failing later on a protocol it cannot speak.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        config.ticketer = ticketer()?;
+        // A resumed session keeps the client certificate it was issued with, unchecked
+        // (rustls restores it from the ticket). So a listener that verifies client
+        // certificates gets a ticket key of its own, new on every build: tickets from another
+        // listener, or from before a reload that changed `client_auth`, never resume on it.
+        config.ticketer = match &conf.client_auth {
+            None => ticketer()?,
+            Some(_) => rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| TlsError::Config(e.to_string()))?,
+        };
         // Tickets carry the session; a server-side cache would be one Mutex shared by every
         // worker, and SO_REUSEPORT sends a client's reconnect to any worker anyway.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         Ok(ServerTls {
             config: Arc::new(config),
+            requires_client_cert: conf
+                .client_auth
+                .as_ref()
+                .is_some_and(|a| a.mode == ClientAuthMode::Required),
         })
+    }
+
+    /// Whether every client must present a verified certificate.
+    pub fn requires_client_cert(&self) -> bool {
+        self.requires_client_cert
     }
 
     /// The rustls config (shared; cheap to clone).
@@ -79,8 +98,9 @@ impl ServerTls {
     }
 }
 
-/// One ticket key rotator for the process: every worker and every reload share it, so a
-/// ticket issued by one worker resumes on any other, and tickets outlive a reload.
+/// One ticket key rotator for the listeners without client certificates: every worker and
+/// every reload share it, so a ticket issued by one worker resumes on any other, and tickets
+/// outlive a reload (such tickets carry no client identity).
 fn ticketer() -> Result<Arc<dyn ProducesTickets>, TlsError> {
     static TICKETER: OnceLock<Result<Arc<dyn ProducesTickets>, String>> = OnceLock::new();
     TICKETER

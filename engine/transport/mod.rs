@@ -11,13 +11,16 @@ use std::{
     os::fd::{AsRawFd, RawFd},
 };
 
-use crate::tls::TlsStream;
+use crate::{runtime::deadline, tls::TlsStream};
 use monoio::{
     buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut},
     io::{AsyncReadRent, AsyncWriteRent},
     net::TcpStream,
     BufResult,
 };
+
+/// Longest wait for a TLS close (close_notify, then the TCP shutdown).
+const TLS_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A client or upstream connection.
 pub enum Stream {
@@ -74,6 +77,15 @@ impl Stream {
         match self {
             Stream::Plain(_) => false,
             Stream::Tls(t) => t.has_buffered(),
+        }
+    }
+
+    /// Nothing read ahead and no failed operation: the stream may wait idle in
+    /// a pool (a TLS stream can hold bytes its socket no longer shows).
+    pub fn is_clean(&self) -> bool {
+        match self {
+            Stream::Plain(_) => true,
+            Stream::Tls(t) => !t.is_poisoned() && !t.has_buffered(),
         }
     }
 
@@ -167,7 +179,12 @@ impl AsyncWriteRent for Stream {
     async fn shutdown(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.shutdown().await,
-            Stream::Tls(t) => t.shutdown().await.map_err(io::Error::from),
+            // close_notify is a courtesy: a peer that stopped reading must not hold
+            // the task (and a buffer) past a second.
+            Stream::Tls(t) => match deadline::timeout(TLS_CLOSE_WAIT, t.shutdown()).await {
+                Ok(r) => r.map_err(io::Error::from),
+                Err(_) => Err(io::ErrorKind::TimedOut.into()),
+            },
         }
     }
 }

@@ -47,6 +47,27 @@ pub struct UpstreamPool {
     tls: Option<crate::tls::ClientTls>,
     /// The worker's buffer pool, which TLS streams draw on.
     bufs: BufPool,
+    /// `max_connections`, or its automatic value (see [`auto_max_connections`]).
+    max_connections: usize,
+}
+
+/// `max_connections` when the configuration leaves it out: half of the open-files limit
+/// (each stream is a client and an upstream descriptor), shared by the workers, and never
+/// under 512. An AI gateway holds thousands of long-lived streams per worker; the pool's
+/// `buffers_per_worker` and the descriptor limit are the real bounds then, not a slot count.
+pub fn auto_max_connections(workers: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    let per_worker = (nofile / 2) / workers.max(1) as u64;
+    usize::try_from(per_worker).unwrap_or(usize::MAX).max(512)
 }
 
 struct Idle {
@@ -83,12 +104,22 @@ pub struct Pick<'a> {
 
 impl UpstreamPool {
     /// An empty pool for worker `worker`.
-    pub fn new(shared: Arc<UpstreamShared>, worker: usize, bufs: &BufPool) -> Rc<Self> {
+    pub fn new(
+        shared: Arc<UpstreamShared>,
+        worker: usize,
+        workers: usize,
+        bufs: &BufPool,
+    ) -> Rc<Self> {
         let n = shared.conf.endpoints.len();
+        let max_connections = shared
+            .conf
+            .max_connections
+            .unwrap_or_else(|| auto_max_connections(workers));
         let stats = registry().upstream_shard(&shared.conf.name, worker);
         Rc::new(Self {
             tls: shared.tls.as_ref().map(|t| t.for_worker()),
             bufs: bufs.clone(),
+            max_connections,
             shared,
             idle: RefCell::new(Vec::new()),
             waiters: WaitQueue::default(),
@@ -223,7 +254,11 @@ impl UpstreamPool {
         while let Some(pos) = idle.iter().rposition(|c| c.idx == idx) {
             let c = idle.remove(pos);
             self.stats.idle.sub(1);
-            if c.addr == addr && c.since.elapsed() < ttl && idle_is_clean(&c.stream) {
+            if c.addr == addr
+                && c.since.elapsed() < ttl
+                && c.stream.is_clean()
+                && idle_is_clean(&c.stream)
+            {
                 return Some(c.stream);
             }
             // Expired, the name now resolves elsewhere, or closed or
@@ -244,7 +279,7 @@ impl UpstreamPool {
         fresh: bool,
         deadline_at: Instant,
     ) -> Result<Option<Stream>, CheckoutError> {
-        let max = self.shared.conf.max_connections as u64;
+        let max = self.max_connections as u64;
         let mut waited = false;
         loop {
             // Queue order is kept: only the woken waiter (or a newcomer when
@@ -278,6 +313,7 @@ impl UpstreamPool {
                 .await
                 .is_err()
             {
+                self.stats.busy.add(1);
                 return Err(CheckoutError::NoSlot);
             }
             waited = true;
@@ -312,7 +348,9 @@ impl UpstreamPool {
 
     fn put_idle(&self, idx: usize, addr: SocketAddr, stream: Stream) {
         let mut idle = self.idle.borrow_mut();
-        if idle.len() >= self.shared.conf.max_idle {
+        // Bytes read ahead (past the response, on a TLS stream) would answer the
+        // next request: such a connection is closed, never pooled.
+        if idle.len() >= self.shared.conf.max_idle || !stream.is_clean() {
             drop(idle);
             drop(stream);
             self.release_slot();

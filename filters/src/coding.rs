@@ -16,6 +16,10 @@ use flate2::{Decompress, FlushDecompress, Status};
 /// Bytes of decoded output handed to the callback at most at a time.
 pub const OUT_CHUNK: usize = 16 * 1024;
 
+/// Most bytes one body is decoded to. Usage sits in a JSON reply or an event stream of at
+/// most a few MiB; past this, decoding (CPU on the worker) stops and the usage is estimated.
+pub const MAX_DECODED: u64 = 64 * 1024 * 1024;
+
 /// The content coding of a body, from its `Content-Encoding` field(s).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContentCoding {
@@ -84,6 +88,7 @@ impl ContentCoding {
             out: vec![0; OUT_CHUNK].into_boxed_slice(),
             error: None,
             done: false,
+            decoded: 0,
         })
     }
 }
@@ -97,6 +102,9 @@ pub enum DecodeError {
     Deflate,
     /// The br stream is corrupt, or declares a window larger than 16 MiB.
     Brotli,
+    /// The body decodes to more than [`MAX_DECODED`] bytes (a decompression bomb, or a reply
+    /// far larger than any usage report sits in): decoding stops, the usage is estimated.
+    TooLarge,
 }
 
 impl fmt::Display for DecodeError {
@@ -105,6 +113,7 @@ impl fmt::Display for DecodeError {
             DecodeError::GzipHeader => "not a gzip member header",
             DecodeError::Deflate => "corrupt deflate data",
             DecodeError::Brotli => "corrupt br data",
+            DecodeError::TooLarge => "decodes to more than the decoding limit",
         })
     }
 }
@@ -121,6 +130,8 @@ pub struct Decoder {
     error: Option<DecodeError>,
     /// The coded stream ended.
     done: bool,
+    /// Bytes decoded so far (bounded by [`MAX_DECODED`]).
+    decoded: u64,
 }
 
 impl fmt::Debug for Decoder {
@@ -320,6 +331,7 @@ impl Decoder {
 
     fn run<F: FnMut(&[u8])>(&mut self, mut input: &[u8], sink: &mut F) -> Result<(), DecodeError> {
         let out = &mut self.out;
+        let decoded = &mut self.decoded;
         match &mut self.kind {
             Kind::Gzip { phase, inflate } => {
                 while !input.is_empty() {
@@ -333,7 +345,7 @@ impl Decoder {
                             }
                         }
                         GzPhase::Data => {
-                            let (used, end) = inflate_into(inflate, input, out, sink)?;
+                            let (used, end) = inflate_into(inflate, input, out, sink, decoded)?;
                             input = &input[used..];
                             if end {
                                 *phase = GzPhase::Trailer(8);
@@ -374,7 +386,7 @@ impl Decoder {
                         && b0 >> 4 <= 7
                         && ((u16::from(b0) << 8) | u16::from(b)) % 31 == 0;
                     let mut d = Box::new(Decompress::new(zlib));
-                    let (_, end) = inflate_into(&mut d, &[b0], out, sink)?;
+                    let (_, end) = inflate_into(&mut d, &[b0], out, sink, decoded)?;
                     *inflate = Some(d);
                     if end {
                         self.done = true;
@@ -382,7 +394,7 @@ impl Decoder {
                     }
                 }
                 if let Some(d) = inflate {
-                    let (_, end) = inflate_into(d, input, out, sink)?;
+                    let (_, end) = inflate_into(d, input, out, sink, decoded)?;
                     self.done = end;
                 }
                 Ok(())
@@ -406,6 +418,10 @@ impl Decoder {
                     );
                     if out_at > 0 {
                         sink(&out[..out_at]);
+                        *decoded += out_at as u64;
+                        if *decoded > MAX_DECODED {
+                            return Err(DecodeError::TooLarge);
+                        }
                     }
                     match r {
                         BrotliResult::NeedsMoreOutput => continue,
@@ -429,6 +445,7 @@ fn inflate_into<F: FnMut(&[u8])>(
     mut input: &[u8],
     out: &mut [u8],
     sink: &mut F,
+    decoded: &mut u64,
 ) -> Result<(usize, bool), DecodeError> {
     let mut used = 0;
     loop {
@@ -441,6 +458,10 @@ fn inflate_into<F: FnMut(&[u8])>(
         let made = (d.total_out() - out0) as usize;
         if made > 0 {
             sink(&out[..made]);
+            *decoded += made as u64;
+            if *decoded > MAX_DECODED {
+                return Err(DecodeError::TooLarge);
+            }
         }
         input = &input[took..];
         used += took;
@@ -458,6 +479,31 @@ fn inflate_into<F: FnMut(&[u8])>(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_limit() {
+        // 80 MiB of zeros gzip to about 80 KiB: decoding stops past MAX_DECODED.
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..80 {
+            let _ = e.write_all(&zeros);
+        }
+        let coded = e.finish().unwrap_or_default();
+        let mut d = ContentCoding::Gzip.decoder().expect("gzip decoder");
+        let mut got = 0u64;
+        let mut res = Ok(());
+        for piece in coded.chunks(16 * 1024) {
+            res = d.feed(piece, &mut |b| got += b.len() as u64);
+            if res.is_err() {
+                break;
+            }
+        }
+        assert_eq!(res, Err(DecodeError::TooLarge));
+        assert!(
+            got > MAX_DECODED - 1024 * 1024 && got <= MAX_DECODED + 16 * 1024,
+            "{got}"
+        );
+    }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

@@ -476,7 +476,9 @@ def test_certificate_reload_under_load_and_a_bad_file_refused(ringway_fn, pki, b
             ok_now = counts["ok"]
             wait_until(lambda: counts["ok"] >= ok_now + 10, 10, what="traffic after a reload")
         ctx = client_ctx(pki)
-        assert tls_get(gw.port, ctx, "api.test")[3] == der_of(second[0])
+        # Each worker picks the new configuration up on its next tick (within 100 ms).
+        wait_until(lambda: all(tls_get(gw.port, ctx, "api.test")[3] == der_of(second[0])
+                               for _ in range(8)), 5, what="every worker serving the new certificate")
         # A file that is not a certificate: refused, and the running one keeps serving.
         with open(live_pem, "w") as f:
             f.write("not a certificate\n")

@@ -112,13 +112,20 @@ fn load_with_test_certs(path: &Path, text: &str) -> Result<Config, String> {
     let pki = crate::tls::testpki::TestPki::new();
     let tls = pki.path("tls");
     std::fs::create_dir_all(&tls).expect("tls dir");
-    for (name, san) in [("api", "DNS:api.example.com"), ("wild", "DNS:*.example.com")] {
+    for (name, san) in [
+        ("api", "DNS:api.example.com"),
+        ("wild", "DNS:*.example.com"),
+    ] {
         let (pem, key) = pki.leaf(name, san.trim_start_matches("DNS:"), &[san], 365);
         std::fs::copy(pem, tls.join(format!("{name}.pem"))).expect("copy cert");
         std::fs::copy(key, tls.join(format!("{name}.key"))).expect("copy key");
     }
     std::fs::copy(pki.path("ca.pem"), tls.join("clients.pem")).expect("copy ca");
-    let copy = pki.path(path.file_name().and_then(|n| n.to_str()).unwrap_or("example.toml"));
+    let copy = pki.path(
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("example.toml"),
+    );
     std::fs::write(&copy, text).expect("write copy");
     load_file(&copy).map_err(|e| e.to_string())
 }
@@ -185,7 +192,7 @@ fn defaults_from_minimal_file() {
     );
     assert_eq!(u.balance, Balance::RoundRobin);
     assert_eq!(u.hash_key, None);
-    assert_eq!((u.max_connections, u.max_idle, u.retries), (512, 64, 1));
+    assert_eq!((u.max_connections, u.max_idle, u.retries), (None, 64, 1));
     assert_eq!(u.idle_timeout, Duration::from_secs(60));
     assert_eq!(u.connect_timeout, Duration::from_secs(2));
     assert_eq!(u.response_timeout, Duration::from_secs(60));

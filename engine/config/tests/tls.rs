@@ -334,6 +334,28 @@ fn upstream_tls_forms_and_host_header_defaults() {
 }
 
 #[test]
+fn endpoint_host_header_needs_one_host_name() {
+    let pki = TestPki::new();
+    let src = format!(
+        "{MIN}[[upstreams]]\nname = \"v\"\nendpoints = [\"a.example.com:443\", \"b.example.com:443\"]\ntls = true\n"
+    );
+    let e = one_in(&src, &pki.dir, now());
+    assert_eq!(e.key, "upstreams[1].host_header");
+    assert!(e.message.contains("one host name"), "{}", e.message);
+    // One name on several ports is two hosts too; a literal or "client" is fine.
+    let two_ports = src.replace("b.example.com:443", "a.example.com:8443");
+    assert_eq!(
+        one_in(&two_ports, &pki.dir, now()).key,
+        "upstreams[1].host_header"
+    );
+    ok_in(&format!("{src}host_header = \"client\"\n"), &pki.dir);
+    let one = format!(
+        "{MIN}[[upstreams]]\nname = \"v\"\nendpoints = [\"a.example.com:443\"]\ntls = true\n"
+    );
+    ok_in(&one, &pki.dir);
+}
+
+#[test]
 fn redis_tls_needs_rediss_and_a_readable_ca() {
     let pki = TestPki::new();
     let c = ok_in(
