@@ -226,7 +226,9 @@ pub(super) async fn exchange(
     };
     record.status = rp.status;
     record.upstream_time = Some(ctx.sent_at.elapsed());
-    if rp.status >= 500 {
+    // A provider endpoint that keeps answering 429 is as unusable as one that
+    // fails: after `unhealthy_after` in a row it rests for the passive cooldown.
+    if rp.status >= 500 || rp.status == 429 {
         pool.report_failure(conn.idx);
     } else {
         pool.report_success(conn.idx);

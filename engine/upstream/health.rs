@@ -1,6 +1,7 @@
 //! Endpoint health, shared by every worker and the control core.
 //!
-//! Passive: workers count consecutive connect failures and 5xx answers; at
+//! Passive: workers count consecutive connect failures and 5xx answers (and
+//! 429s on AI routes, where a provider endpoint that keeps refusing must rest); at
 //! `unhealthy_after` the endpoint is ejected and every worker skips it.
 //! Active: the control core probes `health.path` and ejects or restores by
 //! `unhealthy_after` / `healthy_after`. Without active checks an ejected

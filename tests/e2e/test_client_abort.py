@@ -106,3 +106,38 @@ def test_client_leaving_mid_stream_is_charged_what_it_got(gw, up):
         remaining = int(r.get("x-ratelimit-remaining-tokens"))
         # Charged: the input and the few words delivered, not the 300 the stream would have had.
         assert BUDGET - 700 - 100 < remaining < BUDGET, remaining
+
+
+def test_an_ai_endpoint_answering_429_in_a_row_rests(ringway_fn, up):
+    """Two endpoints, one answering every request 429: after three in a row it is ejected for
+    the passive cooldown, and the requests that follow all go to the other one."""
+    from raw_upstream import ScriptedUpstream
+
+    def limited(sock, req, state):
+        body = b'{"error":{"message":"slow down","type":"rate_limit_exceeded"}}'
+        sock.sendall(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    bad = ScriptedUpstream(limited).start()
+    try:
+        port, admin = free_port(), free_port()
+        text = ai_config(port, admin,
+                         [{"name": "openai", "endpoints": [bad.addr, up.addr], "retries": 0,
+                           "response_timeout": "10s"}],
+                         [{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
+                           "filters": ["auth", "stats"]}],
+                         [{"name": "auth", "kind": "key-auth"}, STATS],
+                         server={"workers": 1})
+        rw = Ringway(text, ringway_fn.tmpdir / "rest429", name="rest429", port=port)
+        ringway_fn.instances.append(rw)
+        rw.start()
+        statuses = []
+        with RawConn(port, timeout=10) as c:
+            for i in range(16):
+                c.send(request("rest-%d-%f" % (i, time.time()), stream=False, words=2))
+                statuses.append(c.read_response().status)
+        assert statuses.count(429) == 3, statuses
+        assert statuses[-8:] == [200] * 8, statuses
+    finally:
+        bad.stop()
