@@ -84,17 +84,17 @@ impl EarlyWatch {
             r = &mut op => return Watched::Done(r),
             _ = ready => {},
         }
-        if self.peek().is_some_and(|got| got.is_empty()) {
+        if self.peek(&mut [0u8; PEEK]) == Some(0) {
             return Watched::Answered;
         }
         Watched::Done(op.await)
     }
 
-    /// Up to 12 waiting bytes, without taking them: empty at a close or a
-    /// reset, `None` when there is nothing after all (a spurious wake-up).
-    fn peek(&self) -> Option<Vec<u8>> {
-        let mut buf = [0u8; 12];
-        // SAFETY: a non-blocking peek into a stack buffer of the given length.
+    /// Up to [`PEEK`] waiting bytes, without taking them: `Some(0)` at a
+    /// close or a reset, `None` when there is nothing after all (a spurious
+    /// wake-up).
+    fn peek(&self, buf: &mut [u8; PEEK]) -> Option<usize> {
+        // SAFETY: a non-blocking peek into a buffer of the given length.
         let n = unsafe {
             libc::recv(
                 self.dup.as_raw_fd(),
@@ -103,36 +103,24 @@ impl EarlyWatch {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        if n < 0 {
-            return match io::Error::last_os_error().kind() {
-                io::ErrorKind::WouldBlock => None,
-                _ => Some(Vec::new()),
-            };
+        match usize::try_from(n) {
+            Ok(n) => Some(n),
+            Err(_) if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => None,
+            Err(_) => Some(0),
         }
-        Some(buf[..n as usize].to_vec())
     }
 
     /// Peeks at what the upstream sent: a close, a reset or anything but an
-    /// interim status line ends the upload.
+    /// interim status line ends the upload; nothing at all (a spurious
+    /// wake-up) does not.
     fn final_answer_waiting(&self) -> bool {
-        let mut peek = [0u8; 12];
-        // SAFETY: a non-blocking peek into a stack buffer of the given length.
-        let n = unsafe {
-            libc::recv(
-                self.dup.as_raw_fd(),
-                peek.as_mut_ptr().cast(),
-                peek.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            // Nothing there after all (a spurious wake-up): keep sending.
-            return io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock;
-        }
-        let got = &peek[..n as usize];
-        is_final(got)
+        let mut buf = [0u8; PEEK];
+        self.peek(&mut buf).is_some_and(|n| is_final(&buf[..n]))
     }
 }
+
+/// Bytes a peek looks at: enough for `HTTP/1.1 1`.
+const PEEK: usize = 12;
 
 /// True when `head` starts a final status line (or anything that is not a
 /// status line); an empty peek is the upstream's close, which ends the upload
