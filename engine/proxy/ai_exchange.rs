@@ -228,7 +228,10 @@ pub(super) async fn exchange(
     record.upstream_time = Some(ctx.sent_at.elapsed());
     // A provider endpoint that keeps answering 429 is as unusable as one that
     // fails: after `unhealthy_after` in a row it rests for the passive cooldown.
-    if rp.status >= 500 || rp.status == 429 {
+    // Not a lone endpoint: resting it would turn a rate limit (often on one
+    // key) into an outage for every consumer; key cooldowns handle that case.
+    let limited = rp.status == 429 && pool.shared.conf.endpoints.len() > 1;
+    if rp.status >= 500 || limited {
         pool.report_failure(conn.idx);
     } else {
         pool.report_success(conn.idx);
