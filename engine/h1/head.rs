@@ -173,6 +173,14 @@ pub fn parse_request<'b, 'h>(
     let status =
         match ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, storage) {
             Ok(s) => s,
+            // The version is judged on the whole request line: `HTTP/1.2` or `HTTP/2.0` cut
+            // before its line ends is not malformed yet.
+            Err(httparse::Error::Version) if memchr::memchr2(b'\r', b'\n', buf).is_none() => {
+                if buf.len() > limits.max_header_bytes {
+                    return Err(HeadError::HeadTooLarge);
+                }
+                return Ok(Parsed::Partial);
+            }
             Err(httparse::Error::Version) => return Err(classify_version(buf)),
             Err(e) => return Err(from_httparse(e)),
         };
@@ -1031,6 +1039,22 @@ mod tests {
         assert_eq!(newer_minor_version(b"GET / HTTP/1.1\r\n"), None);
         assert_eq!(newer_minor_version(b"GET / HTTP/1.9"), None);
         assert_eq!(newer_minor_version(b"GET / XHTTP/1.2\r\n"), None);
+    }
+
+    #[test]
+    fn a_version_cut_before_its_line_ends_waits_for_more() {
+        let limits = Limits::default();
+        for cut in [
+            &b"GET /test HTTP/1.2"[..],
+            b"GET / HTTP/2",
+            b"GET / HTTP/2.0",
+        ] {
+            let mut storage = [const { MaybeUninit::<Header<'_>>::uninit() }; 16];
+            match parse_request(cut, &mut storage, &limits) {
+                Ok(Parsed::Partial) => {}
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(cut)),
+            }
+        }
     }
 
     #[test]
