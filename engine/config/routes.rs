@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::header_rules::{header_rules, Side};
 use super::raw::{OrderedMap, RawMatch, RawRoute, S};
 use super::toml_key;
 use super::types::*;
@@ -75,16 +76,15 @@ pub(crate) fn routes(
             must_be_upstream(ck, format!("routes[{i}].models.{}", toml_key(glob)), up);
         }
         check_globs(ck, &format!("routes[{i}].models"), &r.models);
-        check_globs(ck, &format!("routes[{i}].model_map"), &r.model_map);
-        for (glob, model) in &r.model_map.0 {
-            if model.get_ref().is_empty() {
-                ck.err(
-                    format!("routes[{i}].model_map.{}", toml_key(glob)),
-                    model.span(),
-                    "the new model name must not be empty",
-                );
-            }
-        }
+        check_model_map(ck, &k("model_map"), &r.model_map);
+        let request_headers =
+            header_rules(ck, &k("request_headers"), Side::Request, &r.request_headers);
+        let response_headers = header_rules(
+            ck,
+            &k("response_headers"),
+            Side::Response,
+            &r.response_headers,
+        );
 
         out.push(Route {
             name: r.name.get_ref().clone(),
@@ -96,12 +96,28 @@ pub(crate) fn routes(
             models: pairs(&r.models),
             model_map: pairs(&r.model_map),
             include_usage: r.include_usage.unwrap_or(true),
+            request_headers,
+            response_headers,
         });
     }
     out
 }
 
-fn pairs(m: &OrderedMap<S<String>>) -> Vec<(String, String)> {
+/// A `model_map` (a route's or an upstream's): non-empty globs to non-empty names.
+pub(crate) fn check_model_map(ck: &mut Ck, key: &str, m: &OrderedMap<S<String>>) {
+    check_globs(ck, key, m);
+    for (glob, model) in &m.0 {
+        if model.get_ref().is_empty() {
+            ck.err(
+                format!("{key}.{}", toml_key(glob)),
+                model.span(),
+                "the new model name must not be empty",
+            );
+        }
+    }
+}
+
+pub(crate) fn pairs(m: &OrderedMap<S<String>>) -> Vec<(String, String)> {
     m.0.iter()
         .map(|(k, v)| (k.clone(), v.get_ref().clone()))
         .collect()

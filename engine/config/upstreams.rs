@@ -194,6 +194,11 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
             .as_ref()
             .and_then(|t| super::tls::upstream_tls(ck, &k("tls"), t));
         let host_header = host_header(ck, &k("host_header"), &u.host_header, tls.is_some());
+        let credentials = u
+            .credentials
+            .as_ref()
+            .and_then(|c| super::credentials::credentials(ck, &k("credentials"), c));
+        super::routes::check_model_map(ck, &k("model_map"), &u.model_map);
 
         out.push(Upstream {
             name: u.name.get_ref().clone(),
@@ -222,6 +227,8 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
             ),
             tls,
             host_header,
+            credentials,
+            model_map: super::routes::pairs(&u.model_map),
         });
     }
     out

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::*;
 
 mod checks;
+mod credentials;
 mod tls;
 
 /// The smallest valid file: one listener, one upstream, one route.
@@ -112,13 +113,20 @@ fn load_with_test_certs(path: &Path, text: &str) -> Result<Config, String> {
     let pki = crate::tls::testpki::TestPki::new();
     let tls = pki.path("tls");
     std::fs::create_dir_all(&tls).expect("tls dir");
-    for (name, san) in [("api", "DNS:api.example.com"), ("wild", "DNS:*.example.com")] {
+    for (name, san) in [
+        ("api", "DNS:api.example.com"),
+        ("wild", "DNS:*.example.com"),
+    ] {
         let (pem, key) = pki.leaf(name, san.trim_start_matches("DNS:"), &[san], 365);
         std::fs::copy(pem, tls.join(format!("{name}.pem"))).expect("copy cert");
         std::fs::copy(key, tls.join(format!("{name}.key"))).expect("copy key");
     }
     std::fs::copy(pki.path("ca.pem"), tls.join("clients.pem")).expect("copy ca");
-    let copy = pki.path(path.file_name().and_then(|n| n.to_str()).unwrap_or("example.toml"));
+    let copy = pki.path(
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("example.toml"),
+    );
     std::fs::write(&copy, text).expect("write copy");
     load_file(&copy).map_err(|e| e.to_string())
 }
