@@ -33,6 +33,8 @@ pub struct AiRoute {
     pub model_map: Vec<(String, String)>,
     /// Add `stream_options.include_usage` to streamed chat requests.
     pub include_usage: bool,
+    /// An upstream the route can reach has its own `model_map`.
+    pub upstream_model_map: bool,
 }
 
 impl AiRoute {
@@ -42,6 +44,7 @@ impl AiRoute {
             || !self.token_limits.is_empty()
             || !self.models.is_empty()
             || !self.model_map.is_empty()
+            || self.upstream_model_map
     }
 
     /// Whether requests on this route are accounted (token limits or `ai-stats`): their
@@ -78,6 +81,10 @@ impl AiRoute {
                     })
                     .collect();
                 ai.model_map = r.model_map.clone();
+                let has_map =
+                    |name: &str| cfg.upstream(name).is_some_and(|u| !u.model_map.is_empty());
+                ai.upstream_model_map =
+                    has_map(&r.upstream) || r.models.iter().any(|(_, up)| has_map(up));
                 ai
             })
             .collect()
