@@ -86,6 +86,34 @@ pub(crate) fn routes(
             &r.response_headers,
         );
 
+        // A rule that sets the header the upstream's key goes in would send two of it.
+        let reachable = std::iter::once(r.upstream.get_ref())
+            .chain(r.models.0.iter().map(|(_, u)| u.get_ref()));
+        for up in reachable {
+            let Some(c) = upstreams
+                .iter()
+                .find(|u| &u.name == up)
+                .and_then(|u| u.credentials.as_ref())
+            else {
+                continue;
+            };
+            let name = c.kind.header_name();
+            if let Some((n, v)) = r.request_headers.as_ref().and_then(|h| {
+                h.get_ref()
+                    .set
+                    .0
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            }) {
+                ck.err(
+                    format!("routes[{i}].request_headers.set.{}", toml_key(n)),
+                    v.span(),
+                    format!("upstream {up:?} sends its provider key in {name:?}; a rule cannot set it too"),
+                );
+                break;
+            }
+        }
+
         out.push(Route {
             name: r.name.get_ref().clone(),
             listener: r.listener.as_ref().map(|l| l.get_ref().clone()),

@@ -418,8 +418,10 @@ pub fn plan_request(
         let mut key_use = None;
         if let (Some(p), Some(i)) = (pool, key) {
             out.extend_from_slice(p.line(i));
-            let added_version =
-                p.kind == crate::config::CredentialKind::Anthropic && !client_version;
+            // A route rule that sets anthropic-version decides it, as a client's would.
+            let added_version = p.kind == crate::config::CredentialKind::Anthropic
+                && !client_version
+                && !route.request_headers.sets("anthropic-version");
             if added_version {
                 out.extend_from_slice(ANTHROPIC_VERSION_LINE);
             }

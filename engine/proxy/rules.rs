@@ -10,6 +10,8 @@ pub struct HeadRewrite {
     drop: Box<[String]>,
     /// `name: value\r\n` for every `set` rule, in file order.
     lines: Box<[u8]>,
+    /// How many of `drop` (the first ones) are `set` names.
+    sets: usize,
 }
 
 impl HeadRewrite {
@@ -30,7 +32,15 @@ impl HeadRewrite {
                 .chain(r.remove.iter().cloned())
                 .collect(),
             lines: lines.into_boxed_slice(),
+            sets: r.set.len(),
         }
+    }
+
+    /// Whether a `set` rule writes a header of this name.
+    pub fn sets(&self, name: &str) -> bool {
+        self.drop[..self.sets]
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(name))
     }
 
     /// Whether a header of this name is left out of the rewritten head.
@@ -58,6 +68,7 @@ mod tests {
         });
         assert!(r.drops("X-Tenant") && r.drops("x-DEBUG") && !r.drops("x-other"));
         assert_eq!(r.lines(), b"x-tenant: acme\r\n");
+        assert!(r.sets("X-TENANT") && !r.sets("x-debug"));
         let none = HeadRewrite::new(&HeaderRules::default());
         assert!(!none.drops("x-debug") && none.lines().is_empty());
     }

@@ -255,3 +255,15 @@ fn header_rules_refuse_framing_and_hop_by_hop_headers() {
         assert_err(&e, key, line(&src, extra), fragment);
     }
 }
+
+#[test]
+fn a_rule_cannot_set_the_header_the_provider_key_goes_in() {
+    let src = "[[listeners]]\nname = \"l\"\naddress = \"127.0.0.1:8080\"\n\n[[upstreams]]\nname = \"u\"\nendpoints = [\"127.0.0.1:9000\"]\ncredentials = { kind = \"bearer\", keys = [ { env = \"PROVIDER_KEY\" } ] }\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\nrequest_headers = { set = { \"Authorization\" = \"x\" } }\n";
+    let e = one_err(src);
+    assert_err(
+        &e,
+        "routes[0].request_headers.set.Authorization",
+        line(src, "request_headers"),
+        "sends its provider key in \"authorization\"",
+    );
+}
