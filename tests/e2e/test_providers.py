@@ -128,7 +128,7 @@ def test_provider_key_replaces_every_client_credential(ringway_fn, mock):
         ("/v1/chat/completions", {"x-api-key": CONSUMER_KEY, "api-key": "client-azure-key"}),
         ("/v1/chat/completions?api_key=%s&keep=1" % CONSUMER_KEY, {}),
         ("/plain/v1/chat/completions", {"authorization": "Bearer " + CONSUMER_KEY}),
-        ("/plain/x?keep=1&api_key=%s" % CONSUMER_KEY, {"x-api-key": "other"}),
+        ("/plain/x?keep=1&api_key=%s" % CONSUMER_KEY, {"api-key": "other"}),
         ("/plain/x?api_key=%s" % CONSUMER_KEY, {}),
     ]
     for path, headers in sends:
@@ -158,12 +158,12 @@ def test_key_auth_without_credentials_removes_only_the_consumer_key(ringway_fn, 
                                                          "authorization": "Basic dXNlcjpwYXNz"}, timeout=5)
     assert r.status_code == 200
     r = requests.post(url(rw, "/b?api_key=" + CONSUMER_KEY), json=CHAT,
-                      headers={"x-api-key": "not-a-consumer-key-but-forwarded-as-is"}, timeout=5)
+                      headers={"api-key": "forwarded-as-is"}, timeout=5)
     assert r.status_code == 200, r.text
     a, b = mock.requests()
     assert a.one("authorization") == "Basic dXNlcjpwYXNz" and not a.all("x-api-key")
     assert CONSUMER_KEY not in a.raw() and CONSUMER_KEY not in b.raw()
-    assert b.target == "/b" and b.one("x-api-key") == "not-a-consumer-key-but-forwarded-as-is"
+    assert b.target == "/b" and b.one("api-key") == "forwarded-as-is"
 
 
 def test_anthropic_azure_and_header_kinds(ringway_fn, mock):
@@ -259,7 +259,7 @@ def test_a_key_answered_429_cools_and_is_not_chosen(ringway_fn, mock):
                [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
                  "filters": ["auth", "stats"]}])
     h = {"authorization": "Bearer " + CONSUMER_KEY}
-    mock.refuse[KEY_B] = (429, [("retry-after", "2")])
+    mock.refuse[KEY_B] = (429, [("retry-after", "6")])
     statuses = []
     for _ in range(40):
         r = requests.post(url(rw, "/v1/chat/completions"), json=CHAT, headers=h, timeout=5)
@@ -274,11 +274,11 @@ def test_a_key_answered_429_cools_and_is_not_chosen(ringway_fn, mock):
     for _ in range(100):
         assert requests.post(url(rw, "/v1/chat/completions"), json=CHAT, headers=h,
                              timeout=5).status_code == 200
-    assert time.monotonic() - cooled_at < 2, "too slow to prove anything about a 2 s cooldown"
+    assert time.monotonic() - cooled_at < 6, "too slow to prove anything about a 6 s cooldown"
     assert set(_use(mock)) == {KEY_A}, "the cooling key was used"
     # After the cooldown the key is chosen again.
     del mock.refuse[KEY_B]
-    time.sleep(max(0.0, 2.2 - (time.monotonic() - cooled_at)))
+    time.sleep(max(0.0, 6.2 - (time.monotonic() - cooled_at)))
     assert metric(rw, "ringway_upstream_key_cooling", upstream="openai", key="1") == 0
     mock.log.clear()
     for _ in range(40):
