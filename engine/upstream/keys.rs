@@ -158,14 +158,12 @@ impl KeyPool {
                 let until = now_ms.saturating_add(d.as_millis() as u64);
                 k.state.cool_until_ms.fetch_max(until, Ordering::Relaxed);
             }
-            401 | 403 => {
-                if !k.state.disabled.swap(true, Ordering::Relaxed) {
-                    // Position only: the value never reaches a log line.
-                    crate::log::warn(&format!(
-                        "upstream {}: key {idx} was answered {status}; it is not used until the next reload",
-                        self.upstream
-                    ));
-                }
+            // Position only: the value never reaches a log line.
+            401 | 403 if !k.state.disabled.swap(true, Ordering::Relaxed) => {
+                crate::log::warn(&format!(
+                    "upstream {}: key {idx} was answered {status}; it is not used until the next reload",
+                    self.upstream
+                ));
             }
             _ => {}
         }
