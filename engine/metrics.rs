@@ -175,6 +175,9 @@ pub struct Registry {
     tls_handshakes: Mutex<Vec<(String, &'static str, &'static str, u64)>>,
     /// TLS handshakes with upstreams: (upstream, resumed) → count.
     upstream_tls_handshakes: Mutex<Vec<(String, bool, u64)>>,
+    /// Provider key states by (upstream, key position); weak, so a key that no configuration
+    /// holds any more leaves the next scrape.
+    keys: Mutex<Vec<(String, usize, Weak<crate::upstream::keys::KeyState>)>>,
 }
 
 /// Counts a listener's TLS handshake. One lock per connection: next to the
@@ -244,6 +247,91 @@ impl Registry {
         s
     }
 
+    /// The shared state of key `pos` of `upstream`: the live one when a configuration still
+    /// holds it (so counters run on across a reload), else a new one. Called at start and on
+    /// reload only.
+    pub fn key_state(&self, upstream: &str, pos: usize) -> Arc<crate::upstream::keys::KeyState> {
+        let Ok(mut l) = self.keys.lock() else {
+            return Arc::default();
+        };
+        l.retain(|e| e.2.strong_count() > 0);
+        if let Some(s) = l
+            .iter()
+            .find(|e| e.0 == upstream && e.1 == pos)
+            .and_then(|e| e.2.upgrade())
+        {
+            return s;
+        }
+        let s = Arc::new(crate::upstream::keys::KeyState::default());
+        l.push((upstream.to_string(), pos, Arc::downgrade(&s)));
+        s
+    }
+
+    fn render_keys(&self, out: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut live = Vec::new();
+        if let Ok(l) = self.keys.lock() {
+            for (up, pos, w) in l.iter() {
+                if let Some(s) = w.upgrade() {
+                    live.push((esc(up), *pos, s));
+                }
+            }
+        }
+        live.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let now = crate::upstream::health::now_ms();
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_key_requests_total Requests sent with each provider key, by upstream and key position."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_key_requests_total counter");
+        for (up, pos, s) in &live {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_key_requests_total{{upstream=\"{up}\",key=\"{pos}\"}} {}",
+                s.requests.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_key_responses_total Provider responses to each key, by status class."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_key_responses_total counter");
+        for (up, pos, s) in &live {
+            for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "ringway_upstream_key_responses_total{{upstream=\"{up}\",key=\"{pos}\",class=\"{class}\"}} {}",
+                    s.responses[i].load(Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_key_cooling 1 while a provider key cools down after a 429."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_key_cooling gauge");
+        for (up, pos, s) in &live {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_key_cooling{{upstream=\"{up}\",key=\"{pos}\"}} {}",
+                u8::from(s.cooling(now))
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_key_disabled 1 for a provider key answered 401/403, unused until the next reload."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_key_disabled gauge");
+        for (up, pos, s) in &live {
+            let _ = writeln!(
+                out,
+                "ringway_upstream_key_disabled{{upstream=\"{up}\",key=\"{pos}\"}} {}",
+                u8::from(s.disabled.load(Relaxed))
+            );
+        }
+    }
+
     /// A new process shard for `worker`.
     pub fn worker_shard(&self, worker: usize) -> Arc<WorkerShard> {
         let s = Arc::new(WorkerShard::default());
@@ -301,6 +389,7 @@ impl Registry {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
+        self.render_keys(out);
         // Routes: summed over workers, keyed by route name.
         let mut routes: Vec<RouteSum> = Vec::new();
         if let Ok(l) = self.routes.lock() {

@@ -20,6 +20,10 @@ pub struct Route {
     pub upstream: usize,
     /// Bytes of the path to remove before forwarding (the matched prefix).
     pub strip: usize,
+    /// `request_headers`, compiled.
+    pub request_headers: crate::proxy::rules::HeadRewrite,
+    /// `response_headers`, compiled.
+    pub response_headers: crate::proxy::rules::HeadRewrite,
 }
 
 #[derive(Debug)]
@@ -91,6 +95,8 @@ impl RouteTable {
                     .collect(),
                 upstream,
                 strip,
+                request_headers: crate::proxy::rules::HeadRewrite::new(&r.request_headers),
+                response_headers: crate::proxy::rules::HeadRewrite::new(&r.response_headers),
             });
         }
         Ok(Self { routes })

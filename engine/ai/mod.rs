@@ -35,6 +35,8 @@ pub struct AiRoute {
     pub include_usage: bool,
     /// `sse_keepalive`: a comment written during upstream silence on an event stream.
     pub sse_keepalive: Option<std::time::Duration>,
+    /// An upstream the route can reach has its own `model_map`.
+    pub upstream_model_map: bool,
 }
 
 impl AiRoute {
@@ -46,6 +48,7 @@ impl AiRoute {
             || !self.model_map.is_empty()
             // Keep-alive comments need the event stream framed by Ringway.
             || self.sse_keepalive.is_some()
+            || self.upstream_model_map
     }
 
     /// Whether requests on this route are accounted (token limits or `ai-stats`): their
@@ -83,6 +86,10 @@ impl AiRoute {
                     })
                     .collect();
                 ai.model_map = r.model_map.clone();
+                let has_map =
+                    |name: &str| cfg.upstream(name).is_some_and(|u| !u.model_map.is_empty());
+                ai.upstream_model_map =
+                    has_map(&r.upstream) || r.models.iter().any(|(_, up)| has_map(up));
                 ai
             })
             .collect()

@@ -135,7 +135,7 @@ pub async fn capture(
         ModelScan::Found { value, value_range } => (Some(value), Some(value_range)),
         ModelScan::NotFound | ModelScan::NeedMore => (None, None),
         ModelScan::Invalid => {
-            if !ai.models.is_empty() || !ai.model_map.is_empty() {
+            if !ai.models.is_empty() || !ai.model_map.is_empty() || ai.upstream_model_map {
                 return Err(Fail::Reject(INVALID_JSON));
             }
             (None, None)
@@ -161,12 +161,25 @@ pub async fn capture(
     };
 
     // Edits, the later one in the body first so the other's offsets stay valid.
+    // The route's `model_map`, then the upstream's, on the name the route's left.
+    let up_map = &g.shared.upstreams[req.upstream.unwrap_or(plan.upstream)]
+        .conf
+        .model_map;
     let rename = match (&model, model_range) {
-        (Some(m), Some(range)) => ai
-            .model_map
-            .iter()
-            .find(|(glob, _)| glob_match(glob, m))
-            .map(|(_, new)| (range.start as usize..range.end as usize, json_escape(new))),
+        (Some(m), Some(range)) => {
+            let by_route = ai
+                .model_map
+                .iter()
+                .find(|(glob, _)| glob_match(glob, m))
+                .map(|(_, new)| new.as_str());
+            let by_upstream = up_map
+                .iter()
+                .find(|(glob, _)| glob_match(glob, by_route.unwrap_or(m)))
+                .map(|(_, new)| new.as_str());
+            by_upstream
+                .or(by_route)
+                .map(|new| (range.start as usize..range.end as usize, json_escape(new)))
+        }
         _ => None,
     };
     let usage_edit = injection.map(|i| (i.range.start as usize..i.range.end as usize, i.bytes));

@@ -4,9 +4,12 @@
 //! structs and stops at the first shape error (unknown key, wrong type, bad unit), then
 //! `validate` resolves defaults and cross-references and reports every semantic error at once.
 
+mod credentials;
 mod filters;
+mod header_rules;
 mod raw;
 mod routes;
+pub mod secret;
 mod tls;
 mod types;
 mod units;
@@ -99,7 +102,16 @@ pub fn load_str_in(src: &str, origin: &str, base: &Path) -> Result<Config, Confi
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    load_at(src, origin, &validate::Env { base, now })
+    let var = |name: &str| std::env::var_os(name);
+    load_at(
+        src,
+        origin,
+        &validate::Env {
+            base,
+            now,
+            var: &var,
+        },
+    )
 }
 
 /// [`load_str_in`] with the clock given, so that expiry checks can be tested.

@@ -130,6 +130,37 @@ pub(crate) struct RawUpstream {
     pub resolve_interval: Option<S<Dur>>,
     pub tls: Option<S<RawUpstreamTls>>,
     pub host_header: Option<S<String>>,
+    pub credentials: Option<S<RawCredentials>>,
+    #[serde(default)]
+    pub model_map: OrderedMap<S<String>>,
+}
+
+/// `credentials = { kind = …, name = …, keys = [ … ] }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCredentials {
+    pub kind: S<String>,
+    pub name: Option<S<String>>,
+    pub keys: S<Vec<S<RawKey>>>,
+}
+
+/// One key: `{ env = "VAR" }` or `{ file = "/path" }`, with an optional `weight`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawKey {
+    pub env: Option<S<String>>,
+    pub file: Option<S<String>>,
+    pub weight: Option<S<u32>>,
+}
+
+/// `request_headers` / `response_headers = { set = { … }, remove = [ … ] }`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHeaderRules {
+    #[serde(default)]
+    pub set: OrderedMap<S<String>>,
+    #[serde(default)]
+    pub remove: Vec<S<String>>,
 }
 
 /// `tls = true | false` or `tls = { sni = …, roots = …, … }`.
@@ -306,6 +337,8 @@ pub(crate) struct RawRoute {
     pub model_map: OrderedMap<S<String>>,
     pub include_usage: Option<bool>,
     pub sse_keepalive: Option<S<Dur>>,
+    pub request_headers: Option<S<RawHeaderRules>>,
+    pub response_headers: Option<S<RawHeaderRules>>,
 }
 
 #[derive(Deserialize, Default)]

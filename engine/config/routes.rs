@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::header_rules::{header_rules, Side};
 use super::raw::{OrderedMap, RawMatch, RawRoute, S};
 use super::toml_key;
 use super::types::*;
@@ -75,14 +76,41 @@ pub(crate) fn routes(
             must_be_upstream(ck, format!("routes[{i}].models.{}", toml_key(glob)), up);
         }
         check_globs(ck, &format!("routes[{i}].models"), &r.models);
-        check_globs(ck, &format!("routes[{i}].model_map"), &r.model_map);
-        for (glob, model) in &r.model_map.0 {
-            if model.get_ref().is_empty() {
+        check_model_map(ck, &k("model_map"), &r.model_map);
+        let request_headers =
+            header_rules(ck, &k("request_headers"), Side::Request, &r.request_headers);
+        let response_headers = header_rules(
+            ck,
+            &k("response_headers"),
+            Side::Response,
+            &r.response_headers,
+        );
+
+        // A rule that sets the header the upstream's key goes in would send two of it.
+        let reachable = std::iter::once(r.upstream.get_ref())
+            .chain(r.models.0.iter().map(|(_, u)| u.get_ref()));
+        for up in reachable {
+            let Some(c) = upstreams
+                .iter()
+                .find(|u| &u.name == up)
+                .and_then(|u| u.credentials.as_ref())
+            else {
+                continue;
+            };
+            let name = c.kind.header_name();
+            if let Some((n, v)) = r.request_headers.as_ref().and_then(|h| {
+                h.get_ref()
+                    .set
+                    .0
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            }) {
                 ck.err(
-                    format!("routes[{i}].model_map.{}", toml_key(glob)),
-                    model.span(),
-                    "the new model name must not be empty",
+                    format!("routes[{i}].request_headers.set.{}", toml_key(n)),
+                    v.span(),
+                    format!("upstream {up:?} sends its provider key in {name:?}; a rule cannot set it too"),
                 );
+                break;
             }
         }
 
@@ -100,12 +128,28 @@ pub(crate) fn routes(
                 let key = format!("routes[{i}].sse_keepalive");
                 ck.dur(&key, &r.sse_keepalive, d.get_ref().0)
             }),
+            request_headers,
+            response_headers,
         });
     }
     out
 }
 
-fn pairs(m: &OrderedMap<S<String>>) -> Vec<(String, String)> {
+/// A `model_map` (a route's or an upstream's): non-empty globs to non-empty names.
+pub(crate) fn check_model_map(ck: &mut Ck, key: &str, m: &OrderedMap<S<String>>) {
+    check_globs(ck, key, m);
+    for (glob, model) in &m.0 {
+        if model.get_ref().is_empty() {
+            ck.err(
+                format!("{key}.{}", toml_key(glob)),
+                model.span(),
+                "the new model name must not be empty",
+            );
+        }
+    }
+}
+
+pub(crate) fn pairs(m: &OrderedMap<S<String>>) -> Vec<(String, String)> {
     m.0.iter()
         .map(|(k, v)| (k.clone(), v.get_ref().clone()))
         .collect()

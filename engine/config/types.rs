@@ -277,6 +277,56 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     /// What the forwarded `Host` header carries.
     pub host_header: HostHeader,
+    /// The provider's keys and how they are sent (`credentials`); the client's own
+    /// credentials are passed on when absent.
+    pub credentials: Option<Credentials>,
+    /// Model glob → model name sent to this upstream, applied after the route's `model_map`.
+    pub model_map: Vec<(String, String)>,
+}
+
+/// `credentials`: the keys Ringway sends to a provider in place of the client's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Which header carries a key.
+    pub kind: CredentialKind,
+    /// The key pool; never empty.
+    pub keys: Vec<ProviderKey>,
+}
+
+/// `credentials.kind`: how a provider wants its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `authorization: Bearer KEY` (OpenAI and most OpenAI-compatible providers).
+    Bearer,
+    /// `x-api-key: KEY`, plus `anthropic-version: 2023-06-01` unless the client sent one.
+    Anthropic,
+    /// `api-key: KEY` (Azure OpenAI).
+    Azure,
+    /// `NAME: KEY` with this header name (lowercased), e.g. `x-goog-api-key`.
+    Header(String),
+}
+
+impl CredentialKind {
+    /// The header name that carries the key.
+    pub fn header_name(&self) -> &str {
+        match self {
+            CredentialKind::Bearer => "authorization",
+            CredentialKind::Anthropic => "x-api-key",
+            CredentialKind::Azure => "api-key",
+            CredentialKind::Header(n) => n,
+        }
+    }
+}
+
+/// One key of a pool: where it was read from, its share of requests, and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderKey {
+    /// The variable or file it was read from (safe to print).
+    pub source: super::secret::SecretSource,
+    /// Relative share of requests; at least 1.
+    pub weight: u32,
+    /// The key itself; its `Debug` prints nothing of it.
+    pub secret: super::secret::Secret,
 }
 
 /// `[[upstreams]] tls`: how Ringway connects to and verifies a TLS upstream.
@@ -533,6 +583,26 @@ pub struct Route {
     pub include_usage: bool,
     /// During upstream silence on an event stream, write `: keep-alive` this often.
     pub sse_keepalive: Option<std::time::Duration>,
+    /// Header rules applied to the request sent upstream (`request_headers`).
+    pub request_headers: HeaderRules,
+    /// Header rules applied to the response sent to the client (`response_headers`).
+    pub response_headers: HeaderRules,
+}
+
+/// `request_headers` / `response_headers`: headers replaced or dropped on the way through.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderRules {
+    /// Lowercased name → the one value every header of that name is replaced with.
+    pub set: Vec<(String, String)>,
+    /// Lowercased names dropped.
+    pub remove: Vec<String>,
+}
+
+impl HeaderRules {
+    /// No rule at all.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// Conditions a request must meet for a route; absent ones match everything.

@@ -221,6 +221,11 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
                 }
             }
         }
+        let credentials = u
+            .credentials
+            .as_ref()
+            .and_then(|c| super::credentials::credentials(ck, &k("credentials"), c));
+        super::routes::check_model_map(ck, &k("model_map"), &u.model_map);
 
         out.push(Upstream {
             name: u.name.get_ref().clone(),
@@ -249,6 +254,8 @@ pub(crate) fn upstreams(ck: &mut Ck, raw: &[RawUpstream]) -> Vec<Upstream> {
             ),
             tls,
             host_header,
+            credentials,
+            model_map: super::routes::pairs(&u.model_map),
         });
     }
     out

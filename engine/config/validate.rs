@@ -19,6 +19,8 @@ pub(crate) struct Ck<'a> {
     base: &'a Path,
     /// Unix seconds; certificate expiry is judged against it.
     pub now: i64,
+    /// Environment lookup for secrets.
+    pub var: &'a dyn Fn(&str) -> Option<std::ffi::OsString>,
     errors: Vec<ConfigError>,
     warnings: Vec<ConfigError>,
 }
@@ -185,6 +187,8 @@ pub(crate) struct Env<'a> {
     pub base: &'a Path,
     /// Unix seconds, for certificate expiry.
     pub now: i64,
+    /// Environment lookup for `credentials` keys (`std::env::var_os`, or a table in tests).
+    pub var: &'a dyn Fn(&str) -> Option<std::ffi::OsString>,
 }
 
 /// Resolves and checks the whole file.
@@ -199,6 +203,7 @@ pub(crate) fn build(
         origin,
         base: env.base,
         now: env.now,
+        var: env.var,
         errors: Vec::new(),
         warnings: Vec::new(),
     };

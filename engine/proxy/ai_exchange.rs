@@ -42,6 +42,7 @@ pub(super) async fn exchange(
     mut record: Record<'_>,
     mut extra: ExtraHeaders,
 ) -> Next {
+    let mut plan = plan;
     let route_ai = ai::route(&g.shared, plan.route);
     // The head goes upstream with its framing fields replaced by the body's
     // final length, known once the body is captured and edited. An accounted
@@ -121,6 +122,13 @@ pub(super) async fn exchange(
 
     // Connect: the model's upstream, or the route's.
     let up = req.upstream.unwrap_or(plan.upstream);
+    if let Err(rej) = super::ai_creds::for_upstream(&mut head, &g.shared, &mut plan, up) {
+        ctx.release_all();
+        record.status = rej.status;
+        let rej = rej.closing_if(!plan.keep_alive);
+        let keep = if rej.close { None } else { pipelined };
+        return reject(w, g, client, rej, plan.is_head, keep).await;
+    }
     let pool = g.upstream(up);
     let mut tried = Tried::default();
     let mut conn = match connect(pool, &plan, &mut tried).await {

@@ -223,6 +223,12 @@ pub const NO_SLOT: Reject = Reject::keep(
     "upstream_busy",
     "no upstream connection slot became free in time",
 );
+/// Every provider key of the upstream was refused (401/403) since the last reload.
+pub const NO_KEY: Reject = Reject::keep(
+    503,
+    "no_upstream_key",
+    "every provider key of the upstream was refused by the provider; fix the keys and reload",
+);
 /// The buffer pool stayed empty.
 pub const NO_BUFFER: Reject = Reject::keep(503, "gateway_busy", "the gateway is out of buffers");
 /// Connecting took longer than `connect_timeout`.

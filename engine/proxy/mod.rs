@@ -1,5 +1,6 @@
 //! The proxy: one task per client connection, from head to response.
 
+mod ai_creds;
 pub mod ai_exchange;
 pub mod conn;
 mod early;
@@ -13,6 +14,7 @@ pub mod request;
 pub mod respond;
 pub mod response;
 pub mod retry;
+pub mod rules;
 pub mod send;
 pub mod transfer;
 

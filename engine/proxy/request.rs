@@ -17,8 +17,9 @@ use crate::{
     route::RequestView,
     runtime::{Generation, Shared, Worker},
     tls::TlsStream,
-    upstream::{balance::hash_bytes, cookie_value, HashSource},
+    upstream::{balance::hash_bytes, cookie_value, keys::ANTHROPIC_VERSION_LINE, HashSource},
 };
+use ringway_filters::auth::KeyFrom;
 
 /// Bytes kept free before every head, so a rewritten head that grew still
 /// fits in front of the body that follows it.
@@ -84,10 +85,35 @@ pub struct Plan {
     pub tokens: LimitChecks,
     /// An OpenAI chat completions path (where `include_usage` may be added).
     pub chat: bool,
+    /// The provider key written into the head, to report the response against.
+    pub key: Option<KeyUse>,
     /// Where the rewritten head starts in the client buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
     pub head_end: usize,
+}
+
+/// Which provider key a request was sent with: the head is written before the response
+/// arrives, so the choice travels with the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUse {
+    /// Index of the upstream whose pool it is.
+    pub upstream: u32,
+    /// Position of the key in that pool.
+    pub index: u32,
+    /// Ringway added `anthropic-version` (the client sent none).
+    pub added_version: bool,
+}
+
+/// What the filters found while the head was at hand.
+struct Filtered<'s> {
+    consumer: Option<u32>,
+    limits: LimitChecks,
+    tokens: LimitChecks,
+    /// Where key auth found the consumer's key: removed before forwarding.
+    key_from: Option<KeyFrom>,
+    /// The query parameter key auth reads, when it found the key there.
+    key_param: &'s str,
 }
 
 /// Maps a head parse error to the response the client gets.
@@ -206,7 +232,7 @@ pub fn plan_request(
         let has_body = !matches!(head.body, BodyKind::None | BodyKind::Length(0));
         let query = memchr::memchr(b'?', target.as_bytes()).map(|q| &target.as_bytes()[q + 1..]);
         let client_cert = tls.and_then(|t| t.client_subject());
-        let (consumer, limits, tokens) =
+        let filtered =
             run_filters(shared, route_idx, &head, query, peer, client_cert).map_err(|rej| {
                 let id = head
                     .headers
@@ -224,6 +250,30 @@ pub fn plan_request(
                     route: Some(Box::new((route_idx, id, head.head_len))),
                 }
             })?;
+        let Filtered {
+            consumer,
+            limits,
+            tokens,
+            key_from,
+            key_param,
+        } = filtered;
+        let pool = shared
+            .key_pools
+            .get(route.upstream)
+            .and_then(Option::as_ref);
+        let key = match pool {
+            Some(p) => match p.pick(crate::upstream::health::now_ms()) {
+                Some(i) => Some(i),
+                None => {
+                    return Err(Rejected {
+                        reject: error::NO_KEY.closing_if(has_body || !head.keep_alive),
+                        head_end: Some(HEADROOM + head.head_len),
+                        route: None,
+                    })
+                }
+            },
+            None => None,
+        };
 
         // Request line, with the route's prefix stripped.
         let out = &mut *scratch;
@@ -236,7 +286,22 @@ pub fn plan_request(
             if !rest.starts_with('/') {
                 out.push(b'/');
             }
-            out.extend_from_slice(rest.as_bytes());
+            match (key_from, memchr::memchr(b'?', rest.as_bytes())) {
+                // The consumer's key came in the query: everything but that parameter goes on.
+                (Some(KeyFrom::Query), Some(q)) => {
+                    out.extend_from_slice(&rest.as_bytes()[..q]);
+                    out.push(b'?');
+                    let q_at = out.len();
+                    if !ringway_filters::auth::write_query_without(
+                        &rest.as_bytes()[q + 1..],
+                        key_param,
+                        out,
+                    ) {
+                        out.truncate(q_at - 1);
+                    }
+                }
+                _ => out.extend_from_slice(rest.as_bytes()),
+            }
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
 
@@ -249,8 +314,32 @@ pub fn plan_request(
             .and_then(|e| upstream.conf.host_header_for(&e.address));
         let mut request_id: Option<RequestId> = None;
         let mut has_xff = false;
+        let mut client_version = false;
+        let provider_name = pool.map(|p| p.kind.header_name());
         for h in head.headers {
             let name = h.name;
+            // With provider credentials, none of the client's own credentials go on (SDKs
+            // send either header, depending on version and options).
+            if let Some(pname) = provider_name {
+                if name.eq_ignore_ascii_case("authorization")
+                    || name.eq_ignore_ascii_case("x-api-key")
+                    || name.eq_ignore_ascii_case("api-key")
+                    || name.eq_ignore_ascii_case(pname)
+                {
+                    continue;
+                }
+            }
+            // The header that carried the consumer's Ringway key never leaves.
+            match key_from {
+                Some(KeyFrom::Authorization) if name.eq_ignore_ascii_case("authorization") => {
+                    continue
+                }
+                Some(KeyFrom::XApiKey) if name.eq_ignore_ascii_case("x-api-key") => continue,
+                _ => {}
+            }
+            if route.request_headers.drops(name) {
+                continue;
+            }
             if h1::is_hop_by_hop(name) {
                 // An upgrade keeps its Upgrade header; Connection is rewritten below.
                 if !(head.upgrade && name.eq_ignore_ascii_case("upgrade")) {
@@ -276,6 +365,9 @@ pub fn plan_request(
             }
             if name.eq_ignore_ascii_case("x-request-id") {
                 request_id = Some(RequestId::new(h.value));
+            }
+            if name.eq_ignore_ascii_case("anthropic-version") {
+                client_version = true;
             }
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
@@ -323,6 +415,23 @@ pub fn plan_request(
             request_id = Some(RequestId::new(&out[at..]));
             out.extend_from_slice(b"\r\n");
         }
+        let mut key_use = None;
+        if let (Some(p), Some(i)) = (pool, key) {
+            out.extend_from_slice(p.line(i));
+            // A route rule that sets anthropic-version decides it, as a client's would.
+            let added_version = p.kind == crate::config::CredentialKind::Anthropic
+                && !client_version
+                && !route.request_headers.sets("anthropic-version");
+            if added_version {
+                out.extend_from_slice(ANTHROPIC_VERSION_LINE);
+            }
+            key_use = Some(KeyUse {
+                upstream: route.upstream as u32,
+                index: i as u32,
+                added_version,
+            });
+        }
+        out.extend_from_slice(route.request_headers.lines());
         if head.upgrade {
             out.extend_from_slice(b"connection: upgrade\r\n");
         }
@@ -346,6 +455,7 @@ pub fn plan_request(
         });
         let method = head.method;
         let plan = Plan {
+            key: key_use,
             chat: path.ends_with("/chat/completions"),
             consumer,
             limits,
@@ -398,15 +508,17 @@ fn hash_ip(ip: IpAddr) -> u64 {
 
 /// Key auth and limit keys, while the head is at hand: the consumer, and the
 /// limit checks the request owes (run later: a cluster limit may wait).
-fn run_filters(
-    shared: &Shared,
+fn run_filters<'s>(
+    shared: &'s Shared,
     route: usize,
     head: &h1::RequestHead<'_, '_>,
     query: Option<&[u8]>,
     peer: IpAddr,
     client_cert: Option<&str>,
-) -> Result<(Option<u32>, LimitChecks, LimitChecks), Reject> {
+) -> Result<Filtered<'s>, Reject> {
     let mut consumer: Option<u32> = None;
+    let mut key_from = None;
+    let mut key_param = "";
     let mut limits = LimitChecks::default();
     let mut tokens = LimitChecks::default();
     let header = |name: &str| {
@@ -418,14 +530,18 @@ fn run_filters(
     for &fi in &shared.filters.by_route[route] {
         match &shared.filters.list[fi] {
             Filter::KeyAuth { query_param } => {
-                let key = ringway_filters::auth::presented_key(
+                let key = ringway_filters::auth::presented_key_from(
                     header("authorization"),
                     header("x-api-key"),
                     query_param.as_ref().and(query),
                     query_param.as_deref().unwrap_or(""),
                 );
-                match key.and_then(|k| shared.filters.auth.lookup(&k)) {
-                    Some(c) => consumer = Some(c as u32),
+                match key.and_then(|(k, from)| Some((shared.filters.auth.lookup(&k)?, from))) {
+                    Some((c, from)) => {
+                        consumer = Some(c as u32);
+                        key_from = Some(from);
+                        key_param = query_param.as_deref().unwrap_or("");
+                    }
                     None => return Err(error::UNAUTHORIZED),
                 }
             }
@@ -472,5 +588,11 @@ fn run_filters(
             }
         }
     }
-    Ok((consumer, limits, tokens))
+    Ok(Filtered {
+        consumer,
+        limits,
+        tokens,
+        key_from,
+        key_param,
+    })
 }

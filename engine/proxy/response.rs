@@ -49,6 +49,27 @@ impl RespPlan {
     }
 }
 
+/// Reports a final status against the provider key the request was sent with: a 429 cools
+/// the key (for as long as the provider's headers say), a 401/403 removes it.
+fn report_key(g: &Generation, req: &Plan, status: u16, headers: &[httparse::Header<'_>]) {
+    let Some(k) = req.key else { return };
+    let Some(pool) = g
+        .shared
+        .key_pools
+        .get(k.upstream as usize)
+        .and_then(Option::as_ref)
+    else {
+        return;
+    };
+    let now = crate::upstream::health::now_ms();
+    pool.report(
+        k.index as usize,
+        status,
+        || crate::upstream::keys::cooldown_from(headers, now / 1000),
+        now,
+    );
+}
+
 /// Parses the head in `buf[HEADROOM..]` and rewrites it for the client.
 pub fn plan_response(
     w: &Worker,
@@ -95,6 +116,11 @@ pub fn plan_response(
                 || (reframe && req.version == 0))
             && !switching;
 
+        if !interim {
+            report_key(g, req, status, head.headers);
+        }
+        let rules = &g.shared.routes.get(req.route).response_headers;
+
         let out = &mut *scratch;
         out.extend_from_slice(b"HTTP/1.1 ");
         let mut code = itoa::Buffer::new();
@@ -120,6 +146,9 @@ pub fn plan_response(
                 // Ringway frames this body itself.
                 continue;
             }
+            if rules.drops(name) {
+                continue;
+            }
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(h.value);
@@ -134,6 +163,7 @@ pub fn plan_response(
         }
         if !interim {
             out.extend_from_slice(extra);
+            out.extend_from_slice(rules.lines());
         }
         if switching {
             out.extend_from_slice(b"connection: upgrade\r\n");

@@ -49,6 +49,9 @@ pub struct Shared {
     pub ai_routes: Vec<crate::ai::AiRoute>,
     /// Each listener's TLS server settings, by listener index.
     pub listener_tls: Vec<Option<crate::tls::ServerTls>>,
+    /// Each upstream's provider key pool (`credentials`), by upstream index; rebuilt on every
+    /// reload, which is what puts a key removed after a 401/403 back.
+    pub key_pools: Vec<Option<crate::upstream::keys::KeyPool>>,
 }
 
 impl Shared {
@@ -81,7 +84,17 @@ impl Shared {
             .collect::<Result<_, _>>()?;
         let filters = Filters::build(&cfg)?;
         let ai_routes = crate::ai::AiRoute::build_all(&cfg, &filters);
+        let key_pools = cfg
+            .upstreams
+            .iter()
+            .map(|u| {
+                u.credentials
+                    .as_ref()
+                    .map(|c| crate::upstream::keys::KeyPool::new(&u.name, c))
+            })
+            .collect();
         Ok(Arc::new(Self {
+            key_pools,
             cfg,
             routes,
             upstreams,

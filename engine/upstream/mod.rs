@@ -4,6 +4,7 @@
 
 pub mod balance;
 pub mod health;
+pub mod keys;
 pub mod pool;
 pub mod resolve;
 

@@ -167,15 +167,64 @@ pub fn presented_key<'a>(
     query: Option<&'a [u8]>,
     query_name: &str,
 ) -> Option<Cow<'a, [u8]>> {
+    presented_key_from(authorization, x_api_key, query, query_name).map(|(k, _)| k)
+}
+
+/// Where a presented key was found, so that the gateway can remove it before forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFrom {
+    /// `Authorization: Bearer`.
+    Authorization,
+    /// `x-api-key`.
+    XApiKey,
+    /// The query parameter.
+    Query,
+}
+
+/// [`presented_key`], with where the key was found.
+pub fn presented_key_from<'a>(
+    authorization: Option<&'a [u8]>,
+    x_api_key: Option<&'a [u8]>,
+    query: Option<&'a [u8]>,
+    query_name: &str,
+) -> Option<(Cow<'a, [u8]>, KeyFrom)> {
     if let Some(k) = authorization.and_then(bearer_token) {
-        return Some(Cow::Borrowed(k));
+        return Some((Cow::Borrowed(k), KeyFrom::Authorization));
     }
     if let Some(k) = x_api_key.and_then(api_key_header) {
-        return Some(Cow::Borrowed(k));
+        return Some((Cow::Borrowed(k), KeyFrom::XApiKey));
     }
     query
         .and_then(|q| query_param(q, query_name))
         .filter(|k| !k.is_empty())
+        .map(|k| (k, KeyFrom::Query))
+}
+
+/// Whether a raw (possibly percent-encoded) query parameter name is `name`, by the same rule
+/// [`query_param`] finds it with.
+pub fn query_name_is(raw: &[u8], name: &str) -> bool {
+    *percent_decode(raw) == *name.as_bytes()
+}
+
+/// Writes `query` (without its `?`) less every parameter called `name`, joined by `&`;
+/// returns whether anything was written.
+pub fn write_query_without(query: &[u8], name: &str, out: &mut Vec<u8>) -> bool {
+    let mut wrote = false;
+    for pair in query.split(|&b| b == b'&') {
+        let k = match pair.iter().position(|&b| b == b'=') {
+            Some(eq) => &pair[..eq],
+            None => pair,
+        };
+        if pair.is_empty() || query_name_is(k, name) {
+            continue;
+        }
+        if wrote {
+            out.push(b'&');
+        }
+        out.extend_from_slice(pair);
+        wrote = true;
+    }
+    wrote
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -323,5 +372,23 @@ mod tests {
             let got = presented_key(*authz, *xkey, *q, "key");
             assert_eq!(got.as_deref(), *want);
         }
+    }
+
+    #[test]
+    fn a_query_key_is_removed_and_the_rest_kept() {
+        let mut out = Vec::new();
+        assert!(write_query_without(
+            b"a=1&api_key=sk&b=2&api%5Fkey=x",
+            "api_key",
+            &mut out
+        ));
+        assert_eq!(out, b"a=1&b=2");
+        out.clear();
+        assert!(!write_query_without(b"api_key=sk", "api_key", &mut out));
+        assert!(out.is_empty());
+        assert_eq!(
+            presented_key_from(None, Some(b"k1"), None, "").map(|(_, f)| f),
+            Some(KeyFrom::XApiKey)
+        );
     }
 }

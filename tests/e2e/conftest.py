@@ -163,7 +163,9 @@ class BackendProc:
 
 
 class Ringway:
-    def __init__(self, config_text, workdir, name="ringway", port=None):
+    def __init__(self, config_text, workdir, name="ringway", port=None, env=None):
+        """env: variables added to this process's environment for ringway (provider keys)."""
+        self.env = env
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf = self.workdir / ("%s.toml" % name)
@@ -180,9 +182,10 @@ class Ringway:
                         "(build with `cargo build --release` or set RINGWAY_BIN)" % binary,
                         pytrace=False)
         self._log = open(self.log_path, "wb")
+        env = dict(os.environ, **self.env) if self.env else None
         self.proc = subprocess.Popen([binary, "--conf", str(self.conf)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         _LIVE.append(self)
         deadline = time.monotonic() + timeout
         while True:
