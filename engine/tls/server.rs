@@ -18,6 +18,8 @@ pub struct ServerTls {
     config: Arc<ServerConfig>,
     /// `client_auth` with mode "required".
     requires_client_cert: bool,
+    /// `client_auth` is on (optional or required).
+    verifies_clients: bool,
 }
 
 impl ServerTls {
@@ -78,6 +80,7 @@ impl ServerTls {
                 .client_auth
                 .as_ref()
                 .is_some_and(|a| a.mode == ClientAuthMode::Required),
+            verifies_clients: conf.client_auth.is_some(),
         })
     }
 
@@ -94,7 +97,14 @@ impl ServerTls {
     /// Wraps an accepted socket; the caller runs [`TlsStream::handshake`] under a deadline.
     pub fn accept(&self, tcp: TcpStream, pool: &BufPool) -> Result<TlsStream, TlsError> {
         let conn = UnbufferedServerConnection::new(self.config.clone())?;
-        Ok(TlsStream::server(tcp, conn, pool))
+        // A client sending its certificate chain may need the full room; one that sends
+        // none never does.
+        let limit = if self.verifies_clients {
+            super::stream::MAX_INCOMING
+        } else {
+            super::stream::PRE_AUTH_INCOMING
+        };
+        Ok(TlsStream::server(tcp, conn, pool, limit))
     }
 }
 

@@ -39,7 +39,11 @@ use crate::buf::{BufPool, PoolBuf};
 
 /// Largest `incoming`: a handshake message may reach 64 KiB (a long certificate chain), plus
 /// a record around it.
-const MAX_INCOMING: usize = 128 * 1024;
+pub(crate) const MAX_INCOMING: usize = 128 * 1024;
+
+/// Largest `incoming` before a server handshake completes, without client certificates: a
+/// ClientHello (even with post-quantum key shares) and the client's Finished fit easily.
+pub(crate) const PRE_AUTH_INCOMING: usize = 32 * 1024;
 
 /// Largest plaintext per record rustls produces (2^14).
 const MAX_FRAGMENT: usize = 16 * 1024;
@@ -84,6 +88,9 @@ struct Io {
     peer_closed: bool,
     /// This side queued close_notify: nothing more may be written.
     sent_close: bool,
+    /// Largest `incoming` now: smaller before a server handshake completes, so an
+    /// unauthenticated client cannot make a connection hold many pool slots.
+    limit: usize,
 }
 
 /// The two rustls connection types behind one driver.
@@ -169,8 +176,16 @@ impl Sink<'_> {
 
 impl TlsStream {
     /// A server-side stream over an accepted socket; call [`TlsStream::handshake`] next.
-    pub(crate) fn server(tcp: TcpStream, conn: UnbufferedServerConnection, pool: &BufPool) -> Self {
-        Self::new(tcp, Conn::Server(conn), pool)
+    /// `pre_auth_limit` bounds the handshake bytes held before it completes.
+    pub(crate) fn server(
+        tcp: TcpStream,
+        conn: UnbufferedServerConnection,
+        pool: &BufPool,
+        pre_auth_limit: usize,
+    ) -> Self {
+        let mut s = Self::new(tcp, Conn::Server(conn), pool);
+        s.io.limit = pre_auth_limit.min(MAX_INCOMING);
+        s
     }
 
     /// A client-side stream over a connected socket; call [`TlsStream::handshake`] next.
@@ -189,6 +204,7 @@ impl TlsStream {
                 outgoing: None,
                 peer_closed: false,
                 sent_close: false,
+                limit: MAX_INCOMING,
             },
             busy: false,
             poisoned: false,
@@ -207,6 +223,7 @@ impl TlsStream {
         };
         if res.is_ok() {
             self.ready = true;
+            self.io.limit = MAX_INCOMING;
             if let Conn::Server(c) = &self.conn {
                 self.client_subject = c
                     .peer_certificates()
@@ -471,10 +488,10 @@ async fn read_more(io: &mut Io) -> Result<bool, TlsError> {
     if buf.spare() == 0 {
         // A record or handshake message larger than the buffer: move it to a larger one.
         let cap = buf.capacity();
-        if cap >= MAX_INCOMING {
+        if cap >= io.limit {
             return Err(TlsError::TooLarge(cap));
         }
-        let mut bigger = take(&io.pool, (cap * 2).min(MAX_INCOMING)).await?;
+        let mut bigger = take(&io.pool, (cap * 2).min(io.limit)).await?;
         // Cannot fail: the new buffer is larger than everything in the old one.
         let _ = bigger.put(&buf);
         buf = bigger;

@@ -210,6 +210,46 @@ fn garbage_instead_of_a_client_hello_fails_cleanly() {
 }
 
 #[test]
+fn an_oversized_handshake_before_authentication_holds_two_slots_at_most() {
+    let certs = Certs::new();
+    let tls = certs.listener(TlsVersion::V1_2, None);
+    run(async {
+        let pool = pool();
+        let (listener, addr) = bind();
+        let peer = std::thread::spawn(move || {
+            let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+            // A ClientHello announced as 60,000 bytes, sent as full 16 KiB records.
+            let mut first = vec![1u8, 0x00, 0xea, 0x60];
+            first.resize(16 * 1024, 0);
+            for i in 0..3 {
+                let body: &[u8] = if i == 0 { &first } else { &[0u8; 16 * 1024] };
+                let mut rec = vec![22u8, 3, 1, 0x40, 0x00];
+                rec.extend_from_slice(body);
+                if tcp.write_all(&rec).is_err() {
+                    break;
+                }
+            }
+            let mut sink = Vec::new();
+            let _ = tcp.read_to_end(&mut sink);
+        });
+        let mut s = tls
+            .accept(accept_one(&listener).await, &pool)
+            .expect("accept");
+        let res = s.handshake().await;
+        assert!(matches!(res, Err(TlsError::TooLarge(_))), "{res:?}");
+        // Two slots, and for a moment the one being copied out of (128 KiB before: 8 + 4).
+        assert!(
+            pool.peak() <= 3,
+            "held {} slots before authentication",
+            pool.peak()
+        );
+        drop(s);
+        assert_eq!(pool.in_use(), 0);
+        let _ = peer.join();
+    });
+}
+
+#[test]
 fn an_upstream_with_a_wrong_name_is_refused() {
     let certs = Certs::new();
     let upstream = certs.upstream();
