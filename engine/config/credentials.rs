@@ -2,23 +2,11 @@
 //! every key read from its variable or file. Errors name the key path, the line and the variable
 //! or file, never a value.
 
+use super::header_rules::FRAMING;
 use super::raw::{RawCredentials, S};
 use super::secret::{self, SecretSource};
 use super::types::{CredentialKind, Credentials, ProviderKey};
 use super::validate::{is_token, Ck};
-
-/// Headers a provider key must not be sent in: they frame or route the message.
-const RESERVED: [&str; 9] = [
-    "connection",
-    "transfer-encoding",
-    "content-length",
-    "host",
-    "keep-alive",
-    "te",
-    "upgrade",
-    "proxy-connection",
-    "trailer",
-];
 
 /// Resolves `credentials` at `key` (`upstreams[i].credentials`), reading every key now: a
 /// start, a reload or `ringway check` with a missing key fails here.
@@ -131,7 +119,7 @@ fn header_name(ck: &mut Ck, key: &str, n: &S<String>) -> Option<CredentialKind> 
         );
         return None;
     }
-    if RESERVED.contains(&name.as_str()) {
+    if FRAMING.contains(&name.as_str()) {
         ck.err(
             key,
             n.span(),

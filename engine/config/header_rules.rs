@@ -6,8 +6,9 @@ use super::toml_key;
 use super::types::HeaderRules;
 use super::validate::{is_token, Ck};
 
-/// Hop-by-hop and framing headers: Ringway decides these itself on each leg.
-const FRAMING: [&str; 9] = [
+/// Hop-by-hop and framing headers: Ringway decides these itself on each leg (no header rule
+/// and no provider key may name them).
+pub(crate) const FRAMING: [&str; 9] = [
     "connection",
     "transfer-encoding",
     "content-length",
