@@ -45,6 +45,9 @@ pub(crate) const MAX_INCOMING: usize = 128 * 1024;
 /// ClientHello (even with post-quantum key shares) and the client's Finished fit easily.
 pub(crate) const PRE_AUTH_INCOMING: usize = 32 * 1024;
 
+/// Longest wait for a pool slot inside a TLS operation (see [`slot`]).
+const SLOT_WAIT: Duration = Duration::from_millis(250);
+
 /// Largest plaintext per record rustls produces (2^14).
 const MAX_FRAGMENT: usize = 16 * 1024;
 
@@ -450,10 +453,20 @@ fn release_if_empty(b: &mut Option<PoolBuf>) {
     }
 }
 
+/// One pool slot, waiting at most [`SLOT_WAIT`]. A TLS stream needs a slot of its own
+/// (ciphertext in or out) while its caller holds another: unbounded waits could leave every
+/// connection holding one slot and waiting for a second. Past the wait the operation fails
+/// and the connection closes, instead of all of them stalling until their deadlines.
+async fn slot(pool: &BufPool) -> Result<PoolBuf, TlsError> {
+    pool.acquire_within(pool.slot_size(), SLOT_WAIT)
+        .await
+        .map_err(TlsError::Buffers)
+}
+
 /// Takes a buffer of at least `bytes` bytes, waiting for the pool if needed.
 async fn take(pool: &BufPool, bytes: usize) -> Result<PoolBuf, TlsError> {
     if bytes <= pool.slot_size() {
-        Ok(pool.acquire().await)
+        slot(pool).await
     } else {
         pool.acquire_within(bytes, BIG_BUFFER_WAIT)
             .await
@@ -483,7 +496,7 @@ async fn flush(tcp: &mut TcpStream, outgoing: &mut Option<PoolBuf>) -> Result<()
 async fn read_more(io: &mut Io) -> Result<bool, TlsError> {
     let mut buf = match io.incoming.take() {
         Some(b) => b,
-        None => io.pool.acquire().await,
+        None => slot(&io.pool).await?,
     };
     if buf.spare() == 0 {
         // A record or handshake message larger than the buffer: move it to a larger one.
@@ -551,7 +564,7 @@ async fn encode<D>(
 ) -> Result<(), TlsError> {
     loop {
         if outgoing.is_none() {
-            *outgoing = Some(pool.acquire().await);
+            *outgoing = Some(slot(pool).await?);
         }
         let Some(out) = outgoing.as_mut() else {
             continue;
@@ -585,7 +598,7 @@ async fn encrypt<D>(
 ) -> Result<(), TlsError> {
     while *done < data.len() {
         if outgoing.is_none() {
-            *outgoing = Some(pool.acquire().await);
+            *outgoing = Some(slot(pool).await?);
         }
         let Some(out) = outgoing.as_mut() else {
             continue;
@@ -676,7 +689,7 @@ async fn step<C: Role>(
                 let res = match outgoing.as_mut() {
                     Some(out) => out.fill_with(|r| wt.queue_close_notify(r).map(|n| (n, ()))),
                     None => {
-                        let mut out = pool.acquire().await;
+                        let mut out = slot(pool).await?;
                         let res = out.fill_with(|r| wt.queue_close_notify(r).map(|n| (n, ())));
                         *outgoing = Some(out);
                         res
