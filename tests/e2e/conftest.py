@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+from ai_upstream import AiUpstreamProc  # noqa: E402
 from helpers import free_port, port_open, stop_process  # noqa: E402
 
 WORKERS = 2
@@ -277,6 +278,22 @@ def backend2():
     b = BackendProc("b2")
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="module")
+def ai_up():
+    """An OpenAI-style origin (ai_upstream.py) in its own process."""
+    u = AiUpstreamProc("openai")
+    yield u
+    u.stop()
+
+
+@pytest.fixture(scope="module")
+def ai_up_b():
+    """An Anthropic-style origin, the second provider of the AI tests."""
+    u = AiUpstreamProc("anthropic")
+    yield u
+    u.stop()
 
 
 @pytest.fixture(scope="module")

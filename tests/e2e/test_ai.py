@@ -267,20 +267,6 @@ def fresh_window(min_left=25.0, window=60.0):
 
 # ================================================================ fixtures
 @pytest.fixture(scope="module")
-def ai_up():
-    u = AiUpstreamProc("openai")
-    yield u
-    u.stop()
-
-
-@pytest.fixture(scope="module")
-def ai_up_b():
-    u = AiUpstreamProc("anthropic")
-    yield u
-    u.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(ringway_factory, ai_up, ai_up_b, tmp_path_factory):
     """One ringway for the SDK tests: /v1/messages -> "anthropic", other /v1/ -> "openai";
     auth, a token limit far above the traffic, ai-stats; an access log."""

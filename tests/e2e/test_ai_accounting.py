@@ -18,7 +18,7 @@ import pytest
 from anthropic import Anthropic
 from openai import OpenAI
 
-from ai_upstream import AiUpstreamProc, word_pieces
+from ai_upstream import word_pieces
 from helpers import RawConn, request_bytes
 from test_ai import (AUTH, STATS, TOK, Checks, _post_raw, ai_text, ant, expected_tokens, first_diff,
                      log_records, log_tail, msgs, msum, new_tag, oai, scrape, sse_events, start_ai,
@@ -28,26 +28,12 @@ REQS = "ringway_ai_requests_total"
 
 
 @pytest.fixture(scope="module")
-def up_oa():
-    u = AiUpstreamProc("openai")
-    yield u
-    u.stop()
-
-
-@pytest.fixture(scope="module")
-def up_an():
-    u = AiUpstreamProc("anthropic")
-    yield u
-    u.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(ringway_factory, up_oa, up_an, tmp_path_factory):
+def gw(ringway_factory, ai_up, ai_up_b, tmp_path_factory):
     """/v1/messages -> anthropic, other /v1/ -> openai (include_usage on); auth, a token limit far
     above the traffic, ai-stats, an access log."""
     alog = tmp_path_factory.mktemp("acclog") / "access.log"
     rw = start_ai(ringway_factory, "acc",
-                  upstreams=[ups("openai", up_oa), ups("anthropic", up_an)],
+                  upstreams=[ups("openai", ai_up), ups("anthropic", ai_up_b)],
                   routes=[{"name": "messages", "match": {"path_prefix": "/v1/messages"},
                            "upstream": "anthropic", "filters": ["auth", "tpm", "stats"]},
                           {"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
@@ -107,7 +93,7 @@ def header_values(entry, name):
 
 
 # ================================================================ compressed replies
-def test_accounted_route_asks_the_upstream_for_identity_whatever_the_client_accepts(gw, up_oa, up_an):
+def test_accounted_route_asks_the_upstream_for_identity_whatever_the_client_accepts(gw, ai_up, ai_up_b):
     """Both SDKs send `Accept-Encoding: gzip, deflate`; an upstream that compresses when allowed
     (as providers do) does so on a direct call. Through ringway the upstream sees only
     `accept-encoding: identity` (also when the client sent no Accept-Encoding, which allows any
@@ -115,10 +101,10 @@ def test_accounted_route_asks_the_upstream_for_identity_whatever_the_client_acce
     ck = Checks()
     h = {"x-test-honour-accept-encoding": "1"}
     tag_d = new_tag("ae-direct")
-    direct = OpenAI(base_url=up_oa.base + "/v1", api_key="x", max_retries=0, timeout=30)
+    direct = OpenAI(base_url=ai_up.base + "/v1", api_key="x", max_retries=0, timeout=30)
     d_chat = direct.chat.completions.create(model="gpt-ae", messages=msgs("identity please"), max_tokens=9,
                                             extra_headers=dict(h, **{"x-test-tag": tag_d})).model_dump()
-    de = up_oa.entries(tag_d)
+    de = ai_up.entries(tag_d)
     ck.ok(de and de[0]["content_encoding"] == "gzip",
           "control: the SDK's direct call was not answered gzip (entry %r), so this test proves nothing"
           % (de and {"accept-encoding": header_values(de[0], "accept-encoding"),
@@ -132,17 +118,17 @@ def test_accounted_route_asks_the_upstream_for_identity_whatever_the_client_acce
 
     o, an = oai(gw.port), ant(gw.port)
     v_chat = o.chat.completions.create(model="gpt-ae", messages=msgs("identity please"), max_tokens=9,
-                                       extra_headers=hdr("chat", up_oa)).model_dump()
+                                       extra_headers=hdr("chat", ai_up)).model_dump()
     ck.ok(v_chat == d_chat, "chat through ringway differs from direct: %s" % first_diff([v_chat], [d_chat]))
     list(o.chat.completions.create(model="gpt-ae", messages=msgs("stream"), max_tokens=11, stream=True,
-                                   extra_headers=hdr("chat", up_oa)))
-    o.responses.create(model="gpt-ae", input="responses", max_output_tokens=7, extra_headers=hdr("chat", up_oa))
+                                   extra_headers=hdr("chat", ai_up)))
+    o.responses.create(model="gpt-ae", input="responses", max_output_tokens=7, extra_headers=hdr("chat", ai_up))
     an.messages.create(model="claude-ae", max_tokens=6, messages=[{"role": "user", "content": "hi"}],
-                       extra_headers=hdr("messages", up_an))
+                       extra_headers=hdr("messages", ai_up_b))
     list(an.messages.create(model="claude-ae", max_tokens=8, stream=True,
-                            messages=[{"role": "user", "content": "stream"}], extra_headers=hdr("messages", up_an)))
+                            messages=[{"role": "user", "content": "stream"}], extra_headers=hdr("messages", ai_up_b)))
     # A raw client with no Accept-Encoding at all: "any coding" to the upstream unless told.
-    hv = [("Authorization", "Bearer sk-alice")] + list(hdr("chat", up_oa).items())
+    hv = [("Authorization", "Bearer sk-alice")] + list(hdr("chat", ai_up).items())
     r = _post_raw(gw.port, "/v1/chat/completions", {"model": "gpt-ae", "messages": msgs("raw"), "max_tokens": 5}, hv)
     ck.eq(r.status, 200, "raw request without Accept-Encoding: status")
     ck.eq(r.get("content-encoding"), None, "raw request without Accept-Encoding: reply coding")
@@ -164,7 +150,7 @@ def _decode(coding, data):
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
-def test_upstream_compressing_anyway_is_forwarded_unchanged_and_counted_exactly(gw, up_oa, up_an, coding):
+def test_upstream_compressing_anyway_is_forwarded_unchanged_and_counted_exactly(gw, ai_up, ai_up_b, coding):
     """The upstream compresses whatever it is asked (x-test-encoding): JSON replies and event
     streams (chat with the include_usage Ringway adds, Anthropic), one of them one byte per
     write. The client gets the upstream's bytes unchanged (equal to a direct call's) with their
@@ -172,14 +158,14 @@ def test_upstream_compressing_anyway_is_forwarded_unchanged_and_counted_exactly(
     ck = Checks()
     sent = []
     cases = [
-        ("chat", up_oa, "/v1/chat/completions", {"model": "gpt-enc-" + coding, "messages": msgs("json"), "max_tokens": 40}, {}),
-        ("chat", up_oa, "/v1/chat/completions", {"model": "gpt-enc-" + coding, "messages": msgs("sse"), "max_tokens": 30,
+        ("chat", ai_up, "/v1/chat/completions", {"model": "gpt-enc-" + coding, "messages": msgs("json"), "max_tokens": 40}, {}),
+        ("chat", ai_up, "/v1/chat/completions", {"model": "gpt-enc-" + coding, "messages": msgs("sse"), "max_tokens": 30,
                                                  "stream": True}, {}),
-        ("chat", up_oa, "/v1/chat/completions", {"model": "gpt-enc-" + coding, "messages": msgs("sse bytes"),
+        ("chat", ai_up, "/v1/chat/completions", {"model": "gpt-enc-" + coding, "messages": msgs("sse bytes"),
                                                  "max_tokens": 12, "stream": True}, {"x-test-byte-at-a-time": "1"}),
-        ("messages", up_an, "/v1/messages", {"model": "claude-enc-" + coding, "max_tokens": 25,
+        ("messages", ai_up_b, "/v1/messages", {"model": "claude-enc-" + coding, "max_tokens": 25,
                                              "messages": [{"role": "user", "content": "json"}]}, {}),
-        ("messages", up_an, "/v1/messages", {"model": "claude-enc-" + coding, "max_tokens": 35, "stream": True,
+        ("messages", ai_up_b, "/v1/messages", {"model": "claude-enc-" + coding, "max_tokens": 35, "stream": True,
                                              "messages": [{"role": "user", "content": "sse"}]}, {}),
     ]
     for route, up, path, doc, extra in cases:
@@ -210,12 +196,12 @@ def test_upstream_compressing_anyway_is_forwarded_unchanged_and_counted_exactly(
     ck.done(*ctx)
 
 
-def test_sdk_through_a_gzipping_upstream_matches_direct(gw, up_oa):
+def test_sdk_through_a_gzipping_upstream_matches_direct(gw, ai_up):
     """The openai SDK (which decodes gzip itself) against an upstream that gzips regardless: the
     results through ringway equal the direct ones, and the usage is counted exactly."""
     ck = Checks()
     tag_d = new_tag("gz-d")
-    direct = OpenAI(base_url=up_oa.base + "/v1", api_key="x", max_retries=0, timeout=30)
+    direct = OpenAI(base_url=ai_up.base + "/v1", api_key="x", max_retries=0, timeout=30)
     sent = []
 
     def calls(client, hdr):
@@ -228,7 +214,7 @@ def test_sdk_through_a_gzipping_upstream_matches_direct(gw, up_oa):
 
     def via_hdr():
         r_id, tag = rid("gz"), new_tag("gz")
-        sent.append((r_id, "chat", up_oa, tag))
+        sent.append((r_id, "chat", ai_up, tag))
         return {"x-test-encoding": "gzip", "x-request-id": r_id, "x-test-tag": tag}
 
     got = calls(oai(gw.port), via_hdr)
@@ -248,7 +234,7 @@ STREAM_OPTIONS = {
 
 
 @pytest.mark.parametrize("case", list(STREAM_OPTIONS))
-def test_client_stream_options_cannot_switch_accounting_off(gw, up_oa, case):
+def test_client_stream_options_cannot_switch_accounting_off(gw, ai_up, case):
     """A streamed chat request whose stream_options is {"include_usage": false}, null, another
     member only, or {}: the upstream always gets include_usage true (other members kept), the
     client gets exactly what a direct call with its own body gives (no usage chunk, no usage
@@ -260,7 +246,7 @@ def test_client_stream_options_cannot_switch_accounting_off(gw, up_oa, case):
     r_id, tag = rid("so"), new_tag("so")
     r = _post_raw(gw.port, "/v1/chat/completions", doc,
                   [("Authorization", "Bearer sk-alice"), ("x-request-id", r_id), ("x-test-tag", tag)])
-    d = _post_raw(up_oa.port, "/v1/chat/completions", doc)
+    d = _post_raw(ai_up.port, "/v1/chat/completions", doc)
     ck.eq(r.status, 200, "status through ringway (body %r)" % r.body[:300])
     got = [json.loads(x) if x != "[DONE]" else x for _, x in sse_events(r.body)]
     want = [json.loads(x) if x != "[DONE]" else x for _, x in sse_events(d.body)]
@@ -268,7 +254,7 @@ def test_client_stream_options_cannot_switch_accounting_off(gw, up_oa, case):
           % first_diff(got, want))
     ck.ok(not any(isinstance(c, dict) and "usage" in c for c in got),
           "a frame through ringway carries usage the client did not ask for")
-    ent = up_oa.entries(tag)
+    ent = ai_up.entries(tag)
     if ck.eq(len(ent), 1, "upstream entries"):
         e = ent[0]
         ck.eq(e["include_usage"], True, "include_usage in the body the upstream got")
@@ -280,15 +266,15 @@ def test_client_stream_options_cannot_switch_accounting_off(gw, up_oa, case):
         client = dict(doc)
         client.pop("stream_options")
         ck.eq(body, client, "the rest of the body the upstream got")
-    ctx = check_exact(ck, gw, [(r_id, "chat", up_oa, tag)])
+    ctx = check_exact(ck, gw, [(r_id, "chat", ai_up, tag)])
     ck.done(*ctx)
 
 
-def test_sdk_stream_options_include_usage_false_matches_direct(gw, up_oa):
+def test_sdk_stream_options_include_usage_false_matches_direct(gw, ai_up):
     """openai SDK, stream_options={"include_usage": False}: the SDK's chunks through ringway equal
     the direct ones (no usage chunk), and ringway counts the exact usage."""
     ck = Checks()
-    direct = OpenAI(base_url=up_oa.base + "/v1", api_key="x", max_retries=0, timeout=30)
+    direct = OpenAI(base_url=ai_up.base + "/v1", api_key="x", max_retries=0, timeout=30)
     r_id, tag = rid("so-sdk"), new_tag("so-sdk")
 
     def call(client, h):
@@ -299,17 +285,17 @@ def test_sdk_stream_options_include_usage_false_matches_direct(gw, up_oa):
     got = call(oai(gw.port), {"x-request-id": r_id, "x-test-tag": tag})
     want = call(direct, {})
     ck.ok(got == want, "SDK chunks through ringway differ from direct: %s" % first_diff(got, want))
-    ctx = check_exact(ck, gw, [(r_id, "chat", up_oa, tag)])
+    ctx = check_exact(ck, gw, [(r_id, "chat", ai_up, tag)])
     ck.done(*ctx)
 
 
 # ================================================================ Anthropic message_delta input 0
-def test_anthropic_delta_with_zero_input_keeps_the_message_start_input(gw, up_an):
+def test_anthropic_delta_with_zero_input_keeps_the_message_start_input(gw, ai_up_b):
     """An Anthropic-compatible upstream whose message_delta says input_tokens: 0: the input
     counted is message_start's (what the upstream reported), not 0; the SDK sees what it sees
     directly."""
     ck = Checks()
-    direct = Anthropic(base_url=up_an.base, api_key="x", max_retries=0, timeout=30)
+    direct = Anthropic(base_url=ai_up_b.base, api_key="x", max_retries=0, timeout=30)
     r_id, tag = rid("d0"), new_tag("d0")
 
     def call(client, h):
@@ -324,19 +310,19 @@ def test_anthropic_delta_with_zero_input_keeps_the_message_start_input(gw, up_an
     deltas = [e for e in got if e["type"] == "message_delta"]
     ck.ok(deltas and deltas[-1]["usage"].get("input_tokens") == 0,
           "control: the upstream's message_delta does not report input_tokens 0: %r" % deltas)
-    ctx = check_exact(ck, gw, [(r_id, "messages", up_an, tag)])
+    ctx = check_exact(ck, gw, [(r_id, "messages", ai_up_b, tag)])
     ck.done(*ctx)
 
 
 # ================================================================ usage on a content chunk
 @pytest.mark.parametrize("mode", ["normal", "byte-at-a-time"])
-def test_usage_on_the_last_content_chunk_is_removed_when_ringway_asked(gw, up_oa, mode):
+def test_usage_on_the_last_content_chunk_is_removed_when_ringway_asked(gw, ai_up, mode):
     """A Gemini-compatible upstream puts the usage on its last content chunk (with the
     finish_reason) rather than in a usage-only chunk. A client that did not ask for usage gets
     that chunk without its usage member (its choices kept): the SDK's chunks equal a direct
     call's. A client that asked gets the usage. Both are counted exactly."""
     ck = Checks()
-    direct = OpenAI(base_url=up_oa.base + "/v1", api_key="x", max_retries=0, timeout=30)
+    direct = OpenAI(base_url=ai_up.base + "/v1", api_key="x", max_retries=0, timeout=30)
     h = {"x-test-usage-on-last-chunk": "1"}
     if mode == "byte-at-a-time":
         h["x-test-byte-at-a-time"] = "1"
@@ -349,7 +335,7 @@ def test_usage_on_the_last_content_chunk_is_removed_when_ringway_asked(gw, up_oa
 
     def via():
         r_id, tag = rid("last"), new_tag("last")
-        sent.append((r_id, "chat", up_oa, tag))
+        sent.append((r_id, "chat", ai_up, tag))
         return {"x-request-id": r_id, "x-test-tag": tag}
 
     got, want = call(oai(gw.port), via()), call(direct, {})
@@ -366,13 +352,13 @@ def test_usage_on_the_last_content_chunk_is_removed_when_ringway_asked(gw, up_oa
 
 
 # ================================================================ upstream error answers
-def test_upstream_error_answers_are_counted_with_their_status_and_zero_tokens(ringway_fn, up_oa, tmp_path):
+def test_upstream_error_answers_are_counted_with_their_status_and_zero_tokens(ringway_fn, ai_up, tmp_path):
     """The upstream refuses (429, 503; JSON error, no usage): the client gets the refusal, the
     request counts in ringway_ai_requests_total with its status, with zero tokens (no estimate),
     and its token reservation is released (the next identical request sees the same
     x-ratelimit-remaining-tokens)."""
     alog = tmp_path / "access.log"
-    rw = start_ai(ringway_fn, "refused", upstreams=[ups("openai", up_oa)],
+    rw = start_ai(ringway_fn, "refused", upstreams=[ups("openai", ai_up)],
                   routes=[{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
                            "filters": ["auth", "tpm", "stats"], "include_usage": True}],
                   filters=[AUTH, tpm_filter(1_000_000, per="tokens_per_hour", max_reserve=None), STATS],
@@ -421,7 +407,7 @@ def test_upstream_error_answers_are_counted_with_their_status_and_zero_tokens(ri
 
 # ================================================================ client leaves after the content
 @pytest.mark.parametrize("api", ["chat", "messages"])
-def test_client_leaving_after_the_last_content_chunk_is_charged_the_exact_usage(gw, up_oa, up_an, api):
+def test_client_leaving_after_the_last_content_chunk_is_charged_the_exact_usage(gw, ai_up, ai_up_b, api):
     """A client reads a stream until the last piece of generated text and closes at once; the
     upstream sends its next frames 150 ms apart, so the client is gone before the usage frame
     exists. It is charged the exact usage the upstream reported (not an estimate)."""
@@ -429,10 +415,10 @@ def test_client_leaving_after_the_last_content_chunk_is_charged_the_exact_usage(
     n = 10
     r_id, tag = rid("leave"), new_tag("leave")
     if api == "chat":
-        up, path, route = up_oa, "/v1/chat/completions", "chat"
+        up, path, route = ai_up, "/v1/chat/completions", "chat"
         doc = {"model": "gpt-leave", "messages": msgs("leave early"), "max_tokens": n, "stream": True}
     else:
-        up, path, route = up_an, "/v1/messages", "messages"
+        up, path, route = ai_up_b, "/v1/messages", "messages"
         doc = {"model": "claude-leave", "max_tokens": n, "stream": True,
                "messages": [{"role": "user", "content": "leave early"}]}
     last = json.dumps(word_pieces(n)[-1], ensure_ascii=False)[1:-1].encode()

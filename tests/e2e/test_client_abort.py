@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from ai_upstream import AiUpstreamProc
 from conftest import Ringway
 from helpers import RawConn, free_port
 from test_ai import STATS, ai_config, tpm_filter
@@ -16,20 +15,13 @@ from test_ai import STATS, ai_config, tpm_filter
 BUDGET = 1000
 
 
-@pytest.fixture(scope="module")
-def up():
-    u = AiUpstreamProc("openai")
-    yield u
-    u.stop()
-
-
 @pytest.fixture
-def gw(ringway_fn, up):
+def gw(ringway_fn, ai_up):
     """A token budget of 1000 per minute for alice; each request reserves 700 (its max_tokens
     plus input), so two reservations never fit at once."""
     port, admin = free_port(), free_port()
     text = ai_config(port, admin,
-                     [{"name": "openai", "endpoints": [up.addr], "response_timeout": "10s"}],
+                     [{"name": "openai", "endpoints": [ai_up.addr], "response_timeout": "10s"}],
                      [{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
                        "filters": ["auth", "tpm", "stats"]}],
                      [{"name": "auth", "kind": "key-auth"}, tpm_filter(BUDGET, max_reserve=None), STATS])
@@ -49,17 +41,17 @@ def request(tag, extra=b"", words=None, stream=True):
             b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
 
-def entry(up, tag, timeout=5.0):
+def entry(ai_up, tag, timeout=5.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        got = up.entries(tag=tag)
+        got = ai_up.entries(tag=tag)
         if got:
             return got[-1]
         time.sleep(0.02)
     raise AssertionError("the upstream recorded nothing for %s" % tag)
 
 
-def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw, up):
+def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw, ai_up):
     """The model 'thinks' for 3 s; the client leaves after 0.3 s: the upstream sees its
     connection closed within 200 ms of that, and the reservation is back (a request that needs
     most of the budget is allowed right after, twice in a row)."""
@@ -70,7 +62,7 @@ def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw,
         time.sleep(0.3)
         left_at = time.time()
         s.close()
-        e = entry(up, tag)
+        e = entry(ai_up, tag)
         assert e.get("closed_at"), e
         assert e["closed_at"] - left_at < 0.2, "upstream closed %.3fs after the client left" % (
             e["closed_at"] - left_at)
@@ -80,7 +72,7 @@ def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw,
         assert r.status == 200, "the aborted requests' reservations were not released: %r" % r
 
 
-def test_client_leaving_mid_stream_is_charged_what_it_got(gw, up):
+def test_client_leaving_mid_stream_is_charged_what_it_got(gw, ai_up):
     """A stream of 300 words, one event per 20 ms; the client reads a few events and leaves: the
     upstream's connection is cut within 200 ms, and the budget is released but for what was
     delivered (a near-budget request then fits)."""
@@ -94,7 +86,7 @@ def test_client_leaving_mid_stream_is_charged_what_it_got(gw, up):
         got += d
     left_at = time.time()
     s.close()
-    e = entry(up, tag)
+    e = entry(ai_up, tag)
     assert e.get("closed_at"), e
     assert e["closed_at"] - left_at < 0.2, "upstream cut %.3fs after the client left" % (
         e["closed_at"] - left_at)
@@ -108,7 +100,7 @@ def test_client_leaving_mid_stream_is_charged_what_it_got(gw, up):
         assert BUDGET - 700 - 100 < remaining < BUDGET, remaining
 
 
-def test_an_ai_endpoint_answering_429_in_a_row_rests(ringway_fn, up):
+def test_an_ai_endpoint_answering_429_in_a_row_rests(ringway_fn, ai_up):
     """Two endpoints, one answering every request 429: after three in a row it is ejected for
     the passive cooldown, and the requests that follow all go to the other one."""
     from raw_upstream import ScriptedUpstream
@@ -123,7 +115,7 @@ def test_an_ai_endpoint_answering_429_in_a_row_rests(ringway_fn, up):
     try:
         port, admin = free_port(), free_port()
         text = ai_config(port, admin,
-                         [{"name": "openai", "endpoints": [bad.addr, up.addr], "retries": 0,
+                         [{"name": "openai", "endpoints": [bad.addr, ai_up.addr], "retries": 0,
                            "response_timeout": "10s"}],
                          [{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
                            "filters": ["auth", "stats"]}],

@@ -6,24 +6,16 @@ import json
 import pytest
 from openai import OpenAI
 
-from ai_upstream import AiUpstreamProc
 from conftest import Ringway
 from helpers import RawConn, free_port
 from test_ai import STATS, ai_config, expected_tokens, wait_tokens
 
 
 @pytest.fixture(scope="module")
-def up():
-    u = AiUpstreamProc("openai")
-    yield u
-    u.stop()
-
-
-@pytest.fixture(scope="module")
-def gw(ringway_factory, up):
+def gw(ringway_factory, ai_up):
     port, admin = free_port(), free_port()
     text = ai_config(port, admin,
-                     [{"name": "openai", "endpoints": [up.addr], "response_timeout": "10s"}],
+                     [{"name": "openai", "endpoints": [ai_up.addr], "response_timeout": "10s"}],
                      [{"name": "chat", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
                        "filters": ["auth", "stats"], "sse_keepalive": "1s"}],
                      [{"name": "auth", "kind": "key-auth"}, STATS])
@@ -56,10 +48,10 @@ def test_silence_mid_stream_gets_a_comment_per_second(gw):
     assert text.rstrip().endswith("data: [DONE]"), text[-200:]
 
 
-def test_sdk_parses_the_stream_unchanged_and_usage_is_exact(gw, up):
+def test_sdk_parses_the_stream_unchanged_and_usage_is_exact(gw, ai_up):
     via = OpenAI(base_url="http://127.0.0.1:%d/v1" % gw.port, api_key="sk-alice", max_retries=0,
                  timeout=30)
-    direct = OpenAI(base_url="http://%s/v1" % up.addr, api_key="x", max_retries=0, timeout=30)
+    direct = OpenAI(base_url="http://%s/v1" % ai_up.addr, api_key="x", max_retries=0, timeout=30)
     outs = []
     for client, tag in ((via, "ka-via"), (direct, "ka-direct")):
         chunks = client.chat.completions.create(
@@ -68,7 +60,7 @@ def test_sdk_parses_the_stream_unchanged_and_usage_is_exact(gw, up):
             extra_headers={"x-test-pause-ms": "2500", "x-test-tag": tag})
         outs.append([c.model_dump() for c in chunks])
     assert outs[0] == outs[1]
-    exp = expected_tokens(up.entries(tag="ka-via"), "chat", "alice")
+    exp = expected_tokens(ai_up.entries(tag="ka-via"), "chat", "alice")
     assert exp
     bad, _ = wait_tokens(gw.admin_port, exp)
     assert not bad, bad
