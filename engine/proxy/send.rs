@@ -75,8 +75,11 @@ pub(super) async fn send_request(
                 return Ok(Sent::HeadKept(cbuf));
             }
             // Not for a TLS client: stopping its body mid-read would poison its stream,
-            // and the answer could not be relayed on it any more.
-            let watch = if client.is_tls() {
+            // and the answer could not be relayed on it any more. Not for a body under
+            // `splice_min` either: it goes out in a few writes that socket buffers absorb,
+            // the answer is read right after, and the watch (a dup, a poll, its cancel and a
+            // close) cost 10-25 µs per 64 KiB POST, a quarter of its CPU (benches/RESULTS.md).
+            let watch = if client.is_tls() || remaining < g.splice_min {
                 None
             } else {
                 EarlyWatch::new(conn.stream())
@@ -85,14 +88,7 @@ pub(super) async fn send_request(
                 if plan.expect_continue {
                     continue_100(client, g.server.body_timeout).await?;
                 }
-                let mut route = Route {
-                    src: client,
-                    src_side: Side::Client,
-                    src_idle: g.server.body_timeout,
-                    dst: conn.stream(),
-                    dst_side: Side::Upstream,
-                    dst_idle: g.server.body_timeout,
-                };
+                let mut route = upload(client, conn.stream(), g.server.body_timeout);
                 // The body did not fit with the head, so nothing follows it yet.
                 let res = if remaining >= g.splice_min && route.can_splice() {
                     drop(cbuf);
@@ -130,14 +126,7 @@ pub(super) async fn send_request(
                     continue_100(client, g.server.body_timeout).await?;
                 }
                 let mut decoder = ChunkedDecoder::new(g.max_body);
-                let mut route = Route {
-                    src: client,
-                    src_side: Side::Client,
-                    src_idle: g.server.body_timeout,
-                    dst: conn.stream(),
-                    dst_side: Side::Upstream,
-                    dst_idle: g.server.body_timeout,
-                };
+                let mut route = upload(client, conn.stream(), g.server.body_timeout);
                 match transfer::forward_chunked(&mut route, cbuf, &mut decoder, false).await {
                     // Pipelined bytes after the body go back behind the headroom.
                     Ok(rest) => Ok(Sent::Pipelined(rebase(rest))),
@@ -211,6 +200,18 @@ pub(super) fn request_body_error(e: XferError) -> Result<Sent, SendError> {
         XferError::Io(..) | XferError::Eof(_) => return Ok(Sent::Early),
         _ => SendError::Reject(error::BAD_GATEWAY.closing_if(true)),
     })
+}
+
+/// The request body's way: client to upstream, each side waited on for at most `idle`.
+fn upload<'a>(client: &'a mut Stream, up: &'a mut Stream, idle: Duration) -> Route<'a> {
+    Route {
+        src: client,
+        src_side: Side::Client,
+        src_idle: idle,
+        dst: up,
+        dst_side: Side::Upstream,
+        dst_idle: idle,
+    }
 }
 
 /// Runs a body transfer under the upstream watch (when there is one).
