@@ -24,6 +24,12 @@ pub struct Route {
     pub request_headers: crate::proxy::rules::HeadRewrite,
     /// `response_headers`, compiled.
     pub response_headers: crate::proxy::rules::HeadRewrite,
+    /// Upstream indices tried after the route's own, in order (`fallbacks`).
+    pub fallbacks: Vec<usize>,
+    /// What moves a request on to another attempt (`fallback_on`).
+    pub fallback_on: crate::config::FallbackOn,
+    /// Requests sent upstream in all (`max_attempts`).
+    pub max_attempts: u32,
 }
 
 #[derive(Debug)]
@@ -82,7 +88,20 @@ impl RouteTable {
                 (PathMatch::Prefix(p), true) => p.trim_end_matches('/').len(),
                 _ => 0,
             };
+            let fallbacks = r
+                .fallbacks
+                .iter()
+                .map(|f| {
+                    cfg.upstreams
+                        .iter()
+                        .position(|u| &u.name == f)
+                        .ok_or_else(|| format!("route {}: unknown upstream {f}", r.name))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             routes.push(Route {
+                fallbacks,
+                fallback_on: r.fallback_on.clone(),
+                max_attempts: r.max_attempts,
                 name: r.name.clone(),
                 listener,
                 host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),

@@ -339,6 +339,39 @@ pub(crate) struct RawRoute {
     pub sse_keepalive: Option<S<Dur>>,
     pub request_headers: Option<S<RawHeaderRules>>,
     pub response_headers: Option<S<RawHeaderRules>>,
+    #[serde(default)]
+    pub fallbacks: Vec<S<String>>,
+    pub fallback_on: Option<S<Vec<S<RawFallbackOn>>>>,
+    pub max_attempts: Option<S<i64>>,
+}
+
+/// One entry of `fallback_on`: a status code or a word (`"connect"`, `"timeout"`).
+pub(crate) enum RawFallbackOn {
+    Status(i64),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for RawFallbackOn {
+    // Hand-written: untagged enums lose spans and give a vague error.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawFallbackOn;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a status code (429) or \"connect\" or \"timeout\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawFallbackOn, E> {
+                Ok(RawFallbackOn::Status(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawFallbackOn, E> {
+                Ok(RawFallbackOn::Status(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawFallbackOn, E> {
+                Ok(RawFallbackOn::Word(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::header_rules::{header_rules, Side};
-use super::raw::{OrderedMap, RawMatch, RawRoute, S};
+use super::raw::{OrderedMap, RawFallbackOn, RawMatch, RawRoute, S};
 use super::toml_key;
 use super::types::*;
 use super::validate::{is_token, Ck};
@@ -86,9 +86,28 @@ pub(crate) fn routes(
             &r.response_headers,
         );
 
+        for (j, f) in r.fallbacks.iter().enumerate() {
+            must_be_upstream(ck, format!("routes[{i}].fallbacks[{j}]"), f);
+        }
+        let fallbacks = fallbacks(ck, i, r);
+        let fallback_on = fallback_on(ck, i, &r.fallback_on);
+        let max_attempts = match &r.max_attempts {
+            None => DEFAULT_MAX_ATTEMPTS,
+            Some(v) if (1..=i64::from(MAX_ATTEMPTS)).contains(v.get_ref()) => *v.get_ref() as u32,
+            Some(v) => {
+                ck.err(
+                    k("max_attempts"),
+                    v.span(),
+                    format!("must be 1 to {MAX_ATTEMPTS}, got {}", v.get_ref()),
+                );
+                DEFAULT_MAX_ATTEMPTS
+            }
+        };
+
         // A rule that sets the header the upstream's key goes in would send two of it.
         let reachable = std::iter::once(r.upstream.get_ref())
-            .chain(r.models.0.iter().map(|(_, u)| u.get_ref()));
+            .chain(r.models.0.iter().map(|(_, u)| u.get_ref()))
+            .chain(r.fallbacks.iter().map(|u| u.get_ref()));
         for up in reachable {
             let Some(c) = upstreams
                 .iter()
@@ -130,7 +149,65 @@ pub(crate) fn routes(
             }),
             request_headers,
             response_headers,
+            fallbacks,
+            fallback_on,
+            max_attempts,
         });
+    }
+    out
+}
+
+/// `max_attempts` when the route sets none.
+pub(crate) const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The most attempts a route may allow: each costs a provider request.
+pub(crate) const MAX_ATTEMPTS: u32 = 10;
+
+/// `fallbacks`: known upstreams, none twice, not the route's own.
+fn fallbacks(ck: &mut Ck, i: usize, r: &RawRoute) -> Vec<String> {
+    let mut seen: HashSet<&str> = HashSet::from([r.upstream.get_ref().as_str()]);
+    let mut out = Vec::new();
+    for (j, f) in r.fallbacks.iter().enumerate() {
+        let name = f.get_ref().as_str();
+        if !seen.insert(name) {
+            ck.err(
+                format!("routes[{i}].fallbacks[{j}]"),
+                f.span(),
+                format!("upstream {name:?} is already the route's upstream or an earlier fallback"),
+            );
+            continue;
+        }
+        out.push(name.to_string());
+    }
+    out
+}
+
+/// `fallback_on`: status codes 400-599 and the words "connect" and "timeout".
+fn fallback_on(ck: &mut Ck, i: usize, v: &Option<S<Vec<S<RawFallbackOn>>>>) -> FallbackOn {
+    let Some(list) = v else {
+        return FallbackOn::default();
+    };
+    let mut out = FallbackOn {
+        statuses: Vec::new(),
+        connect: false,
+        timeout: false,
+    };
+    for (j, item) in list.get_ref().iter().enumerate() {
+        let key = format!("routes[{i}].fallback_on[{j}]");
+        match item.get_ref() {
+            RawFallbackOn::Status(s) if (400..=599).contains(s) => out.statuses.push(*s as u16),
+            RawFallbackOn::Status(s) => ck.err(
+                key,
+                item.span(),
+                format!("{s} is not an error status (400 to 599)"),
+            ),
+            RawFallbackOn::Word(w) if w == "connect" => out.connect = true,
+            RawFallbackOn::Word(w) if w == "timeout" => out.timeout = true,
+            RawFallbackOn::Word(w) => ck.err(
+                key,
+                item.span(),
+                format!("{w:?} is not a status code, \"connect\" or \"timeout\""),
+            ),
+        }
     }
     out
 }

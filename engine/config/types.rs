@@ -587,6 +587,40 @@ pub struct Route {
     pub request_headers: HeaderRules,
     /// Header rules applied to the response sent to the client (`response_headers`).
     pub response_headers: HeaderRules,
+    /// Upstreams tried in order after the route's own (`fallbacks`).
+    pub fallbacks: Vec<String>,
+    /// Failures that move a request on to another key, endpoint or upstream (`fallback_on`).
+    pub fallback_on: FallbackOn,
+    /// Requests sent upstream in all, across keys, endpoints and fallbacks (`max_attempts`).
+    pub max_attempts: u32,
+}
+
+/// `fallback_on`: which failures of an attempt make Ringway try again elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackOn {
+    /// Response statuses retried elsewhere.
+    pub statuses: Vec<u16>,
+    /// No connection could be made (or the upstream has no healthy endpoint).
+    pub connect: bool,
+    /// No response head within `response_timeout`.
+    pub timeout: bool,
+}
+
+impl Default for FallbackOn {
+    fn default() -> Self {
+        Self {
+            statuses: vec![429, 500, 502, 503, 504, 529],
+            connect: true,
+            timeout: true,
+        }
+    }
+}
+
+impl FallbackOn {
+    /// Whether a response with `status` is retried elsewhere.
+    pub fn status(&self, status: u16) -> bool {
+        self.statuses.contains(&status)
+    }
 }
 
 /// `request_headers` / `response_headers`: headers replaced or dropped on the way through.
