@@ -133,6 +133,40 @@ pub struct UpstreamShard {
     pub retries: Counter,
     /// Requests that found every connection slot busy for `connect_timeout` (503 `upstream_busy`).
     pub busy: Counter,
+    /// Attempts by route name and outcome (see [`ATTEMPT_OUTCOMES`]). A lock this worker
+    /// alone takes, but for the scrape: routes are few and change on reload.
+    attempts: Mutex<Vec<(Box<str>, [u64; ATTEMPT_OUTCOMES.len()])>>,
+}
+
+/// The `outcome` labels of `ringway_upstream_attempts_total`: `ok` is an answer the client
+/// got that was not a failure; the others are failures (retried, or the last attempt's).
+pub const ATTEMPT_OUTCOMES: [&str; 7] = [
+    "ok",
+    "status_429",
+    "status_4xx",
+    "status_5xx",
+    "connect",
+    "timeout",
+    "reset",
+];
+
+impl UpstreamShard {
+    /// Counts one attempt of a request on `route`.
+    pub fn attempt(&self, route: &str, outcome: &str) {
+        let Some(o) = ATTEMPT_OUTCOMES.iter().position(|x| *x == outcome) else {
+            return;
+        };
+        if let Ok(mut t) = self.attempts.lock() {
+            match t.iter_mut().find(|e| &*e.0 == route) {
+                Some(e) => e.1[o] += 1,
+                None => {
+                    let mut v = [0; ATTEMPT_OUTCOMES.len()];
+                    v[o] = 1;
+                    t.push((route.into(), v));
+                }
+            }
+        }
+    }
 }
 
 /// One worker's process-level counters.
@@ -501,10 +535,22 @@ impl Registry {
 
         // Upstreams, summed over workers.
         let mut ups: Vec<(String, [u64; 6])> = Vec::new();
+        let mut attempts: Vec<(String, String, [u64; ATTEMPT_OUTCOMES.len()])> = Vec::new();
         if let Ok(l) = self.upstreams.lock() {
             for e in l.iter() {
                 let Some(s) = e.shard.upgrade() else { continue };
                 let name = &e.labels[0].1;
+                if let Ok(t) = s.attempts.lock() {
+                    for (route, v) in t.iter() {
+                        match attempts
+                            .iter_mut()
+                            .find(|a| &a.0 == name && *a.1 == **route)
+                        {
+                            Some(a) => a.2.iter_mut().zip(v).for_each(|(x, y)| *x += y),
+                            None => attempts.push((name.clone(), route.to_string(), *v)),
+                        }
+                    }
+                }
                 let idx = match ups.iter().position(|u| &u.0 == name) {
                     Some(i) => i,
                     None => {
@@ -562,6 +608,23 @@ impl Registry {
             let _ = writeln!(out, "# TYPE {metric} counter");
             for (name, v) in &ups {
                 let _ = writeln!(out, "{metric}{{upstream=\"{}\"}} {}", esc(name), v[i]);
+            }
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP ringway_upstream_attempts_total Requests sent upstream (attempts), by route, upstream and outcome."
+        );
+        let _ = writeln!(out, "# TYPE ringway_upstream_attempts_total counter");
+        attempts.sort();
+        for (up, route, v) in &attempts {
+            for (o, n) in ATTEMPT_OUTCOMES.iter().zip(v) {
+                let _ = writeln!(
+                    out,
+                    "ringway_upstream_attempts_total{{route=\"{}\",upstream=\"{}\",outcome=\"{o}\"}} {n}",
+                    esc(route),
+                    esc(up)
+                );
             }
         }
 

@@ -88,8 +88,9 @@ impl AiRoute {
                 ai.model_map = r.model_map.clone();
                 let has_map =
                     |name: &str| cfg.upstream(name).is_some_and(|u| !u.model_map.is_empty());
-                ai.upstream_model_map =
-                    has_map(&r.upstream) || r.models.iter().any(|(_, up)| has_map(up));
+                ai.upstream_model_map = has_map(&r.upstream)
+                    || r.models.iter().any(|(_, up)| has_map(up))
+                    || r.fallbacks.iter().any(|up| has_map(up));
                 ai
             })
             .collect()

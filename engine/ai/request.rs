@@ -48,6 +48,45 @@ pub struct AiRequest {
     pub input_estimate: u64,
     /// The body to send, at `[0..len]` (None when the request has no body).
     pub body: Option<PoolBuf>,
+    /// Where the model name sits in the body, to rename it for another upstream.
+    pub slot: Option<ModelSlot>,
+}
+
+/// The body's model name: what the route's `model_map` made of it, what was written for the
+/// upstream (after that upstream's `model_map`), and where it is in the body.
+#[derive(Debug, Clone)]
+pub struct ModelSlot {
+    /// The name after the route's `model_map` (the client's when none matched).
+    pub routed: String,
+    /// The name in the body now.
+    pub sent: String,
+    /// The JSON string's content (between the quotes) in the body.
+    pub at: std::ops::Range<usize>,
+}
+
+impl ModelSlot {
+    /// Renames the model in `body` for upstream `up`: its `model_map` applied to the
+    /// route's name. Fails when the body has no room left for a longer name.
+    pub fn remodel(&mut self, body: &mut PoolBuf, map: &[(String, String)]) -> Result<(), Reject> {
+        let new = map_model(map, &self.routed).unwrap_or(&self.routed);
+        if new == self.sent {
+            return Ok(());
+        }
+        let escaped = json_escape(new);
+        if !replace(body, self.at.clone(), escaped.as_bytes()) {
+            return Err(error::BODY_TOO_LARGE);
+        }
+        self.at = self.at.start..self.at.start + escaped.len();
+        self.sent = new.to_string();
+        Ok(())
+    }
+}
+
+/// The first `glob → name` of `map` that matches `model`.
+fn map_model<'m>(map: &'m [(String, String)], model: &str) -> Option<&'m str> {
+    map.iter()
+        .find(|(glob, _)| glob_match(glob, model))
+        .map(|(_, new)| new.as_str())
 }
 
 /// Why no AI request could be prepared.
@@ -115,6 +154,7 @@ pub async fn capture(
         max_tokens: None,
         input_estimate: 0,
         body,
+        slot: None,
     };
     let Some(body) = req.body.as_mut() else {
         if !ai.models.is_empty() {
@@ -165,20 +205,13 @@ pub async fn capture(
     let up_map = &g.shared.upstreams[req.upstream.unwrap_or(plan.upstream)]
         .conf
         .model_map;
-    let rename = match (&model, model_range) {
-        (Some(m), Some(range)) => {
-            let by_route = ai
-                .model_map
-                .iter()
-                .find(|(glob, _)| glob_match(glob, m))
-                .map(|(_, new)| new.as_str());
-            let by_upstream = up_map
-                .iter()
-                .find(|(glob, _)| glob_match(glob, by_route.unwrap_or(m)))
-                .map(|(_, new)| new.as_str());
-            by_upstream
-                .or(by_route)
-                .map(|new| (range.start as usize..range.end as usize, json_escape(new)))
+    let routed = model
+        .as_deref()
+        .map(|m| map_model(&ai.model_map, m).unwrap_or(m));
+    let sent = routed.map(|r| map_model(up_map, r).unwrap_or(r));
+    let rename = match (&model, sent, model_range.clone()) {
+        (Some(m), Some(new), Some(range)) if new != m => {
+            Some((range.start as usize..range.end as usize, json_escape(new)))
         }
         _ => None,
     };
@@ -197,13 +230,30 @@ pub async fn capture(
     if usage_first {
         apply_usage(body);
     }
-    if let Some((range, new)) = rename {
-        if !replace(body, range, new.as_bytes()) {
+    if let Some((range, new)) = &rename {
+        if !replace(body, range.clone(), new.as_bytes()) {
             return Err(Fail::Reject(error::BODY_TOO_LARGE));
         }
     }
     if !usage_first {
         apply_usage(body);
+    }
+    if let (Some(routed), Some(sent), Some(range)) = (routed, sent, model_range) {
+        let (start, end) = (range.start as usize, range.end as usize);
+        let len = rename.as_ref().map_or(end - start, |(_, new)| new.len());
+        // The usage edit moved the name when it came before it.
+        let shift = match &usage_edit {
+            Some((u, bytes)) if req.injected && u.end <= start => {
+                bytes.len() as isize - u.len() as isize
+            }
+            _ => 0,
+        };
+        let at = (start as isize + shift) as usize;
+        req.slot = Some(ModelSlot {
+            routed: routed.to_string(),
+            sent: sent.to_string(),
+            at: at..at + len,
+        });
     }
     req.model = model;
     Ok((req, pipelined))

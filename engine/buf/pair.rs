@@ -50,20 +50,29 @@ impl HeadAndBody {
         }
     }
 
-    /// Writes everything, resubmitting after partial writes.
-    pub async fn write_all<W: AsyncWriteRent>(mut self, w: &mut W) -> std::io::Result<usize> {
+    /// Writes everything, resubmitting after partial writes; the buffers come
+    /// back either way, so a failed request can be sent again elsewhere.
+    pub async fn write_all<W: AsyncWriteRent>(
+        mut self,
+        w: &mut W,
+    ) -> (std::io::Result<usize>, (Vec<u8>, PoolBuf)) {
         let total = self.remaining();
         while self.remaining() > 0 {
             let (r, back) = w.writev(self).await;
             self = back;
             match r {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(0) => return (Err(std::io::ErrorKind::WriteZero.into()), self.into_parts()),
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return (Err(e), self.into_parts()),
             }
         }
-        Ok(total)
+        (Ok(total), self.into_parts())
+    }
+
+    /// The head and the body, whole again (the write position is forgotten).
+    fn into_parts(self) -> (Vec<u8>, PoolBuf) {
+        (self.head, self.body)
     }
 }
 
@@ -110,7 +119,9 @@ mod tests {
             .expect("connect");
         let buf = HeadAndBody::new(head, body);
         assert_eq!(buf.remaining(), 42 + 60_000);
-        assert_eq!(buf.write_all(&mut c).await.expect("writev"), 42 + 60_000);
+        let (r, (head, body)) = buf.write_all(&mut c).await;
+        assert_eq!(r.expect("writev"), 42 + 60_000);
+        assert_eq!((head.len(), body.len()), (42, 60_000));
         reader.await;
     }
 

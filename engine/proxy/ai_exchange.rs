@@ -2,19 +2,14 @@
 //! upstream picked by model, response relayed while usage is watched, and
 //! the request settled (reservations reconciled, metrics, access log).
 
-use crate::transport::Stream;
-use monoio::io::AsyncWriteRentExt;
-
 use super::{
     conn::Next,
-    early::{EarlyWatch, Watched},
     error,
+    failover::{self, head_without_framing, Served, Unserved},
     headers::ExtraHeaders,
     record::Record,
     reject::{reject, reject_with},
     request::Plan,
-    respond::{read_response_head, RespError},
-    retry::{connect, Tried},
 };
 use crate::{
     ai::{
@@ -22,9 +17,10 @@ use crate::{
         account::AiCtx,
         request::{capture, Fail},
     },
-    buf::{HeadAndBody, PoolBuf},
+    buf::PoolBuf,
     filter::Filter,
-    runtime::{deadline, Generation, Worker},
+    runtime::{Generation, Worker},
+    transport::Stream,
     upstream::health::now_ms,
 };
 
@@ -50,7 +46,7 @@ pub(super) async fn exchange(
     // official SDKs send `gzip, deflate`), so its usage can be read.
     let identity = route_ai.accounts();
     let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
-    let (req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
+    let (mut req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
         Ok(v) => v,
         Err(Fail::Gone) => return Next::Close,
         Err(Fail::Reject(rej)) => {
@@ -120,130 +116,46 @@ pub(super) async fn exchange(
         let _ = h.write_to(&mut extra);
     }
 
-    // Connect: the model's upstream, or the route's.
-    let up = req.upstream.unwrap_or(plan.upstream);
-    if let Err(rej) = super::ai_creds::for_upstream(&mut head, &g.shared, &mut plan, up) {
-        ctx.release_all();
-        record.status = rej.status;
-        let rej = rej.closing_if(!plan.keep_alive);
-        let keep = if rej.close { None } else { pipelined };
-        return reject(w, g, client, rej, plan.is_head, keep).await;
-    }
-    let pool = g.upstream(up);
-    let mut tried = Tried::default();
-    let mut conn = match connect(pool, &plan, &mut tried).await {
-        Ok(c) => c,
-        Err(rej) => {
-            ctx.release_all();
-            record.status = rej.status;
-            let rej = rej.closing_if(!plan.keep_alive);
-            let keep = if rej.close { None } else { pipelined };
-            return reject(w, g, client, rej, plan.is_head, keep).await;
+    let mut body = req.body.take();
+    let mut slot = req.slot.take();
+    let tries = failover::Request {
+        head: &mut head,
+        body: &mut body,
+        slot: slot.as_mut(),
+        first: req.upstream.unwrap_or(plan.upstream),
+        identity,
+        inspect_sse: ctx.injected,
+        extra: &extra,
+    };
+    let Served {
+        mut conn,
+        rp,
+        ubuf,
+        sent_at,
+        attempts,
+    } = match failover::run(w, g, client, &mut plan, tries).await {
+        Ok(s) => s,
+        Err(Unserved::ClientGone) => {
+            ctx.settle();
+            return Next::Close;
+        }
+        Err(Unserved::Reject(rej)) => {
+            return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await
         }
     };
-    record.upstream = Some(conn.addr);
-
-    // Head with the body's real length, then the body.
-    let body_len = req.body.as_ref().map_or(0, |b| b.len());
-    end_head(&mut head, req.body.is_some().then_some(body_len), identity);
-    record.bytes_in += body_len as u64;
+    ctx.sent_at = sent_at;
+    let pool = g.upstream(plan.upstream);
     let idle = pool.shared.conf.response_timeout;
-    let sent = async {
-        match req.body {
-            // One writev: the rewritten head and the pooled body.
-            Some(body) => HeadAndBody::new(head, body)
-                .write_all(conn.stream())
-                .await
-                .map(drop),
-            None => conn.stream().write_all(head).await.0.map(drop),
-        }
-    };
-    if !matches!(deadline::timeout(idle, sent).await, Ok(Ok(()))) {
-        pool.report_failure(conn.idx);
-        return give_up(
-            w,
-            g,
-            client,
-            &mut ctx,
-            &mut record,
-            error::BAD_GATEWAY,
-            plan.is_head,
-        )
-        .await;
+    record.sent_to(conn.addr, plan.upstream, attempts);
+    record.bytes_in += body.as_ref().map_or(0, |b| b.len()) as u64;
+    drop(body);
+    // Usage is charged under the name the serving upstream was sent.
+    if let Some(s) = slot {
+        ctx.model = Some(s.sent.clone());
+        record.model = Some(s.sent);
     }
-    ctx.sent_at = std::time::Instant::now();
-
-    let ubuf = match w
-        .pool
-        .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
-        .await
-    {
-        Ok(b) => b,
-        Err(_) => {
-            return give_up(
-                w,
-                g,
-                client,
-                &mut ctx,
-                &mut record,
-                error::NO_BUFFER,
-                plan.is_head,
-            )
-            .await
-        }
-    };
-    // A client that leaves while the model thinks: the upstream connection
-    // closes at once (the provider stops generating) and the reservation is
-    // released, instead of waiting for an answer nobody will read.
-    let watch = EarlyWatch::on_socket(client);
-    let head = read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, ctx.injected);
-    let head = match &watch {
-        Some(watch) => match watch.run_until_closed(head).await {
-            Watched::Done(r) => r,
-            Watched::Answered => {
-                drop(conn);
-                ctx.settle();
-                return Next::Close;
-            }
-        },
-        None => head.await,
-    };
-    drop(watch);
-    let (rp, ubuf) = match head {
-        Ok(v) => v,
-        Err(RespError::Client) => return Next::Close,
-        Err(RespError::NoAnswer) => {
-            pool.report_failure(conn.idx);
-            return give_up(
-                w,
-                g,
-                client,
-                &mut ctx,
-                &mut record,
-                error::BAD_GATEWAY,
-                plan.is_head,
-            )
-            .await;
-        }
-        Err(RespError::Reject(rej)) => {
-            if rej.status >= 502 {
-                pool.report_failure(conn.idx);
-            }
-            return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await;
-        }
-    };
     record.status = rp.status;
     record.upstream_time = Some(ctx.sent_at.elapsed());
-    // A provider endpoint that keeps answering 429 is as unusable as one that
-    // fails: after `unhealthy_after` in a row it rests for the passive cooldown.
-    // Not a lone endpoint: resting it would turn a rate limit (often on one
-    // key) into an outage for every consumer; key cooldowns handle that case.
-    let limited = rp.status == 429 && pool.shared.conf.endpoints.len() > 1;
-    if rp.status >= 500 || limited {
-        pool.report_failure(conn.idx);
-    } else {
-        pool.report_success(conn.idx);
-    }
     ctx.status = rp.status;
 
     let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
@@ -287,85 +199,4 @@ async fn give_up(
     ctx.release_all();
     record.status = rej.status;
     reject(w, g, client, rej.closing_if(true), head_only, None).await
-}
-
-/// The request head's lines, less Content-Length and Transfer-Encoding (and
-/// Accept-Encoding when `identity`: [`end_head`] then asks for `identity`)
-/// and the blank line that ends it; [`end_head`] completes it.
-fn head_without_framing(head: &[u8], identity: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.len() + 32);
-    let lines = head.strip_suffix(b"\r\n").unwrap_or(head);
-    for line in lines.split_inclusive(|&b| b == b'\n') {
-        let is = |name: &[u8]| {
-            line.get(..name.len())
-                .is_some_and(|p| p.eq_ignore_ascii_case(name))
-        };
-        let dropped = is(b"content-length:")
-            || is(b"transfer-encoding:")
-            || (identity && is(b"accept-encoding:"));
-        if !dropped {
-            out.extend_from_slice(line);
-        }
-    }
-    out
-}
-
-/// Ends a head from [`head_without_framing`] with the body's length and, when
-/// `identity`, an explicit `accept-encoding: identity` (RFC 9110 §12.5.3: a
-/// request without the field accepts any coding).
-fn end_head(out: &mut Vec<u8>, len: Option<usize>, identity: bool) {
-    if identity {
-        out.extend_from_slice(b"accept-encoding: identity\r\n");
-    }
-    if let Some(n) = len {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{end_head, head_without_framing};
-
-    fn with_length(head: &[u8], len: Option<usize>, identity: bool) -> Vec<u8> {
-        let mut out = head_without_framing(head, identity);
-        end_head(&mut out, len, identity);
-        out
-    }
-
-    #[test]
-    fn framing_headers_are_replaced_by_the_real_length() {
-        let head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nContent-Length: 10\r\ntransfer-encoding: chunked\r\nx-a: b\r\n\r\n";
-        let out = with_length(head, Some(42), false);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-a: b\r\ncontent-length: 42\r\n\r\n"
-        );
-    }
-
-    /// An accounted route replaces the client's Accept-Encoding (every one of
-    /// them) with `identity`, and adds it when the client sent none; other
-    /// routes keep the client's.
-    #[test]
-    fn accounted_routes_ask_for_identity() {
-        let head = b"POST /v1/chat/completions HTTP/1.1\r\nAccept-Encoding: gzip, deflate\r\nhost: x\r\naccept-encoding: br\r\n\r\n";
-        let out = String::from_utf8(with_length(head, Some(2), true)).unwrap_or_default();
-        assert_eq!(
-            out,
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\naccept-encoding: identity\r\ncontent-length: 2\r\n\r\n"
-        );
-        let bare = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\n";
-        let out = String::from_utf8(with_length(bare, None, true)).unwrap_or_default();
-        assert_eq!(
-            out,
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\naccept-encoding: identity\r\n\r\n"
-        );
-        let kept = String::from_utf8(with_length(head, Some(2), false)).unwrap_or_default();
-        assert!(
-            kept.contains("Accept-Encoding: gzip, deflate\r\n")
-                && kept.contains("accept-encoding: br\r\n")
-        );
-    }
 }

@@ -257,6 +257,11 @@ pub(super) async fn exchange(
     if crate::ai::route(&g.shared, plan.route).active() {
         return super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra).await;
     }
+    // Only a request without a body can be sent again: a plain route does not hold bodies.
+    if !has_body && !plan.upgrade && !g.shared.routes.get(plan.route).fallbacks.is_empty() {
+        let fallback = super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra);
+        return Box::pin(fallback).await;
+    }
     let pool = g.upstream(plan.upstream);
     let retries = pool.shared.conf.retries as usize;
     let mut tried = Tried::default();
@@ -276,7 +281,7 @@ pub(super) async fn exchange(
         }
     };
 
-    record.upstream = Some(conn.addr);
+    record.sent_to(conn.addr, plan.upstream, 1);
     let sent_at = Instant::now();
     record.bytes_in += match plan.body {
         BodyKind::Length(n) => n,
@@ -407,7 +412,7 @@ pub(super) async fn exchange(
         Sent::Early => None,
     };
     record.status = rp.status;
-    record.upstream = Some(conn.addr);
+    record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
     record.upstream_time = Some(sent_at.elapsed());
     if rp.status >= 500 {
         pool.report_failure(conn.idx);

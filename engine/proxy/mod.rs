@@ -2,9 +2,12 @@
 
 mod ai_creds;
 pub mod ai_exchange;
+mod attempts;
 pub mod conn;
 mod early;
 pub mod error;
+mod failover;
+mod fallback_exchange;
 pub mod head;
 pub mod headers;
 pub mod limits;

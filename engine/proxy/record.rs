@@ -23,6 +23,8 @@ pub(super) struct Record<'a> {
     request_id: RequestId,
     consumer: Option<u32>,
     pub(super) upstream: Option<SocketAddr>,
+    /// The upstream (index) that served the request, and the attempts it took.
+    served: Option<(usize, u32)>,
     pub(super) bytes_in: u64,
     pub(super) bytes_out: u64,
     pub(super) upstream_time: Option<std::time::Duration>,
@@ -54,6 +56,13 @@ impl TlsFacts {
 }
 
 impl<'a> Record<'a> {
+    /// Notes the endpoint `addr` of upstream `upstream` that got the request, on attempt
+    /// `attempts`.
+    pub(super) fn sent_to(&mut self, addr: SocketAddr, upstream: usize, attempts: u32) {
+        self.upstream = Some(addr);
+        self.served = Some((upstream, attempts));
+    }
+
     /// A record for a request answered before a plan existed.
     pub(super) fn bare(
         w: &'a Worker,
@@ -73,6 +82,7 @@ impl<'a> Record<'a> {
             request_id,
             consumer: None,
             upstream: None,
+            served: None,
             bytes_in: head_len as u64,
             bytes_out: 0,
             upstream_time: None,
@@ -93,6 +103,7 @@ impl<'a> Record<'a> {
             request_id: plan.request_id,
             consumer: plan.consumer,
             upstream: None,
+            served: None,
             bytes_in: (plan.head_end - HEADROOM) as u64,
             bytes_out: 0,
             upstream_time: None,
@@ -128,6 +139,15 @@ impl Drop for Record<'_> {
                 let _ = write!(out, ",\"upstream\":\"{a}\"");
             }
             None => out.extend_from_slice(b",\"upstream\":null"),
+        }
+        match self.served {
+            Some((up, n)) => {
+                out.extend_from_slice(b",\"upstream_name\":");
+                let name = self.g.shared.upstreams.get(up).map_or("", |u| &u.conf.name);
+                accesslog::push_json_str(&mut out, name.as_bytes());
+                let _ = write!(out, ",\"attempts\":{n}");
+            }
+            None => out.extend_from_slice(b",\"upstream_name\":null,\"attempts\":0"),
         }
         let _ = write!(
             out,

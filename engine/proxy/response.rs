@@ -36,6 +36,8 @@ pub struct RespPlan {
     pub reframe: bool,
     /// The client speaks HTTP/1.0.
     pub http10: bool,
+    /// An error answer's `retry-after`.
+    pub retry_after: Option<std::time::Duration>,
     /// Where the rewritten head starts in the upstream buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
@@ -119,6 +121,18 @@ pub fn plan_response(
         if !interim {
             report_key(g, req, status, head.headers);
         }
+        let retry_after = if status >= 400 {
+            head.headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
+                .and_then(|h| std::str::from_utf8(h.value).ok())
+                .and_then(|v| {
+                    let now = crate::upstream::health::now_ms() / 1000;
+                    crate::upstream::keys::retry_after(v.trim(), now)
+                })
+        } else {
+            None
+        };
         let rules = &g.shared.routes.get(req.route).response_headers;
 
         let out = &mut *scratch;
@@ -185,6 +199,7 @@ pub fn plan_response(
             sse,
             reframe,
             http10: req.version == 0,
+            retry_after,
             head_start: 0,
             head_end: 0,
         };

@@ -134,6 +134,22 @@ impl KeyPool {
         Some(i)
     }
 
+    /// Like [`pick`](Self::pick), but only among keys neither cooling nor removed.
+    pub fn pick_usable(&self, now_ms: u64) -> Option<usize> {
+        if !self.has_usable(now_ms) {
+            return None;
+        }
+        self.pick(now_ms)
+    }
+
+    /// Whether some key is neither cooling nor removed.
+    pub fn has_usable(&self, now_ms: u64) -> bool {
+        self.keys.iter().any(|k| {
+            !k.state.disabled.load(Ordering::Relaxed)
+                && k.state.cool_until_ms.load(Ordering::Relaxed) <= now_ms
+        })
+    }
+
     /// Records the provider's answer to a request sent with key `idx`: a 429 cools the key for
     /// `cooldown`, a 401/403 removes it until the next reload (logged by position).
     pub fn report(
@@ -215,7 +231,7 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 /// A per-thread pseudo-random number (no shared state, no lock).
-fn next_random() -> u64 {
+pub(crate) fn next_random() -> u64 {
     RNG.with(|c| {
         let v = c.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
         c.set(v);

@@ -40,9 +40,17 @@ class Recorded:
 
 
 class MockProvider:
-    def __init__(self):
+    def __init__(self, usage=(5, 2)):
         self.lock = threading.Lock()
         self.log = []
+        # (prompt, completion) tokens every success reports
+        self.usage = usage
+        # "stall": read the request, answer nothing until stopped; "cut": a stream's head and
+        # first event, then the connection closes; "status": every request answered
+        # self.status_answer = (status, [(header, value)])
+        self.mode = None
+        self.status_answer = (503, [])
+        self.stopping = threading.Event()
         # key → (status, [(header, value)]); keys absent answer 200.
         self.refuse = {}
         # headers added to every 200 answer
@@ -72,6 +80,7 @@ class MockProvider:
         return "127.0.0.1:%d" % self.port
 
     def stop(self):
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -79,6 +88,7 @@ class MockProvider:
         with self.lock:
             self.log = []
             self.refuse = {}
+            self.mode = None
 
     def requests(self):
         with self.lock:
@@ -92,6 +102,13 @@ class MockProvider:
         with self.lock:
             self.log.append(rec)
             refusal = self.refuse.get(rec.key())
+            mode = self.mode
+            if mode == "status":
+                refusal = self.status_answer
+        if mode == "stall":
+            self.stopping.wait(30)
+            h.close_connection = True
+            return
         if refusal:
             status, extra = refusal
             out = json.dumps({"error": {"message": "refused", "type": "mock", "code": str(status)}}).encode()
@@ -102,12 +119,13 @@ class MockProvider:
         except ValueError:
             doc = {}
         model = doc.get("model", "none")
+        p_tok, c_tok = self.usage
         if h.path.startswith("/v1/messages"):
             out = json.dumps({
                 "id": "msg_1", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": "hello there"}],
                 "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": 5, "output_tokens": 2}}).encode()
+                "usage": {"input_tokens": p_tok, "output_tokens": c_tok}}).encode()
             self._send(h, 200, "application/json", out, self.extra)
             return
         if doc.get("stream"):
@@ -118,17 +136,29 @@ class MockProvider:
                                          "finish_reason": None if i == 0 else "stop"}])
                 frames.append("data: %s\n\n" % json.dumps(d))
             if (doc.get("stream_options") or {}).get("include_usage"):
-                d = dict(base, choices=[], usage={"prompt_tokens": 5, "completion_tokens": 2,
-                                                  "total_tokens": 7})
+                d = dict(base, choices=[], usage={"prompt_tokens": p_tok, "completion_tokens": c_tok,
+                                                  "total_tokens": p_tok + c_tok})
                 frames.append("data: %s\n\n" % json.dumps(d))
             frames.append("data: [DONE]\n\n")
-            self._send(h, 200, "text/event-stream", "".join(frames).encode(), self.extra)
+            body = "".join(frames).encode()
+            if mode == "cut":
+                # The whole length announced, the first event sent, then the connection ends.
+                h.send_response(200)
+                h.send_header("content-type", "text/event-stream")
+                h.send_header("content-length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(frames[0].encode())
+                h.wfile.flush()
+                h.close_connection = True
+                return
+            self._send(h, 200, "text/event-stream", body, self.extra)
             return
         out = json.dumps({
             "id": "c1", "object": "chat.completion", "created": 1, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
                          "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}).encode()
+            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok,
+                      "total_tokens": p_tok + c_tok}}).encode()
         self._send(h, 200, "application/json", out, self.extra)
 
     @staticmethod

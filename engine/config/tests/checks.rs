@@ -109,6 +109,36 @@ fn route_checks() {
             "model_map",
             "must not be empty",
         ),
+        (
+            "fallbacks = [\"ghost\"]",
+            "routes[0].fallbacks[0]",
+            "ghost",
+            "no upstream",
+        ),
+        (
+            "fallbacks = [\"u\"]",
+            "routes[0].fallbacks[0]",
+            "fallbacks",
+            "already the route's upstream",
+        ),
+        (
+            "fallback_on = [429, 200]",
+            "routes[0].fallback_on[1]",
+            "fallback_on",
+            "not an error status",
+        ),
+        (
+            "fallback_on = [\"sometimes\"]",
+            "routes[0].fallback_on[0]",
+            "sometimes",
+            "\"connect\" or \"timeout\"",
+        ),
+        (
+            "max_attempts = 0",
+            "routes[0].max_attempts",
+            "max_attempts",
+            "1 to 10",
+        ),
     ];
     for (extra, key, marker, fragment) in cases {
         let src = MIN.replace("upstream = \"u\"", &format!("upstream = \"u\"\n{extra}"));
@@ -121,6 +151,27 @@ fn route_checks() {
         line(&src, "nope"),
         "no upstream named \"nope\"",
     );
+}
+
+#[test]
+fn fallback_keys_and_their_defaults() {
+    let c = ok(MIN);
+    let r = &c.routes[0];
+    assert!(r.fallbacks.is_empty());
+    assert_eq!(r.max_attempts, 3);
+    assert_eq!(r.fallback_on.statuses, [429, 500, 502, 503, 504, 529]);
+    assert!(r.fallback_on.connect && r.fallback_on.timeout);
+    let src = MIN.replace("[[routes]]", "[[upstreams]]\nname = \"b\"\nendpoints = [\"127.0.0.1:9001\"]\n\n[[routes]]")
+        .replace(
+            "upstream = \"u\"",
+            "upstream = \"u\"\nfallbacks = [\"b\"]\nfallback_on = [503, \"timeout\"]\nmax_attempts = 5",
+        );
+    let c = ok(&src);
+    let r = &c.routes[0];
+    assert_eq!(r.fallbacks, ["b"]);
+    assert_eq!(r.max_attempts, 5);
+    assert_eq!(r.fallback_on.statuses, [503]);
+    assert!(!r.fallback_on.connect && r.fallback_on.timeout);
 }
 
 #[test]

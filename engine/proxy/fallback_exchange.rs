@@ -1,0 +1,77 @@
+//! A request without a body on a plain route with `fallbacks`: sent with [`failover::run`]
+//! like an AI request, then relayed as any plain response. A request with a body is not
+//! held whole on a plain route, so it goes the direct way and is never sent twice.
+
+use super::{
+    conn::Next,
+    failover::{self, head_without_framing, Served, Unserved},
+    headers::ExtraHeaders,
+    record::Record,
+    reject::reject,
+    request::Plan,
+    respond::relay_response,
+    send::keep_pipelined,
+};
+use crate::{
+    buf::PoolBuf,
+    runtime::{Generation, Worker},
+    transport::Stream,
+};
+
+/// Serves one body-less request on a route with fallbacks, after its limits passed.
+pub(super) async fn exchange(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    mut plan: Plan,
+    cbuf: PoolBuf,
+    mut record: Record<'_>,
+    extra: ExtraHeaders,
+) -> Next {
+    let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], false);
+    let pipelined = keep_pipelined(cbuf, &plan);
+    let mut body = None;
+    let req = failover::Request {
+        head: &mut head,
+        body: &mut body,
+        slot: None,
+        first: plan.upstream,
+        identity: false,
+        inspect_sse: false,
+        extra: &extra,
+    };
+    let Served {
+        mut conn,
+        rp,
+        ubuf,
+        sent_at,
+        attempts,
+    } = match failover::run(w, g, client, &mut plan, req).await {
+        Ok(s) => s,
+        Err(Unserved::ClientGone) => return Next::Close,
+        Err(Unserved::Reject(rej)) => {
+            record.status = rej.status;
+            let rej = rej.closing_if(!plan.keep_alive);
+            let keep = if rej.close { None } else { pipelined };
+            return reject(w, g, client, rej, plan.is_head, keep).await;
+        }
+    };
+    record.sent_to(conn.addr, plan.upstream, attempts);
+    record.status = rp.status;
+    record.upstream_time = Some(sent_at.elapsed());
+    let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
+    match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
+        Ok(r) => {
+            record.bytes_out = r.bytes;
+            if rp.upstream_keep_alive && r.upstream_clean {
+                conn.set_reusable();
+            }
+        }
+        Err(_) => return Next::Close,
+    }
+    drop(conn);
+    if rp.client_close {
+        return Next::Close;
+    }
+    Next::KeepAlive(pipelined)
+}
