@@ -101,6 +101,8 @@ pub enum After {
     KeepAlive,
     /// Send FIN and close.
     Close,
+    /// Drop the socket as it is: a fault already decided how the connection ends.
+    Abandon,
 }
 
 /// One parsed request head.
@@ -115,6 +117,18 @@ pub struct Request {
     /// The client waits for `100 Continue` before sending the body.
     expect_continue: bool,
     framing: Framing,
+    /// Every header, name lowercased, so handlers can read the ones they care about.
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Request {
+    /// The first value of header `name` (lowercase), if the request has it.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
 }
 
 /// Parses a request head from the start of `buf`: `Ok(None)` while it is incomplete, else the
@@ -138,9 +152,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
     let mut content_length: Option<usize> = None;
     let mut transfer_encoding: Option<String> = None;
     let (mut conn_close, mut conn_keep_alive, mut expect_continue) = (false, false, false);
+    let mut headers = Vec::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = h.name.to_ascii_lowercase();
-        // Values we act on must be text; others are never interpreted here.
+        // Values we act on must be text; others are kept as bytes and never interpreted here.
         let text = std::str::from_utf8(h.value);
         match name.as_str() {
             "content-length" => {
@@ -173,6 +188,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
             }
             _ => {}
         }
+        headers.push((name, h.value.to_vec()));
     }
     let framing = match (transfer_encoding, content_length) {
         // Both at once is the classic smuggling ambiguity: refuse rather than guess.
@@ -197,6 +213,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
         // HTTP/1.0 has no interim responses.
         expect_continue: expect_continue && !http10,
         framing,
+        headers,
     };
     Ok(Some((request, len)))
 }
@@ -452,6 +469,8 @@ fn is_retry(e: &io::Error) -> bool {
 pub struct Response {
     status: u16,
     content_type: &'static str,
+    /// Extra header lines, e.g. `retry-after` on a 429.
+    headers: Vec<(&'static str, &'static str)>,
     body: Vec<u8>,
 }
 
@@ -461,6 +480,7 @@ impl Response {
         Ok(Response {
             status,
             content_type: "application/json",
+            headers: Vec::new(),
             body: serde_json::to_vec(value).map_err(io::Error::other)?,
         })
     }
@@ -470,8 +490,15 @@ impl Response {
         Response {
             status,
             content_type: "text/plain",
+            headers: Vec::new(),
             body: body.as_bytes().to_vec(),
         }
+    }
+
+    /// The same response with one more header line.
+    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Response {
+        self.headers.push((name, value));
+        self
     }
 
     /// Writes the response; says whether the connection may carry another request.
@@ -488,6 +515,9 @@ impl Response {
             self.content_type,
             self.body.len()
         );
+        for (name, value) in &self.headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
         out.push_str(conn);
         out.push_str("\r\n");
         let mut out = out.into_bytes();
@@ -588,6 +618,7 @@ mod tests {
         assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/v1/x"));
         assert_eq!(r.framing, Framing::Length(5));
         assert!(r.mode.keep_alive && !r.mode.http10);
+        assert_eq!(r.header("x-demo-fail"), Some(&b"503"[..]));
         let (r, _) = head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             .ok()
             .flatten()
@@ -645,6 +676,7 @@ mod tests {
     fn responses_and_streams_frame_as_asked() {
         let mut out = Vec::new();
         let after = Response::text(200, "ok")
+            .with_header("Retry-After", "1")
             .write(
                 &mut out,
                 ConnMode {
@@ -656,7 +688,7 @@ mod tests {
         assert_eq!(after, After::KeepAlive);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "HTTP/1.1 200 OK\r\nServer: ringway-demo\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+            "HTTP/1.1 200 OK\r\nServer: ringway-demo\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nRetry-After: 1\r\nConnection: keep-alive\r\n\r\nok"
         );
         let mut out = Vec::new();
         let mut s = EventStream::start(

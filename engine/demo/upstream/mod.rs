@@ -19,6 +19,18 @@
 //! - completion tokens `C` = the number of whitespace-separated words in the reply, which is
 //!   also the number of content deltas a streamed reply carries.
 //!
+//! An instance started with [`DemoUpstream::start_flaky`] fails on demand, so the demo can
+//! show a fallback to a second provider. It obeys a request header `x-demo-fail`:
+//! - `429`: 429 with a rate-limit error body and `Retry-After: 1`;
+//! - `500`, `502`, `503`, `504`, `529`: that status with a JSON error body;
+//! - `stall`: reads the request, then sends nothing until the client closes or 60 s pass;
+//! - `reset`: closes the connection with a TCP reset, without answering;
+//! - anything else: 400 naming the header.
+//!
+//! Error bodies take OpenAI's shape, or Anthropic's on `/v1/messages`. An instance started
+//! with [`DemoUpstream::start`] ignores the header: a fallback forwards it to every provider
+//! it tries, and only the flaky one may act on it.
+//!
 //! # Layout
 //!
 //! - this file: [`DemoUpstream`] (start, stop), the accept loop, one request at a time per
@@ -28,8 +40,10 @@
 //! - `prompt`: what is read from a chat request body (serde_json).
 //! - `reply`: the reply text, its stream deltas and token counts.
 //! - `openai`, `anthropic`: each API's bodies, streams and error shape.
+//! - `faults`: the failures a flaky instance produces on demand.
 
 mod anthropic;
+mod faults;
 mod http;
 mod openai;
 mod prompt;
@@ -44,6 +58,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use faults::Faults;
 use http::{After, Conn, ConnError, ConnMode, Request, Response};
 
 /// Thread-per-connection must still be bounded: past this many live connections, 503.
@@ -62,14 +77,24 @@ pub struct DemoUpstream {
 }
 
 impl DemoUpstream {
-    /// Binds 127.0.0.1:0 and serves in background threads.
+    /// Binds 127.0.0.1:0 and serves in background threads, as a healthy provider.
     pub fn start() -> io::Result<DemoUpstream> {
+        Self::start_with(Faults::Ignore)
+    }
+
+    /// As [`DemoUpstream::start`], but failing on demand: it obeys `x-demo-fail`.
+    pub fn start_flaky() -> io::Result<DemoUpstream> {
+        Self::start_with(Faults::OnDemand)
+    }
+
+    fn start_with(faults: Faults) -> io::Result<DemoUpstream> {
         let listener = TcpListener::bind(("127.0.0.1", 0))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared {
             stop: stop.clone(),
             live: AtomicUsize::new(0),
+            faults,
         });
         let accept = thread::Builder::new()
             .name("ringway-demo-accept".into())
@@ -102,6 +127,8 @@ struct Shared {
     stop: Arc<AtomicBool>,
     /// Live connections, for the `MAX_CONNECTIONS` bound.
     live: AtomicUsize,
+    /// Whether requests may ask for failures.
+    faults: Faults,
 }
 
 /// Decrements the live-connection count however the connection thread ends.
@@ -170,8 +197,9 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
                 return;
             }
         };
-        match respond(&mut conn, &req, &body) {
+        match respond(&mut conn, &req, &body, shared.faults) {
             Ok(After::KeepAlive) => {}
+            Ok(After::Abandon) => return,
             Ok(After::Close) | Err(_) => {
                 let _ = conn.stream().shutdown(Shutdown::Write);
                 return;
@@ -180,8 +208,13 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
     }
 }
 
-/// Answers one request.
-fn respond(conn: &mut Conn<'_>, req: &Request, body: &[u8]) -> io::Result<After> {
+/// Answers one request, or fails it as it asks when `faults` allows.
+fn respond(conn: &mut Conn<'_>, req: &Request, body: &[u8], faults: Faults) -> io::Result<After> {
+    if faults == Faults::OnDemand {
+        if let Some(done) = faults::inject(conn, req) {
+            return done;
+        }
+    }
     let (w, mode) = (conn.stream(), req.mode);
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/v1/chat/completions") => openai::chat_completions(w, mode, body),

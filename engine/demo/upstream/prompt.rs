@@ -15,6 +15,17 @@ pub enum Dialect {
     Anthropic,
 }
 
+impl Dialect {
+    /// The dialect of a request for `path`.
+    pub fn of_path(path: &str) -> Dialect {
+        if path == "/v1/messages" {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
+}
+
 /// What the demo needs from a chat request.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Prompt {

@@ -122,6 +122,16 @@ impl Client {
         self.read()
     }
 
+    /// A POST with extra header lines (each ending in CRLF).
+    fn post_with(&mut self, path: &str, headers: &str, body: &str) -> Resp {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: demo\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.send(req.as_bytes());
+        self.read()
+    }
+
     fn get(&mut self, path: &str) -> Resp {
         self.send(format!("GET {path} HTTP/1.1\r\nHost: demo\r\n\r\n").as_bytes());
         self.read()
@@ -673,4 +683,171 @@ fn json_round_trips_and_hostile_json_is_refused() {
     assert_eq!(r.status, 400);
     assert!(s(r.json().get("error").unwrap(), "message").contains("recursion limit"));
     assert_eq!(c.get("/healthz").status, 200);
+}
+
+const CHAT: &str = r#"{"model":"demo-1","messages":[{"role":"user","content":"Hi"}]}"#;
+const MESSAGES: &str =
+    r#"{"model":"claude-demo","max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}"#;
+
+/// A flaky instance answers each error status it is asked for, in OpenAI's shape on chat, with
+/// `Retry-After: 1` on 429 only, and keeps the connection for the next request.
+#[test]
+fn flaky_answers_each_status_in_openai_shape() {
+    let srv = DemoUpstream::start_flaky().unwrap();
+    let mut c = Client::connect(&srv);
+    for (status, kind, code) in [
+        (429, "requests", "rate_limit_exceeded"),
+        (500, "server_error", "internal_error"),
+        (502, "server_error", "bad_gateway"),
+        (503, "server_error", "service_unavailable"),
+        (504, "server_error", "timeout"),
+        (529, "server_error", "overloaded"),
+    ] {
+        let r = c.post_with(
+            "/v1/chat/completions",
+            &format!("x-demo-fail: {status}\r\n"),
+            CHAT,
+        );
+        assert_eq!(r.status, status);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let retry_after = (status == 429).then_some("1");
+        assert_eq!(r.header("retry-after"), retry_after, "{status}");
+        assert_eq!(keys(&r.body), ["error"]);
+        let e = r.json()["error"].clone();
+        // OpenAI's field order, exactly.
+        let tail = format!(r#"","type":"{kind}","param":null,"code":"{code}"}}}}"#);
+        assert!(
+            r.text().starts_with(r#"{"error":{"message":""#),
+            "{}",
+            r.text()
+        );
+        assert!(r.text().ends_with(&tail), "{}", r.text());
+        assert_eq!((s(&e, "type"), s(&e, "code")), (kind, code), "{status}");
+        assert!(s(&e, "message").contains(&format!("x-demo-fail: {status}")));
+        assert_eq!(e["param"], Value::Null);
+    }
+    // Without the header the flaky instance is a normal provider, on the same connection.
+    let r = c.post("/v1/chat/completions", CHAT);
+    assert_eq!(r.status, 200);
+    assert_eq!(c.get("/healthz").text(), "ok");
+}
+
+/// On Anthropic's endpoint the failures come in Anthropic's error shape.
+#[test]
+fn flaky_answers_in_anthropic_shape_on_messages() {
+    let srv = DemoUpstream::start_flaky().unwrap();
+    let mut c = Client::connect(&srv);
+    for (status, kind) in [
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "api_error"),
+        (504, "timeout_error"),
+        (529, "overloaded_error"),
+    ] {
+        let r = c.post_with(
+            "/v1/messages",
+            &format!("X-Demo-Fail: {status}\r\n"),
+            MESSAGES,
+        );
+        assert_eq!(r.status, status);
+        assert_eq!(r.header("retry-after"), (status == 429).then_some("1"));
+        let v = r.json();
+        assert_eq!(keys(&r.body), ["type", "error"]);
+        assert_eq!(s(&v, "type"), "error");
+        assert_eq!(s(&v["error"], "type"), kind, "{status}");
+        assert!(!s(&v["error"], "message").is_empty());
+    }
+}
+
+/// An unknown value is a 400 that names the header, in the endpoint's shape.
+#[test]
+fn flaky_refuses_an_unknown_value_naming_the_header() {
+    let srv = DemoUpstream::start_flaky().unwrap();
+    let mut c = Client::connect(&srv);
+    let r = c.post_with("/v1/chat/completions", "x-demo-fail: 418\r\n", CHAT);
+    assert_eq!(r.status, 400);
+    let e = &r.json()["error"];
+    assert_eq!(s(e, "param"), "x-demo-fail");
+    assert_eq!(s(e, "type"), "invalid_request_error");
+    assert_eq!(
+        s(e, "message"),
+        "Unknown x-demo-fail value \"418\": use 429, 500, 502, 503, 504, 529, stall or reset."
+    );
+    let r = c.post_with("/v1/messages", "x-demo-fail: sometimes\r\n", MESSAGES);
+    assert_eq!(r.status, 400);
+    let v = r.json();
+    assert_eq!(s(&v["error"], "type"), "invalid_request_error");
+    assert!(s(&v["error"], "message").contains("x-demo-fail"));
+    // Still usable afterwards.
+    assert_eq!(c.post("/v1/chat/completions", CHAT).status, 200);
+}
+
+/// `stall` reads the request and sends nothing; when the client closes its side, the server
+/// closes too, still without a byte.
+#[test]
+fn flaky_stall_sends_nothing_until_the_client_leaves() {
+    let srv = DemoUpstream::start_flaky().unwrap();
+    let mut c = Client::connect(&srv);
+    c.send(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nx-demo-fail: stall\r\nContent-Length: {}\r\n\r\n{CHAT}",
+            CHAT.len()
+        )
+        .as_bytes(),
+    );
+    c.s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let e = c.s.read(&mut b).unwrap_err();
+    assert!(matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ));
+    c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(c.s.read(&mut b).unwrap(), 0, "closed without an answer");
+    // A stall in progress does not hold up a stop.
+    let mut c = Client::connect(&srv);
+    c.send(b"GET /healthz HTTP/1.1\r\nx-demo-fail: stall\r\n\r\n");
+    c.s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(c.s.read(&mut b).is_err());
+    let t = Instant::now();
+    drop(srv);
+    c.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(c.s.read(&mut b).unwrap(), 0);
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+/// `reset` reads the request and resets the connection without answering.
+#[test]
+fn flaky_reset_closes_without_answering() {
+    let srv = DemoUpstream::start_flaky().unwrap();
+    let mut c = Client::connect(&srv);
+    c.send(b"GET /v1/models HTTP/1.1\r\nx-demo-fail: reset\r\n\r\n");
+    let mut b = [0u8; 1];
+    let e = c.s.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    // The server itself carries on.
+    assert_eq!(Client::connect(&srv).get("/healthz").status, 200);
+}
+
+/// A healthy instance ignores the header, whatever its value: on a fallback it is forwarded
+/// to every provider tried.
+#[test]
+fn healthy_ignores_x_demo_fail() {
+    let srv = DemoUpstream::start().unwrap();
+    let mut c = Client::connect(&srv);
+    for value in ["429", "503", "stall", "reset", "nonsense"] {
+        let h = format!("x-demo-fail: {value}\r\n");
+        let r = c.post_with("/v1/chat/completions", &h, CHAT);
+        assert_eq!(r.status, 200, "{value}");
+        assert_eq!(r.header("retry-after"), None);
+        assert_eq!(
+            c.post_with("/v1/messages", &h, MESSAGES).status,
+            200,
+            "{value}"
+        );
+    }
 }
