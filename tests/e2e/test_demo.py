@@ -1,4 +1,5 @@
-"""`ringway demo`: the gateway in front of its built-in OpenAI-compatible upstream."""
+"""`ringway demo`: the gateway in front of its built-in OpenAI-compatible upstreams, and those
+upstreams directly: `demo` fails when a request asks (`x-demo-fail`), `demo-backup` never does."""
 
 import json
 import signal
@@ -9,8 +10,16 @@ import time
 import pytest
 
 from conftest import ringway_bin
-from helpers import RawConn, free_port, port_open, request_bytes, wait_until
+from helpers import RawConn, assert_json_error, free_port, port_open, request_bytes, wait_until
 
+
+
+def _upstream_port(log, name):
+    """The port of built-in upstream `name` the demo printed (`  demo  on 127.0.0.1:PORT ...`)."""
+    import re
+    m = re.search(r"^  %s +on 127\.0\.0\.1:(\d+) " % re.escape(name), log.read_text(), re.M)
+    assert m, "no address for %s in:\n%s" % (name, log.read_text())
+    return int(m.group(1))
 
 
 def _admin_port(log):
@@ -46,11 +55,12 @@ def demo(tmp_path):
         lf.close()
 
 
-def _post(port, path, doc):
+def _post(port, path, doc, headers=()):
     body = json.dumps(doc).encode()
     with RawConn(port, timeout=15) as c:
         c.send(request_bytes("POST", path, host="127.0.0.1", body=body,
-                             headers=[("Content-Type", "application/json"), ("Connection", "close")]))
+                             headers=[("Content-Type", "application/json"), ("Connection", "close")]
+                             + list(headers)))
         return c.read_response()
 
 
@@ -93,3 +103,103 @@ def test_demo_serves_chat_completions_stream_and_not(demo):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 0, log.read_text()
     wait_until(lambda: not port_open(port), 2, what="the demo listener to close")
+
+
+CHAT = {"model": "demo-1", "messages": [{"role": "user", "content": "Hello, Ringway"}]}
+MESSAGES = {"model": "claude-demo", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
+STATUSES = (429, 500, 502, 503, 504, 529)
+
+
+def _raw_request(path, doc, fail):
+    return request_bytes("POST", path, host="127.0.0.1", body=json.dumps(doc).encode(),
+                         headers=[("Content-Type", "application/json"), ("x-demo-fail", fail)])
+
+
+def test_demo_prints_both_upstreams_and_x_demo_fail(demo):
+    """The printed text gives both upstreams' addresses and a curl line with x-demo-fail."""
+    proc, port, log, admin = demo
+    text = log.read_text()
+    assert _upstream_port(log, "demo") != _upstream_port(log, "demo-backup"), text
+    assert "-H 'x-demo-fail: 503'" in text, text
+
+
+def test_flaky_upstream_answers_each_error_status(demo):
+    """x-demo-fail: 429/500/502/503/504/529 on the flaky upstream: that status with a JSON error
+    body (OpenAI's shape on chat, Anthropic's on /v1/messages), retry-after: 1 on 429 only."""
+    proc, port, log, admin = demo
+    flaky = _upstream_port(log, "demo")
+    for status in STATUSES:
+        r = _post(flaky, "/v1/chat/completions", CHAT, [("x-demo-fail", str(status))])
+        err = assert_json_error(r, status)
+        assert ("x-demo-fail: %d" % status) in err["message"], r
+        assert r.get("retry-after") == ("1" if status == 429 else None), r
+
+        r = _post(flaky, "/v1/messages", MESSAGES, [("x-demo-fail", str(status))])
+        assert r.status == status, r
+        doc = r.json()
+        assert doc["type"] == "error" and doc["error"]["type"] and doc["error"]["message"], doc
+        assert r.get("retry-after") == ("1" if status == 429 else None), r
+    assert _post(flaky, "/v1/messages", MESSAGES, [("x-demo-fail", "429")]).json()["error"]["type"] \
+        == "rate_limit_error"
+    assert _post(flaky, "/v1/messages", MESSAGES, [("x-demo-fail", "529")]).json()["error"]["type"] \
+        == "overloaded_error"
+    # Without the header the flaky upstream answers like the other one.
+    r = _post(flaky, "/v1/chat/completions", CHAT)
+    assert r.status == 200 and r.json()["object"] == "chat.completion", r
+
+
+def test_flaky_upstream_keeps_the_connection_after_an_error_status(demo):
+    """An error status is a whole answer: the next request on the connection is served."""
+    proc, port, log, admin = demo
+    with RawConn(_upstream_port(log, "demo"), timeout=15) as c:
+        c.send(_raw_request("/v1/chat/completions", CHAT, "503"))
+        assert c.read_response().status == 503
+        c.send(request_bytes("GET", "/healthz", host="127.0.0.1"))
+        r = c.read_response()
+        assert (r.status, r.body) == (200, b"ok"), r
+
+
+def test_flaky_upstream_refuses_an_unknown_value(demo):
+    """An unknown x-demo-fail value is a 400 JSON error that names the header."""
+    proc, port, log, admin = demo
+    flaky = _upstream_port(log, "demo")
+    r = _post(flaky, "/v1/chat/completions", CHAT, [("x-demo-fail", "sometimes")])
+    err = assert_json_error(r, 400)
+    assert "x-demo-fail" in err["message"] and err["param"] == "x-demo-fail", err
+    r = _post(flaky, "/v1/messages", MESSAGES, [("x-demo-fail", "418")])
+    assert r.status == 400 and "x-demo-fail" in r.json()["error"]["message"], r
+
+
+def test_flaky_upstream_stalls_until_the_client_leaves(demo):
+    """x-demo-fail: stall: the request is taken and nothing comes back; when the client shuts
+    its side, the upstream closes without having sent a byte."""
+    proc, port, log, admin = demo
+    with socket.create_connection(("127.0.0.1", _upstream_port(log, "demo")), timeout=5) as s:
+        s.sendall(_raw_request("/v1/chat/completions", CHAT, "stall"))
+        s.settimeout(1.0)
+        with pytest.raises((socket.timeout, TimeoutError)):
+            s.recv(1)
+        s.settimeout(5)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(1) == b""
+
+
+def test_flaky_upstream_resets_without_answering(demo):
+    """x-demo-fail: reset: the connection is reset, with no response at all."""
+    proc, port, log, admin = demo
+    with socket.create_connection(("127.0.0.1", _upstream_port(log, "demo")), timeout=5) as s:
+        s.sendall(_raw_request("/v1/chat/completions", CHAT, "reset"))
+        with pytest.raises(ConnectionResetError):
+            s.recv(1)
+
+
+def test_backup_upstream_ignores_x_demo_fail(demo):
+    """The healthy backup answers 200 whatever x-demo-fail says: a fallback forwards the header."""
+    proc, port, log, admin = demo
+    backup = _upstream_port(log, "demo-backup")
+    for value in [str(s) for s in STATUSES] + ["stall", "reset", "sometimes"]:
+        r = _post(backup, "/v1/chat/completions", CHAT, [("x-demo-fail", value)])
+        assert r.status == 200 and r.json()["object"] == "chat.completion", (value, r)
+        assert r.get("retry-after") is None, r
+        r = _post(backup, "/v1/messages", MESSAGES, [("x-demo-fail", value)])
+        assert r.status == 200 and r.json()["type"] == "message", (value, r)
