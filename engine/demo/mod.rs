@@ -52,17 +52,26 @@ address = "{listen}"
 [[upstreams]]
 name = "demo"
 endpoints = ["{primary}"]
+response_timeout = "3s"
 
 # Always answers (it ignores x-demo-fail).
 [[upstreams]]
 name = "demo-backup"
 endpoints = ["{backup}"]
 
+# Token counts by model in /metrics (and the request body held, so a failed
+# attempt can be sent again).
+[[filters]]
+name = "stats"
+kind = "ai-stats"
+
 [[routes]]
 name = "openai"
 match = {{ path_prefix = "/v1/" }}
 upstream = "demo"
-# fallbacks: wired with the route keys
+filters = ["stats"]
+# A 429, a 5xx, a refused connection or 3 s of silence from demo: demo-backup answers.
+fallbacks = ["demo-backup"]
 "#
     )
 }
@@ -89,10 +98,12 @@ Try:
     -d '{{"model":"demo-1","stream":true,"messages":[{{"role":"user","content":"Stream to me"}}]}}'
   curl -s {base}/v1/messages -H 'content-type: application/json' \
     -d '{{"model":"claude-demo","max_tokens":64,"messages":[{{"role":"user","content":"Hi"}}]}}'
-  # make demo fail: x-demo-fail: 429, 500, 502, 503, 504, 529, stall or reset
+  # make demo fail (x-demo-fail: 429, 500, 502, 503, 504, 529, stall or reset):
+  # demo-backup answers instead
   curl -si {base}/v1/chat/completions -H 'content-type: application/json' -H 'x-demo-fail: 503' \
     -d '{{"model":"demo-1","messages":[{{"role":"user","content":"Hello, Ringway"}}]}}'
-  curl -s http://{admin}/metrics | grep ringway_requests_total
+  curl -s http://{admin}/metrics | grep -E 'ringway_requests_total|ringway_upstream_attempts_total|ringway_ai_tokens_total'
+
   curl -s http://{admin}/stats
 
 Ctrl-C drains and stops.
@@ -109,7 +120,7 @@ mod tests {
     use super::*;
 
     /// The demo configuration loads, declares the flaky `demo` and the healthy
-    /// `demo-backup`, and routes `/v1/` to `demo`.
+    /// `demo-backup`, and routes `/v1/` to `demo`, falling back to `demo-backup`.
     #[test]
     fn demo_config_declares_primary_and_backup() {
         let (p, b) = (
@@ -125,6 +136,6 @@ mod tests {
         assert_eq!(addr("demo-backup").as_deref(), Some("127.0.0.1:1002"));
         assert_eq!(cfg.routes.len(), 1);
         assert_eq!(cfg.routes[0].upstream, "demo");
-        assert!(text.contains("\n# fallbacks: wired with the route keys\n"));
+        assert_eq!(cfg.routes[0].fallbacks, ["demo-backup"]);
     }
 }

@@ -203,3 +203,37 @@ def test_backup_upstream_ignores_x_demo_fail(demo):
         assert r.get("retry-after") is None, r
         r = _post(backup, "/v1/messages", MESSAGES, [("x-demo-fail", value)])
         assert r.status == 200 and r.json()["type"] == "message", (value, r)
+
+
+def _metric(admin, name, **labels):
+    with RawConn(admin) as c:
+        c.send(request_bytes("GET", "/metrics", host="127.0.0.1", headers=[("Connection", "close")]))
+        m = c.read_response()
+    total = 0.0
+    for line in m.body.decode().splitlines():
+        if line.startswith(name + "{") and all('%s="%s"' % kv in line for kv in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.parametrize("fail", ["429", "503", "reset", "stall"])
+def test_the_demo_gateway_falls_back_to_demo_backup(demo, fail):
+    """Through the gateway, a request that makes `demo` fail is answered by `demo-backup`,
+    chat and messages, streamed and not; /metrics counts the failed attempt and the served one."""
+    proc, port, log, admin = demo
+    t0 = time.monotonic()
+    r = _post(port, "/v1/chat/completions", CHAT, headers=[("x-demo-fail", fail)])
+    assert r.status == 200, r
+    assert r.json()["choices"][0]["message"]["content"].startswith("Ringway demo reply to:"), r
+    r = _post(port, "/v1/chat/completions", dict(CHAT, stream=True), headers=[("x-demo-fail", fail)])
+    assert r.status == 200 and r.body.decode().rstrip().endswith("data: [DONE]"), r
+    r = _post(port, "/v1/messages", MESSAGES, headers=[("x-demo-fail", fail)])
+    assert r.status == 200 and r.json()["type"] == "message", r
+    # A stall costs the demo's response_timeout (3 s) per request, nothing more.
+    assert time.monotonic() - t0 < 15
+    outcome = {"429": "status_429", "503": "status_5xx", "reset": "reset", "stall": "timeout"}[fail]
+    failed = _metric(admin, "ringway_upstream_attempts_total", upstream="demo", outcome=outcome)
+    # After three failures in a row demo rests (passive health): the rest skip it.
+    skipped = _metric(admin, "ringway_upstream_attempts_total", upstream="demo", outcome="connect")
+    assert failed >= 1 and failed + skipped == 3, (failed, skipped)
+    assert _metric(admin, "ringway_upstream_attempts_total", upstream="demo-backup", outcome="ok") == 3
