@@ -91,6 +91,7 @@ fn every_shipped_file_loads() {
         "OPENAI_KEY_B",
         "ANTHROPIC_KEY",
         "AZURE_OPENAI_KEY",
+        "TOGETHER_KEY",
     ] {
         if std::env::var_os(var).is_none() {
             std::env::set_var(var, "sk-test-placeholder");
