@@ -28,7 +28,7 @@ use std::{
 
 use ringway_filters::limit::{
     lease::{lease_ask, redis_key, LeaseSlot, GRANT_LUA, RETURN_LUA},
-    window::{reset_after_ms, window_start},
+    window::{reset_after_ms, window_end, window_start},
     Decision,
 };
 
@@ -599,7 +599,7 @@ fn flush_grants(
                     .max(demand.min(r.limit))
             };
             // Expire a little after the window ends, so late returns find it.
-            let ttl = r.window_start + r.period - now + 5_000;
+            let ttl = window_end(r.window_start, r.period).saturating_sub(now) + 5_000;
             (ask, r.limit, ttl)
         })
         .collect();
@@ -681,7 +681,7 @@ fn flush_grants(
             // replicas can use them; a grant made after that point is left
             // to the requests that asked for it (it expires with the window).
             let margin = (r0.period / 10).min(250);
-            let return_at = (r0.window_start + r0.period).saturating_sub(margin);
+            let return_at = window_end(r0.window_start, r0.period).saturating_sub(margin);
             if now < return_at {
                 outstanding.entry(k).or_insert_with(|| Outstanding {
                     leases: r0.leases.clone(),
@@ -692,7 +692,7 @@ fn flush_grants(
             }
             REPLY_GRANTED
         } else {
-            let until = (now + EXHAUSTED_MS).min(r0.window_start + r0.period);
+            let until = (now + EXHAUSTED_MS).min(window_end(r0.window_start, r0.period));
             w.exhausted_until.store(until, Ordering::Relaxed);
             REPLY_EXHAUSTED
         };

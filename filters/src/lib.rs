@@ -25,6 +25,7 @@
 //! - [`sse`]: `text/event-stream` framing, frames split anywhere across reads.
 //! - [`usage`]: token usage from SSE frames and JSON bodies, and estimation when none is reported.
 //! - [`model`]: the request body's top-level `"model"`, found by a streaming scan.
+//! - [`price`]: prices per model and the cost of a request in integer micro-dollars.
 //!
 //! Stream parsers here are state machines fed arbitrary slices: memory is bounded by
 //! configuration, never by body size; all body scanning builds on one push JSON tokenizer.
@@ -33,6 +34,7 @@ pub mod auth;
 pub mod coding;
 pub mod limit;
 pub mod model;
+pub mod price;
 pub mod sse;
 pub mod usage;
 

@@ -49,7 +49,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use super::window::{reset_after_ms, window_index};
+use super::window::{index_start, reset_after_ms, reset_after_next_ms, window_index};
 
 /// Slots per bucket: the probe length. One bucket is 256 bytes (four cache lines).
 pub const BUCKET: usize = 8;
@@ -361,7 +361,11 @@ impl LocalTable {
                 Rel::Stale => return Step::Keep(fresh),
             };
             let remaining = lim.saturating_sub(n);
-            let reset_ms = reset_after_ms(now_ms, period_ms).saturating_add(ahead * period_ms);
+            let reset_ms = if ahead == 0 {
+                reset_after_ms(now_ms, period_ms)
+            } else {
+                reset_after_next_ms(now_ms, period_ms)
+            };
             Step::Keep(Decision {
                 admitted: remaining > 0,
                 remaining,
@@ -386,6 +390,7 @@ impl LocalTable {
         let cur = window_index(now_ms, period_ms);
         let lim = limit.min(MAX_COUNT);
         let reset = reset_after_ms(now_ms, period_ms);
+        let reset_next = reset_after_next_ms(now_ms, period_ms);
         let refused = Decision {
             admitted: false,
             remaining: lim,
@@ -399,7 +404,7 @@ impl LocalTable {
                 Rel::Stale => (0, 0),
             };
             let window = cur.wrapping_add(ahead);
-            let reset_ms = reset.saturating_add(ahead * period_ms);
+            let reset_ms = if ahead == 0 { reset } else { reset_next };
             if cost <= lim && n <= lim - cost {
                 let n = n + cost;
                 let d = Decision {
@@ -426,7 +431,7 @@ impl LocalTable {
     /// Gives `cost` back to full window index `window`, if that is still the stored window.
     fn release_window(&self, key_hash: u64, period_ms: u64, cost: u64, window: u64) {
         let tag = slot_tag(key_hash, period_ms);
-        let now_in_window = window.saturating_mul(period_ms.max(1));
+        let now_in_window = index_start(window, period_ms);
         self.with_counter(tag, period_ms, now_in_window, false, |s| {
             if relation(win_of(s), window) == Rel::Same {
                 Step::Write(

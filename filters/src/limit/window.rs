@@ -7,21 +7,109 @@
 
 use std::fmt;
 
+/// The period of a calendar-month window (UTC). Not a length: months are 28 to 31 days, so no
+/// fixed period stands for them; every window function here recognises this marker. Windows of
+/// it start at 00:00:00 UTC on the first of each month, and are numbered by months since
+/// January 1970.
+pub const MONTH: u64 = u64::MAX;
+
+const DAY_MS: u64 = 86_400_000;
+
 /// The start (Unix ms) of the window containing `now_ms`.
 pub fn window_start(now_ms: u64, period_ms: u64) -> u64 {
+    if period_ms == MONTH {
+        return month_start(month_index(now_ms));
+    }
     let period = period_ms.max(1);
     now_ms - now_ms % period
 }
 
-/// The index of the window containing `now_ms` (`floor(now / period)`).
+/// The index of the window containing `now_ms` (`floor(now / period)`; months since January
+/// 1970 for [`MONTH`]).
 pub fn window_index(now_ms: u64, period_ms: u64) -> u64 {
+    if period_ms == MONTH {
+        return month_index(now_ms);
+    }
     now_ms / period_ms.max(1)
+}
+
+/// The start (Unix ms) of window number `index`.
+pub fn index_start(index: u64, period_ms: u64) -> u64 {
+    if period_ms == MONTH {
+        return month_start(index);
+    }
+    index.saturating_mul(period_ms.max(1))
+}
+
+/// The end (Unix ms, exclusive) of the window that starts at or contains `at_ms`.
+pub fn window_end(at_ms: u64, period_ms: u64) -> u64 {
+    if period_ms == MONTH {
+        return month_start(month_index(at_ms) + 1);
+    }
+    window_start(at_ms, period_ms).saturating_add(period_ms.max(1))
 }
 
 /// Milliseconds from `now_ms` until the window containing it ends; always in `1..=period_ms`.
 pub fn reset_after_ms(now_ms: u64, period_ms: u64) -> u64 {
-    let period = period_ms.max(1);
-    period - now_ms % period
+    window_end(now_ms, period_ms) - now_ms
+}
+
+/// Milliseconds from `now_ms` until the end of the window after the one containing it (for a
+/// counter another clock already moved into the next window).
+pub fn reset_after_next_ms(now_ms: u64, period_ms: u64) -> u64 {
+    let end = window_end(now_ms, period_ms);
+    window_end(end, period_ms) - now_ms
+}
+
+/// Months since January 1970 of the UTC date containing `ms`.
+fn month_index(ms: u64) -> u64 {
+    let (y, m, _) = civil_from_days(ms / DAY_MS);
+    (y - 1970) * 12 + (m - 1)
+}
+
+/// Unix ms of 00:00 UTC on the first day of month `index` (months since January 1970).
+fn month_start(index: u64) -> u64 {
+    let (y, m) = (1970 + index / 12, index % 12 + 1);
+    days_from_civil(y, m, 1).saturating_mul(DAY_MS)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm, for dates
+/// from 1970 on).
+fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe).saturating_sub(719_468)
+}
+
+/// The (year, month, day) of `days` since 1970-01-01.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The ISO 8601 text (`2026-12-05T00:00:00Z`) of Unix ms `ms`, to the second.
+pub fn iso8601(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (y, m, d) = civil_from_days(secs / 86_400);
+    let t = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
 }
 
 /// The `retry-after` value in whole seconds for a reset `reset_ms` away: rounded up, and at least
@@ -83,6 +171,8 @@ pub enum Unit {
     Requests,
     /// `token-limit` filters: `x-ratelimit-*-tokens`.
     Tokens,
+    /// `cost-limit` filters: `x-ratelimit-*-usd`, counted in micro-dollars, written in dollars.
+    Usd,
 }
 
 impl Unit {
@@ -91,6 +181,7 @@ impl Unit {
         match self {
             Unit::Requests => "x-ratelimit-limit-requests",
             Unit::Tokens => "x-ratelimit-limit-tokens",
+            Unit::Usd => "x-ratelimit-limit-usd",
         }
     }
 
@@ -99,6 +190,7 @@ impl Unit {
         match self {
             Unit::Requests => "x-ratelimit-remaining-requests",
             Unit::Tokens => "x-ratelimit-remaining-tokens",
+            Unit::Usd => "x-ratelimit-remaining-usd",
         }
     }
 
@@ -107,7 +199,18 @@ impl Unit {
         match self {
             Unit::Requests => "x-ratelimit-reset-requests",
             Unit::Tokens => "x-ratelimit-reset-tokens",
+            Unit::Usd => "x-ratelimit-reset-usd",
         }
+    }
+}
+
+/// Micro-dollars written as dollars with six decimals (`4250000` → `4.250000`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usd(pub u64);
+
+impl fmt::Display for Usd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:06}", self.0 / 1_000_000, self.0 % 1_000_000)
     }
 }
 
@@ -127,13 +230,23 @@ pub struct LimitHeaders {
 impl LimitHeaders {
     /// Writes the three header lines, each `name: value\r\n`, lowercase names.
     pub fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
-        write!(out, "{}: {}\r\n", self.unit.limit_header(), self.limit)?;
-        write!(
-            out,
-            "{}: {}\r\n",
-            self.unit.remaining_header(),
-            self.remaining
-        )?;
+        if self.unit == Unit::Usd {
+            write!(out, "{}: {}\r\n", self.unit.limit_header(), Usd(self.limit))?;
+            write!(
+                out,
+                "{}: {}\r\n",
+                self.unit.remaining_header(),
+                Usd(self.remaining)
+            )?;
+        } else {
+            write!(out, "{}: {}\r\n", self.unit.limit_header(), self.limit)?;
+            write!(
+                out,
+                "{}: {}\r\n",
+                self.unit.remaining_header(),
+                self.remaining
+            )?;
+        }
         write!(
             out,
             "{}: {}\r\n",
@@ -174,6 +287,82 @@ mod tests {
             assert_eq!(window_index(now, period), index, "index {now} {period}");
             assert_eq!(reset_after_ms(now, period), reset, "reset {now} {period}");
         }
+    }
+
+    /// Unix ms of a UTC date and time.
+    fn at(y: u64, m: u64, d: u64, hh: u64, mm: u64, ss: u64) -> u64 {
+        (days_from_civil(y, m, d) * 86_400 + hh * 3600 + mm * 60 + ss) * 1000
+    }
+
+    #[test]
+    fn month_windows_follow_the_utc_calendar() {
+        // December to January: the last millisecond of 2026 is in December's window.
+        let dec = at(2026, 12, 31, 23, 59, 59) + 999;
+        let jan = at(2027, 1, 1, 0, 0, 0);
+        assert_eq!(window_start(dec, MONTH), at(2026, 12, 1, 0, 0, 0));
+        assert_eq!(reset_after_ms(dec, MONTH), 1);
+        assert_eq!(window_start(jan, MONTH), jan);
+        assert_eq!(window_index(jan, MONTH), window_index(dec, MONTH) + 1);
+        assert_eq!(reset_after_ms(jan, MONTH), 31 * 86_400_000);
+        // February in a leap year has 29 days, in a common year 28.
+        let feb_leap = at(2028, 2, 10, 12, 0, 0);
+        assert_eq!(window_start(feb_leap, MONTH), at(2028, 2, 1, 0, 0, 0));
+        assert_eq!(window_end(feb_leap, MONTH), at(2028, 3, 1, 0, 0, 0));
+        assert_eq!(
+            window_end(feb_leap, MONTH) - window_start(feb_leap, MONTH),
+            29 * 86_400_000
+        );
+        let feb = at(2027, 2, 28, 23, 0, 0);
+        assert_eq!(window_end(feb, MONTH), at(2027, 3, 1, 0, 0, 0));
+        assert_eq!(reset_after_ms(feb, MONTH), 3_600_000);
+        // 2100 is not a leap year.
+        assert_eq!(
+            window_end(at(2100, 2, 1, 0, 0, 0), MONTH),
+            at(2100, 3, 1, 0, 0, 0)
+        );
+        assert_eq!(
+            at(2100, 3, 1, 0, 0, 0) - at(2100, 2, 1, 0, 0, 0),
+            28 * 86_400_000
+        );
+        // Index and start agree, and the window after the next one is a month further.
+        let i = window_index(feb_leap, MONTH);
+        assert_eq!(index_start(i, MONTH), window_start(feb_leap, MONTH));
+        assert_eq!(
+            reset_after_next_ms(dec, MONTH),
+            1 + 31 * 86_400_000,
+            "December's last ms, then all of January"
+        );
+        assert_eq!(window_index(0, MONTH), 0);
+        assert_eq!(window_start(at(1970, 1, 15, 0, 0, 0), MONTH), 0);
+        assert_eq!(iso8601(at(2026, 12, 5, 0, 0, 0)), "2026-12-05T00:00:00Z");
+        assert_eq!(iso8601(feb_leap), "2028-02-10T12:00:00Z");
+    }
+
+    #[test]
+    fn fixed_windows_end_and_restart() {
+        assert_eq!(window_end(61_234, 60_000), 120_000);
+        assert_eq!(index_start(2, 60_000), 120_000);
+        assert_eq!(reset_after_next_ms(61_234, 60_000), 118_766);
+    }
+
+    #[test]
+    fn dollars_have_six_decimals() {
+        assert_eq!(Usd(4_250_000).to_string(), "4.250000");
+        assert_eq!(Usd(0).to_string(), "0.000000");
+        assert_eq!(Usd(1).to_string(), "0.000001");
+        let h = LimitHeaders {
+            unit: Unit::Usd,
+            limit: 5_000_000,
+            remaining: 4_250_000,
+            reset_ms: 1500,
+        };
+        let mut out = String::new();
+        assert!(h.write_to(&mut out).is_ok());
+        assert_eq!(
+            out,
+            "x-ratelimit-limit-usd: 5.000000\r\nx-ratelimit-remaining-usd: 4.250000\r\n\
+             x-ratelimit-reset-usd: 1.5s\r\n"
+        );
     }
 
     #[test]
