@@ -120,18 +120,19 @@ fn load(path: Option<&std::path::Path>) -> Result<config::Config, config::Config
 pub fn check_supported(cfg: &config::Config) -> Result<(), Vec<String>> {
     let mut errs = Vec::new();
     for (i, r) in cfg.routes.iter().enumerate() {
-        for (kind, what) in [(false, "rate-limit"), (true, "token-limit")] {
-            let n = r
-                .filters
-                .iter()
-                .filter(|n| {
-                    cfg.filter(n).is_some_and(|f| match &f.kind {
-                        config::FilterKind::RateLimit(_) => !kind,
-                        config::FilterKind::TokenLimit(_) => kind,
-                        _ => false,
+        for (kind, what) in [(false, "rate-limit"), (true, "token-limit and cost-limit")] {
+            let n =
+                r.filters
+                    .iter()
+                    .filter(|n| {
+                        cfg.filter(n).is_some_and(|f| match &f.kind {
+                            config::FilterKind::RateLimit(_) => !kind,
+                            config::FilterKind::TokenLimit(_)
+                            | config::FilterKind::CostLimit(_) => kind,
+                            _ => false,
+                        })
                     })
-                })
-                .count();
+                    .count();
             if n > crate::filter::limit::MAX_CHECKS {
                 errs.push(format!(
                     "routes[{i}].filters: at most {} {what} filters per route",

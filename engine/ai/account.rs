@@ -16,6 +16,8 @@ use ringway_filters::{
     usage::{estimate_tokens_from_chars, JsonUsageScanner, Usage, UsageSource, UsageTracker},
 };
 
+use ringway_filters::{limit::window::Usd, price::Price};
+
 use crate::filter::{LimitCheck, RateLimit};
 
 /// Most token-limit reservations one request holds.
@@ -70,6 +72,9 @@ pub struct AiCtx {
     pub status: u16,
     /// The route's `sse_keepalive`.
     pub keepalive: Option<std::time::Duration>,
+    /// The price of the model the serving upstream was sent, when one matches: cost-limit
+    /// reservations settle with it, and `ai-stats` counts spend by it.
+    pub price: Option<Price>,
     settled: Option<Usage>,
 }
 
@@ -102,6 +107,7 @@ impl AiCtx {
             done_at: None,
             status: 0,
             keepalive: None,
+            price: None,
             settled: None,
         }
     }
@@ -159,6 +165,11 @@ impl AiCtx {
         })
     }
 
+    /// What `usage` costs at the request's price, in micro-dollars (0 when unpriced).
+    pub fn cost_micro(&self, usage: &Usage) -> u64 {
+        self.price.map_or(0, |p| p.cost_micro(usage))
+    }
+
     /// Whether the upstream answered (a response head arrived).
     pub fn answered(&self) -> bool {
         self.status != 0
@@ -181,9 +192,11 @@ impl AiCtx {
             },
             _ => self.refused_usage(),
         };
-        let used = usage.input + usage.output;
-        for (rl, check, tokens, taken) in self.reservations.iter().flatten() {
-            rl.reconcile(check, *tokens, used, *taken);
+        let tokens_used = usage.input + usage.output;
+        let cost = self.cost_micro(&usage);
+        for (rl, check, reserved, taken) in self.reservations.iter().flatten() {
+            let used = if rl.cost { cost } else { tokens_used };
+            rl.reconcile(check, *reserved, used, *taken);
         }
         self.reservations = Default::default();
         if self.stats && self.answered() {
@@ -219,6 +232,8 @@ struct Series {
     input: [u64; 2],
     output: [u64; 2],
     cache_read: u64,
+    /// Spend in micro-dollars, at the prices in force when each request settled.
+    cost_micro: u64,
     ttft: [u64; TTFT_BUCKETS.len() + 1],
     ttft_sum: f64,
     ttft_count: u64,
@@ -306,6 +321,7 @@ fn record(ctx: &AiCtx, u: &Usage) {
     s.input[est] += u.input;
     s.output[est] += u.output;
     s.cache_read += u.cache_read;
+    s.cost_micro += ctx.cost_micro(u);
     if let Some(first) = ctx.first_token {
         let ttft = first.saturating_duration_since(ctx.sent_at).as_secs_f64();
         let b = TTFT_BUCKETS
@@ -370,6 +386,19 @@ pub fn render_metrics(out: &mut String) {
                 }
             }
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringway_ai_cost_usd_total Spend in US dollars by route, model and consumer, at the [[prices]] of the model each request was sent (unpriced models count 0)."
+    );
+    let _ = writeln!(out, "# TYPE ringway_ai_cost_usd_total counter");
+    for k in &keys {
+        let _ = writeln!(
+            out,
+            "ringway_ai_cost_usd_total{{{}}} {}",
+            lbl(k),
+            Usd(map[*k].cost_micro)
+        );
     }
     let _ = writeln!(out, "# HELP ringway_ai_cache_read_tokens_total Input tokens served from the provider's prompt cache.");
     let _ = writeln!(out, "# TYPE ringway_ai_cache_read_tokens_total counter");

@@ -50,6 +50,8 @@ pub struct AiRequest {
     pub body: Option<PoolBuf>,
     /// Where the model name sits in the body, to rename it for another upstream.
     pub slot: Option<ModelSlot>,
+    /// The request had a body.
+    pub has_body: bool,
 }
 
 /// The body's model name: what the route's `model_map` made of it, what was written for the
@@ -153,6 +155,7 @@ pub async fn capture(
         injected: false,
         max_tokens: None,
         input_estimate: 0,
+        has_body: body.is_some(),
         body,
         slot: None,
     };

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::raw::{RawFilter, RawKind, RawRule, S};
 use super::types::*;
 use super::validate::{is_token, Ck};
+use ringway_filters::{limit::window, price};
 
 /// Resolves every filter; `have_redis` decides whether `scope = "cluster"` is allowed.
 pub(crate) fn filters(ck: &mut Ck, raw: &[RawFilter], have_redis: bool) -> Vec<FilterConf> {
@@ -31,6 +32,7 @@ pub(crate) fn filters(ck: &mut Ck, raw: &[RawFilter], have_redis: bool) -> Vec<F
             }),
             RawKind::RateLimit => FilterKind::RateLimit(limit(ck, i, f, kind, have_redis)),
             RawKind::TokenLimit => FilterKind::TokenLimit(limit(ck, i, f, kind, have_redis)),
+            RawKind::CostLimit => FilterKind::CostLimit(limit(ck, i, f, kind, have_redis)),
             RawKind::AiStats => FilterKind::AiStats(AiStatsConf {}),
         };
         out.push(FilterConf {
@@ -43,8 +45,12 @@ pub(crate) fn filters(ck: &mut Ck, raw: &[RawFilter], have_redis: bool) -> Vec<F
 
 /// The keys each kind accepts, beyond `name` and `kind`; anything else set is reported.
 fn reject_foreign_keys(ck: &mut Ck, i: usize, f: &RawFilter, kind: RawKind) {
-    let limit = matches!(kind, RawKind::RateLimit | RawKind::TokenLimit);
-    let set: [(&str, Option<std::ops::Range<usize>>, bool); 9] = [
+    let limit = matches!(
+        kind,
+        RawKind::RateLimit | RawKind::TokenLimit | RawKind::CostLimit
+    );
+    let cost = kind == RawKind::CostLimit;
+    let set: [(&str, Option<std::ops::Range<usize>>, bool); 11] = [
         (
             "query_param",
             f.query_param.as_ref().map(S::span),
@@ -61,6 +67,12 @@ fn reject_foreign_keys(ck: &mut Ck, i: usize, f: &RawFilter, kind: RawKind) {
             "max_reserve",
             f.max_reserve.as_ref().map(S::span),
             kind == RawKind::TokenLimit,
+        ),
+        ("unpriced", f.unpriced.as_ref().map(S::span), cost),
+        (
+            "max_output_reserve",
+            f.max_output_reserve.as_ref().map(S::span),
+            cost,
         ),
     ];
     for (key, span, allowed) in set {
@@ -150,7 +162,32 @@ fn limit(ck: &mut Ck, i: usize, f: &RawFilter, kind: RawKind, have_redis: bool) 
         max_reserve,
         f.max_reserve.as_ref().map(S::span),
     );
+    let unpriced = match f
+        .unpriced
+        .as_ref()
+        .map(|u| (u.get_ref().as_str(), u.span()))
+    {
+        None | Some(("reject", _)) => Unpriced::Reject,
+        Some(("allow", _)) => Unpriced::Allow,
+        Some((other, span)) => {
+            ck.err(
+                k("unpriced"),
+                span,
+                format!("expected \"reject\" or \"allow\", got {other:?}"),
+            );
+            Unpriced::Reject
+        }
+    };
+    let max_output_reserve = f.max_output_reserve.as_ref().map_or(4096, |r| *r.get_ref());
+    positive(
+        ck,
+        "max_output_reserve",
+        Some(max_output_reserve),
+        f.max_output_reserve.as_ref().map(S::span),
+    );
     LimitConf {
+        unpriced,
+        max_output_reserve,
         scope,
         key,
         rules,
@@ -196,6 +233,25 @@ fn rule(ck: &mut Ck, rk: &str, r: &S<RawRule>, kind: RawKind, key: &KeySource) -
         ck.err(format!("{rk}.match"), raw.matcher.span(), m);
         RuleMatch::Any
     });
+    let usd = [
+        ("usd_per_minute", &raw.usd_per_minute, 60_000),
+        ("usd_per_hour", &raw.usd_per_hour, 3_600_000),
+        ("usd_per_day", &raw.usd_per_day, 86_400_000),
+        ("usd_per_month", &raw.usd_per_month, window::MONTH),
+    ];
+    let usd_family = "usd_per_minute|hour|day|month";
+    if kind == RawKind::CostLimit {
+        return cost_rule(ck, rk, r, matcher, usd, usd_family);
+    }
+    for (name, v, _) in usd {
+        if let Some(v) = v {
+            ck.err(
+                format!("{rk}.{name}"),
+                v.span(),
+                format!("{name} does not apply to a {} filter", kind.as_str()),
+            );
+        }
+    }
     let requests = [
         ("requests_per_second", &raw.requests_per_second, 1),
         ("requests_per_minute", &raw.requests_per_minute, 60),
@@ -245,6 +301,67 @@ fn rule(ck: &mut Ck, rk: &str, r: &S<RawRule>, kind: RawKind, key: &KeySource) -
         );
     }
     LimitRule { matcher, windows }
+}
+
+/// A `cost-limit` rule: budgets in dollars, kept in micro-dollars (exact to six decimals).
+fn cost_rule(
+    ck: &mut Ck,
+    rk: &str,
+    r: &S<RawRule>,
+    matcher: RuleMatch,
+    usd: [(&str, &Option<S<f64>>, u64); 4],
+    family: &str,
+) -> LimitRule {
+    let raw = r.get_ref();
+    let others = [
+        ("requests_per_second", &raw.requests_per_second),
+        ("requests_per_minute", &raw.requests_per_minute),
+        ("requests_per_hour", &raw.requests_per_hour),
+        ("requests_per_day", &raw.requests_per_day),
+        ("tokens_per_second", &raw.tokens_per_second),
+        ("tokens_per_minute", &raw.tokens_per_minute),
+        ("tokens_per_hour", &raw.tokens_per_hour),
+        ("tokens_per_day", &raw.tokens_per_day),
+    ];
+    let mut wrong_family = false;
+    for (name, v) in others {
+        if let Some(v) = v {
+            wrong_family = true;
+            ck.err(
+                format!("{rk}.{name}"),
+                v.span(),
+                format!("{name} does not apply to a cost-limit filter, whose rules use {family}"),
+            );
+        }
+    }
+    let mut windows = Vec::new();
+    for (name, v, period_ms) in usd {
+        let Some(v) = v else { continue };
+        match micro_usd(*v.get_ref()) {
+            Ok(limit) => windows.push(Window {
+                period: Duration::from_millis(period_ms),
+                limit,
+            }),
+            Err(m) => ck.err(format!("{rk}.{name}"), v.span(), m),
+        }
+    }
+    if windows.is_empty() && !wrong_family && usd.iter().all(|(_, v, _)| v.is_none()) {
+        ck.err(
+            rk,
+            r.span(),
+            format!("a rule needs at least one of {family}"),
+        );
+    }
+    LimitRule { matcher, windows }
+}
+
+/// Dollars as written to micro-dollars, exactly: negative amounts and more than six decimals
+/// are errors.
+pub(crate) fn micro_usd(v: f64) -> Result<u64, String> {
+    if !v.is_finite() {
+        return Err("must be a finite number".to_string());
+    }
+    price::parse_millionths(&price::float_text(v))
 }
 
 /// Reads a rule's `match`; CIDR is only understood when the limit is keyed by IP.

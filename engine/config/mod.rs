@@ -7,6 +7,7 @@
 mod credentials;
 mod filters;
 mod header_rules;
+mod prices;
 mod raw;
 mod routes;
 pub mod secret;

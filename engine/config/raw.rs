@@ -34,6 +34,19 @@ pub(crate) struct RawConfig {
     pub filters: Vec<RawFilter>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub prices: Vec<RawPrice>,
+}
+
+/// One `[[prices]]` entry: US dollars per million tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPrice {
+    pub model: S<String>,
+    pub input: S<f64>,
+    pub output: S<f64>,
+    pub cached_input: Option<S<f64>>,
+    pub cache_write: Option<S<f64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -273,6 +286,7 @@ pub(crate) enum RawKind {
     KeyAuth,
     RateLimit,
     TokenLimit,
+    CostLimit,
     AiStats,
 }
 
@@ -282,6 +296,7 @@ impl RawKind {
             RawKind::KeyAuth => "key-auth",
             RawKind::RateLimit => "rate-limit",
             RawKind::TokenLimit => "token-limit",
+            RawKind::CostLimit => "cost-limit",
             RawKind::AiStats => "ai-stats",
         }
     }
@@ -303,6 +318,8 @@ pub(crate) struct RawFilter {
     pub shadow: Option<S<bool>>,
     pub max_keys: Option<S<u64>>,
     pub max_reserve: Option<S<u64>>,
+    pub unpriced: Option<S<String>>,
+    pub max_output_reserve: Option<S<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -318,6 +335,10 @@ pub(crate) struct RawRule {
     pub tokens_per_minute: Option<S<u64>>,
     pub tokens_per_hour: Option<S<u64>>,
     pub tokens_per_day: Option<S<u64>>,
+    pub usd_per_minute: Option<S<f64>>,
+    pub usd_per_hour: Option<S<f64>>,
+    pub usd_per_day: Option<S<f64>>,
+    pub usd_per_month: Option<S<f64>>,
 }
 
 #[derive(Deserialize)]

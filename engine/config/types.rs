@@ -27,6 +27,8 @@ pub struct Config {
     pub filters: Vec<FilterConf>,
     /// Routes, in file order: the first match wins.
     pub routes: Vec<Route>,
+    /// `[[prices]]`: the price of each model, first match in the order written.
+    pub prices: ringway_filters::price::PriceTable,
     /// Problems that do not stop the gateway (a certificate about to expire,
     /// `insecure_skip_verify`); printed by `ringway check`, logged at start and reload.
     pub warnings: Vec<super::ConfigError>,
@@ -442,6 +444,8 @@ pub enum FilterKind {
     RateLimit(LimitConf),
     /// `kind = "token-limit"`: counts AI tokens.
     TokenLimit(LimitConf),
+    /// `kind = "cost-limit"`: counts money (micro-dollars) spent on AI tokens.
+    CostLimit(LimitConf),
     /// `kind = "ai-stats"`.
     AiStats(AiStatsConf),
 }
@@ -472,6 +476,20 @@ pub struct LimitConf {
     pub max_keys: usize,
     /// Most tokens reserved for one request (token-limit only).
     pub max_reserve: Option<u64>,
+    /// A request for a model without a price (cost-limit only).
+    pub unpriced: Unpriced,
+    /// Output tokens reserved when the request names no maximum (cost-limit only).
+    pub max_output_reserve: u64,
+}
+
+/// What a `cost-limit` does with a request for a model no `[[prices]]` entry matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unpriced {
+    /// 400 `model_not_priced`, before any budget is consulted.
+    #[default]
+    Reject,
+    /// Counted at 0 and logged.
+    Allow,
 }
 
 /// Where a limit's counters live.
@@ -538,7 +556,8 @@ pub enum RuleMatch {
 /// A limit over one clock-aligned window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
-    /// 1s, 60s, 3600s or 86400s.
+    /// 1s, 60s, 3600s or 86400s; a calendar month is `Duration::from_millis(window::MONTH)`
+    /// (see [`ringway_filters::limit::window::MONTH`]).
     pub period: Duration,
     /// Requests or tokens allowed per period.
     pub limit: u64,

@@ -226,6 +226,8 @@ pub(crate) fn build(
     let consumers = consumers(&mut ck, &raw.consumers);
     let filters = super::filters::filters(&mut ck, &raw.filters, redis.is_some());
     let routes = super::routes::routes(&mut ck, &raw.routes, &listeners, &upstreams, &filters);
+    let prices = super::prices::prices(&mut ck, &raw.prices);
+    super::prices::check_budgets(&mut ck, &raw.routes, &filters, &prices);
 
     if raw.listeners.is_empty() {
         ck.err_line(
@@ -249,6 +251,7 @@ pub(crate) fn build(
             consumers,
             filters,
             routes,
+            prices,
             warnings: ck.warnings,
         })
     } else {

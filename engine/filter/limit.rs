@@ -24,6 +24,17 @@ pub const MAX_CHECKS: usize = 4;
 /// Longest key value kept verbatim for Redis; longer values are hashed.
 const KEY_BYTES: usize = 96;
 
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `rate-limit`: requests.
+    Requests,
+    /// `token-limit`: tokens.
+    Tokens,
+    /// `cost-limit`: micro-dollars.
+    Cost,
+}
+
 /// A compiled `rate-limit` filter; shared by all workers and kept across
 /// reloads while its settings do not change.
 pub struct RateLimit {
@@ -33,8 +44,11 @@ pub struct RateLimit {
     id: u32,
     /// The settings.
     pub conf: config::LimitConf,
-    /// A `token-limit` (costs are tokens) rather than a `rate-limit`.
+    /// A `token-limit` or `cost-limit` (reserved before forwarding, settled with the usage)
+    /// rather than a `rate-limit`.
     pub tokens: bool,
+    /// A `cost-limit`: its units are micro-dollars.
+    pub cost: bool,
     rules: RuleMatcher,
     /// Counters for `scope = "local"`, and for `failure_mode = "local"`.
     table: LocalTable,
@@ -57,7 +71,7 @@ impl RateLimit {
         id: u32,
         conf: &config::LimitConf,
         has_redis: bool,
-        tokens: bool,
+        kind: Kind,
     ) -> Result<Self, String> {
         let key_is_ip = conf.key == KeySource::Ip;
         let mut rules = Vec::with_capacity(conf.rules.len());
@@ -98,7 +112,8 @@ impl RateLimit {
             id,
             table: LocalTable::with_windows(conf.max_keys, most_windows),
             conf: conf.clone(),
-            tokens,
+            tokens: kind != Kind::Requests,
+            cost: kind == Kind::Cost,
             rules,
             cluster,
             allowed: SharedCounter::default(),
@@ -219,10 +234,10 @@ impl RateLimit {
     /// Headers describing a decision.
     pub fn headers(&self, d: &Decision) -> Option<LimitHeaders> {
         (d.limit != u64::MAX).then_some(LimitHeaders {
-            unit: if self.tokens {
-                Unit::Tokens
-            } else {
-                Unit::Requests
+            unit: match (self.cost, self.tokens) {
+                (true, _) => Unit::Usd,
+                (false, true) => Unit::Tokens,
+                (false, false) => Unit::Requests,
             },
             limit: d.limit,
             remaining: d.remaining,

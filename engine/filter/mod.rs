@@ -30,8 +30,8 @@ pub enum Filter {
     },
     /// `rate-limit`: requests per window by key.
     RateLimit(Arc<RateLimit>),
-    /// `token-limit`: tokens per window by key, reserved before the request
-    /// goes upstream and reconciled with the real usage.
+    /// `token-limit` (tokens) or `cost-limit` (micro-dollars) per window by key, reserved
+    /// before the request goes upstream and reconciled with the real usage.
     TokenLimit(Arc<RateLimit>),
     /// `ai-stats`: token and latency metrics.
     AiStats,
@@ -70,23 +70,34 @@ impl Filters {
                 FilterKind::KeyAuth(k) => Filter::KeyAuth {
                     query_param: k.query_param.clone(),
                 },
-                FilterKind::RateLimit(l) | FilterKind::TokenLimit(l) => {
-                    let tokens = matches!(f.kind, FilterKind::TokenLimit(_));
+                FilterKind::RateLimit(l) | FilterKind::TokenLimit(l) | FilterKind::CostLimit(l) => {
+                    let kind = match f.kind {
+                        FilterKind::TokenLimit(_) => limit::Kind::Tokens,
+                        FilterKind::CostLimit(_) => limit::Kind::Cost,
+                        _ => limit::Kind::Requests,
+                    };
                     let rl = match kept.get(&f.name) {
-                        Some((conf, rl)) if conf == l && rl.tokens == tokens => rl.clone(),
+                        Some((conf, rl))
+                            if conf == l
+                                && rl.tokens == (kind != limit::Kind::Requests)
+                                && rl.cost == (kind == limit::Kind::Cost) =>
+                        {
+                            rl.clone()
+                        }
                         _ => {
                             let rl = Arc::new(RateLimit::new(
                                 &f.name,
                                 i as u32,
                                 l,
                                 cfg.redis.is_some(),
-                                tokens,
+                                kind,
                             )?);
                             kept.insert(f.name.clone(), (l.clone(), rl.clone()));
                             rl
                         }
                     };
-                    if tokens {
+                    // A cost-limit is reserved and settled as a token-limit is, in its own unit.
+                    if rl.tokens {
                         Filter::TokenLimit(rl)
                     } else {
                         Filter::RateLimit(rl)

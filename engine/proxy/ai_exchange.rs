@@ -11,6 +11,8 @@ use super::{
     reject::{reject, reject_with},
     request::Plan,
 };
+use ringway_filters::limit::window::LimitHeaders;
+
 use crate::{
     ai::{
         self,
@@ -18,6 +20,7 @@ use crate::{
         request::{capture, Fail},
     },
     buf::PoolBuf,
+    config::Unpriced,
     filter::Filter,
     runtime::{Generation, Worker},
     transport::Stream,
@@ -75,23 +78,54 @@ pub(super) async fn exchange(
         .redis
         .as_ref()
         .map_or(std::time::Duration::from_millis(200), |r| r.timeout);
-    let mut tightest = None;
+    // A budget needs the price of the model the request names (as the first upstream will be
+    // sent it), before any budget is consulted.
+    let priced_name = req
+        .slot
+        .as_ref()
+        .map(|s| s.sent.as_str())
+        .or(req.model.as_deref());
+    let price = priced_name.and_then(|m| g.shared.cfg.prices.find(m));
+    ctx.price = price;
+    // Tightest headers per unit (requests are not reserved here; tokens and dollars are).
+    let mut tightest: [Option<LimitHeaders>; 2] = [None, None];
     for check in plan.tokens.iter() {
         let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
             continue;
         };
-        let want = req.input_estimate + req.max_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVE);
+        let max_output = |fallback: u64| req.max_tokens.unwrap_or(fallback);
+        let want = if rl.cost {
+            match price {
+                Some(p) => {
+                    p.reserve_micro(req.input_estimate, max_output(rl.conf.max_output_reserve))
+                }
+                // Nothing was asked of a model: nothing to price (a GET of /v1/models).
+                None if req.model.is_none() && !req.has_body => continue,
+                None if rl.conf.unpriced == Unpriced::Allow => {
+                    unpriced_allowed(priced_name);
+                    continue;
+                }
+                None => {
+                    ctx.release_all();
+                    record.status = 400;
+                    let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
+                    let keep = if rej.close { None } else { pipelined };
+                    return reject(w, g, client, rej, plan.is_head, keep).await;
+                }
+            }
+        } else {
+            req.input_estimate + max_output(DEFAULT_OUTPUT_RESERVE)
+        };
         let cost = want
             .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
             .min(rl.max_cost(check))
             .max(1);
         let now = now_ms();
         let d = rl.acquire(check, cost, now, redis_timeout).await;
+        let unit = usize::from(rl.cost);
         if let Some(h) = rl.headers(&d) {
-            if tightest.is_none_or(|t: ringway_filters::limit::window::LimitHeaders| {
-                h.remaining < t.remaining || !d.admitted
-            }) {
-                tightest = Some(h);
+            if tightest[unit].is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
+                tightest[unit] = Some(h);
             }
         }
         if d.admitted {
@@ -102,17 +136,24 @@ pub(super) async fn exchange(
         } else {
             rl.rejected.add(1);
             ctx.release_all();
-            if let Some(h) = tightest {
+            for h in tightest.iter().flatten() {
                 let _ = h.write_to(&mut extra);
+            }
+            if let Some(h) = tightest[unit] {
                 let _ = h.write_retry_after(&mut extra);
             }
             record.status = 429;
-            let rej = error::RATE_LIMITED.closing_if(!plan.keep_alive);
+            let rej = if rl.cost {
+                error::BUDGET_EXCEEDED
+            } else {
+                error::RATE_LIMITED
+            };
+            let rej = rej.closing_if(!plan.keep_alive);
             let keep = if rej.close { None } else { pipelined };
             return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
         }
     }
-    if let Some(h) = tightest {
+    for h in tightest.iter().flatten() {
         let _ = h.write_to(&mut extra);
     }
 
@@ -144,6 +185,13 @@ pub(super) async fn exchange(
         }
     };
     ctx.sent_at = sent_at;
+    // Charged at the price of the model the serving upstream was sent.
+    if let Some(p) = slot
+        .as_ref()
+        .and_then(|s| g.shared.cfg.prices.find(&s.sent))
+    {
+        ctx.price = Some(p);
+    }
     let pool = g.upstream(plan.upstream);
     let idle = pool.shared.conf.response_timeout;
     record.sent_to(conn.addr, plan.upstream, attempts);
@@ -183,6 +231,21 @@ pub(super) async fn exchange(
         return Next::Close;
     }
     Next::KeepAlive(pipelined)
+}
+
+/// Logs, once per process and model, that a budget let an unpriced model through at no cost.
+fn unpriced_allowed(model: Option<&str>) {
+    use std::sync::{Mutex, OnceLock};
+    static SEEN: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    let model = model.unwrap_or("(none)");
+    let seen = SEEN.get_or_init(Default::default);
+    let Ok(mut seen) = seen.lock() else { return };
+    // Bounded: a client can name any model.
+    if seen.len() < 1024 && seen.insert(model.to_string()) {
+        crate::log::warn(&format!(
+            "cost-limit: no [[prices]] entry for model {model:?}; counted at $0 (unpriced = \"allow\")"
+        ));
+    }
 }
 
 /// Answers `rej` after the request went upstream but before any of the

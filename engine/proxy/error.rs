@@ -43,6 +43,10 @@ impl Reject {
 
     /// The error `type` field for this status.
     pub fn kind(&self) -> &'static str {
+        if self.code == BUDGET_EXCEEDED.code {
+            // OpenAI's type for a spent quota, which SDKs and clients already recognise.
+            return "insufficient_quota";
+        }
         match self.status {
             400 | 405 => "invalid_request_error",
             401 => "authentication_error",
@@ -166,7 +170,19 @@ fn registered_reason(status: u16) -> Option<&'static str> {
 
 /// Key auth found no known key.
 pub const UNAUTHORIZED: Reject = Reject::keep(401, "invalid_api_key", "missing or unknown API key");
-/// A limit is spent for this key.
+/// A cost-limit's budget is spent for this key.
+pub const BUDGET_EXCEEDED: Reject = Reject::keep(
+    429,
+    "budget_exceeded",
+    "the spend budget for this key is used up for the current window; retry after it resets",
+);
+/// The model has no `[[prices]]` entry and a cost-limit on the route refuses unpriced models.
+pub const MODEL_NOT_PRICED: Reject = Reject::keep(
+    400,
+    "model_not_priced",
+    "no [[prices]] entry matches the requested model, and the route's spend budget cannot count it",
+);
+/// A request limit refused the request.
 pub const RATE_LIMITED: Reject = Reject::keep(
     429,
     "rate_limit_exceeded",
