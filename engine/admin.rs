@@ -63,8 +63,12 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
             _ => return respond(&mut s, 400, "text/plain", "bad request\n"),
         }
     };
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
     match (method.as_str(), path) {
+        ("GET", "/usage") => {
+            let (status, body) = crate::usage_api::answer(query);
+            respond(&mut s, status, "application/json", &body)
+        }
         ("GET", "/healthz") => respond(&mut s, 200, "text/plain", "ok\n"),
         ("GET", "/ready") => {
             if runtime::shutdown::is_draining() {

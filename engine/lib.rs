@@ -33,3 +33,4 @@ pub mod runtime;
 pub mod tls;
 pub mod transport;
 pub mod upstream;
+pub mod usage_api;

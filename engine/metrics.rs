@@ -751,7 +751,7 @@ pub struct WorkerSnapshot {
 }
 
 /// Escapes a label value for the text format.
-fn esc(v: &str) -> String {
+pub fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -18,7 +18,7 @@ use ringway_filters::{
 
 use ringway_filters::{limit::window::Usd, price::Price};
 
-use crate::filter::{LimitCheck, RateLimit};
+use crate::filter::{ledger::Totals, LimitCheck, RateLimit};
 
 /// Most token-limit reservations one request holds.
 const MAX_RESERVATIONS: usize = 4;
@@ -194,9 +194,21 @@ impl AiCtx {
         };
         let tokens_used = usage.input + usage.output;
         let cost = self.cost_micro(&usage);
+        let totals = Totals {
+            requests: 1,
+            input: usage.input,
+            output: usage.output,
+            cached: usage.cache_read,
+            spend_micro: cost,
+            estimated: usage.source == UsageSource::Estimated,
+        };
+        let now = crate::upstream::health::now_ms();
         for (rl, check, reserved, taken) in self.reservations.iter().flatten() {
             let used = if rl.cost { cost } else { tokens_used };
             rl.reconcile(check, *reserved, used, *taken);
+            if self.answered() {
+                rl.record_usage(check, &totals, now);
+            }
         }
         self.reservations = Default::default();
         if self.stats && self.answered() {

@@ -27,11 +27,12 @@ use std::{
 };
 
 use ringway_filters::limit::{
-    lease::{lease_ask, redis_key, LeaseSlot, GRANT_LUA, RETURN_LUA},
+    lease::{lease_ask, redis_key, LeaseSlot, CHARGE_LUA, GRANT_LUA, RETURN_LUA},
     window::{reset_after_ms, window_end, window_start},
     Decision,
 };
 
+use super::ledger::{self, Totals};
 use super::limit::{LimitCheck, RateLimit};
 use crate::{config, log, metrics::SharedCounter, runtime::deadline, upstream::health::now_ms};
 
@@ -207,7 +208,7 @@ impl ClusterLimit {
                     replicas: rl.conf.replicas.max(1),
                     reply: reply.clone(),
                 };
-                if !submit(req) {
+                if !submit_lease(req) {
                     return Err(Unavailable);
                 }
                 match deadline::timeout(timeout, WaitReply(&reply)).await {
@@ -248,12 +249,20 @@ impl ClusterLimit {
             let slot = &leases.windows[i].slot;
             if used < reserved {
                 // Back to Redis, so every replica can use them this window.
-                let _ = slot;
                 submit_return(redis_key(filter, &leases.key, ws), reserved - used);
             } else {
-                let mut extra = used - reserved;
-                while extra > 0 && slot.take(1, ws) {
-                    extra -= 1;
+                // The overrun comes out of this process's lease when it holds enough, else it
+                // is charged to Redis: spent is spent, whatever the lease.
+                let extra = used - reserved;
+                let now = now_ms();
+                let ws_now = window_start(now, period);
+                if !slot.take(extra, ws_now) {
+                    let ttl = window_end(ws_now, period).saturating_sub(now) + 5_000;
+                    submit(Msg::Charge {
+                        redis_key: redis_key(filter, &leases.key, ws_now),
+                        units: extra,
+                        ttl,
+                    });
                 }
             }
         }
@@ -343,11 +352,46 @@ enum Msg {
     /// Units taken but not used (a token reservation settled lower): give
     /// them back to Redis so every replica can use them.
     Return { redis_key: String, units: u64 },
+    /// Units used beyond a reservation that no lease covered.
+    Charge {
+        redis_key: String,
+        units: u64,
+        ttl: u64,
+    },
+    /// A settled request's use, added to its key's usage hash for `/usage`.
+    Usage {
+        hash: String,
+        index: String,
+        member: Vec<u8>,
+        expire_at: u64,
+        totals: Totals,
+    },
+}
+
+/// Queues a settled request's use of one key and window for the usage hash in Redis (see
+/// [`super::ledger`]); dropped when the queue is full, as a return is.
+pub fn submit_usage(filter: &str, key: &[u8], period: u64, window_start: u64, totals: Totals) {
+    // Kept a day past the window, for a /usage that asks just after it ended.
+    let expire_at = window_end(window_start, period).saturating_add(86_400_000);
+    submit(Msg::Usage {
+        hash: ledger::redis_hash(filter, key, period, window_start),
+        index: ledger::redis_index(filter, period, window_start),
+        member: key.to_vec(),
+        expire_at,
+        totals,
+    });
 }
 
 static QUEUE_TX: OnceLock<SyncSender<Msg>> = OnceLock::new();
 
-fn submit(req: LeaseRequest) -> bool {
+/// Queues work that needs no answer; dropped when the queue is full.
+fn submit(m: Msg) {
+    if let Some(tx) = QUEUE_TX.get() {
+        let _ = tx.try_send(m);
+    }
+}
+
+fn submit_lease(req: LeaseRequest) -> bool {
     let Some(tx) = QUEUE_TX.get() else {
         return false;
     };
@@ -388,13 +432,15 @@ pub fn start(core: Option<core_affinity::CoreId>) -> std::io::Result<()> {
     Ok(())
 }
 
-enum Conn {
+/// A connection to the `[redis]` of the configuration: one server or a Redis Cluster.
+pub(crate) enum Conn {
     Single(redis::Connection),
     Cluster(Box<redis::cluster::ClusterConnection>),
 }
 
 impl Conn {
-    fn open(conf: &config::Redis) -> redis::RedisResult<Conn> {
+    /// Connects, within `[redis] timeout`.
+    pub(crate) fn open(conf: &config::Redis) -> redis::RedisResult<Conn> {
         // The redis client builds its rustls config from the process default provider.
         crate::tls::provider();
         let certs = tls_certs(conf)?;
@@ -415,6 +461,17 @@ impl Conn {
                 builder = builder.certs(certs);
             }
             Ok(Conn::Cluster(Box::new(builder.build()?.get_connection()?)))
+        }
+    }
+
+    /// Runs one command.
+    pub(crate) fn query<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &mut redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(con) => cmd.query(con),
+            Conn::Cluster(con) => cmd.query(&mut **con),
         }
     }
 }
@@ -469,6 +526,8 @@ fn run(rx: Receiver<Msg>) {
         };
         let mut batch: Vec<LeaseRequest> = Vec::new();
         let mut returns: Vec<(String, u64)> = Vec::new();
+        let mut charges: Vec<(String, u64, u64)> = Vec::new();
+        let mut usage: HashMap<String, UsageAdd> = HashMap::new();
         if let Some(first) = first {
             // Batch: let requests gather until one flush interval after the last flush.
             let since = last_flush.elapsed();
@@ -482,6 +541,34 @@ fn run(rx: Receiver<Msg>) {
                         Some((_, n)) => *n += units,
                         None => returns.push((redis_key, units)),
                     }
+                }
+                Msg::Charge {
+                    redis_key,
+                    units,
+                    ttl,
+                } => match charges.iter_mut().find(|(k, _, _)| *k == redis_key) {
+                    Some((_, n, _)) => *n += units,
+                    None => charges.push((redis_key, units, ttl)),
+                },
+                Msg::Usage {
+                    hash,
+                    index,
+                    member,
+                    expire_at,
+                    totals,
+                } => {
+                    let e = usage.entry(hash).or_insert_with(|| UsageAdd {
+                        index,
+                        member,
+                        expire_at,
+                        totals: Totals::default(),
+                    });
+                    e.totals.requests += totals.requests;
+                    e.totals.input += totals.input;
+                    e.totals.output += totals.output;
+                    e.totals.cached += totals.cached;
+                    e.totals.spend_micro += totals.spend_micro;
+                    e.totals.estimated |= totals.estimated;
                 }
             };
             take(first);
@@ -532,6 +619,26 @@ fn run(rx: Receiver<Msg>) {
                 // A return that fails only leaves room unused until the window ends.
                 stats().errors.add(1);
                 failed = matches!(c, Conn::Single(_));
+            }
+        }
+        if !failed && !charges.is_empty() {
+            let charge = redis::Script::new(CHARGE_LUA);
+            for (k, n, ttl) in &charges {
+                stats().calls.add(1);
+                let res: redis::RedisResult<i64> = match c {
+                    Conn::Single(con) => charge.key(k).arg(*n).arg(*ttl).invoke(con),
+                    Conn::Cluster(con) => charge.key(k).arg(*n).arg(*ttl).invoke(&mut **con),
+                };
+                if res.is_err() {
+                    stats().errors.add(1);
+                    failed = matches!(c, Conn::Single(_));
+                }
+            }
+        }
+        if !failed && !usage.is_empty() {
+            if let Err(e) = write_usage(c, usage) {
+                log::warn(&format!("redis: usage write failed: {e}"));
+                failed = true;
             }
         }
         if !batch.is_empty() && !failed {
@@ -699,6 +806,50 @@ fn flush_grants(
         for r in reqs {
             r.reply.set(state);
         }
+    }
+    Ok(())
+}
+
+/// One usage hash's additions in a flush.
+struct UsageAdd {
+    index: String,
+    member: Vec<u8>,
+    expire_at: u64,
+    totals: Totals,
+}
+
+/// Adds a flush's settled use to the usage hashes, and names their keys in the window's index
+/// set.
+fn write_usage(c: &mut Conn, usage: HashMap<String, UsageAdd>) -> redis::RedisResult<()> {
+    // A script per hash rather than a pipeline: a Redis Cluster connection takes no pipeline,
+    // and one key's script runs on its slot's master like a lease grant.
+    let add = redis::Script::new(ledger::USAGE_LUA);
+    for (hash, u) in &usage {
+        let t = &u.totals;
+        let mut inv = add.prepare_invoke();
+        inv.key(hash)
+            .arg(t.requests)
+            .arg(t.input)
+            .arg(t.output)
+            .arg(t.cached)
+            .arg(t.spend_micro)
+            .arg(u8::from(t.estimated))
+            .arg(u.expire_at);
+        stats().calls.add(2);
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(&u.index).arg(&u.member[..]);
+        let mut expire = redis::cmd("PEXPIREAT");
+        expire.arg(&u.index).arg(u.expire_at);
+        match c {
+            Conn::Single(con) => {
+                inv.invoke::<()>(con)?;
+            }
+            Conn::Cluster(con) => {
+                inv.invoke::<()>(&mut **con)?;
+            }
+        }
+        c.query::<()>(&mut sadd)?;
+        c.query::<()>(&mut expire)?;
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use ringway_filters::{
 };
 
 use super::cluster::{self, ClusterLimit};
+use super::ledger::{Ledger, Totals};
 use crate::{
     config::{self, FailureMode, KeySource, Scope},
     metrics::SharedCounter,
@@ -62,6 +63,8 @@ pub struct RateLimit {
     pub shadow_rejected: SharedCounter,
     /// Requests admitted or rejected by the failure mode while Redis was unreachable.
     pub failure_decisions: SharedCounter,
+    /// What each key used in its current windows (token-limit and cost-limit).
+    pub ledger: Ledger,
 }
 
 impl RateLimit {
@@ -120,6 +123,7 @@ impl RateLimit {
             rejected: SharedCounter::default(),
             shadow_rejected: SharedCounter::default(),
             failure_decisions: SharedCounter::default(),
+            ledger: Ledger::new(conf.max_keys),
         })
     }
 
@@ -228,6 +232,37 @@ impl RateLimit {
                 }
             }
             Some(cl) => cl.reconcile(&self.name, check, windows, reserved, used, taken_ms),
+        }
+    }
+
+    /// The `(period, limit)` windows of rule `rule`.
+    pub fn windows(&self, rule: usize) -> &[(u64, u64)] {
+        self.rules.windows(rule)
+    }
+
+    /// The rule a key value falls under, if any (for `/usage?key=`).
+    pub fn rule_for(&self, value: &[u8]) -> Option<usize> {
+        self.rules.find(value, None).map(|h| h.rule)
+    }
+
+    /// Records a settled request's use of `check`'s key: in this process's ledger, and for a
+    /// cluster filter in Redis (batched by the Redis thread), per window of its rule.
+    pub fn record_usage(&self, check: &LimitCheck, totals: &Totals, now: u64) {
+        let windows = self.rules.windows(check.rule as usize);
+        if windows.is_empty() {
+            return;
+        }
+        self.ledger.record(check.key(), windows, now, totals);
+        if self.cluster.is_some() {
+            for &(period, _) in windows {
+                cluster::submit_usage(
+                    &self.name,
+                    check.key(),
+                    period,
+                    ringway_filters::limit::window::window_start(now, period),
+                    *totals,
+                );
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! contacted.
 
 pub mod cluster;
+pub mod ledger;
 pub mod limit;
 
 use std::{
@@ -125,6 +126,9 @@ impl Filters {
     }
 }
 
+/// Most keys per cost-limit in the spend gauge (a series per key).
+const GAUGE_KEYS: usize = 1000;
+
 /// Limiter and Redis metrics, in Prometheus text, for the configuration in force.
 pub fn render_metrics(out: &mut String) {
     use std::fmt::Write;
@@ -180,6 +184,25 @@ pub fn render_metrics(out: &mut String) {
             rl.name,
             rl.evictions()
         );
+    }
+    // This process's view: /usage answers for the whole cluster.
+    let _ = writeln!(
+        out,
+        "# HELP ringway_budget_spend_usd Spend in the current window of each cost-limit key, settled by this process (at most {GAUGE_KEYS} keys per filter; GET /usage has them all)."
+    );
+    let _ = writeln!(out, "# TYPE ringway_budget_spend_usd gauge");
+    let now = crate::upstream::health::now_ms();
+    for rl in limits.iter().filter(|rl| rl.cost) {
+        for r in rl.ledger.rows(None, now).iter().take(GAUGE_KEYS) {
+            let _ = writeln!(
+                out,
+                "ringway_budget_spend_usd{{filter=\"{}\",key=\"{}\",window=\"{}\"}} {}",
+                rl.name,
+                crate::metrics::esc(&String::from_utf8_lossy(&r.key)),
+                ledger::window_name(r.period),
+                ringway_filters::limit::window::Usd(r.totals.spend_micro)
+            );
+        }
     }
     let s = cluster::stats();
     for (name, help, v) in [

@@ -43,8 +43,12 @@ class MockProvider:
     def __init__(self, usage=(5, 2)):
         self.lock = threading.Lock()
         self.log = []
-        # (prompt, completion) tokens every success reports
+        # (prompt, completion) tokens every success reports; prompt includes the cached tokens
+        # (OpenAI's prompt_tokens_details.cached_tokens); on /v1/messages the cache reads and
+        # writes are reported apart from input_tokens, as Anthropic does
         self.usage = usage
+        self.cached = 0
+        self.cache_write = 0
         # "stall": read the request, answer nothing until stopped; "cut": a stream's head and
         # first event, then the connection closes; "status": every request answered
         # self.status_answer = (status, [(header, value)])
@@ -125,7 +129,9 @@ class MockProvider:
                 "id": "msg_1", "type": "message", "role": "assistant", "model": model,
                 "content": [{"type": "text", "text": "hello there"}],
                 "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": p_tok, "output_tokens": c_tok}}).encode()
+                "usage": {"input_tokens": p_tok - self.cached - self.cache_write, "output_tokens": c_tok,
+                          "cache_read_input_tokens": self.cached,
+                          "cache_creation_input_tokens": self.cache_write}}).encode()
             self._send(h, 200, "application/json", out, self.extra)
             return
         if doc.get("stream"):
@@ -137,7 +143,8 @@ class MockProvider:
                 frames.append("data: %s\n\n" % json.dumps(d))
             if (doc.get("stream_options") or {}).get("include_usage"):
                 d = dict(base, choices=[], usage={"prompt_tokens": p_tok, "completion_tokens": c_tok,
-                                                  "total_tokens": p_tok + c_tok})
+                                                  "total_tokens": p_tok + c_tok,
+                                                  "prompt_tokens_details": {"cached_tokens": self.cached}})
                 frames.append("data: %s\n\n" % json.dumps(d))
             frames.append("data: [DONE]\n\n")
             body = "".join(frames).encode()
@@ -158,7 +165,8 @@ class MockProvider:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello there"},
                          "finish_reason": "stop"}],
             "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok,
-                      "total_tokens": p_tok + c_tok}}).encode()
+                      "total_tokens": p_tok + c_tok,
+                      "prompt_tokens_details": {"cached_tokens": self.cached}}}).encode()
         self._send(h, 200, "application/json", out, self.extra)
 
     @staticmethod

@@ -326,6 +326,15 @@ end
 return out
 "#;
 
+/// Charges units used beyond a reservation that no lease covered: added to `used` even past the
+/// limit (the tokens were spent; the window's later grants see them). `KEYS[1]`: a
+/// [`redis_key`]; `ARGV[1]`: units; `ARGV[2]`: TTL in ms for a key this creates.
+pub const CHARGE_LUA: &str = r#"
+local used = redis.call('INCRBY', KEYS[1], tonumber(ARGV[1]))
+if used == tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
+return used
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
