@@ -70,6 +70,12 @@ pub const DURATION_BUCKETS: [f64; 13] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Upper bounds of the overhead histogram, in seconds: Ringway's own time is microseconds.
+pub const OVERHEAD_BUCKETS: [f64; 13] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+];
+
 /// Lowest status code counted.
 const STATUS_MIN: usize = 100;
 /// Status codes counted: 100..=599.
@@ -87,6 +93,10 @@ pub struct RouteShard {
     pub bytes_in: Counter,
     /// Bytes sent to clients.
     pub bytes_out: Counter,
+    /// Ringway's own time per request: histogram buckets (cumulative on export).
+    overhead: [Counter; OVERHEAD_BUCKETS.len() + 1],
+    /// Sum of overheads in nanoseconds.
+    overhead_ns: Counter,
 }
 
 impl Default for RouteShard {
@@ -97,11 +107,24 @@ impl Default for RouteShard {
             duration_us: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
+            overhead: Default::default(),
+            overhead_ns: Counter::default(),
         }
     }
 }
 
 impl RouteShard {
+    /// Records one request's own time in Ringway.
+    pub fn observe_overhead(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let b = OVERHEAD_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(OVERHEAD_BUCKETS.len());
+        self.overhead[b].add(1);
+        self.overhead_ns.add(d.as_nanos() as u64);
+    }
+
     /// Records one answered request.
     pub fn observe(&self, status: u16, elapsed: Duration) {
         let idx = (status as usize)
@@ -503,6 +526,59 @@ impl Registry {
             let _ = writeln!(
                 out,
                 "ringway_request_duration_seconds_count{{route=\"{}\"}} {cum}",
+                esc(&r.0)
+            );
+        }
+        // Ringway's own time, summed over workers, per route.
+        let mut overhead: Vec<(String, Vec<u64>, u64)> = Vec::new();
+        if let Ok(l) = self.routes.lock() {
+            for e in l.iter() {
+                let Some(s) = e.shard.upgrade() else { continue };
+                let name = &e.labels[0].1;
+                let idx = match overhead.iter().position(|r| &r.0 == name) {
+                    Some(i) => i,
+                    None => {
+                        overhead.push((name.clone(), vec![0; OVERHEAD_BUCKETS.len() + 1], 0));
+                        overhead.len() - 1
+                    }
+                };
+                let r = &mut overhead[idx];
+                for (i, c) in s.overhead.iter().enumerate() {
+                    r.1[i] += c.get();
+                }
+                r.2 += s.overhead_ns.get();
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringway_overhead_seconds Time a request spends in Ringway itself: request head received to head sent upstream (limits and the upstream connection included), response head received to head sent to the client, and body processing on AI routes."
+        );
+        let _ = writeln!(out, "# TYPE ringway_overhead_seconds histogram");
+        for r in &overhead {
+            let mut cum = 0;
+            for (i, le) in OVERHEAD_BUCKETS.iter().enumerate() {
+                cum += r.1[i];
+                let _ = writeln!(
+                    out,
+                    "ringway_overhead_seconds_bucket{{route=\"{}\",le=\"{le}\"}} {cum}",
+                    esc(&r.0)
+                );
+            }
+            cum += r.1[OVERHEAD_BUCKETS.len()];
+            let _ = writeln!(
+                out,
+                "ringway_overhead_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {cum}",
+                esc(&r.0)
+            );
+            let _ = writeln!(
+                out,
+                "ringway_overhead_seconds_sum{{route=\"{}\"}} {}",
+                esc(&r.0),
+                r.2 as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "ringway_overhead_seconds_count{{route=\"{}\"}} {cum}",
                 esc(&r.0)
             );
         }

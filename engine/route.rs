@@ -30,6 +30,8 @@ pub struct Route {
     pub fallback_on: crate::config::FallbackOn,
     /// Requests sent upstream in all (`max_attempts`).
     pub max_attempts: u32,
+    /// Add `server-timing` to responses.
+    pub server_timing: bool,
 }
 
 #[derive(Debug)]
@@ -102,6 +104,7 @@ impl RouteTable {
                 fallbacks,
                 fallback_on: r.fallback_on.clone(),
                 max_attempts: r.max_attempts,
+                server_timing: r.server_timing,
                 name: r.name.clone(),
                 listener,
                 host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),

@@ -72,6 +72,8 @@ pub struct AiCtx {
     pub status: u16,
     /// The route's `sse_keepalive`.
     pub keepalive: Option<std::time::Duration>,
+    /// Time spent processing the response body (parsing, usage, re-framing).
+    pub busy: Duration,
     /// The price of the model the serving upstream was sent, when one matches: cost-limit
     /// reservations settle with it, and `ai-stats` counts spend by it.
     pub price: Option<Price>,
@@ -107,6 +109,7 @@ impl AiCtx {
             done_at: None,
             status: 0,
             keepalive: None,
+            busy: Duration::ZERO,
             price: None,
             settled: None,
         }

@@ -94,6 +94,8 @@ pub async fn relay(
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut clean = true;
     loop {
+        // Ringway's own time on this read's bytes, until they are handed to the client.
+        let turn = std::time::Instant::now();
         // Payload ranges (absolute in `ubuf`) and the bytes the framing consumed.
         pieces.clear();
         let (consumed, done) = match &mut reader {
@@ -162,6 +164,7 @@ pub async fn relay(
                 // The last chunk leaves with the data, not in a write of its own.
                 out.extend_from_slice(b"0\r\n\r\n");
             }
+            ctx.busy += turn.elapsed();
             if let Some(h) = head_left.take() {
                 if start < out.len() {
                     start -= h.len();
@@ -194,6 +197,7 @@ pub async fn relay(
                 }
                 end = to;
             }
+            ctx.busy += turn.elapsed();
             let from = head_left.take().map_or(at, |h| h.start);
             if end > from {
                 written += (end - from) as u64;

@@ -52,6 +52,8 @@ pub struct AiRequest {
     pub slot: Option<ModelSlot>,
     /// The request had a body.
     pub has_body: bool,
+    /// Time spent scanning and editing the body (Ringway's own, not the client's upload).
+    pub scan_time: Duration,
 }
 
 /// The body's model name: what the route's `model_map` made of it, what was written for the
@@ -158,6 +160,7 @@ pub async fn capture(
         has_body: body.is_some(),
         body,
         slot: None,
+        scan_time: Duration::ZERO,
     };
     let Some(body) = req.body.as_mut() else {
         if !ai.models.is_empty() {
@@ -166,6 +169,7 @@ pub async fn capture(
         return Ok((req, pipelined));
     };
 
+    let scan_start = std::time::Instant::now();
     let mut est = RequestEstimator::new();
     est.feed(body);
     est.finish();
@@ -259,6 +263,7 @@ pub async fn capture(
         });
     }
     req.model = model;
+    req.scan_time = scan_start.elapsed();
     Ok((req, pipelined))
 }
 

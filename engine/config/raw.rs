@@ -358,6 +358,7 @@ pub(crate) struct RawRoute {
     pub model_map: OrderedMap<S<String>>,
     pub include_usage: Option<bool>,
     pub sse_keepalive: Option<S<Dur>>,
+    pub server_timing: Option<bool>,
     pub request_headers: Option<S<RawHeaderRules>>,
     pub response_headers: Option<S<RawHeaderRules>>,
     #[serde(default)]

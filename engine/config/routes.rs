@@ -147,6 +147,7 @@ pub(crate) fn routes(
                 let key = format!("routes[{i}].sse_keepalive");
                 ck.dur(&key, &r.sse_keepalive, d.get_ref().0)
             }),
+            server_timing: r.server_timing.unwrap_or(false),
             request_headers,
             response_headers,
             fallbacks,

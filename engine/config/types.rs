@@ -602,6 +602,8 @@ pub struct Route {
     pub include_usage: bool,
     /// During upstream silence on an event stream, write `: keep-alive` this often.
     pub sse_keepalive: Option<std::time::Duration>,
+    /// Add `server-timing: ringway;dur=<ms>` to responses (`server_timing`).
+    pub server_timing: bool,
     /// Header rules applied to the request sent upstream (`request_headers`).
     pub request_headers: HeaderRules,
     /// Header rules applied to the response sent to the client (`response_headers`).

@@ -49,6 +49,7 @@ pub(super) async fn exchange(
     // official SDKs send `gzip, deflate`), so its usage can be read.
     let identity = route_ai.accounts();
     let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
+    let before_capture = record.since_head(std::time::Instant::now());
     let (mut req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
         Ok(v) => v,
         Err(Fail::Gone) => return Next::Close,
@@ -57,6 +58,7 @@ pub(super) async fn exchange(
             return reject(w, g, client, rej, plan.is_head, None).await;
         }
     };
+    let captured_at = std::time::Instant::now();
     record.model = req.model.clone();
     let consumer = plan
         .consumer
@@ -157,6 +159,12 @@ pub(super) async fn exchange(
         let _ = h.write_to(&mut extra);
     }
 
+    let own_time = |until: std::time::Instant| {
+        before_capture + req.scan_time + until.saturating_duration_since(captured_at)
+    };
+    if g.shared.routes.get(plan.route).server_timing {
+        super::headers::server_timing(&mut extra, own_time(std::time::Instant::now()));
+    }
     let mut body = req.body.take();
     let mut slot = req.slot.take();
     let tries = failover::Request {
@@ -173,6 +181,7 @@ pub(super) async fn exchange(
         rp,
         ubuf,
         sent_at,
+        first_sent_at,
         attempts,
     } = match failover::run(w, g, client, &mut plan, tries).await {
         Ok(s) => s,
@@ -217,6 +226,7 @@ pub(super) async fn exchange(
             ));
         }
     }
+    record.overhead = Some(own_time(first_sent_at) + rp.head_time + ctx.busy);
     match relayed {
         Ok((bytes, clean)) => {
             record.bytes_out = bytes;

@@ -283,6 +283,10 @@ pub(super) async fn exchange(
 
     record.sent_to(conn.addr, plan.upstream, 1);
     let sent_at = Instant::now();
+    let before_upstream = record.since_head(sent_at);
+    if g.shared.routes.get(plan.route).server_timing {
+        super::headers::server_timing(&mut extra, before_upstream);
+    }
     record.bytes_in += match plan.body {
         BodyKind::Length(n) => n,
         _ => 0,
@@ -414,6 +418,7 @@ pub(super) async fn exchange(
     record.status = rp.status;
     record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
     record.upstream_time = Some(sent_at.elapsed());
+    record.overhead = Some(before_upstream + rp.head_time);
     if rp.status >= 500 {
         pool.report_failure(conn.idx);
     } else {

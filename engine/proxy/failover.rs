@@ -60,6 +60,8 @@ pub(super) struct Served {
     pub ubuf: PoolBuf,
     /// When the request was sent.
     pub sent_at: Instant,
+    /// When the first attempt was sent (Ringway's own time ends there).
+    pub first_sent_at: Instant,
     /// Attempts made, this one included.
     pub attempts: u32,
 }
@@ -94,6 +96,7 @@ pub(super) async fn run(
     let mut choice = KeyChoice::Keep;
     let mut tried = Tried::default();
     let mut sent_at = Instant::now();
+    let mut first_sent_at = None;
     let (conn, rp, ubuf) = loop {
         let up = attempts.upstream();
         let keys = g.shared.key_pools.get(up).and_then(Option::as_ref);
@@ -111,7 +114,11 @@ pub(super) async fn run(
             });
         attempts.begin();
         let end = match prepared {
-            Ok(()) => attempt(w, g, client, plan, &mut req, &mut tried, &mut sent_at).await,
+            Ok(()) => {
+                let end = attempt(w, g, client, plan, &mut req, &mut tried, &mut sent_at).await;
+                first_sent_at.get_or_insert(sent_at);
+                end
+            }
             Err(rej) => Err(Failed {
                 failure: Failure::Connect,
                 reject: rej,
@@ -188,6 +195,7 @@ pub(super) async fn run(
         rp,
         ubuf,
         sent_at,
+        first_sent_at: first_sent_at.unwrap_or(sent_at),
         attempts: attempts.made(),
     })
 }

@@ -26,11 +26,15 @@ pub(super) async fn exchange(
     mut plan: Plan,
     cbuf: PoolBuf,
     mut record: Record<'_>,
-    extra: ExtraHeaders,
+    mut extra: ExtraHeaders,
 ) -> Next {
     let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], false);
     let pipelined = keep_pipelined(cbuf, &plan);
     let mut body = None;
+    let before_upstream = record.since_head(std::time::Instant::now());
+    if g.shared.routes.get(plan.route).server_timing {
+        super::headers::server_timing(&mut extra, before_upstream);
+    }
     let req = failover::Request {
         head: &mut head,
         body: &mut body,
@@ -46,6 +50,7 @@ pub(super) async fn exchange(
         ubuf,
         sent_at,
         attempts,
+        ..
     } = match failover::run(w, g, client, &mut plan, req).await {
         Ok(s) => s,
         Err(Unserved::ClientGone) => return Next::Close,
@@ -59,6 +64,7 @@ pub(super) async fn exchange(
     record.sent_to(conn.addr, plan.upstream, attempts);
     record.status = rp.status;
     record.upstream_time = Some(sent_at.elapsed());
+    record.overhead = Some(before_upstream + rp.head_time);
     let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
     match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
         Ok(r) => {

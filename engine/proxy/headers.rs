@@ -4,7 +4,7 @@
 use std::fmt;
 
 /// Room for a few added header lines.
-const CAP: usize = 320;
+const CAP: usize = 512;
 
 /// Added `name: value\r\n` lines.
 #[derive(Clone, Copy)]
@@ -37,6 +37,16 @@ impl ExtraHeaders {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+}
+
+/// Adds `server-timing: ringway;dur=<ms>` (Ringway's time before the request went upstream).
+pub fn server_timing(extra: &mut ExtraHeaders, d: std::time::Duration) {
+    use fmt::Write as _;
+    let _ = write!(
+        extra,
+        "server-timing: ringway;dur={:.3}\r\n",
+        d.as_secs_f64() * 1000.0
+    );
 }
 
 impl fmt::Write for ExtraHeaders {

@@ -34,6 +34,8 @@ pub(super) struct Record<'a> {
     pub(super) tokens: Option<(u64, u64, bool)>,
     /// The client connection's TLS: version, SNI, client certificate subject.
     pub(super) tls: Option<TlsFacts>,
+    /// Ringway's own time on the request, once it went upstream.
+    pub(super) overhead: Option<std::time::Duration>,
 }
 
 /// What the access log says of a TLS client connection.
@@ -89,7 +91,13 @@ impl<'a> Record<'a> {
             model: None,
             tokens: None,
             tls: None,
+            overhead: None,
         }
+    }
+
+    /// Time since the request head arrived, at `at`.
+    pub(super) fn since_head(&self, at: Instant) -> std::time::Duration {
+        at.saturating_duration_since(self.start)
     }
 
     pub(super) fn new(w: &'a Worker, g: &'a Generation, plan: &Plan, peer: SocketAddr) -> Self {
@@ -110,6 +118,7 @@ impl<'a> Record<'a> {
             model: None,
             tokens: None,
             tls: None,
+            overhead: None,
         }
     }
 }
@@ -121,6 +130,9 @@ impl Drop for Record<'_> {
         m.observe(self.status, elapsed);
         m.bytes_in.add(self.bytes_in);
         m.bytes_out.add(self.bytes_out);
+        if let Some(d) = self.overhead {
+            m.observe_overhead(d);
+        }
         if !self.g.access_log {
             return;
         }

@@ -47,6 +47,7 @@ pub(super) async fn read_response_head(
     ubuf.clear();
     let _ = ubuf.put(&[0u8; HEADROOM]);
     let mut got_any = false;
+    let mut read_at = Instant::now();
     loop {
         if ubuf.len() > HEADROOM {
             match plan_response(
@@ -71,7 +72,10 @@ pub(super) async fn read_response_head(
                     ubuf[..HEADROOM].fill(0);
                     continue;
                 }
-                Ok(Parsed::Complete(rp)) => return Ok((rp, ubuf)),
+                Ok(Parsed::Complete(mut rp)) => {
+                    rp.head_time = read_at.elapsed();
+                    return Ok((rp, ubuf));
+                }
                 Ok(Parsed::Partial) => {}
                 Err(rej) => return Err(RespError::Reject(rej)),
             }
@@ -99,6 +103,7 @@ pub(super) async fn read_response_head(
             Ok((Ok(_), s)) => {
                 got_any = true;
                 ubuf = s.into_inner();
+                read_at = Instant::now();
             }
         }
     }

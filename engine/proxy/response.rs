@@ -38,6 +38,8 @@ pub struct RespPlan {
     pub http10: bool,
     /// An error answer's `retry-after`.
     pub retry_after: Option<std::time::Duration>,
+    /// From the upstream's last head bytes arriving to the head rewritten for the client.
+    pub head_time: std::time::Duration,
     /// Where the rewritten head starts in the upstream buffer.
     pub head_start: usize,
     /// Where it ends; body bytes read with the head follow here.
@@ -200,6 +202,7 @@ pub fn plan_response(
             reframe,
             http10: req.version == 0,
             retry_after,
+            head_time: std::time::Duration::ZERO,
             head_start: 0,
             head_end: 0,
         };
