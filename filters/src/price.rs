@@ -73,13 +73,23 @@ impl PriceTable {
             .map(|(_, p)| *p)
     }
 
-    /// Whether some entry's glob could match a name `glob` matches: the same text, or an entry
-    /// that matches every name (`*`), or one that matches the glob's fixed prefix.
+    /// Whether some entry could price some name `glob` matches: their fixed parts (up to the
+    /// first `*`) agree, one a prefix of the other (for an exact name, the entry matches it). An
+    /// over-approximation for globs with inner `*`s, which only ever silences a warning.
     pub fn covers_glob(&self, glob: &str) -> bool {
-        let fixed = glob.strip_suffix('*').unwrap_or(glob);
-        self.entries
-            .iter()
-            .any(|(g, _)| g == glob || g == "*" || glob_match(g, fixed) || glob_match(g, glob))
+        let fixed = |g: &str| match g.find('*') {
+            Some(i) => (g[..i].to_string(), true),
+            None => (g.to_string(), false),
+        };
+        let (want, want_open) = fixed(glob);
+        self.entries.iter().any(|(g, _)| {
+            let (have, have_open) = fixed(g);
+            match (want_open, have_open) {
+                (false, _) => glob_match(g, glob),
+                (true, false) => glob_match(glob, g),
+                (true, true) => want.starts_with(&have) || have.starts_with(&want),
+            }
+        })
     }
 
     /// Whether the table is empty.
@@ -221,6 +231,7 @@ mod tests {
         assert_eq!(t.find("gpt-4o-2024-08-06"), Some(big));
         assert_eq!(t.find("claude-3"), None);
         assert!(t.covers_glob("gpt-4o*") && t.covers_glob("gpt-4o-mini"));
-        assert!(!t.covers_glob("claude-*"));
+        assert!(t.covers_glob("gpt-*") && t.covers_glob("*"));
+        assert!(!t.covers_glob("claude-*") && !t.covers_glob("llama"));
     }
 }
