@@ -83,20 +83,27 @@ impl Ledger {
     /// that contains `now_ms`; a window that ended is started afresh.
     pub fn record(&self, key: &[u8], windows: &[(u64, u64)], now_ms: u64, t: &Totals) {
         let Ok(mut map) = self.map.lock() else { return };
-        if !map.contains_key(key) && map.len() >= self.max_keys {
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, e)| e.last_ms)
-                .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
+        // A key seen before is updated in place: no allocation per request.
+        if !map.contains_key(key) {
+            if map.len() >= self.max_keys {
+                if let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, e)| e.last_ms)
+                    .map(|(k, _)| k.clone())
+                {
+                    map.remove(&oldest);
+                }
             }
+            map.insert(
+                key.into(),
+                Entry {
+                    windows: [(0, 0, 0, Totals::default()); MAX_WINDOWS],
+                    n: 0,
+                    last_ms: now_ms,
+                },
+            );
         }
-        let e = map.entry(key.into()).or_insert_with(|| Entry {
-            windows: [(0, 0, 0, Totals::default()); MAX_WINDOWS],
-            n: 0,
-            last_ms: now_ms,
-        });
+        let Some(e) = map.get_mut(key) else { return };
         e.last_ms = now_ms;
         e.n = windows.len().min(MAX_WINDOWS);
         for (slot, &(period, limit)) in e.windows.iter_mut().zip(windows) {

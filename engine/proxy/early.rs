@@ -40,16 +40,16 @@ impl EarlyWatch {
         Self::on(up.tcp()?)
     }
 
-    /// A watch on any socket, TLS or not: for what a peek can tell without
-    /// reading records (a close).
-    pub(super) fn on_socket(s: &Stream) -> Option<Self> {
-        Self::on(s.socket())
+    fn on(up: &TcpStream) -> Option<Self> {
+        Self::on_fd(up.as_raw_fd())
     }
 
-    fn on(up: &TcpStream) -> Option<Self> {
+    /// A watch on the socket `fd`, which the caller's task owns and keeps open while the
+    /// watch lives (the watch holds its own duplicate).
+    pub(super) fn on_fd(fd: std::os::fd::RawFd) -> Option<Self> {
         // SAFETY: dup of a descriptor this task owns; the new descriptor is
         // owned by the std stream below and closed when the watch drops.
-        let fd = unsafe { libc::dup(up.as_raw_fd()) };
+        let fd = unsafe { libc::dup(fd) };
         if fd < 0 {
             return None;
         }

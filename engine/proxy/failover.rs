@@ -6,7 +6,11 @@
 //! pool, so they can be sent again); plain routes with `fallbacks` send requests without a
 //! body this way.
 
-use std::{rc::Rc, time::Instant};
+use std::{
+    os::fd::AsRawFd,
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
 use monoio::io::AsyncWriteRentExt;
 
@@ -30,6 +34,10 @@ use crate::{
         health::now_ms, keys::next_random, pool::Pick, CheckoutError, UpConn, UpstreamPool,
     },
 };
+
+/// How long a response head may keep a client waiting before Ringway watches for the client
+/// leaving (well under the 200 ms in which an abandoned request's upstream must be closed).
+const WATCH_AFTER: Duration = Duration::from_millis(50);
 
 /// The request every attempt sends.
 pub(super) struct Request<'a> {
@@ -298,26 +306,37 @@ async fn attempt(
         };
         // A client that leaves while the model thinks: the upstream connection closes at once
         // (the provider stops generating) and the reservation is released, instead of waiting
-        // for an answer nobody will read.
-        let watch = EarlyWatch::on_socket(client);
-        let read = read_response_head(
-            w,
-            g,
-            client,
-            &mut conn,
-            ubuf,
-            plan,
-            req.extra,
-            req.inspect_sse,
-        );
-        let read = match &watch {
-            Some(watch) => match watch.run_until_closed(read).await {
-                Watched::Done(r) => r,
-                Watched::Answered => return Ok(Attempted::ClientGone),
-            },
-            None => read.await,
+        // for an answer nobody will read. Most answers come sooner than a client gives up: the
+        // watch (a duplicated socket and a readiness wait) is armed only for an answer that
+        // keeps the client waiting past WATCH_AFTER; a timer costs no system call.
+        let client_fd = client.socket().as_raw_fd();
+        let read = {
+            let read = read_response_head(
+                w,
+                g,
+                client,
+                &mut conn,
+                ubuf,
+                plan,
+                req.extra,
+                req.inspect_sse,
+            );
+            let mut read = std::pin::pin!(read);
+            let quick = monoio::select! {
+                r = &mut read => Some(r),
+                _ = monoio::time::sleep(WATCH_AFTER) => None,
+            };
+            match quick {
+                Some(r) => r,
+                None => match EarlyWatch::on_fd(client_fd) {
+                    Some(watch) => match watch.run_until_closed(read).await {
+                        Watched::Done(r) => r,
+                        Watched::Answered => return Ok(Attempted::ClientGone),
+                    },
+                    None => read.await,
+                },
+            }
         };
-        drop(watch);
         return match read {
             Ok((rp, ubuf)) => {
                 // A provider endpoint that keeps answering 429 is as unusable as one that
