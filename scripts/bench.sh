@@ -24,6 +24,9 @@
 #              a proxy that reads every frame relative to one that does not
 #   ssepaced   the same A/B with the origin writing one frame per write, SSE_PACE_MS (1) apart, as
 #              a model streaming tokens does: about one frame per read
+#   budget     Ringway vs itself: the whole AI filter chain (key-auth + token-limit + cost-limit +
+#              ai-stats, budgets that never reject) vs the plain route, streamed (sse.lua) and not
+#              (chat.lua: the same origin answers a JSON chat.completion without "stream":true)
 #
 # TLS termination (not in the default list; ask with --only tls-small,tls-handshake,tls-1m,tls-idle).
 # Client <-> proxy is TLS 1.3, TLS_AES_128_GCM_SHA256, X25519, ECDSA P-256 certificate made at run
@@ -69,7 +72,7 @@ DURATION=5
 WARMUP=1
 WORKERS=1
 BACKEND_WORKERS=""
-ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle,ratelimit,sse,ssepaced"
+ONLY="small64,small1000,resp16k,resp1m,post64k,download1g,idle,ratelimit,sse,ssepaced,budget"
 SSE_FRAMES=200
 SSE_FRAME_BYTES=150
 SSE_PACE_MS="${SSE_PACE_MS:-1}"
@@ -475,6 +478,20 @@ check_ab() { # scen variant lua
         -H 'Authorization: Bearer sk-bench' "$url/hello" || echo "000 0")
       [ "$got" = "200 13" ] && return 0
       got="status/size '$got', expected '200 13'" ;;
+    budget)
+      local body; body=$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$3")
+      got=$(curl -s -o "$WORK/check.body" -w '%{http_code}' --max-time 20 -H 'Content-Type: application/json' \
+        -H 'Authorization: Bearer sk-bench' --data-binary "$body" "$url/v1/chat/completions" || echo "000")
+      if grep -q '"stream":true' <<<"$body"; then
+        local frames; frames=$(grep -c '^data: ' "$WORK/check.body" || true)
+        local want=$((SSE_FRAMES + 1)); [ "${2%%-*}" = off ] && want=$((SSE_FRAMES + 2))
+        CHECK_FRAMES="$frames"
+        [ "$got" = 200 ] && [ "$frames" = "$want" ] && return 0
+        got="status $got, $frames data: frames (expected 200, $want)"
+      else
+        [ "$got" = 200 ] && grep -q '"usage"' "$WORK/check.body" && return 0
+        got="status $got, no usage in the JSON body"
+      fi ;;
     sse|ssepaced)
       local body; body=$(sed -n "s/^wrk.body = '\(.*\)'$/\1/p" "$3")
       got=$(curl -s -o "$WORK/check.body" -w '%{http_code}' --max-time 20 -H 'Content-Type: application/json' \
@@ -706,6 +723,11 @@ run_ab_scenario sse 64 /v1/chat/completions "streamed chat completion ($SSE_FRAM
   off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
 run_ab_scenario ssepaced 64 /v1/chat/completions "streamed chat completion as a model sends it: $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], one frame per origin write, $SSE_PACE_MS ms apart, 64 connections: AI route on vs plain route off" \
   off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
+# Issue 14: the whole AI filter chain (key-auth, token-limit, cost-limit, ai-stats) against the
+# plain route, streamed and not.
+run_ab_scenario budget 64 /v1/chat/completions "chat completion, streamed ($SSE_FRAMES frames) and not (JSON, ~1 KiB), 64 connections: AI route with key-auth + token-limit + cost-limit + ai-stats (on) vs the plain route (off)" \
+  off-stream:ringway-sse-off.toml:sse.lua on-stream:ringway-budget-on.toml:sse.lua \
+  off-json:ringway-sse-off.toml:chat.lua on-json:ringway-budget-on.toml:chat.lua
 run_tls
 
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -3,8 +3,9 @@
 
   sse_backend.py PORT [FRAMES] [FRAME_BYTES] [PACE_MS]
 
-Every request (any method and path; the request body, Content-Length or chunked, is read and
-dropped) gets `200`, `content-type: text/event-stream`, `transfer-encoding: chunked`, and FRAMES
+A request whose body does not contain `"stream":true` gets a non-streamed chat completion (JSON,
+about 1 KiB of content, with usage). Every other request (any method and path; the request body,
+Content-Length or chunked, is read and dropped) gets `200`, `content-type: text/event-stream`, `transfer-encoding: chunked`, and FRAMES
 (default 200) `data: {chat.completion.chunk}` frames of about FRAME_BYTES (default 150) bytes each
 with `"usage":null`, then one usage-only frame `{"choices":[],"usage":{...}}`, then
 `data: [DONE]` — FRAMES + 2 SSE frames, each in its own HTTP chunk. Keep-alive.
@@ -44,8 +45,20 @@ def build(frames, frame_bytes):
     return head, [b"%x\r\n%s\r\n" % (len(c), c.encode()) for c in chunks], b"0\r\n\r\n"
 
 
+def build_json():
+    """A non-streamed chat completion with usage, whole, with its Content-Length."""
+    doc = {"id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000, "model": "m",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * 512},
+                        "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 9, "completion_tokens": 512, "total_tokens": 521}}
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+            % len(body)) + body
+
+
 class Conn(asyncio.Protocol):
     RESP = b""
+    JSON = build_json()
     PARTS = None
     PACE = 0.0
 
@@ -64,8 +77,11 @@ class Conn(asyncio.Protocol):
             n = self.one_request()
             if n is None:
                 return
+            streamed = b'"stream":true' in self.buf[:n]
             del self.buf[:n]
-            if self.PACE <= 0:
+            if not streamed:
+                self.t.write(self.JSON)
+            elif self.PACE <= 0:
                 self.t.write(self.RESP)
             else:
                 # Pipelined requests are answered in order, one paced stream at a time.
