@@ -232,17 +232,14 @@ pub fn subject_of(der: &[u8]) -> Option<String> {
 
 /// A Unix time as "YYYY-MM-DD" (UTC), for messages about expiry.
 pub fn date(unix: i64) -> String {
-    // Days to civil date (Howard Hinnant's algorithm); avoids a date crate for one message.
-    let z = unix.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    match u64::try_from(unix) {
+        Ok(secs) => {
+            let mut d = ringway_filters::limit::window::iso8601(secs.saturating_mul(1000));
+            d.truncate(10);
+            d
+        }
+        Err(_) => "before 1970".to_string(),
+    }
 }
 
 #[cfg(test)]
