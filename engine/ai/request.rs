@@ -422,3 +422,37 @@ fn json_escape(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ModelSlot;
+    use crate::buf::BufPool;
+
+    /// A fallback upstream's `model_map` renames the model where it sits, from the name the
+    /// route's map left; an upstream without a match gets that name back.
+    #[test]
+    fn a_fallback_renames_the_model_from_the_routes_name() {
+        let pool = BufPool::new(1024, 1);
+        let Some(mut body) = pool.try_acquire() else {
+            panic!("no buffer");
+        };
+        let text = br#"{"model":"gpt-4o-2024-08-06","messages":[]}"#;
+        assert!(body.put(text).is_ok());
+        let mut slot = ModelSlot {
+            routed: "gpt-4o".into(),
+            sent: "gpt-4o-2024-08-06".into(),
+            at: 10..27,
+        };
+        let backup = [("gpt-4o*".to_string(), "meta-llama/Llama-3.3-70B".to_string())];
+        assert!(slot.remodel(&mut body, &backup).is_ok());
+        assert_eq!(&body[..], br#"{"model":"meta-llama/Llama-3.3-70B","messages":[]}"#);
+        assert_eq!(slot.sent, "meta-llama/Llama-3.3-70B");
+        // An upstream with no map gets the route's name; a quote is escaped.
+        assert!(slot.remodel(&mut body, &[]).is_ok());
+        assert_eq!(&body[..], br#"{"model":"gpt-4o","messages":[]}"#);
+        let quoted = [("*".to_string(), "a\"b".to_string())];
+        assert!(slot.remodel(&mut body, &quoted).is_ok());
+        assert_eq!(&body[..], br#"{"model":"a\"b","messages":[]}"#);
+        assert_eq!(slot.at, 10..14);
+    }
+}
