@@ -231,6 +231,7 @@ class RateGen:
         self.all_done = asyncio.Event()
         self.dispatching = True
         self.dump = [] if a.dump else None
+        self.unaccounted = 0
 
     def measured(self, req):
         return req[0] >= self.n_warm
@@ -246,22 +247,32 @@ class RateGen:
         else:
             self.queue.append(req)
 
+    def slot_freed(self):
+        """A connection slot came free: a request queued for one gets a new connection."""
+        self.conns -= 1
+        if self.queue and self.conns < self.a.max_conns:
+            self.conns += 1
+            self.loop.create_task(self.connect(self.queue.pop(0)))
+
+    def count_timeout(self, req):
+        if self.measured(req):
+            self.timeouts += 1
+            self.lag.append(req[2] - req[1])
+            self.outstanding -= 1
+            if self.outstanding == 0 and not self.dispatching:
+                self.all_done.set()
+
     async def connect(self, req):
         try:
             _, c = await asyncio.wait_for(
                 self.loop.create_connection(lambda: RateConn(self), self.a.host, self.a.port),
                 max(0.001, req[2] + self.a.timeout - now_()))
         except asyncio.TimeoutError:
-            self.conns -= 1
-            if self.measured(req):
-                self.timeouts += 1
-                self.lag.append(req[2] - req[1])
-                self.outstanding -= 1
-                if self.outstanding == 0 and not self.dispatching:
-                    self.all_done.set()
+            self.slot_freed()
+            self.count_timeout(req)
             return
         except OSError as e:
-            self.conns -= 1
+            self.slot_freed()
             self.finished(req, 0, "connect:" + type(e).__name__)
             return
         self.inflight[c] = req
@@ -282,10 +293,7 @@ class RateGen:
             self.idle.remove(c)
         except ValueError:
             pass
-        self.conns -= 1
-        if self.queue and self.conns < self.a.max_conns:
-            self.conns += 1
-            self.loop.create_task(self.connect(self.queue.pop(0)))
+        self.slot_freed()
 
     def finished(self, req, status, err):
         if len(req) == 4:          # already counted as a timeout
@@ -313,12 +321,11 @@ class RateGen:
         while True:
             await asyncio.sleep(0.1)
             now = now_()
+            while self.queue and now - self.queue[0][2] > self.a.timeout:
+                self.count_timeout(self.queue.pop(0))   # never got a connection
             for c, req in list(self.inflight.items()):
                 if len(req) == 3 and now - req[2] > self.a.timeout:
-                    if self.measured(req):
-                        self.timeouts += 1
-                        self.lag.append(req[2] - req[1])
-                        self.outstanding -= 1
+                    self.count_timeout(req)
                     self.inflight[c] = req + (True,)
                     c.req = req + (True,)
                     if c.t is not None:
@@ -352,7 +359,12 @@ class RateGen:
         self.dispatching = False
         if self.outstanding == 0:
             self.all_done.set()
-        await self.all_done.wait()
+        try:
+            await asyncio.wait_for(self.all_done.wait(), a.timeout + 5)
+        except asyncio.TimeoutError:
+            # Safety net: whatever is still outstanding is counted as timed out, and said so.
+            self.unaccounted = self.outstanding
+            self.timeouts += self.outstanding
         c1 = cpu_ticks(procs) if pids else 0
         w1 = time.time()
         wd.cancel()
@@ -366,7 +378,7 @@ class RateGen:
             "mode": "rate", "port": a.port, "rate": a.rate, "duration_s": a.duration,
             "warmup_s": a.warmup, "sent": total - self.n_warm,
             "ok": ok, "status": {str(k): v for k, v in sorted(self.status.items())},
-            "errors": self.errors, "timeouts": self.timeouts,
+            "errors": self.errors, "timeouts": self.timeouts, "unaccounted": self.unaccounted,
             "achieved_rps": round(self.ok_in_window / a.duration, 1),
             "latency": ms_stats(self.lat), "latency_from_due_p99_ms": ms_stats(self.lat_due)["p99_ms"],
             "lag": ms_stats(self.lag), "connections_opened_max": a.max_conns,
