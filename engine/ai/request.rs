@@ -443,9 +443,15 @@ mod tests {
             sent: "gpt-4o-2024-08-06".into(),
             at: 10..27,
         };
-        let backup = [("gpt-4o*".to_string(), "meta-llama/Llama-3.3-70B".to_string())];
+        let backup = [(
+            "gpt-4o*".to_string(),
+            "meta-llama/Llama-3.3-70B".to_string(),
+        )];
         assert!(slot.remodel(&mut body, &backup).is_ok());
-        assert_eq!(&body[..], br#"{"model":"meta-llama/Llama-3.3-70B","messages":[]}"#);
+        assert_eq!(
+            &body[..],
+            br#"{"model":"meta-llama/Llama-3.3-70B","messages":[]}"#
+        );
         assert_eq!(slot.sent, "meta-llama/Llama-3.3-70B");
         // An upstream with no map gets the route's name; a quote is escaped.
         assert!(slot.remodel(&mut body, &[]).is_ok());
