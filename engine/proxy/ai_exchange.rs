@@ -230,17 +230,10 @@ pub(super) async fn exchange(
     match relayed {
         Ok((bytes, clean)) => {
             record.bytes_out = bytes;
-            if rp.upstream_keep_alive && clean {
-                conn.set_reusable();
-            }
+            failover::after_relay(conn, &rp, clean, pipelined)
         }
-        Err(_) => return Next::Close,
+        Err(_) => Next::Close,
     }
-    drop(conn);
-    if rp.client_close {
-        return Next::Close;
-    }
-    Next::KeepAlive(pipelined)
 }
 
 /// Logs, once per process and model, that a budget let an unpriced model through at no cost.

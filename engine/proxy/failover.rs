@@ -208,6 +208,26 @@ pub(super) async fn run(
     })
 }
 
+/// After the served answer was relayed whole (`clean`: nothing followed it): its connection
+/// goes back to the pool when the upstream keeps it alive, and the client's goes on unless the
+/// answer closes it.
+pub(super) fn after_relay(
+    mut conn: UpConn,
+    rp: &RespPlan,
+    clean: bool,
+    pipelined: Option<PoolBuf>,
+) -> super::conn::Next {
+    if rp.upstream_keep_alive && clean {
+        conn.set_reusable();
+    }
+    drop(conn);
+    if rp.client_close {
+        super::conn::Next::Close
+    } else {
+        super::conn::Next::KeepAlive(pipelined)
+    }
+}
+
 /// What one attempt came to, when it did not fail in a way that moves on.
 // Not boxed: it lives for one step of one request, in a future already on the heap.
 #[allow(clippy::large_enum_variant)]

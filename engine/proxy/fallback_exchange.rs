@@ -69,15 +69,8 @@ pub(super) async fn exchange(
     match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
         Ok(r) => {
             record.bytes_out = r.bytes;
-            if rp.upstream_keep_alive && r.upstream_clean {
-                conn.set_reusable();
-            }
+            failover::after_relay(conn, &rp, r.upstream_clean, pipelined)
         }
-        Err(_) => return Next::Close,
+        Err(_) => Next::Close,
     }
-    drop(conn);
-    if rp.client_close {
-        return Next::Close;
-    }
-    Next::KeepAlive(pipelined)
 }
