@@ -64,30 +64,48 @@ struct Entry {
     last_ms: u64,
 }
 
+/// Locks of a ledger that holds many keys: workers settling different keys rarely meet.
+const SHARDS: usize = 16;
+/// Entries looked at to choose one to evict: an approximate LRU in constant time.
+const EVICT_SAMPLE: usize = 8;
+
 /// The ledger of one filter, bounded by its `max_keys`.
 pub struct Ledger {
-    map: Mutex<HashMap<Box<[u8]>, Entry>>,
-    max_keys: usize,
+    shards: Vec<Mutex<HashMap<Box<[u8]>, Entry>>>,
+    per_shard: usize,
 }
 
 impl Ledger {
     /// An empty ledger of at most `max_keys` keys (the least recently used go first).
     pub fn new(max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        // A small bound keeps one shard, so it is exact.
+        let n = if max_keys >= 64 * SHARDS { SHARDS } else { 1 };
         Self {
-            map: Mutex::new(HashMap::new()),
-            max_keys: max_keys.max(1),
+            shards: (0..n).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: max_keys.div_ceil(n),
         }
+    }
+
+    fn shard(&self, key: &[u8]) -> &Mutex<HashMap<Box<[u8]>, Entry>> {
+        let i = crate::upstream::balance::hash_bytes(key) as usize % self.shards.len();
+        &self.shards[i]
     }
 
     /// Adds one settled request of `key` to each window of its rule (`(period, limit)` pairs)
     /// that contains `now_ms`; a window that ended is started afresh.
     pub fn record(&self, key: &[u8], windows: &[(u64, u64)], now_ms: u64, t: &Totals) {
-        let Ok(mut map) = self.map.lock() else { return };
+        let Ok(mut map) = self.shard(key).lock() else {
+            return;
+        };
         // A key seen before is updated in place: no allocation per request.
         if !map.contains_key(key) {
-            if map.len() >= self.max_keys {
+            if map.len() >= self.per_shard {
+                // The least recently used of a few entries (the map's order is arbitrary):
+                // a full ledger costs the same per new key as an empty one.
                 if let Some(oldest) = map
                     .iter()
+                    .take(EVICT_SAMPLE)
                     .min_by_key(|(_, e)| e.last_ms)
                     .map(|(k, _)| k.clone())
                 {
@@ -119,10 +137,25 @@ impl Ledger {
     /// The rows of the windows that contain `now_ms` (a key idle since an earlier window shows
     /// zeros), for `key` only when given.
     pub fn rows(&self, key: Option<&[u8]>, now_ms: u64) -> Vec<Row> {
-        let Ok(map) = self.map.lock() else {
-            return Vec::new();
+        let shards = match key {
+            Some(k) => std::slice::from_ref(self.shard(k)),
+            None => &self.shards[..],
         };
         let mut out = Vec::new();
+        for map in shards {
+            let Ok(map) = map.lock() else { continue };
+            Self::rows_of(&map, key, now_ms, &mut out);
+        }
+        out.sort_by(|a, b| (&a.key, a.period).cmp(&(&b.key, b.period)));
+        out
+    }
+
+    fn rows_of(
+        map: &HashMap<Box<[u8]>, Entry>,
+        key: Option<&[u8]>,
+        now_ms: u64,
+        out: &mut Vec<Row>,
+    ) {
         for (k, e) in map.iter() {
             if key.is_some_and(|want| want != &k[..]) {
                 continue;
@@ -142,8 +175,6 @@ impl Ledger {
                 });
             }
         }
-        out.sort_by(|a, b| (&a.key, a.period).cmp(&(&b.key, b.period)));
-        out
     }
 }
 
@@ -243,6 +274,20 @@ mod tests {
         assert_eq!(minute.map(|t| t.spend_micro), Some(900));
         assert_eq!(window_name(60_000), "minute");
         assert_eq!(window_name(window::MONTH), "month");
+    }
+
+    /// A large ledger is sharded and stays within its bound, however many keys come.
+    #[test]
+    fn a_large_ledger_stays_bounded() {
+        let l = Ledger::new(2048);
+        let w = [(60_000, 10)];
+        for i in 0..10_000u32 {
+            l.record(&i.to_be_bytes(), &w, u64::from(i), &t(1, 0));
+        }
+        let n = l.rows(None, 10_000).len();
+        assert!((2048 - SHARDS..=2048).contains(&n), "{n} keys kept");
+        // The newest key is there, and can be asked for alone.
+        assert_eq!(l.rows(Some(&9_999u32.to_be_bytes()), 10_000).len(), 1);
     }
 
     #[test]
