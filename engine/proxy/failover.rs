@@ -30,9 +30,7 @@ use crate::{
     buf::{HeadAndBody, PoolBuf},
     runtime::{deadline, Generation, Worker},
     transport::Stream,
-    upstream::{
-        health::now_ms, keys::next_random, pool::Pick, CheckoutError, UpConn, UpstreamPool,
-    },
+    upstream::{health::now_ms, keys::next_random, pool::Pick, UpConn, UpstreamPool},
 };
 
 /// How long a response head may keep a client waiting before Ringway watches for the client
@@ -410,15 +408,9 @@ async fn fresh(pool: &Rc<UpstreamPool>, plan: &Plan) -> Result<UpConn, error::Re
         exclude: &[],
         hash_key: plan.hash_key,
     };
-    match pool.checkout(&pick, true).await {
-        Ok(c) => Ok(c),
-        Err(CheckoutError::ConnectTimeout(_)) => Err(error::CONNECT_TIMEOUT),
-        Err(CheckoutError::Connect(..)) => Err(error::CONNECT_FAILED),
-        Err(CheckoutError::Tls(_)) => Err(error::UPSTREAM_TLS_ERROR),
-        Err(CheckoutError::NoSlot) => Err(error::NO_SLOT),
-        Err(CheckoutError::AllDown) => Err(error::ALL_DOWN),
-        Err(CheckoutError::NoEndpoint) => Err(error::NO_ENDPOINT),
-    }
+    pool.checkout(&pick, true)
+        .await
+        .map_err(|e| super::retry::rejection(&e))
 }
 
 /// Writes the head (completed with the body's length) and the body, in one `writev`. `head`

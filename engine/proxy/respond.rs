@@ -47,7 +47,8 @@ pub(super) async fn read_response_head(
     ubuf.clear();
     let _ = ubuf.put(&[0u8; HEADROOM]);
     let mut got_any = false;
-    let mut read_at = Instant::now();
+    // Set by each read: a head already in the buffer was not waited for here.
+    let mut read_at: Option<Instant> = None;
     loop {
         if ubuf.len() > HEADROOM {
             match plan_response(
@@ -73,7 +74,7 @@ pub(super) async fn read_response_head(
                     continue;
                 }
                 Ok(Parsed::Complete(mut rp)) => {
-                    rp.head_time = read_at.elapsed();
+                    rp.head_time = read_at.map_or(Duration::ZERO, |t| t.elapsed());
                     return Ok((rp, ubuf));
                 }
                 Ok(Parsed::Partial) => {}
@@ -103,7 +104,7 @@ pub(super) async fn read_response_head(
             Ok((Ok(_), s)) => {
                 got_any = true;
                 ubuf = s.into_inner();
-                read_at = Instant::now();
+                read_at = Some(Instant::now());
             }
         }
     }

@@ -112,13 +112,18 @@ pub(super) async fn connect(
                 continue;
             }
         }
-        return Err(match err {
-            CheckoutError::NoEndpoint => error::NO_ENDPOINT,
-            CheckoutError::AllDown => error::ALL_DOWN,
-            CheckoutError::NoSlot => error::NO_SLOT,
-            CheckoutError::Connect(..) => error::CONNECT_FAILED,
-            CheckoutError::ConnectTimeout(_) => error::CONNECT_TIMEOUT,
-            CheckoutError::Tls(_) => error::UPSTREAM_TLS_ERROR,
-        });
+        return Err(rejection(&err));
+    }
+}
+
+/// The answer for a connection that could not be had.
+pub(super) fn rejection(err: &CheckoutError) -> Reject {
+    match err {
+        CheckoutError::NoEndpoint => error::NO_ENDPOINT,
+        CheckoutError::AllDown => error::ALL_DOWN,
+        CheckoutError::NoSlot => error::NO_SLOT,
+        CheckoutError::Connect(..) => error::CONNECT_FAILED,
+        CheckoutError::ConnectTimeout(_) => error::CONNECT_TIMEOUT,
+        CheckoutError::Tls(_) => error::UPSTREAM_TLS_ERROR,
     }
 }
