@@ -150,6 +150,17 @@ def mock():
     m.stop()
 
 
+def replica_rows(rws, filt, key, spend):
+    """/usage of `key` on every replica, once they agree on `spend` (the Redis thread writes
+    usage in batches, a flush interval after the request settles), or as last seen."""
+    deadline = time.monotonic() + 3
+    while True:
+        rows = [key_row(usage(rw, filter=filt, key=key), filt, key) for rw in rws]
+        if all(r is not None and r["spend_micro_usd"] == spend for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
 def check_burst_and_spend(rws, mock, admitted_before=0):
     """The acceptance check of one budget over `rws`: 50 concurrent streams by alice, then
     requests until one is refused. Returns alice's spend."""
@@ -239,9 +250,9 @@ def test_unpriced_models_are_refused_or_counted_at_zero(ringway_fn, mock):
     assert mock.requests() == [], "an unpriced request reached the provider"
     r = o.chat.completions.create(model="llama-local", messages=MESSAGES, max_tokens=5)
     assert r.choices[0].message.content == "hello there"
-    row = key_row(usage(rw, filter="lenient", key="alice"), "lenient", "alice")
     # Counted at 0: no reservation, so the budget's ledger has no request either.
-    assert row is None or row["spend_micro_usd"] == 0
+    assert key_row(usage(rw, filter="lenient", key="alice"), "lenient", "alice") is None
+    assert len(mock.requests()) == 1
     assert metric(rw, "ringway_ai_cost_usd_total", route="lenient") == 0
     assert "no [[prices]] entry for model \"llama-local\"" in rw.log_path.read_text()
 
@@ -256,8 +267,7 @@ def test_a_budget_holds_across_3_replicas_sharing_one_redis(ringway_fn, mock, re
     spend = served * CHAT_COST
     assert len(mock.requests()) == served
     assert spend <= 10_000 + r, (spend, r)
-    time.sleep(0.2)  # the Redis thread's last flush
-    rows = [key_row(usage(rw, filter="budget", key="alice"), "budget", "alice") for rw in rws]
+    rows = replica_rows(rws, "budget", "alice", spend)
     assert rows[0] == rows[1] == rows[2], rows
     assert rows[0]["spend_micro_usd"] == spend and rows[0]["requests"] == served, rows[0]
     # The metrics of the three replicas add up to the same spend.
@@ -274,8 +284,7 @@ def test_a_budget_holds_through_a_redis_cluster(ringway_fn, mock, redis_cluster)
     served = check_burst_and_spend(rws, mock)
     spend = served * CHAT_COST
     assert spend <= 10_000 + r, (spend, r)
-    time.sleep(0.2)
-    rows = [key_row(usage(rw, filter="cbudget", key="alice"), "cbudget", "alice") for rw in rws]
+    rows = replica_rows(rws, "cbudget", "alice", spend)
     assert rows[0] == rows[1] == rows[2] and rows[0]["spend_micro_usd"] == spend, rows
     listed = usage(rws[1])
     assert key_row(listed, "cbudget", "bob")["requests"] == 1
@@ -291,39 +300,21 @@ def test_check_validates_prices_and_warns_about_unpriced_models(tmp_path):
     r = subprocess.run([ringway_bin(), "check", "--conf", str(p)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert "routes[0].models.\"claude-*\"" in r.stdout + r.stderr and "unpriced" in r.stdout + r.stderr
-    bad = base + "\n".join(tables("filters", [budget()]) + tables("prices", [
-        {"model": "gpt-4o*", "input": -1.0, "output": 10.0}, {"model": "x", "input": 1, "output": 1, "color": 1}])) + "\n"
-    p.write_text(bad)
+    # A negative price: refused, naming the key (the file parses, so the check itself runs).
+    neg = base + "\n".join(tables("filters", [budget()]) + tables("prices", [
+        {"model": "gpt-4o*", "input": -1.0, "output": 10.0}])) + "\n"
+    p.write_text(neg)
     r = subprocess.run([ringway_bin(), "check", "--conf", str(p)], capture_output=True, text=True, timeout=30)
-    assert r.returncode != 0
-    assert "color" in r.stderr or "prices[0].input" in r.stderr, r.stderr
-
-
-def test_overhead_is_measured_on_every_route_and_server_timing_only_where_enabled(ringway_fn, mock):
-    routes = [{"name": "plain", "match": {"path_prefix": "/v1/models"}, "upstream": "openai"},
-              {"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
-               "filters": ["auth", "budget", "stats"], "server_timing": True},
-              {"name": "plain-timed", "match": {"path_prefix": "/timed/"}, "upstream": "openai",
-               "server_timing": True, "strip_prefix": True}]
-    rw = start(ringway_fn, mock, [budget(rules=[{"match": "*", "usd_per_day": 5.0}])], routes=routes)
-    base = "http://127.0.0.1:%d" % rw.port
-    with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
-        assert r.headers.get("server-timing") is None
-    raw = sdk(rw, "alice").chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=MESSAGES, max_tokens=MAX_TOKENS)
-    st = raw.headers.get("server-timing")
-    assert st and st.startswith("ringway;dur="), raw.headers
-    assert 0 <= float(st.split("=", 1)[1]) < 1000
-    with urllib.request.urlopen(base + "/timed/v1/models", timeout=5) as r:
-        assert (r.headers.get("server-timing") or "").startswith("ringway;dur=")
-    # A request is counted once its exchange ends, a moment after the client has the answer.
-    deadline = time.monotonic() + 3
-    counts = {}
-    while time.monotonic() < deadline:
-        counts = {r: metric(rw, "ringway_overhead_seconds_count", route=r) for r in ("plain", "ai", "plain-timed")}
-        if all(v == 1 for v in counts.values()):
-            break
-        time.sleep(0.05)
-    assert counts == {"plain": 1, "ai": 1, "plain-timed": 1}, counts
-    for route in counts:
-        assert metric(rw, "ringway_overhead_seconds_sum", route=route) > 0, route
+    assert r.returncode != 0 and "prices[0].input" in r.stderr and "negative" in r.stderr, r.stderr
+    # More than six decimals cannot be counted exactly: refused.
+    fine = base + "\n".join(tables("filters", [budget()]) + tables("prices", [
+        {"model": "gpt-4o*", "input": 0.0000001, "output": 10.0}])) + "\n"
+    p.write_text(fine)
+    r = subprocess.run([ringway_bin(), "check", "--conf", str(p)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "prices[0].input" in r.stderr and "decimals" in r.stderr, r.stderr
+    # An unknown key is refused by name.
+    unknown = base + "\n".join(tables("filters", [budget()]) + tables("prices", [
+        {"model": "x", "input": 1, "output": 1, "color": 1}])) + "\n"
+    p.write_text(unknown)
+    r = subprocess.run([ringway_bin(), "check", "--conf", str(p)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "color" in r.stderr, r.stderr
