@@ -318,3 +318,33 @@ def test_check_validates_prices_and_warns_about_unpriced_models(tmp_path):
     p.write_text(unknown)
     r = subprocess.run([ringway_bin(), "check", "--conf", str(p)], capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and "color" in r.stderr, r.stderr
+
+
+def test_overhead_is_measured_on_every_route_and_server_timing_only_where_enabled(ringway_fn, mock):
+    routes = [{"name": "plain", "match": {"path_prefix": "/v1/models"}, "upstream": "openai"},
+              {"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "openai",
+               "filters": ["auth", "budget", "stats"], "server_timing": True},
+              {"name": "plain-timed", "match": {"path_prefix": "/timed/"}, "upstream": "openai",
+               "server_timing": True, "strip_prefix": True}]
+    rw = start(ringway_fn, mock, [budget(rules=[{"match": "*", "usd_per_day": 5.0}])], routes=routes)
+    base = "http://127.0.0.1:%d" % rw.port
+    with urllib.request.urlopen(base + "/v1/models", timeout=5) as r:
+        assert r.headers.get("server-timing") is None
+    raw = sdk(rw, "alice").chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, max_tokens=MAX_TOKENS)
+    st = raw.headers.get("server-timing")
+    assert st and st.startswith("ringway;dur="), raw.headers
+    assert 0 <= float(st.split("=", 1)[1]) < 1000
+    with urllib.request.urlopen(base + "/timed/v1/models", timeout=5) as r:
+        assert (r.headers.get("server-timing") or "").startswith("ringway;dur=")
+    # A request is counted once its exchange ends, a moment after the client has the answer.
+    deadline = time.monotonic() + 3
+    counts = {}
+    while time.monotonic() < deadline:
+        counts = {r: metric(rw, "ringway_overhead_seconds_count", route=r) for r in ("plain", "ai", "plain-timed")}
+        if all(v == 1 for v in counts.values()):
+            break
+        time.sleep(0.05)
+    assert counts == {"plain": 1, "ai": 1, "plain-timed": 1}, counts
+    for route in counts:
+        assert metric(rw, "ringway_overhead_seconds_sum", route=route) > 0, route
