@@ -172,6 +172,10 @@ impl ChunkedDecoder {
                 }
                 continue;
             }
+            if let Some(n) = self.line_at_once(&input[pos..]) {
+                pos += n;
+                continue;
+            }
             let byte = input[pos];
             pos += 1;
             self.step(byte)?;
@@ -180,6 +184,49 @@ impl ChunkedDecoder {
             consumed: pos,
             done: self.state == ChunkState::Done,
         })
+    }
+
+    /// The common framing between chunks — `CRLF` after data, then a size line of
+    /// bare hex digits and `CRLF` — read whole when `rest` holds all of it; the
+    /// byte steps (which give every error its exact kind) read anything else.
+    /// Returns the bytes consumed.
+    fn line_at_once(&mut self, rest: &[u8]) -> Option<usize> {
+        let skip = match self.state {
+            ChunkState::DataCr if rest.starts_with(b"\r\n") => 2,
+            ChunkState::SizeStart => 0,
+            _ => return None,
+        };
+        let line = &rest[skip..];
+        let mut size = 0u64;
+        let mut digits = 0usize;
+        // At most 16 digits: the shifts cannot overflow; a 17th goes to the byte steps.
+        while digits < usize::from(CHUNK_SIZE_MAX_DIGITS) {
+            let Some(v) = line.get(digits).and_then(|&b| hex_value(b)) else {
+                break;
+            };
+            size = size << 4 | u64::from(v);
+            digits += 1;
+        }
+        if digits == 0
+            || line.get(digits..digits + 2) != Some(b"\r\n")
+            || size > self.max_body - self.body_bytes
+        {
+            // Not the plain form, or an error: only the data CRLF is taken here.
+            if skip > 0 {
+                self.state = ChunkState::SizeStart;
+            }
+            return (skip > 0).then_some(skip);
+        }
+        self.size = size;
+        // Bounded by CHUNK_SIZE_MAX_DIGITS, so the cast is lossless.
+        self.digits = digits as u8;
+        self.ext_bytes = 0;
+        self.state = if size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+        Some(skip + digits + 2)
     }
 
     /// True once the whole body, trailers included, has been read.
@@ -264,12 +311,7 @@ impl ChunkedDecoder {
 
     /// Adds one hex digit to the size, checking digits, overflow and `max_body`.
     fn push_digit(&mut self, b: u8) -> Result<(), ChunkError> {
-        let value = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => return Err(ChunkError::InvalidSize),
-        };
+        let value = hex_value(b).ok_or(ChunkError::InvalidSize)?;
         self.digits += 1;
         if self.digits > CHUNK_SIZE_MAX_DIGITS {
             return Err(ChunkError::SizeOverflow);
@@ -293,6 +335,16 @@ impl ChunkedDecoder {
             b'\n' => Ok(ChunkState::Data),
             _ => Err(ChunkError::MissingCrlf),
         }
+    }
+}
+
+/// The value of one hex digit.
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
     }
 }
 
@@ -590,6 +642,15 @@ mod tests {
         read_err(b"FFFFFFFFFFFFFFFF0\r\n", ChunkError::SizeOverflow);
         read_err(b"00000000000000001\r\n", ChunkError::SizeOverflow);
         read_incomplete(b"FFFFFFFFFFFFFFFF\r\n");
+        // After a whole chunk, where the size line is read at once when complete.
+        read_err(b"1\r\nx\r\n10000000000000000\r\n", ChunkError::SizeOverflow);
+        read_err(
+            b"1\r\nx\r\nfffffffffffffffff1\r\n",
+            ChunkError::BodyTooLarge,
+        );
+        read_err(b"1\r\nx\r\n5g\r\n", ChunkError::InvalidSize);
+        read_err(b"1\r\nx\r\n1\n", ChunkError::MissingCrlf);
+        read_err(b"1\r\nx\n1\r\n", ChunkError::MissingCrlf);
     }
 
     #[test]

@@ -130,21 +130,33 @@ pub struct ResetDuration(pub u64);
 
 impl fmt::Display for ResetDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_to(f)
+    }
+}
+
+impl ResetDuration {
+    /// Writes the duration; numbers through `itoa`, since every limited route formats one per
+    /// response.
+    fn write_to(&self, f: &mut impl fmt::Write) -> fmt::Result {
         let ms = self.0;
         if ms == 0 {
             return f.write_str("0s");
         }
+        let mut n = itoa::Buffer::new();
         if ms < 1000 {
-            return write!(f, "{ms}ms");
+            f.write_str(n.format(ms))?;
+            return f.write_str("ms");
         }
         let (h, m, s, frac) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
         if h > 0 {
-            write!(f, "{h}h")?;
+            f.write_str(n.format(h))?;
+            f.write_str("h")?;
         }
         if h > 0 || m > 0 {
-            write!(f, "{m}m")?;
+            f.write_str(n.format(m))?;
+            f.write_str("m")?;
         }
-        write!(f, "{s}")?;
+        f.write_str(n.format(s))?;
         if frac > 0 {
             // Three digits, then drop trailing zeros: 500 → ".5", 040 → ".04".
             let mut digits = [
@@ -210,7 +222,18 @@ pub struct Usd(pub u64);
 
 impl fmt::Display for Usd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:06}", self.0 / 1_000_000, self.0 % 1_000_000)
+        self.write_to(f)
+    }
+}
+
+impl Usd {
+    /// Writes dollars with six decimals, without `core::fmt`.
+    fn write_to(&self, f: &mut impl fmt::Write) -> fmt::Result {
+        let mut n = itoa::Buffer::new();
+        f.write_str(n.format(self.0 / 1_000_000))?;
+        let frac = n.format(self.0 % 1_000_000);
+        f.write_str(&".000000"[..7 - frac.len()])?;
+        f.write_str(frac)
     }
 }
 
@@ -230,29 +253,24 @@ pub struct LimitHeaders {
 impl LimitHeaders {
     /// Writes the three header lines, each `name: value\r\n`, lowercase names.
     pub fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
-        if self.unit == Unit::Usd {
-            write!(out, "{}: {}\r\n", self.unit.limit_header(), Usd(self.limit))?;
-            write!(
-                out,
-                "{}: {}\r\n",
-                self.unit.remaining_header(),
-                Usd(self.remaining)
-            )?;
-        } else {
-            write!(out, "{}: {}\r\n", self.unit.limit_header(), self.limit)?;
-            write!(
-                out,
-                "{}: {}\r\n",
-                self.unit.remaining_header(),
-                self.remaining
-            )?;
+        let mut n = itoa::Buffer::new();
+        for (name, value) in [
+            (self.unit.limit_header(), self.limit),
+            (self.unit.remaining_header(), self.remaining),
+        ] {
+            out.write_str(name)?;
+            out.write_str(": ")?;
+            if self.unit == Unit::Usd {
+                Usd(value).write_to(out)?;
+            } else {
+                out.write_str(n.format(value))?;
+            }
+            out.write_str("\r\n")?;
         }
-        write!(
-            out,
-            "{}: {}\r\n",
-            self.unit.reset_header(),
-            ResetDuration(self.reset_ms)
-        )
+        out.write_str(self.unit.reset_header())?;
+        out.write_str(": ")?;
+        ResetDuration(self.reset_ms).write_to(out)?;
+        out.write_str("\r\n")
     }
 
     /// Writes `retry-after: <seconds>\r\n` for a limited response ([`retry_after_secs`]).
