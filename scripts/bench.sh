@@ -23,7 +23,8 @@
 #              The origin writes each response at once: ~200 frames per read, the worst case for
 #              a proxy that reads every frame relative to one that does not
 #   ssepaced   the same A/B with the origin writing one frame per write, SSE_PACE_MS (1) apart, as
-#              a model streaming tokens does: about one frame per read
+#              a model streaming tokens does: about one frame per read; "budget-on" is the budget
+#              scenario's whole chain (adds the cost-limit) on the same paced origin
 #   budget     Ringway vs itself: the whole AI filter chain (key-auth + token-limit + cost-limit +
 #              ai-stats, budgets that never reject) vs the plain route, streamed (sse.lua) and not
 #              (chat.lua: the same origin answers a JSON chat.completion without "stream":true)
@@ -497,7 +498,7 @@ check_ab() { # scen variant lua
       got=$(curl -s -o "$WORK/check.body" -w '%{http_code}' --max-time 20 -H 'Content-Type: application/json' \
         -H 'Authorization: Bearer sk-bench' --data-binary "$body" "$url/v1/chat/completions" || echo "000")
       local frames; frames=$(grep -c '^data: ' "$WORK/check.body" || true)
-      local want=$((SSE_FRAMES + 2)); [ "$2" = on ] && want=$((SSE_FRAMES + 1))   # usage-only frame removed
+      local want=$((SSE_FRAMES + 2)); [ "$2" != off ] && [ "$2" != on-usage ] && want=$((SSE_FRAMES + 1))   # usage-only frame removed
       CHECK_FRAMES="$frames"
       [ "$got" = 200 ] && [ "$frames" = "$want" ] && tail -c 14 "$WORK/check.body" | grep -q '^data: \[DONE\]$' && return 0
       got="status $got, $frames data: frames (expected 200, $want, ending with [DONE])" ;;
@@ -721,8 +722,9 @@ run_ab_scenario ratelimit 64 /hello "GET /hello with a consumer key, 64 connecti
   off:ringway-ratelimit-off.toml: on:ringway-ratelimit-on.toml:
 run_ab_scenario sse 64 /v1/chat/completions "streamed chat completion ($SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], chunked), 64 connections: AI route (key-auth, token-limit, ai-stats) on vs plain route off" \
   off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
-run_ab_scenario ssepaced 64 /v1/chat/completions "streamed chat completion as a model sends it: $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], one frame per origin write, $SSE_PACE_MS ms apart, 64 connections: AI route on vs plain route off" \
-  off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua
+run_ab_scenario ssepaced 64 /v1/chat/completions "streamed chat completion as a model sends it: $SSE_FRAMES frames of ~$SSE_FRAME_BYTES B + usage + [DONE], one frame per origin write, $SSE_PACE_MS ms apart, 64 connections: AI route on vs plain route off; budget-on adds the cost-limit (issue 14's whole chain)" \
+  off:ringway-sse-off.toml:sse.lua on:ringway-sse-on.toml:sse.lua on-usage:ringway-sse-on.toml:sse-usage.lua \
+  budget-on:ringway-budget-on.toml:sse.lua
 # Issue 14: the whole AI filter chain (key-auth, token-limit, cost-limit, ai-stats) against the
 # plain route, streamed and not.
 run_ab_scenario budget 64 /v1/chat/completions "chat completion, streamed ($SSE_FRAMES frames) and not (JSON, ~1 KiB), 64 connections: AI route with key-auth + token-limit + cost-limit + ai-stats (on) vs the plain route (off)" \

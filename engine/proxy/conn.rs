@@ -25,7 +25,7 @@ use super::{
     request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
-    send::{body_buffered, keep_pipelined, send_request, SendError, Sent},
+    send::{body_buffered, check_buffered_chunks, keep_pipelined, send_request, SendError, Sent},
     transfer::{self},
 };
 use crate::{
@@ -262,6 +262,14 @@ pub(super) async fn exchange(
         let fallback = super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra);
         return Box::pin(fallback).await;
     }
+    // Chunk lines that came with the head are checked before a connection is even taken.
+    let buffered = match check_buffered_chunks(&cbuf, &plan, g.max_body) {
+        Ok(b) => b,
+        Err(rej) => {
+            record.status = rej.status;
+            return reject(w, g, client, rej, plan.is_head, None).await;
+        }
+    };
     let pool = g.upstream(plan.upstream);
     let retries = pool.shared.conf.retries as usize;
     let mut tried = Tried::default();
@@ -296,7 +304,7 @@ pub(super) async fn exchange(
     // starts, in case the connection fails before answering.
     let replayable = plan.idempotent && !has_body && !plan.upgrade;
 
-    let cbuf = send_request(w, g, client, &mut conn, cbuf, &plan).await;
+    let cbuf = send_request(w, g, client, &mut conn, cbuf, &plan, buffered).await;
     // The upstream answered before the whole body was sent: the client
     // connection closes after that answer, whatever the client asked.
     let early = matches!(cbuf, Ok(Sent::Early));

@@ -38,7 +38,43 @@ pub(super) enum SendError {
     Reject(Reject),
 }
 
-/// Sends the planned head and the body.
+/// What the chunked body bytes that came with the head say, checked before anything
+/// goes upstream (strict framing: an invalid chunk line there is answered 400 with nothing
+/// sent, not found after the head has left).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Buffered {
+    /// Not a chunked body, or its framing is valid so far.
+    Partial,
+    /// The whole chunked body, last chunk and trailers included, is in the buffer.
+    Whole,
+}
+
+/// Decodes the chunked framing already in `cbuf` behind the head of `plan`.
+pub(super) fn check_buffered_chunks(
+    cbuf: &PoolBuf,
+    plan: &Plan,
+    max_body: u64,
+) -> Result<Buffered, Reject> {
+    if plan.body != BodyKind::Chunked {
+        return Ok(Buffered::Partial);
+    }
+    let bytes = &cbuf[plan.head_end..];
+    match ChunkedDecoder::new(max_body).decode(bytes, &mut |_| {}) {
+        Ok(p) if p.done => Ok(Buffered::Whole),
+        Ok(_) => Ok(Buffered::Partial),
+        // A size past max_body is reported at its first digit too many; one that is no
+        // size at all (17 hex digits, a letter after them) is bad framing, not a big body.
+        Err(ChunkError::BodyTooLarge) => {
+            match ChunkedDecoder::new(u64::MAX).decode(bytes, &mut |_| {}) {
+                Err(ChunkError::BodyTooLarge) | Ok(_) => Err(error::BODY_TOO_LARGE),
+                Err(_) => Err(error::BAD_BODY),
+            }
+        }
+        Err(_) => Err(error::BAD_BODY),
+    }
+}
+
+/// Sends the planned head and the body; `buffered` is [`check_buffered_chunks`]'s answer.
 pub(super) async fn send_request(
     w: &Worker,
     g: &Generation,
@@ -46,6 +82,7 @@ pub(super) async fn send_request(
     conn: &mut UpConn,
     mut cbuf: PoolBuf,
     plan: &Plan,
+    buffered: Buffered,
 ) -> Result<Sent, SendError> {
     let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
     let in_buf = cbuf.len() - plan.head_end;
@@ -113,10 +150,7 @@ pub(super) async fn send_request(
             };
             cbuf.consume(plan.head_end);
             // A body that arrived whole with the head needs no watch.
-            let whole = ChunkedDecoder::new(g.max_body)
-                .decode(&cbuf, &mut |_| {})
-                .is_ok_and(|p| p.done);
-            let watch = if whole || client.is_tls() {
+            let watch = if buffered == Buffered::Whole || client.is_tls() {
                 None
             } else {
                 EarlyWatch::new(conn.stream())

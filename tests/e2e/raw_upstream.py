@@ -240,6 +240,11 @@ class RecordingUpstream:
         with self.lock:
             return [(c.id, bytes(c.pending[:300])) for c in self.conns if not c.closed and c.pending]
 
+    def bytes_received(self):
+        """Every byte received so far, over all connections."""
+        with self.lock:
+            return sum(len(c.raw) for c in self.conns)
+
     def conns_since(self, mark):
         with self.lock:
             return list(self.conns[mark[1]:])

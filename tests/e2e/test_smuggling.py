@@ -323,3 +323,26 @@ def test_ambiguous_request_is_rejected_or_forwarded_unambiguously(gw, upstream, 
     upstream.sync()
     assert not upstream.errors(), upstream.errors()
     assert not upstream.open_with_partial_request(), upstream.open_with_partial_request()
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"fffffffffffffffff1\r\nhello\r\n0\r\n\r\n", 400),   # 17 digits: no size, not a big body
+    (b"100001\r\nhello\r\n0\r\n\r\n", 413),               # a size over max_body (1 MiB)
+    (b"5g\r\nhello\r\n0\r\n\r\n", 400),
+    (b"10000000000000005\r\nhello\r\n0\r\n\r\n", 400),
+    (b"5\r\nhello\r\n5g\r\nworld\r\n0\r\n\r\n", 400),  # a bad line after a good chunk
+    (b"5\r\nhelloXX0\r\n\r\n", 400),                      # no CRLF after the data
+])
+def test_bad_chunk_lines_with_the_head_reach_nothing_upstream(gw, upstream, body, status):
+    """Strict framing: chunk lines that arrive with the head are decoded before the head is
+    forwarded, so an invalid one is answered with nothing sent upstream — not a byte, not a
+    connection (before, the head went up and the connection was cut mid-request)."""
+    upstream.sync()
+    before, mark = upstream.bytes_received(), upstream.mark()
+    responses = _client_exchange(gw.port, post(TE, body) + S + END)
+    assert len(responses) == 1, responses
+    assert responses[0].status == status, responses[0]
+    assert_json_error(responses[0], status)
+    upstream.sync()
+    assert upstream.bytes_received() == before, "bytes reached the upstream"
+    assert not upstream.conns_since(mark), "a connection was opened upstream"
