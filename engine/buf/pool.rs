@@ -35,6 +35,9 @@ struct PoolInner {
     waiters: WaitQueue,
     /// Highest `slots_used` seen, for /stats.
     peak: Cell<usize>,
+    /// Fewest buffers `free` held since the last [`BufPool::trim`]: that many were
+    /// not needed for the whole period, so they can go back to the allocator.
+    free_low: Cell<usize>,
 }
 
 /// Why a buffer could not be had.
@@ -57,6 +60,7 @@ impl BufPool {
                 free: RefCell::new(Vec::new()),
                 waiters: WaitQueue::default(),
                 peak: Cell::new(0),
+                free_low: Cell::new(0),
             }),
         }
     }
@@ -81,6 +85,26 @@ impl BufPool {
         self.inner.peak.get()
     }
 
+    /// Ordinary buffers kept for reuse now.
+    pub fn kept(&self) -> usize {
+        self.inner.free.borrow().len()
+    }
+
+    /// Frees the kept buffers that no acquire needed since the previous call (the free
+    /// list's low-water mark over the period), so memory taken by a burst goes back to
+    /// the allocator once the burst is over while steady traffic keeps what it uses.
+    /// Returns how many were freed.
+    pub fn trim(&self) -> usize {
+        let inner = &self.inner;
+        let mut free = inner.free.borrow_mut();
+        let unused = inner.free_low.get().min(free.len());
+        let keep = free.len() - unused;
+        free.truncate(keep);
+        free.shrink_to_fit();
+        inner.free_low.set(free.len());
+        unused
+    }
+
     /// Takes one ordinary buffer now, if the budget allows.
     pub fn try_acquire(&self) -> Option<PoolBuf> {
         self.try_acquire_bytes(self.inner.slot_size)
@@ -100,11 +124,12 @@ impl BufPool {
             inner.peak.set(used + slots);
         }
         let data = if slots == 1 {
-            inner
-                .free
-                .borrow_mut()
-                .pop()
-                .unwrap_or_else(|| Vec::with_capacity(inner.slot_size))
+            let mut free = inner.free.borrow_mut();
+            let data = free.pop();
+            if free.len() < inner.free_low.get() {
+                inner.free_low.set(free.len());
+            }
+            data.unwrap_or_else(|| Vec::with_capacity(inner.slot_size))
         } else {
             Vec::with_capacity(slots * inner.slot_size)
         };
@@ -302,6 +327,27 @@ mod tests {
         drop(b);
         assert_eq!(pool.in_use(), 0);
         assert_eq!(pool.peak(), 3);
+    }
+
+    #[test]
+    fn trim_frees_what_a_period_did_not_use() {
+        let pool = BufPool::new(64, 8);
+        let burst: Vec<_> = (0..6).map(|_| pool.try_acquire()).collect();
+        drop(burst);
+        assert_eq!(pool.kept(), 6);
+        // The burst's buffers were all taken during the first period: nothing was idle yet.
+        assert_eq!(pool.trim(), 0);
+        // Two in use through the next period: the other four were never needed.
+        let steady: Vec<_> = (0..2).map(|_| pool.try_acquire()).collect();
+        drop(steady);
+        assert_eq!(pool.trim(), 4);
+        assert_eq!(pool.kept(), 2);
+        // A period without traffic frees the rest; buffers come back on demand.
+        assert_eq!(pool.trim(), 2);
+        assert_eq!(pool.kept(), 0);
+        let again = pool.try_acquire();
+        assert!(again.is_some_and(|b| b.capacity() == 64));
+        assert_eq!(pool.in_use(), 0);
     }
 
     #[test]

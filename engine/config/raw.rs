@@ -65,6 +65,7 @@ pub(crate) struct RawServer {
     pub keepalive_timeout: Option<S<Dur>>,
     pub body_timeout: Option<S<Dur>>,
     pub drain_timeout: Option<S<Dur>>,
+    pub memory_release_after: Option<S<Dur>>,
 }
 
 #[derive(Deserialize)]

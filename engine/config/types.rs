@@ -87,6 +87,9 @@ pub struct Server {
     pub body_timeout: Duration,
     /// How long a shutdown or reload waits for requests in flight.
     pub drain_timeout: Duration,
+    /// Pool buffers no request needed for this long go back to the allocator, and the
+    /// allocator returns its free pages to the kernel.
+    pub memory_release_after: Duration,
 }
 
 /// The "auto" worker count: every core but the one the control thread takes.
@@ -111,6 +114,7 @@ impl Default for Server {
             keepalive_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
+            memory_release_after: Duration::from_secs(10),
         }
     }
 }

@@ -325,6 +325,11 @@ fn server(ck: &mut Ck, r: &RawServer) -> Server {
         ),
         body_timeout: ck.dur("server.body_timeout", &r.body_timeout, d.body_timeout),
         drain_timeout: ck.dur("server.drain_timeout", &r.drain_timeout, d.drain_timeout),
+        memory_release_after: ck.dur(
+            "server.memory_release_after",
+            &r.memory_release_after,
+            d.memory_release_after,
+        ),
     }
 }
 

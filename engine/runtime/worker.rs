@@ -410,6 +410,7 @@ impl Worker {
                 }
             }
         });
+        monoio::spawn(release_memory(self.clone()));
         shutdown::drained().await;
         for (_, stop) in self.listeners.borrow_mut().drain(..) {
             stop.fire();
@@ -427,6 +428,23 @@ impl Worker {
                 self.id,
                 self.stats.connections.get()
             ));
+        }
+    }
+}
+
+/// Gives a burst's memory back: every `memory_release_after`, the pool buffers no request
+/// needed during the whole period are freed, and when any were, this thread's allocator
+/// heap returns its empty pages to the kernel (DESIGN.md: memory returns to its baseline
+/// when traffic stops).
+async fn release_memory(w: Rc<Worker>) {
+    loop {
+        monoio::time::sleep(w.generation().server.memory_release_after).await;
+        if shutdown::is_draining() {
+            return;
+        }
+        if w.pool.trim() > 0 {
+            // SAFETY: mi_collect takes no pointers; it only walks this thread's own heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
         }
     }
 }

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -217,3 +218,122 @@ def test_1gib_download_memory_growth_under_8mib(ringway_fn, backend, framing):
     assert growth < RETURN_SLACK, "RSS grew %.1f MiB during a 1 GiB download" % (growth / MiB)
     _assert_peak_bounded(rw, sampler, baseline, "1 GiB download")
     _assert_returns_to_baseline(rw, baseline, "1 GiB download")
+
+
+class HoldingBackend:
+    """An asyncio origin in a thread: every request waits until `release()`, then gets a small
+    answer and a close. Thousands of held requests cost it no thread each."""
+
+    def __init__(self):
+        import asyncio
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.held = 0
+        self._ready = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        self._ready.wait(5)
+
+    def _run(self):
+        asyncio = self._asyncio
+        asyncio.set_event_loop(self.loop)
+        self.gate = asyncio.Event()
+        self.server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"/hold" in head.split(b"\r\n", 1)[0]:
+                self.held += 1
+                await self.gate.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        except (ConnectionError, self._asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def release(self):
+        self.loop.call_soon_threadsafe(self.gate.set)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._t.join(5)
+
+
+def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
+    """DESIGN.md: memory returns to its baseline when traffic stops. 1,500 requests wait at once
+    for their upstream (each holding pool buffers and an exchange); once they are answered and
+    gone, `memory_release_after` later the buffers no request needed are freed and the allocator
+    hands its empty pages back: RSS comes back within 8 MiB of the baseline it had before."""
+    import resource
+    from helpers import free_port, simple_get, wait_until
+    n = 1500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * n + 500:
+        pytest.skip("hard RLIMIT_NOFILE %d < %d" % (hard, 2 * n + 500))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2 * n + 500), hard))
+    up = HoldingBackend()
+    socks = []
+    try:
+        admin = free_port()
+        rw = ringway_fn.start(
+            upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n}],
+            routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
+            server={"workers": 1, "buffers_per_worker": 8192, "memory_release_after": "1s"},
+            admin=admin, name="release")
+
+        def in_use():
+            doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
+            return sum(w["buffers_in_use"] for w in doc["workers"])
+
+        for i in range(20):
+            assert simple_get(rw.port, "/warm").status == 200
+        wait_until(lambda: in_use() == 0, 5, what="no buffer in use after the warm-up")
+        time.sleep(2.5)  # two release periods: what the warm-up left over is gone too
+        baseline = rw.rss()
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(b"GET /hold/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            socks.append(s)
+        wait_until(lambda: up.held >= n, 30, interval=0.1, what="%d requests held upstream" % n)
+        waiting = in_use()
+        peak = rw.rss()
+        assert waiting >= n, "only %d buffers in use for %d waiting requests" % (waiting, n)
+        assert peak - baseline > 16 * MiB, (
+            "the burst grew RSS only %.1f MiB: nothing to give back" % ((peak - baseline) / MiB))
+        up.release()
+        for s in socks:
+            s.settimeout(10)
+            got = b""
+            while b"\r\n\r\nok" not in got:
+                more = s.recv(4096)
+                assert more, "connection closed before its answer: %r" % got
+                got += more
+            assert got.startswith(b"HTTP/1.1 200"), got
+            s.close()
+        socks = []
+        wait_until(lambda: in_use() == 0, 10, what="every buffer back in the pool")
+        last = {}
+
+        def back():
+            last["rss"] = rw.rss()
+            return last["rss"] <= baseline + RETURN_SLACK
+
+        try:
+            wait_until(back, 10, interval=0.1, what="RSS back near the baseline")
+        except AssertionError:
+            pytest.fail("RSS %.1f MiB did not come back within 8 MiB of the baseline %.1f MiB "
+                        "(peak %.1f MiB) 10 s after the burst"
+                        % (last["rss"] / MiB, baseline / MiB, peak / MiB))
+        print("burst of %d: baseline %.1f MiB, peak %.1f MiB, after %.1f MiB"
+              % (n, baseline / MiB, peak / MiB, last["rss"] / MiB))
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()
