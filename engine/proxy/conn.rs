@@ -3,7 +3,8 @@
 //!
 //! Buffers: an idle connection holds none. A request holds the client buffer
 //! (its head, the first body bytes, pipelined bytes after it) and, while the
-//! response is read, the upstream buffer. Nothing else is allocated per request.
+//! response is read, the upstream buffer (not while an answer slow to start is
+//! awaited: `respond::first_read`). Nothing else is allocated per request.
 
 use crate::transport::Stream;
 use std::{

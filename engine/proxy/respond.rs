@@ -95,18 +95,110 @@ pub(super) async fn read_response_head(
             ubuf = big;
         }
         let (len, cap) = (ubuf.len(), ubuf.capacity());
-        match deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap))).await {
+        let first = if got_any {
+            None
+        } else {
+            conn.stream().tcp_mut()
+        };
+        let read = match first {
+            // Nothing of the answer yet, on plain TCP: the wait may be long (a model
+            // thinking), so after a tick it holds no buffer.
+            Some(tcp) => match first_read(w, tcp, ubuf, deadline, conf.connect_timeout).await {
+                FirstRead::Read(r, b) => Ok((r, b)),
+                FirstRead::TimedOut => Err(()),
+                FirstRead::NoAnswer => return Err(RespError::NoAnswer),
+                FirstRead::NoBuffer => {
+                    return Err(RespError::Reject(error::NO_BUFFER.closing_if(true)))
+                }
+            },
+            None => deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap)))
+                .await
+                .map(|(r, s)| (r, s.into_inner()))
+                .map_err(|_| ()),
+        };
+        match read {
             Ok((Ok(0), _)) | Ok((Err(_), _)) if !got_any => return Err(RespError::NoAnswer),
             Ok((Ok(0), _)) | Ok((Err(_), _)) => {
                 return Err(RespError::Reject(error::BAD_GATEWAY.closing_if(true)))
             }
-            Err(_) => return Err(RespError::Reject(error::RESPONSE_TIMEOUT)),
-            Ok((Ok(_), s)) => {
+            Err(()) => return Err(RespError::Reject(error::RESPONSE_TIMEOUT)),
+            Ok((Ok(_), b)) => {
                 got_any = true;
-                ubuf = s.into_inner();
+                ubuf = b;
                 read_at = Some(Instant::now());
             }
         }
+    }
+}
+
+/// How long the first read of an answer keeps its buffer before waiting without one.
+/// Most answers start sooner; the deadline wheel's tick is the cheapest timer there is.
+const HOLD_BUFFER_FOR: Duration = deadline::TICK;
+
+/// What [`first_read`] got.
+enum FirstRead {
+    /// The read's result and the buffer (filled behind what it held).
+    Read(std::io::Result<usize>, PoolBuf),
+    /// `response_timeout` passed with nothing read.
+    TimedOut,
+    /// The socket failed while it was awaited without a buffer.
+    NoAnswer,
+    /// No buffer came back within `connect_timeout` once the answer started.
+    NoBuffer,
+}
+
+/// The first read of an answer into `ubuf` (which holds only the headroom). An answer
+/// that has not started within [`HOLD_BUFFER_FOR`] gives the buffer back to the pool
+/// while it is awaited, then takes one again when bytes are there: thousands of
+/// requests waiting on a slow upstream hold no pool memory. The read is cancelled
+/// through monoio's cancel handle, which hands back whatever the kernel completed
+/// (a plain drop could lose bytes received in the meantime).
+async fn first_read(
+    w: &Worker,
+    tcp: &mut monoio::net::TcpStream,
+    ubuf: PoolBuf,
+    deadline: Instant,
+    acquire_limit: Duration,
+) -> FirstRead {
+    use monoio::io::{CancelableAsyncReadRent, Canceller};
+    let (len, cap) = (ubuf.len(), ubuf.capacity());
+    let (res, s) = {
+        let canceller = Canceller::new();
+        let read = tcp.cancelable_read(ubuf.slice_mut(len..cap), canceller.handle());
+        let mut read = std::pin::pin!(read);
+        match deadline::timeout(HOLD_BUFFER_FOR, &mut read).await {
+            Ok(done) => done,
+            Err(_) => {
+                drop(canceller.cancel());
+                read.await
+            }
+        }
+    };
+    match res {
+        Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+        res => return FirstRead::Read(res, s.into_inner()),
+    }
+    // Cancelled with nothing read: the buffer goes back while the upstream thinks.
+    drop(s);
+    match deadline::timeout_at(deadline, tcp.readable(false)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return FirstRead::NoAnswer,
+        Err(_) => return FirstRead::TimedOut,
+    }
+    let mut ubuf = match w
+        .pool
+        .acquire_within(w.pool.slot_size(), acquire_limit)
+        .await
+    {
+        Ok(b) => b,
+        Err(_) => return FirstRead::NoBuffer,
+    };
+    ubuf.clear();
+    let _ = ubuf.put(&[0u8; HEADROOM]);
+    let (len, cap) = (ubuf.len(), ubuf.capacity());
+    match deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap))).await {
+        Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
+        Err(_) => FirstRead::TimedOut,
     }
 }
 

@@ -101,6 +101,9 @@ def make_config(port, upstreams, routes, server=None, listeners=None, admin=None
         "max_body_bytes": "2GiB",
         "header_timeout": "2s",
     }
+    # RINGWAY_TEST_DRIVER=epoll runs the tests built on this config on the epoll driver.
+    if os.environ.get("RINGWAY_TEST_DRIVER"):
+        srv["driver"] = os.environ["RINGWAY_TEST_DRIVER"]
     srv.update(server or {})
     out = ["[server]"]
     out += ["%s = %s" % (k, _toml_value(v)) for k, v in srv.items()]

@@ -337,3 +337,56 @@ def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
         for s in socks:
             s.close()
         up.stop()
+
+
+@pytest.mark.parametrize("driver", ["io_uring", "epoll"])
+def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
+    """A request whose answer has not started after a tick gives its upstream buffer back to
+    the pool while it waits (a model may think for minutes); the answer then reads into a new
+    one. 200 POSTs (whose bodies went upstream, so nothing is kept for a replay) waiting at
+    once hold no pool buffer (/stats), and every one gets its whole answer afterwards."""
+    from helpers import free_port, wait_until
+    n = 200
+    up = HoldingBackend()
+    socks = []
+    try:
+        admin = free_port()
+        rw = ringway_fn.start(
+            upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n,
+                        "response_timeout": "30s"}],
+            routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
+            server={"workers": 1, "driver": driver}, admin=admin, name="waiting-" + driver)
+
+        def in_use():
+            doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
+            return sum(w["buffers_in_use"] for w in doc["workers"])
+
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(b"POST /hold/%d HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi" % i)
+            socks.append(s)
+        wait_until(lambda: up.held >= n, 10, interval=0.05, what="%d requests held upstream" % n)
+        last = {}
+
+        def none_held():
+            last["in_use"] = in_use()
+            return last["in_use"] == 0
+
+        try:
+            wait_until(none_held, 3, interval=0.05, what="no buffer held by waiting requests")
+        except AssertionError:
+            pytest.fail("%d requests waiting on their upstream still hold %d pool buffers"
+                        % (n, last["in_use"]))
+        up.release()
+        for s in socks:
+            s.settimeout(10)
+            got = b""
+            while b"\r\n\r\nok" not in got:
+                more = s.recv(4096)
+                assert more, "connection closed before its answer: %r" % got
+                got += more
+            assert got.startswith(b"HTTP/1.1 200"), got
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()
