@@ -266,6 +266,24 @@ class HoldingBackend:
         self._t.join(5)
 
 
+def _buffers_in_use(admin):
+    """Pool buffers in use over every worker, from /stats."""
+    doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
+    return sum(w["buffers_in_use"] for w in doc["workers"])
+
+
+def _read_answers(socks):
+    """Reads HoldingBackend's whole `200 ok` answer on every socket."""
+    for s in socks:
+        s.settimeout(10)
+        got = b""
+        while b"\r\n\r\nok" not in got:
+            more = s.recv(4096)
+            assert more, "connection closed before its answer: %r" % got
+            got += more
+        assert got.startswith(b"HTTP/1.1 200"), got
+
+
 def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
     """DESIGN.md: memory returns to its baseline when traffic stops. 1,500 requests wait at once
     for their upstream (each holding pool buffers and an exchange); once they are answered and
@@ -289,8 +307,7 @@ def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
             admin=admin, name="release")
 
         def in_use():
-            doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
-            return sum(w["buffers_in_use"] for w in doc["workers"])
+            return _buffers_in_use(admin)
 
         for i in range(20):
             assert simple_get(rw.port, "/warm").status == 200
@@ -308,14 +325,8 @@ def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
         assert peak - baseline > 16 * MiB, (
             "the burst grew RSS only %.1f MiB: nothing to give back" % ((peak - baseline) / MiB))
         up.release()
+        _read_answers(socks)
         for s in socks:
-            s.settimeout(10)
-            got = b""
-            while b"\r\n\r\nok" not in got:
-                more = s.recv(4096)
-                assert more, "connection closed before its answer: %r" % got
-                got += more
-            assert got.startswith(b"HTTP/1.1 200"), got
             s.close()
         socks = []
         wait_until(lambda: in_use() == 0, 10, what="every buffer back in the pool")
@@ -358,8 +369,7 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
             server={"workers": 1, "driver": driver}, admin=admin, name="waiting-" + driver)
 
         def in_use():
-            doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
-            return sum(w["buffers_in_use"] for w in doc["workers"])
+            return _buffers_in_use(admin)
 
         for i in range(n):
             s = socket.create_connection(("127.0.0.1", rw.port))
@@ -378,14 +388,7 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
             pytest.fail("%d requests waiting on their upstream still hold %d pool buffers"
                         % (n, last["in_use"]))
         up.release()
-        for s in socks:
-            s.settimeout(10)
-            got = b""
-            while b"\r\n\r\nok" not in got:
-                more = s.recv(4096)
-                assert more, "connection closed before its answer: %r" % got
-                got += more
-            assert got.startswith(b"HTTP/1.1 200"), got
+        _read_answers(socks)
     finally:
         for s in socks:
             s.close()
