@@ -1,6 +1,7 @@
 """Fixtures for Ringway's end-to-end tests: backends, configs, the ringway process."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,9 +102,6 @@ def make_config(port, upstreams, routes, server=None, listeners=None, admin=None
         "max_body_bytes": "2GiB",
         "header_timeout": "2s",
     }
-    # RINGWAY_TEST_DRIVER=epoll runs the tests built on this config on the epoll driver.
-    if os.environ.get("RINGWAY_TEST_DRIVER"):
-        srv["driver"] = os.environ["RINGWAY_TEST_DRIVER"]
     srv.update(server or {})
     out = ["[server]"]
     out += ["%s = %s" % (k, _toml_value(v)) for k, v in srv.items()]
@@ -168,6 +166,18 @@ class BackendProc:
         stop_process(self.proc)
 
 
+def with_test_driver(config_text):
+    """RINGWAY_TEST_DRIVER=epoll (or io_uring) puts every Ringway a test starts on that driver,
+    unless its config names one itself."""
+    driver = os.environ.get("RINGWAY_TEST_DRIVER")
+    if not driver or re.search(r"^\s*driver\s*=", config_text, re.M):
+        return config_text
+    line = "driver = %s" % _toml_value(driver)
+    if re.search(r"^\[server\]\s*$", config_text, re.M):
+        return re.sub(r"^\[server\]\s*$", "[server]\n" + line, config_text, count=1, flags=re.M)
+    return "[server]\n%s\n\n%s" % (line, config_text)
+
+
 class Ringway:
     def __init__(self, config_text, workdir, name="ringway", port=None, env=None):
         """env: variables added to this process's environment for ringway (provider keys)."""
@@ -175,7 +185,7 @@ class Ringway:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf = self.workdir / ("%s.toml" % name)
-        self.conf.write_text(config_text)
+        self.conf.write_text(with_test_driver(config_text))
         self.log_path = self.workdir / ("%s.stderr.log" % name)
         self.port = port
         self.proc = None
