@@ -319,9 +319,19 @@ def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
             s.sendall(b"GET /hold/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
             socks.append(s)
         wait_until(lambda: up.held >= n, 30, interval=0.1, what="%d requests held upstream" % n)
-        waiting = in_use()
+        # /stats refreshes its buffer figure once a tick: wait for one that counts them all
+        # (each waiting GET keeps its head for a replay).
+        seen = {}
+
+        def all_counted():
+            seen["in_use"] = in_use()
+            return seen["in_use"] >= n
+
+        try:
+            wait_until(all_counted, 3, interval=0.05, what="the waiting requests' buffers counted")
+        except AssertionError:
+            pytest.fail("only %d buffers in use for %d waiting requests" % (seen["in_use"], n))
         peak = rw.rss()
-        assert waiting >= n, "only %d buffers in use for %d waiting requests" % (waiting, n)
         assert peak - baseline > 16 * MiB, (
             "the burst grew RSS only %.1f MiB: nothing to give back" % ((peak - baseline) / MiB))
         up.release()
@@ -376,11 +386,14 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
             s.sendall(b"POST /hold/%d HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi" % i)
             socks.append(s)
         wait_until(lambda: up.held >= n, 10, interval=0.05, what="%d requests held upstream" % n)
+        held_at = time.monotonic()
         last = {}
 
         def none_held():
+            # /stats refreshes its buffer figure once a tick (0.1 s): a zero read sooner than
+            # a few ticks after the requests were held may predate them.
             last["in_use"] = in_use()
-            return last["in_use"] == 0
+            return last["in_use"] == 0 and time.monotonic() - held_at >= 0.35
 
         try:
             wait_until(none_held, 3, interval=0.05, what="no buffer held by waiting requests")
