@@ -56,6 +56,34 @@ pub(crate) trait Sink {
     fn scalar_bytes(&mut self, _bytes: &[u8]) {}
 }
 
+/// Two sinks fed from one pass: every event goes to the first, then the second.
+impl<A: Sink + ?Sized, B: Sink + ?Sized> Sink for (&mut A, &mut B) {
+    fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+        self.0.value_start(kind, depth, at);
+        self.1.value_start(kind, depth, at);
+    }
+    fn value_end(&mut self, kind: Kind, depth: usize, end: u64) {
+        self.0.value_end(kind, depth, end);
+        self.1.value_end(kind, depth, end);
+    }
+    fn key_start(&mut self, depth: usize) {
+        self.0.key_start(depth);
+        self.1.key_start(depth);
+    }
+    fn key_end(&mut self, depth: usize) {
+        self.0.key_end(depth);
+        self.1.key_end(depth);
+    }
+    fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+        self.0.string_bytes(key, bytes);
+        self.1.string_bytes(key, bytes);
+    }
+    fn scalar_bytes(&mut self, bytes: &[u8]) {
+        self.0.scalar_bytes(bytes);
+        self.1.scalar_bytes(bytes);
+    }
+}
+
 /// Number grammar states (RFC 8259 §6); `Zero`, `Int`, `Frac`, `ExpDigits` may end a number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Num {
@@ -298,7 +326,7 @@ impl Scanner {
                 St::Str { key } => {
                     // Bulk path: most of a large body is string content (base64 images, text).
                     let rest = &input[i..];
-                    let j = memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                    let j = string_run(rest);
                     let run = &rest[..j];
                     if let Some(k) = first_control(run) {
                         // Report the valid prefix first so events do not depend on split points.
@@ -365,6 +393,17 @@ impl Scanner {
                     } else {
                         self.st = St::Uni { key, n: n + 1, acc };
                     }
+                }
+                St::Num(n @ (Num::Int | Num::Frac | Num::ExpDigits)) if b.is_ascii_digit() => {
+                    // A run of digits in one piece: the state does not change inside it.
+                    let run = input[i..]
+                        .iter()
+                        .position(|c| !c.is_ascii_digit())
+                        .unwrap_or(input.len() - i);
+                    sink.scalar_bytes(&input[i..i + run]);
+                    self.st = St::Num(n);
+                    i += run;
+                    continue;
                 }
                 St::Num(n) => {
                     let next = match (n, b) {
@@ -537,6 +576,18 @@ impl<const N: usize> SmallBuf<N> {
     pub(crate) fn get(&self) -> Option<&[u8]> {
         (!self.overflow).then(|| &self.buf[..self.len])
     }
+}
+
+/// How many bytes of `rest` (inside a string) come before its closing quote or next escape.
+fn string_run(rest: &[u8]) -> usize {
+    // Keys and most values end within a few bytes, where a plain loop beats the set-up of a
+    // vector search; long content takes the vector search.
+    const SHORT: usize = 16;
+    let head = &rest[..rest.len().min(SHORT)];
+    if let Some(k) = head.iter().position(|&c| c == b'"' || c == b'\\') {
+        return k;
+    }
+    head.len() + memchr2(b'"', b'\\', &rest[head.len()..]).unwrap_or(rest.len() - head.len())
 }
 
 /// The first control byte (below 0x20, never valid inside a JSON string) of `run`.

@@ -38,7 +38,7 @@ pub enum ModelScan {
 
 /// The scanner's callbacks and what they found.
 #[derive(Debug, Default)]
-struct ModelSink {
+pub(crate) struct ModelSink {
     /// The top-level key being read (only its first bytes matter).
     key: SmallBuf<8>,
     /// The last completed top-level key was `model`.
@@ -47,8 +47,8 @@ struct ModelSink {
     capturing: bool,
     value: SmallBuf<MAX_MODEL_LEN>,
     value_start: u64,
-    found: Option<(String, Range<u64>)>,
-    problem: Option<&'static str>,
+    pub(crate) found: Option<(String, Range<u64>)>,
+    pub(crate) problem: Option<&'static str>,
     top_level_end: Option<u64>,
 }
 
@@ -122,8 +122,8 @@ impl Sink for ModelSink {
 #[derive(Debug, Default)]
 pub struct ModelScanner {
     scan: Scanner,
-    sink: ModelSink,
-    error: Option<JsonError>,
+    pub(crate) sink: ModelSink,
+    pub(crate) error: Option<JsonError>,
 }
 
 impl ModelScanner {
@@ -152,7 +152,7 @@ impl ModelScanner {
         self.state(true)
     }
 
-    fn state(&self, end: bool) -> ModelScan {
+    pub(crate) fn state(&self, end: bool) -> ModelScan {
         if self.error.is_some() || self.sink.problem.is_some() {
             return ModelScan::Invalid;
         }

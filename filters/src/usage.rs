@@ -23,6 +23,7 @@
 use serde_json::Value;
 
 use crate::json_scan::{Kind, Scanner, Sink, SmallBuf, MAX_DEPTH};
+use crate::model::{ModelScan, ModelScanner};
 use crate::sse::SseEvent;
 
 /// Largest top-level `usage` object [`JsonUsageScanner`] captures; real ones are a few hundred
@@ -62,6 +63,150 @@ pub struct Usage {
     pub cache_write: u64,
     /// Reported or estimated.
     pub source: UsageSource,
+}
+
+/// The fields of a usage object that [`Counts`] reads; any other is read past unparsed.
+#[derive(Default)]
+struct RawUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    /// `prompt_tokens_details.cached_tokens`.
+    prompt_tokens_details: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    /// `input_tokens_details.cached_tokens`.
+    input_tokens_details: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+}
+
+/// The keys [`RawUsage`] reads, in its field order; the details objects' `cached_tokens` last.
+const USAGE_KEYS: [&str; 9] = [
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "input_tokens",
+    "output_tokens",
+    "input_tokens_details",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "cached_tokens",
+];
+
+impl<'de> serde::Deserialize<'de> for RawUsage {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawUsage;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a usage object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<RawUsage, A::Error> {
+                // As with `Value::get`, the last of repeated keys wins.
+                let mut u = RawUsage::default();
+                while let Some(Key(k)) = a.next_key()? {
+                    let slot = match k {
+                        0 => &mut u.prompt_tokens,
+                        1 => &mut u.completion_tokens,
+                        2 => &mut u.prompt_tokens_details,
+                        3 => &mut u.input_tokens,
+                        4 => &mut u.output_tokens,
+                        5 => &mut u.input_tokens_details,
+                        6 => &mut u.cache_creation_input_tokens,
+                        7 => &mut u.cache_read_input_tokens,
+                        _ => {
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = if k == 2 || k == 5 {
+                        a.next_value::<Count<true>>()?.0
+                    } else {
+                        a.next_value::<Count<false>>()?.0
+                    };
+                }
+                Ok(u)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A token count: a non-negative integer, or (`DETAILS`) an object's `cached_tokens`; any other
+/// value is read past and counts as absent, as `Value::as_u64` and `Value::get` have it.
+struct Count<const DETAILS: bool>(Option<u64>);
+
+impl<'de, const DETAILS: bool> serde::Deserialize<'de> for Count<DETAILS> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V<const DETAILS: bool>;
+        impl<'de, const DETAILS: bool> Visitor<'de> for V<DETAILS> {
+            type Value = Count<DETAILS>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a token count")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Count(Some(v).filter(|_| !DETAILS)))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Count(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Count(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Count(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Count(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Count(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                let mut cached = None;
+                while let Some(Key(k)) = a.next_key()? {
+                    if DETAILS && k == USAGE_KEYS.len() - 1 {
+                        cached = a.next_value::<Count<false>>()?.0;
+                    } else {
+                        a.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Count(cached))
+            }
+        }
+        d.deserialize_any(V::<DETAILS>)
+    }
+}
+
+/// A key, as its index in [`USAGE_KEYS`] (its length: another key), read without allocating
+/// whether escaped or not.
+struct Key(usize);
+
+impl<'de> serde::Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+                Ok(Key(USAGE_KEYS
+                    .iter()
+                    .position(|k| *k == v)
+                    .unwrap_or(USAGE_KEYS.len())))
+            }
+        }
+        d.deserialize_identifier(V)
+    }
 }
 
 /// Estimated tokens for `chars` characters of text: `ceil(chars / 4)`.
@@ -112,6 +257,30 @@ impl Counts {
             // Responses API: input_tokens includes cached ones. Anthropic: it excludes them.
             c.input = num("input_tokens").map(|i| i + cw.unwrap_or(0) + cr.unwrap_or(0));
             c.output = num("output_tokens").or_else(|| num("completion_tokens"));
+            c.cache_read = openai_cached.or(cr);
+            c.cache_write = cw;
+        }
+        (c != Counts::default()).then_some(c)
+    }
+
+    /// [`from_usage`](Self::from_usage) read straight from the usage object's bytes, without a
+    /// JSON tree: the same fields, with the same tolerance for values of another type (they
+    /// count as absent). `None` where the bytes are not one JSON object.
+    fn from_usage_json(bytes: &[u8]) -> Option<Counts> {
+        let u: RawUsage = serde_json::from_slice(bytes).ok()?;
+        let mut c = Counts::default();
+        if let Some(p) = u.prompt_tokens {
+            c.input = Some(p);
+            c.output = u.completion_tokens;
+            c.cache_read = u.prompt_tokens_details;
+        } else {
+            let openai_cached = u.input_tokens_details;
+            let cw = u.cache_creation_input_tokens;
+            let cr = u.cache_read_input_tokens;
+            c.input = u
+                .input_tokens
+                .map(|i| i + cw.unwrap_or(0) + cr.unwrap_or(0));
+            c.output = u.output_tokens.or(u.completion_tokens);
             c.cache_read = openai_cached.or(cr);
             c.cache_write = cw;
         }
@@ -893,6 +1062,15 @@ impl JsonUsageScanner {
         if from < to {
             // Both lie within `chunk`, so the differences fit in usize.
             let piece = &chunk[(from - base) as usize..(to - base) as usize];
+            if self.captured.is_empty()
+                && from == start
+                && self.sink.usage_end == Some(to)
+                && piece.len() <= MAX_USAGE_BYTES
+            {
+                // The whole object is in this chunk: read in place, nothing copied.
+                self.counts = Counts::from_usage_json(piece);
+                return;
+            }
             if self.captured.len() + piece.len() > MAX_USAGE_BYTES {
                 self.too_big = true;
                 self.captured = Vec::new();
@@ -901,9 +1079,7 @@ impl JsonUsageScanner {
             self.captured.extend_from_slice(piece);
         }
         if self.sink.usage_end.is_some() {
-            self.counts = serde_json::from_slice::<Value>(&self.captured)
-                .ok()
-                .and_then(|v| Counts::from_usage(&v));
+            self.counts = Counts::from_usage_json(&self.captured);
             self.captured = Vec::new();
         }
     }
@@ -1233,6 +1409,31 @@ impl RequestEstimator {
         if !self.invalid && self.scan.finish(&mut *self.sink).is_err() {
             self.invalid = true;
         }
+    }
+
+    /// Reads a whole body (then [`finish`](Self::finish) is done) and finds its model in the
+    /// same tokenizer pass. The model is what a fresh `model` scanner's [`ModelScanner::feed`]
+    /// of the body answers, or its [`ModelScanner::finish`] when that was `NeedMore`: a body
+    /// whose model was found reads as such even if its JSON is then cut short.
+    pub fn feed_whole_with_model(&mut self, body: &[u8], model: &mut ModelScanner) -> ModelScan {
+        if self.invalid {
+            return model.state(true);
+        }
+        let mut both = (&mut *self.sink, &mut model.sink);
+        if let Err(e) = self.scan.feed(body, &mut both) {
+            self.invalid = true;
+            model.error = Some(e);
+            return model.state(true);
+        }
+        // What `ModelScanner::feed` would answer now is not `NeedMore`.
+        let decided = both.1.problem.is_some() || both.1.found.is_some() || self.scan.is_done();
+        if let Err(e) = self.scan.finish(&mut both) {
+            self.invalid = true;
+            if !decided {
+                model.error = Some(e);
+            }
+        }
+        model.state(true)
     }
 
     /// The body is not valid JSON (estimates then cover only what came before the error).
@@ -1958,6 +2159,26 @@ mod tests {
                 view(&estimate(&input, &[])),
                 "estimator round {round}"
             );
+            // One pass for both gives what the two passes give.
+            let mut both = RequestEstimator::new();
+            let mut m = crate::model::ModelScanner::new();
+            let found = both.feed_whole_with_model(&input, &mut m);
+            let mut alone = crate::model::ModelScanner::new();
+            let want = match alone.feed(&input) {
+                crate::model::ModelScan::NeedMore => alone.finish(),
+                other => other,
+            };
+            assert_eq!(found, want, "one-pass model round {round}");
+            assert_eq!(
+                view(&both),
+                view(&estimate(&input, &[])),
+                "one-pass estimator round {round}"
+            );
+            assert_eq!(
+                both.is_invalid(),
+                estimate(&input, &[]).is_invalid(),
+                "one-pass validity round {round}"
+            );
         }
     }
 
@@ -1979,6 +2200,40 @@ mod tests {
                 m.feed(b);
                 let _ = m.finish();
             }
+        }
+    }
+
+    /// The usage read from its bytes is the usage read through a JSON tree, for every shape
+    /// and for values of the wrong type, repeated keys, escapes and nesting.
+    #[test]
+    fn usage_read_from_bytes_matches_the_json_tree() {
+        let cases = [
+            r#"{"prompt_tokens":9,"completion_tokens":512,"total_tokens":521}"#,
+            r#"{"prompt_tokens":100,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":40,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":3}}"#,
+            r#"{"input_tokens":10,"cache_creation_input_tokens":7,"cache_read_input_tokens":3,"output_tokens":20}"#,
+            r#"{"input_tokens":10,"input_tokens_details":{"cached_tokens":4},"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1},"total_tokens":12}"#,
+            r#"{"completion_tokens":8,"input_tokens":1}"#,
+            r#"{"prompt_tokens":"9","completion_tokens":1.5,"prompt_tokens_details":null}"#,
+            r#"{"prompt_tokens":-1,"completion_tokens":true}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2,"completion_tokens":[1,2],"prompt_tokens_details":{"cached_tokens":{"cached_tokens":5}}}"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":7}"#,
+            r#"{"prompt_tokens":3,"prompt_tokens_details":[{"cached_tokens":1}]}"#,
+            r#"{"prompt\u005ftokens":6,"completion_tokens":1e2}"#,
+            r#"{"prompt_tokens":18446744073709551615,"x":{"y":[{"z":null}]}}"#,
+            r#"{"prompt_tokens":184467440737095516150}"#,
+            r#"{}"#,
+            r#"{"other":1}"#,
+            r#"[1,2]"#,
+            r#"7"#,
+            r#"null"#,
+            r#"{"prompt_tokens":1"#,
+        ];
+        for c in cases {
+            let tree = serde_json::from_str::<Value>(c)
+                .ok()
+                .and_then(|v| Counts::from_usage(&v));
+            assert_eq!(Counts::from_usage_json(c.as_bytes()), tree, "{c}");
         }
     }
 }
