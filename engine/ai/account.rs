@@ -61,7 +61,7 @@ pub struct AiCtx {
     pub json_bytes: u64,
     /// The response was an event stream.
     pub streamed: bool,
-    /// When the request was sent upstream.
+    /// When the request was sent upstream (until then, when its body was read).
     pub sent_at: Instant,
     /// When the first generated content arrived.
     pub first_token: Option<Instant>,
@@ -89,6 +89,7 @@ impl AiCtx {
         injected: bool,
         input_estimate: u64,
         stats: bool,
+        sent_at: Instant,
     ) -> Self {
         Self {
             route: route.to_string(),
@@ -104,7 +105,7 @@ impl AiCtx {
             decoder: None,
             json_bytes: 0,
             streamed: false,
-            sent_at: Instant::now(),
+            sent_at,
             first_token: None,
             done_at: None,
             status: 0,
@@ -310,18 +311,19 @@ fn record(ctx: &AiCtx, u: &Usage) {
     let Ok(mut map) = store().lock() else { return };
     let model = ctx.model.as_deref().unwrap_or("unknown");
     let consumer = ctx.consumer.as_deref().unwrap_or("anonymous");
-    let mut key: (&str, &str, &str) = (&ctx.route, model, consumer);
-    if !map.contains_key(&key as &dyn KeyParts) && map.len() >= MAX_SERIES {
-        key = (&ctx.route, "other", "other");
-    }
-    if !map.contains_key(&key as &dyn KeyParts) {
-        map.insert(
-            (key.0.into(), key.1.into(), key.2.into()),
-            Series::default(),
-        );
-    }
-    let Some(s) = map.get_mut(&key as &dyn KeyParts) else {
-        return;
+    let key: (&str, &str, &str) = (&ctx.route, model, consumer);
+    // One hash of the key on the common path (its series exists).
+    let s = match map.get_mut(&key as &dyn KeyParts) {
+        Some(s) => s,
+        None => {
+            let key = if map.len() >= MAX_SERIES {
+                (ctx.route.as_str(), "other", "other")
+            } else {
+                key
+            };
+            map.entry((key.0.into(), key.1.into(), key.2.into()))
+                .or_default()
+        }
     };
     let est = usize::from(u.source == UsageSource::Estimated);
     match s.requests.iter().position(|(st, _)| *st == ctx.status) {

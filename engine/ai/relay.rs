@@ -74,7 +74,11 @@ pub async fn relay(
         BodyKind::CloseDelimited => Reader::Eof,
     };
     // Content-Encoding is end to end, so it is still in the head rewritten for the client.
-    let coding = content_coding(&ubuf[head.clone()]);
+    let coding = if rp.coded {
+        content_coding(&ubuf[head.clone()])
+    } else {
+        ContentCoding::Identity
+    };
     ctx.decoder = coding.decoder();
     // A coding Ringway cannot read: the body is only measured, for an estimate
     // from its length, and (being unread) never edited.

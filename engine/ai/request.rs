@@ -54,6 +54,8 @@ pub struct AiRequest {
     pub has_body: bool,
     /// Time spent scanning and editing the body (Ringway's own, not the client's upload).
     pub scan_time: Duration,
+    /// When the scan ended (the body was whole before it began).
+    pub scanned_at: Option<std::time::Instant>,
 }
 
 /// The body's model name: what the route's `model_map` made of it, what was written for the
@@ -161,6 +163,7 @@ pub async fn capture(
         body,
         slot: None,
         scan_time: Duration::ZERO,
+        scanned_at: None,
     };
     let Some(body) = req.body.as_mut() else {
         if !ai.models.is_empty() {
@@ -171,13 +174,7 @@ pub async fn capture(
 
     let scan_start = std::time::Instant::now();
     let mut est = RequestEstimator::new();
-    est.feed(body);
-    est.finish();
-    let mut scan = ModelScanner::new();
-    let found = match scan.feed(body) {
-        ModelScan::NeedMore => scan.finish(),
-        other => other,
-    };
+    let found = est.feed_whole_with_model(body, &mut ModelScanner::new());
     let (model, model_range) = match found {
         ModelScan::Found { value, value_range } => (Some(value), Some(value_range)),
         ModelScan::NotFound | ModelScan::NeedMore => (None, None),
@@ -263,7 +260,9 @@ pub async fn capture(
         });
     }
     req.model = model;
-    req.scan_time = scan_start.elapsed();
+    let scanned_at = std::time::Instant::now();
+    req.scan_time = scanned_at.saturating_duration_since(scan_start);
+    req.scanned_at = Some(scanned_at);
     Ok((req, pipelined))
 }
 

@@ -64,6 +64,23 @@ struct Entry {
     last_ms: u64,
 }
 
+impl Entry {
+    /// Adds one settled request to each window of the rule (`(period, limit)` pairs) that
+    /// contains `now_ms`; a window that ended is started afresh.
+    fn add(&mut self, windows: &[(u64, u64)], now_ms: u64, t: &Totals) {
+        self.last_ms = now_ms;
+        self.n = windows.len().min(MAX_WINDOWS);
+        for (slot, &(period, limit)) in self.windows.iter_mut().zip(windows) {
+            let start = window_start(now_ms, period);
+            if slot.0 != period || slot.1 != start {
+                *slot = (period, start, limit, Totals::default());
+            }
+            slot.2 = limit;
+            slot.3.add(t);
+        }
+    }
+}
+
 /// Locks of a ledger that holds many keys: workers settling different keys rarely meet.
 const SHARDS: usize = 16;
 /// Entries looked at to choose one to evict: an approximate LRU in constant time.
@@ -98,40 +115,30 @@ impl Ledger {
         let Ok(mut map) = self.shard(key).lock() else {
             return;
         };
-        // A key seen before is updated in place: no allocation per request.
-        if !map.contains_key(key) {
-            if map.len() >= self.per_shard {
-                // The least recently used of a few entries (the map's order is arbitrary):
-                // a full ledger costs the same per new key as an empty one.
-                if let Some(oldest) = map
-                    .iter()
-                    .take(EVICT_SAMPLE)
-                    .min_by_key(|(_, e)| e.last_ms)
-                    .map(|(k, _)| k.clone())
-                {
-                    map.remove(&oldest);
-                }
-            }
-            map.insert(
-                key.into(),
-                Entry {
-                    windows: [(0, 0, 0, Totals::default()); MAX_WINDOWS],
-                    n: 0,
-                    last_ms: now_ms,
-                },
-            );
+        // A key seen before is updated in place: one hash, no allocation per request.
+        if let Some(e) = map.get_mut(key) {
+            e.add(windows, now_ms, t);
+            return;
         }
-        let Some(e) = map.get_mut(key) else { return };
-        e.last_ms = now_ms;
-        e.n = windows.len().min(MAX_WINDOWS);
-        for (slot, &(period, limit)) in e.windows.iter_mut().zip(windows) {
-            let start = window_start(now_ms, period);
-            if slot.0 != period || slot.1 != start {
-                *slot = (period, start, limit, Totals::default());
+        if map.len() >= self.per_shard {
+            // The least recently used of a few entries (the map's order is arbitrary):
+            // a full ledger costs the same per new key as an empty one.
+            if let Some(oldest) = map
+                .iter()
+                .take(EVICT_SAMPLE)
+                .min_by_key(|(_, e)| e.last_ms)
+                .map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
             }
-            slot.2 = limit;
-            slot.3.add(t);
         }
+        let mut e = Entry {
+            windows: [(0, 0, 0, Totals::default()); MAX_WINDOWS],
+            n: 0,
+            last_ms: now_ms,
+        };
+        e.add(windows, now_ms, t);
+        map.insert(key.into(), e);
     }
 
     /// The rows of the windows that contain `now_ms` (a key idle since an earlier window shows

@@ -58,7 +58,8 @@ pub(super) async fn exchange(
             return reject(w, g, client, rej, plan.is_head, None).await;
         }
     };
-    let captured_at = std::time::Instant::now();
+    // One clock read less on the common path: the scan just ended.
+    let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
     record.model = req.model.clone();
     let consumer = plan
         .consumer
@@ -70,6 +71,7 @@ pub(super) async fn exchange(
         req.injected,
         req.input_estimate,
         route_ai.stats,
+        captured_at,
     );
     ctx.keepalive = route_ai.sse_keepalive;
 
@@ -122,6 +124,7 @@ pub(super) async fn exchange(
             .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
             .min(rl.max_cost(check))
             .max(1);
+        // Read per filter: an acquire can wait (a cluster lease), and windows follow the clock.
         let now = now_ms();
         let d = rl.acquire(check, cost, now, redis_timeout).await;
         let unit = usize::from(rl.cost);

@@ -30,6 +30,8 @@ pub struct RespPlan {
     pub interim: bool,
     /// A `text/event-stream` body.
     pub sse: bool,
+    /// The upstream named a Content-Encoding (the AI relay reads which only then).
+    pub coded: bool,
     /// Ringway frames the body for the client itself (chunked, or
     /// close-delimited for HTTP/1.0): an inspected event stream, whose frames
     /// it may remove.
@@ -108,6 +110,10 @@ pub fn plan_response(
                 && h.value.len() >= 17
                 && h.value[..17].eq_ignore_ascii_case(b"text/event-stream")
         });
+        let coded = head
+            .headers
+            .iter()
+            .any(|h| h.name.len() == 16 && h.name.eq_ignore_ascii_case("content-encoding"));
         let reframe = inspect_sse && sse && !interim && !matches!(head.body, BodyKind::None);
         let chunked = matches!(head.body, BodyKind::Chunked);
         let dechunk = chunked && req.version == 0;
@@ -199,6 +205,7 @@ pub fn plan_response(
             dechunk,
             interim,
             sse,
+            coded,
             reframe,
             http10: req.version == 0,
             retry_after,
