@@ -402,7 +402,7 @@ pub fn plan_request(
                 out.extend_from_slice(b", ");
             }
         }
-        let _ = write!(out, "{peer}");
+        out.extend_from_slice(ip_text(peer, &mut [0u8; IP_TEXT_MAX]));
         out.extend_from_slice(if tls.is_some() {
             b"\r\nx-forwarded-proto: https\r\n".as_slice()
         } else {
@@ -499,6 +499,36 @@ pub fn plan_request(
 }
 
 /// The hash of a client address, for `hash_key = "ip"`.
+/// Longest address [`ip_text`] writes (an IPv6 address is at most 45 characters).
+const IP_TEXT_MAX: usize = 64;
+
+/// `ip` as text, written into `buf`: IPv4 (every request's `x-forwarded-for`) without
+/// `core::fmt`.
+fn ip_text(ip: IpAddr, buf: &mut [u8; IP_TEXT_MAX]) -> &[u8] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, o) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                let mut digits = itoa::Buffer::new();
+                let d = digits.format(o).as_bytes();
+                buf[n..n + d.len()].copy_from_slice(d);
+                n += d.len();
+            }
+            &buf[..n]
+        }
+        IpAddr::V6(_) => {
+            let mut cur = std::io::Cursor::new(&mut buf[..]);
+            let _ = write!(cur, "{ip}");
+            let n = cur.position() as usize;
+            &buf[..n]
+        }
+    }
+}
+
 fn hash_ip(ip: IpAddr) -> u64 {
     match ip {
         IpAddr::V4(v4) => hash_bytes(&v4.octets()),
@@ -547,17 +577,12 @@ fn run_filters<'s>(
             }
             Filter::AiStats => {}
             Filter::RateLimit(rl) | Filter::TokenLimit(rl) => {
-                let mut ip_text = [0u8; 64];
+                let mut ip_buf = [0u8; IP_TEXT_MAX];
                 let value: Option<&[u8]> = match &rl.conf.key {
                     KeySource::Consumer => {
                         consumer.map(|c| shared.filters.auth.consumer_name(c as usize).as_bytes())
                     }
-                    KeySource::Ip => {
-                        let mut cur = std::io::Cursor::new(&mut ip_text[..]);
-                        let _ = write!(cur, "{peer}");
-                        let n = cur.position() as usize;
-                        Some(&ip_text[..n])
-                    }
+                    KeySource::Ip => Some(ip_text(peer, &mut ip_buf)),
                     KeySource::Header(name) => header(name),
                     KeySource::Query(name) => query
                         .and_then(|q| ringway_filters::auth::query_param(q, name))
@@ -595,4 +620,28 @@ fn run_filters<'s>(
         key_from,
         key_param,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ip_text, IP_TEXT_MAX};
+    use std::net::IpAddr;
+
+    /// Addresses are written as `Display` writes them, v4 and v6.
+    #[test]
+    fn ip_text_is_the_display_form() {
+        for a in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.0.12.1",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            let mut buf = [0u8; IP_TEXT_MAX];
+            assert_eq!(ip_text(ip, &mut buf), ip.to_string().as_bytes(), "{a}");
+        }
+    }
 }
