@@ -301,28 +301,32 @@ impl LimitCheck {
     }
 }
 
-/// The limit checks of one request.
-#[derive(Debug, Clone, Copy, Default)]
+/// The limit checks of one request. On the heap, and only when there are any: a request
+/// plan is moved several times on its way, and most routes check no limit.
+#[derive(Debug, Clone, Default)]
 pub struct LimitChecks {
-    items: [Option<LimitCheck>; MAX_CHECKS],
+    items: Vec<LimitCheck>,
 }
 
 impl LimitChecks {
     /// Adds a check (a route with more limit filters than [`MAX_CHECKS`]
     /// is refused by the config check).
     pub fn push(&mut self, c: LimitCheck) {
-        if let Some(slot) = self.items.iter_mut().find(|s| s.is_none()) {
-            *slot = Some(c);
+        if self.items.len() < MAX_CHECKS {
+            if self.items.is_empty() {
+                self.items.reserve_exact(MAX_CHECKS);
+            }
+            self.items.push(c);
         }
     }
 
     /// The checks, in filter order.
     pub fn iter(&self) -> impl Iterator<Item = &LimitCheck> {
-        self.items.iter().flatten()
+        self.items.iter()
     }
 
     /// True when there is nothing to check.
     pub fn is_empty(&self) -> bool {
-        self.items[0].is_none()
+        self.items.is_empty()
     }
 }

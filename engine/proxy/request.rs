@@ -53,7 +53,7 @@ impl RequestId {
 }
 
 /// What the rest of the exchange needs to know about a request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Plan {
     /// Index of the matched route.
     pub route: usize,
