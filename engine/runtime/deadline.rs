@@ -13,6 +13,7 @@
 use std::{
     cell::{Cell, RefCell},
     future::Future,
+    num::NonZeroU64,
     pin::Pin,
     rc::Rc,
     task::{Context, Poll, Waker},
@@ -29,8 +30,9 @@ const SLOTS: u64 = 128;
 struct Bucket {
     wakers: Vec<Option<Waker>>,
     free: Vec<u32>,
-    /// Bumped each time the bucket fires, invalidating its registrations.
-    epoch: u64,
+    /// Bumped each time the bucket fires, invalidating its registrations (never zero, so a
+    /// registration key has a niche and an idle connection's deadline stays small).
+    epoch: NonZeroU64,
 }
 
 struct Wheel {
@@ -57,7 +59,7 @@ pub fn install() -> impl Future<Output = ()> {
                 .map(|_| Bucket {
                     wakers: Vec::new(),
                     free: Vec::new(),
-                    epoch: 0,
+                    epoch: NonZeroU64::MIN,
                 })
                 .collect(),
         ),
@@ -88,7 +90,7 @@ fn fire(wheel: &Wheel, tick: u64) {
     let wakers: Vec<Waker> = {
         let mut buckets = wheel.buckets.borrow_mut();
         let b = &mut buckets[(tick % SLOTS) as usize];
-        b.epoch += 1;
+        b.epoch = b.epoch.saturating_add(1);
         b.free.clear();
         b.wakers.drain(..).flatten().collect()
     };
@@ -107,7 +109,8 @@ pub struct Expire {
     due: u64,
     /// An idle wait: it also resolves when the worker drains.
     idle: bool,
-    key: Option<(usize, u32, u64)>,
+    /// Where the waker is registered: bucket, slot, the bucket's epoch then.
+    key: Option<(u32, u32, NonZeroU64)>,
 }
 
 impl Expire {
@@ -138,7 +141,7 @@ impl Expire {
     fn unregister(&mut self) {
         if let (Some(w), Some((b, slot, epoch))) = (&self.wheel, self.key.take()) {
             let mut buckets = w.buckets.borrow_mut();
-            let bucket = &mut buckets[b];
+            let bucket = &mut buckets[b as usize];
             if bucket.epoch == epoch {
                 bucket.wakers[slot as usize] = None;
                 bucket.free.push(slot);
@@ -161,7 +164,7 @@ impl Future for Expire {
         }
         let mut buckets = wheel.buckets.borrow_mut();
         if let Some((b, slot, epoch)) = self.key {
-            let bucket = &mut buckets[b];
+            let bucket = &mut buckets[b as usize];
             if bucket.epoch == epoch {
                 // Still registered: refresh the waker only if it changed.
                 let entry = &mut bucket.wakers[slot as usize];
@@ -172,8 +175,9 @@ impl Future for Expire {
             }
         }
         let ahead = (self.due - now).min(SLOTS - 1);
-        let b = ((now + ahead) % SLOTS) as usize;
-        let bucket = &mut buckets[b];
+        // `SLOTS` is small: the bucket index fits in a u32.
+        let b = ((now + ahead) % SLOTS) as u32;
+        let bucket = &mut buckets[b as usize];
         let slot = match bucket.free.pop() {
             Some(s) => {
                 bucket.wakers[s as usize] = Some(cx.waker().clone());

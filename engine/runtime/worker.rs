@@ -460,6 +460,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, stop: Rc<Stop>) {
+    // Shared by every connection it accepts (an idle connection keeps 8 bytes, not 32).
+    let shared_addr = Rc::new(addr);
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -481,12 +483,18 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, sto
                             w.clone(),
                             Stream::Plain(stream),
                             peer,
-                            addr,
+                            shared_addr.clone(),
                             None,
                         ));
                     }
                     Some(tls) => {
-                        monoio::spawn(proxy::serve_tls(w.clone(), stream, tls, peer, addr));
+                        monoio::spawn(proxy::serve_tls(
+                            w.clone(),
+                            stream,
+                            tls,
+                            peer,
+                            shared_addr.clone(),
+                        ));
                     }
                 }
             }
