@@ -268,6 +268,22 @@ impl DerefMut for PoolBuf {
     }
 }
 
+impl PoolBuf {
+    /// A buffer of at least `bytes` bytes from the same pool for a bulk transfer, only while
+    /// half of the pool stays free after it: large bodies never crowd out ordinary requests.
+    pub fn try_bulk(&self, bytes: usize) -> Option<PoolBuf> {
+        let inner = &self.pool;
+        let slots = bytes.div_ceil(inner.slot_size).max(1);
+        if (inner.slots_used.get() + slots) * 2 > inner.slots_total {
+            return None;
+        }
+        BufPool {
+            inner: inner.clone(),
+        }
+        .try_acquire_bytes(bytes)
+    }
+}
+
 impl Drop for PoolBuf {
     fn drop(&mut self) {
         let pool = &self.pool;
@@ -313,6 +329,23 @@ unsafe impl monoio::buf::IoBufMut for PoolBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bulk buffer is granted only while half of the pool stays free after it.
+    #[test]
+    fn bulk_buffers_leave_half_the_pool_free() {
+        let pool = BufPool::new(1024, 8);
+        let a = pool.try_acquire().unwrap();
+        // 1 + 4 slots would leave 3 of 8 free.
+        assert!(a.try_bulk(4096).is_none());
+        let b = a.try_bulk(3 * 1024).unwrap();
+        assert!(b.capacity() >= 3 * 1024);
+        assert_eq!(pool.in_use(), 4);
+        assert!(a.try_bulk(1).is_none());
+        drop(b);
+        assert_eq!(pool.in_use(), 1);
+        drop(a);
+        assert!(pool.try_acquire().unwrap().try_bulk(3 * 1024).is_some());
+    }
 
     #[test]
     fn budget_is_never_exceeded() {

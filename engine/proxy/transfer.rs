@@ -122,8 +122,30 @@ pub async fn write_range(
     }
 }
 
-/// Moves exactly `n` bytes with a read/write loop through `buf`.
-pub async fn copy_exact(
+/// Most slots one bulk transfer takes (64 KiB with 16 KiB slots).
+const BULK_SLOTS: usize = 4;
+
+/// Moves exactly `n` bytes with a read/write loop through `buf`. A body larger than `buf`
+/// moves through one buffer of up to [`BULK_SLOTS`] slots when the pool can spare them (see
+/// [`PoolBuf::try_bulk`]), in fewer reads and writes: a 64 KiB POST body costs a quarter of
+/// the operations. `buf` itself comes back.
+pub async fn copy_exact(r: &mut Route<'_>, buf: PoolBuf, n: u64) -> Result<PoolBuf, XferError> {
+    let cap = buf.capacity();
+    if n > cap as u64 {
+        let want = usize::try_from(n).unwrap_or(usize::MAX);
+        let slot = cap.max(1);
+        if let Some(bulk) = buf.try_bulk(want.min(BULK_SLOTS * slot)) {
+            copy_through(r, bulk, n).await?;
+            let mut buf = buf;
+            buf.clear();
+            return Ok(buf);
+        }
+    }
+    copy_through(r, buf, n).await
+}
+
+/// [`copy_exact`]'s loop, through `buf` as it is.
+async fn copy_through(
     r: &mut Route<'_>,
     mut buf: PoolBuf,
     mut n: u64,
@@ -374,6 +396,57 @@ mod tests {
     use crate::{buf::BufPool, runtime::deadline};
     use monoio::{net::TcpListener, LegacyDriver, RuntimeBuilder};
     use std::{io::Write as _, time::Instant};
+
+    /// A body larger than the buffer it is given moves through a bulk buffer, byte for byte,
+    /// and every slot goes back to the pool.
+    #[test]
+    fn a_large_body_moves_whole_through_a_bulk_buffer() {
+        let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            monoio::spawn(deadline::install());
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            const N: usize = 200_000;
+            let body: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
+            let sent = body.clone();
+            let feeder = std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).expect("connect");
+                s.write_all(&sent).expect("write");
+            });
+            let (src, _) = listener.accept().await.expect("accept");
+            let mut src = Stream::Plain(src);
+            let reader = std::thread::spawn(move || {
+                use std::io::Read as _;
+                let mut s = std::net::TcpStream::connect(addr).expect("connect");
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).expect("read");
+                got
+            });
+            let (dst, _) = listener.accept().await.expect("accept");
+            let mut dst = Stream::Plain(dst);
+            let pool = BufPool::new(16 * 1024, 16);
+            let buf = pool.try_acquire().expect("buffer");
+            let mut route = Route {
+                src: &mut src,
+                src_side: Side::Client,
+                src_idle: Duration::from_secs(10),
+                dst: &mut dst,
+                dst_side: Side::Upstream,
+                dst_idle: Duration::from_secs(10),
+            };
+            let back = copy_exact(&mut route, buf, N as u64).await.expect("copy");
+            assert!(pool.peak() >= 5, "a bulk buffer was used");
+            drop(back);
+            assert_eq!(pool.in_use(), 0);
+            // Closing the destination ends the reader's read.
+            drop(dst);
+            assert_eq!(reader.join().expect("reader"), body);
+            let _ = feeder.join();
+        });
+    }
 
     /// A response body whose client stops reading is cut by the client's
     /// limit (`dst_idle`), however long the upstream's (`src_idle`) is.
