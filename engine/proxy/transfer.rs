@@ -393,20 +393,15 @@ async fn pump<R: AsyncReadRent, W: AsyncWriteRentExt>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{buf::BufPool, runtime::deadline};
-    use monoio::{net::TcpListener, LegacyDriver, RuntimeBuilder};
+    use crate::{buf::BufPool, runtime::deadline::tests::run};
+    use monoio::net::TcpListener;
     use std::{io::Write as _, time::Instant};
 
     /// A body larger than the buffer it is given moves through a bulk buffer, byte for byte,
     /// and every slot goes back to the pool.
     #[test]
     fn a_large_body_moves_whole_through_a_bulk_buffer() {
-        let mut rt = RuntimeBuilder::<LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            monoio::spawn(deadline::install());
+        run(async {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
             const N: usize = 200_000;
@@ -452,12 +447,7 @@ mod tests {
     /// limit (`dst_idle`), however long the upstream's (`src_idle`) is.
     #[test]
     fn a_stalled_destination_times_out_on_its_own_limit() {
-        let mut rt = RuntimeBuilder::<LegacyDriver>::new()
-            .enable_timer()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            monoio::spawn(deadline::install());
+        run(async {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
             let addr = listener.local_addr().expect("addr");
             // The source: a peer that always has bytes to read.

@@ -252,20 +252,28 @@ pub fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Timeout<F> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use monoio::{LegacyDriver, RuntimeBuilder};
 
-    /// A timeout started anywhere within a tick never ends before its limit
-    /// (and ends within about a tick after it).
-    #[test]
-    fn a_timeout_never_fires_early() {
+    /// Runs `f` to its end on a test runtime (legacy driver, timers) with this thread's
+    /// deadline wheel ticking.
+    pub(crate) fn run<F: Future>(f: F) -> F::Output {
         let mut rt = RuntimeBuilder::<LegacyDriver>::new()
             .enable_timer()
             .build()
             .expect("runtime");
         rt.block_on(async {
             monoio::spawn(install());
+            f.await
+        })
+    }
+
+    /// A timeout started anywhere within a tick never ends before its limit
+    /// (and ends within about a tick after it).
+    #[test]
+    fn a_timeout_never_fires_early() {
+        run(async {
             let limit = Duration::from_millis(200);
             for offset_ms in [0u64, 25, 50, 75, 95] {
                 monoio::time::sleep(Duration::from_millis(offset_ms)).await;

@@ -11,7 +11,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use monoio::net::{TcpListener, TcpStream};
-use monoio::{LegacyDriver, RuntimeBuilder};
 use rustls::pki_types::ServerName;
 use rustls::{
     ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
@@ -32,16 +31,7 @@ mod stream;
 /// Sizes every echo test moves: 1 B up to 1 MiB, around the record and slot sizes.
 const SIZES: &[usize] = &[1, 100, 16_383, 16_384, 16_385, 40_000, 65_536, 1 << 20];
 
-fn run<F: std::future::Future>(f: F) -> F::Output {
-    let mut rt = RuntimeBuilder::<LegacyDriver>::new()
-        .enable_timer()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        monoio::spawn(deadline::install());
-        f.await
-    })
-}
+use crate::runtime::deadline::tests::run;
 
 fn pool() -> BufPool {
     BufPool::new(16 * 1024, 64)
