@@ -321,8 +321,18 @@ fn record(ctx: &AiCtx, u: &Usage) {
             } else {
                 key
             };
-            map.entry((key.0.into(), key.1.into(), key.2.into()))
-                .or_default()
+            // Owned strings only for a series not seen yet: past the cap, a stream of new
+            // model names all land in "other" without allocating.
+            if !map.contains_key(&key as &dyn KeyParts) {
+                map.insert(
+                    (key.0.into(), key.1.into(), key.2.into()),
+                    Series::default(),
+                );
+            }
+            let Some(s) = map.get_mut(&key as &dyn KeyParts) else {
+                return;
+            };
+            s
         }
     };
     let est = usize::from(u.source == UsageSource::Estimated);
