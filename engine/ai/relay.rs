@@ -16,8 +16,8 @@ use monoio::{
 };
 use ringway_filters::{
     coding::ContentCoding,
-    sse::{SseItem, SseParser},
-    usage::usage_member,
+    sse::{FrameSink, SseEvent, SseItem, SseParser},
+    usage::{usage_member, EventOutcome, UsageTracker},
 };
 
 use super::account::{AiCtx, MAX_SSE_FRAME};
@@ -94,7 +94,6 @@ pub async fn relay(
     let mut at = rp.head_end;
     let mut held: Vec<u8> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
-    let mut frames = FrameCuts::default();
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut clean = true;
     loop {
@@ -138,6 +137,19 @@ pub async fn relay(
             let room = head_len + if rechunk { CHUNK_LINE_MAX } else { 0 };
             out.clear();
             out.resize(room, 0);
+            if ctx.decoder.is_none() && pieces.len() > 1 {
+                // One payload per read, not one per upstream chunk: the frames of many
+                // chunks are then read and copied out in one pass (ranges only move left,
+                // over the chunk lines already decoded).
+                let mut to = pieces[0].end;
+                for r in &pieces[1..] {
+                    ubuf.copy_within(r.clone(), to);
+                    to += r.len();
+                }
+                let whole = pieces[0].start..to;
+                pieces.clear();
+                pieces.push(whole);
+            }
             for r in &pieces {
                 if ctx.decoder.is_some() {
                     // Coded frames cannot be edited: they go as they came (re-framed only),
@@ -145,7 +157,7 @@ pub async fn relay(
                     observe(ctx, &ubuf[r.clone()]);
                     out.extend_from_slice(&ubuf[r.clone()]);
                 } else {
-                    inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out, &mut frames);
+                    inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out);
                 }
             }
             if done {
@@ -365,15 +377,6 @@ fn observe_plain(ctx: &mut AiCtx, payload: &[u8]) {
     }
 }
 
-/// Where the frames of one read end, and what to cut from each.
-#[derive(Default)]
-struct FrameCuts {
-    /// (end offset in the payload, drop the frame, what to remove from it).
-    ends: Vec<(usize, bool, Cut)>,
-    /// The bytes of the usage members [`Cut::FindMember`] looks for.
-    members: Vec<u8>,
-}
-
 /// What to remove from a kept frame.
 #[derive(Clone, Copy)]
 enum Cut {
@@ -385,123 +388,199 @@ enum Cut {
     Search,
     /// A usage member on a content chunk, at this range of the payload.
     Member(usize, usize),
-    /// The same, its data not read in place: find these bytes of `members` in the frame.
+    /// The same, its data not read in place: find `member[a..b]` in the frame.
     FindMember(usize, usize),
 }
 
 /// `,"usage":null`: what the upstream adds to every chunk once asked for usage.
 const USAGE_NULL: &[u8] = b",\"usage\":null";
 
+/// Reads the frames of one read and, when Ringway asked for usage itself, builds what the
+/// client gets as they end: the kept bytes are copied in spans, broken only where something
+/// is cut, so a read of many frames costs one copy per cut, not per frame.
+struct FrameWatch<'a> {
+    tracker: &'a mut UsageTracker,
+    first: &'a mut Option<Instant>,
+    /// Edit the frames (Ringway injected `include_usage`); otherwise they are only read.
+    injected: bool,
+    max_frame: usize,
+    payload: &'a [u8],
+    /// The start of the first frame, from earlier reads.
+    held: &'a mut Vec<u8>,
+    out: &'a mut Vec<u8>,
+    /// Payload from here to `prev` is kept and not yet in `out`.
+    span: usize,
+    /// Where the last completed frame ended in the payload.
+    prev: usize,
+    /// Usage members to find, in frames whose data was not read in place.
+    member: Vec<u8>,
+}
+
+impl FrameWatch<'_> {
+    /// The frame `held ++ payload[prev..end]` ended: keep it with `cut` made, or drop it.
+    fn frame(&mut self, end: usize, drop_it: bool, cut: Cut) {
+        let prev = self.prev;
+        self.prev = end;
+        if !self.injected {
+            return;
+        }
+        let payload = self.payload;
+        if drop_it {
+            self.out.extend_from_slice(&payload[self.span..prev]);
+            self.held.clear();
+            self.span = end;
+            return;
+        }
+        // Only the read's first frame can have held bytes, and they go before it.
+        let held_len = self.held.len();
+        if held_len > 0 {
+            self.out.extend_from_slice(&payload[self.span..prev]);
+            self.span = prev;
+            self.out.append(self.held);
+        }
+        match cut {
+            Cut::None => {}
+            Cut::At(i) if (prev..end).contains(&i) => {
+                self.out.extend_from_slice(&payload[self.span..i]);
+                self.span = i + USAGE_NULL.len();
+            }
+            Cut::Member(a, b) if prev <= a && b <= end => {
+                self.out.extend_from_slice(&payload[self.span..a]);
+                self.span = b;
+            }
+            _ => {
+                // Not read in place: the whole frame goes to `out`, and is cut there.
+                self.out.extend_from_slice(&payload[self.span..prev]);
+                let start = self.out.len() - held_len;
+                self.out.extend_from_slice(&payload[prev..end]);
+                self.span = end;
+                if let Cut::FindMember(a, b) = cut {
+                    let member = &self.member[a..b];
+                    // A member split over several `data:` lines is not found and stays.
+                    if let Some(at) = memchr::memmem::find(&self.out[start..], member) {
+                        let at = start + at;
+                        self.out.drain(at..at + member.len());
+                    }
+                } else {
+                    strip_usage_null(self.out, start);
+                }
+            }
+        }
+    }
+}
+
+impl FrameSink for FrameWatch<'_> {
+    fn item(&mut self, item: SseItem<'_>) {
+        match item {
+            SseItem::End(f) => {
+                let mut drop_it = false;
+                let mut cut = Cut::None;
+                if let Some(ev) = f.event {
+                    let o = self.tracker.on_event(&ev);
+                    if o.first_content && self.first.is_none() {
+                        *self.first = Some(Instant::now());
+                    }
+                    drop_it = self.injected && o.usage_only;
+                    if self.injected && !drop_it {
+                        cut = self.cut(&ev, &o);
+                    }
+                } else if f.oversized {
+                    let _ = self.tracker.on_oversized_end();
+                }
+                self.frame(f.end, drop_it, cut);
+            }
+            SseItem::OversizedData(d) => self.tracker.on_oversized_data(d),
+        }
+    }
+
+    fn run(&mut self, input: &[u8], at: usize) -> usize {
+        // A run starts where a frame does, so nothing of it is held.
+        debug_assert!(self.held.is_empty());
+        let FrameWatch {
+            tracker,
+            injected,
+            out,
+            span,
+            ..
+        } = self;
+        let run = tracker.template_frames(input, at, self.max_frame, &mut |null_at, _end| {
+            if let (true, Some(i)) = (*injected, null_at) {
+                out.extend_from_slice(&input[*span..i]);
+                *span = i + USAGE_NULL.len();
+            }
+        });
+        if run.first_content && self.first.is_none() {
+            *self.first = Some(Instant::now());
+        }
+        if run.len > 0 {
+            self.prev = at + run.len;
+        }
+        run.len
+    }
+}
+
+impl FrameWatch<'_> {
+    /// What to remove from a kept frame whose event is `ev`.
+    fn cut(&mut self, ev: &SseEvent<'_>, o: &EventOutcome) -> Cut {
+        let payload = self.payload;
+        let base = payload.as_ptr() as usize;
+        // The field's place in `payload`, when the data was read in place there.
+        let data_at = (ev.data.as_ptr() as usize).wrapping_sub(base);
+        let in_place = payload.get(data_at..data_at.wrapping_add(ev.data.len())) == Some(ev.data);
+        let member = if o.usage && !o.usage_only {
+            // Usage on a content chunk (Gemini-compatible servers): the
+            // client did not ask for it, so the member goes, the chunk stays.
+            usage_member(ev.data)
+        } else {
+            None
+        };
+        match (member, o.usage_nulls, o.usage_null_at) {
+            (Some(r), ..) if in_place => Cut::Member(data_at + r.start, data_at + r.end),
+            (Some(r), ..) => {
+                let at = self.member.len();
+                self.member.extend_from_slice(&ev.data[r]);
+                Cut::FindMember(at, self.member.len())
+            }
+            (None, Some(0), _) => Cut::None,
+            (None, Some(1), Some(i))
+                if in_place && payload[data_at + i..].starts_with(USAGE_NULL) =>
+            {
+                Cut::At(data_at + i)
+            }
+            _ => Cut::Search,
+        }
+    }
+}
+
 /// Parses SSE payload; appends to `out` every byte the client should get:
 /// whole frames, except the usage-only chunk Ringway asked for itself.
-fn inspect_sse(
-    ctx: &mut AiCtx,
-    payload: &[u8],
-    held: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-    cuts: &mut FrameCuts,
-) {
+fn inspect_sse(ctx: &mut AiCtx, payload: &[u8], held: &mut Vec<u8>, out: &mut Vec<u8>) {
     let Some(p) = ctx.sse.as_mut() else {
         out.extend_from_slice(payload);
         return;
     };
-    let tracker = &mut ctx.tracker;
-    let first = &mut ctx.first_token;
     let injected = ctx.injected;
-    let ends = &mut cuts.ends;
-    ends.clear();
-    let members = &mut cuts.members;
-    members.clear();
-    let base = payload.as_ptr() as usize;
-    p.feed_items(payload, &mut |item| match item {
-        SseItem::End(f) => {
-            let mut drop_it = false;
-            let mut cut = Cut::None;
-            if let Some(ev) = f.event {
-                let o = tracker.on_event(&ev);
-                if o.first_content && first.is_none() {
-                    *first = Some(Instant::now());
-                }
-                drop_it = injected && o.usage_only;
-                // The field's place in `payload`, when the data was read in place there.
-                let data_at = (ev.data.as_ptr() as usize).wrapping_sub(base);
-                let in_place =
-                    || payload.get(data_at..data_at.wrapping_add(ev.data.len())) == Some(ev.data);
-                let member = if injected && o.usage && !o.usage_only {
-                    // Usage on a content chunk (Gemini-compatible servers): the
-                    // client did not ask for it, so the member goes, the chunk stays.
-                    usage_member(ev.data)
-                } else {
-                    None
-                };
-                cut = match (member, o.usage_nulls, o.usage_null_at) {
-                    (Some(r), ..) if in_place() => Cut::Member(data_at + r.start, data_at + r.end),
-                    (Some(r), ..) => {
-                        let at = members.len();
-                        members.extend_from_slice(&ev.data[r]);
-                        Cut::FindMember(at, members.len())
-                    }
-                    (None, nulls, null_at) => match (nulls, null_at) {
-                        (Some(0), _) => Cut::None,
-                        (Some(1), Some(i))
-                            if data_at < payload.len()
-                                && payload[data_at + i..].starts_with(USAGE_NULL) =>
-                        {
-                            Cut::At(data_at + i)
-                        }
-                        _ => Cut::Search,
-                    },
-                };
-            } else if f.oversized {
-                let _ = tracker.on_oversized_end();
-            }
-            ends.push((f.end, drop_it, cut));
-        }
-        SseItem::OversizedData(d) => tracker.on_oversized_data(d),
-    });
+    let mut watch = FrameWatch {
+        tracker: &mut ctx.tracker,
+        first: &mut ctx.first_token,
+        injected,
+        max_frame: p.max_frame(),
+        payload,
+        held,
+        out,
+        span: 0,
+        prev: 0,
+        member: Vec::new(),
+    };
+    p.feed_sink(payload, &mut watch);
+    let (span, prev) = (watch.span, watch.prev);
     if !injected {
         out.append(held);
         out.extend_from_slice(payload);
         return;
     }
-    let mut prev = 0usize;
-    for &(end, drop_it, cut) in ends.iter() {
-        if !drop_it {
-            // The client did not ask for usage: take away the `"usage":null`
-            // the upstream adds to every chunk once asked, so the client
-            // gets exactly what a direct connection would give it.
-            let start = out.len();
-            out.append(held);
-            match cut {
-                Cut::At(i) if (prev..end).contains(&i) => {
-                    out.extend_from_slice(&payload[prev..i]);
-                    out.extend_from_slice(&payload[i + USAGE_NULL.len()..end]);
-                }
-                Cut::Member(a, b) if prev <= a && b <= end => {
-                    out.extend_from_slice(&payload[prev..a]);
-                    out.extend_from_slice(&payload[b..end]);
-                }
-                Cut::FindMember(a, b) => {
-                    out.extend_from_slice(&payload[prev..end]);
-                    let member = &cuts.members[a..b];
-                    // A member split over several `data:` lines is not found and stays.
-                    if let Some(at) = memchr::memmem::find(&out[start..], member) {
-                        let at = start + at;
-                        out.drain(at..at + member.len());
-                    }
-                }
-                Cut::None => out.extend_from_slice(&payload[prev..end]),
-                _ => {
-                    out.extend_from_slice(&payload[prev..end]);
-                    strip_usage_null(out, start);
-                }
-            }
-        }
-        held.clear();
-        prev = end;
-    }
-    let in_oversized = p.in_oversized_frame();
-    if in_oversized || held.len() + (payload.len() - prev) > MAX_SSE_FRAME {
+    out.extend_from_slice(&payload[span..prev]);
+    if p.in_oversized_frame() || held.len() + (payload.len() - prev) > MAX_SSE_FRAME {
         // Never hold more than one frame's bound: flush instead.
         out.append(held);
         out.extend_from_slice(&payload[prev..]);

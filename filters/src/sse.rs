@@ -81,6 +81,26 @@ pub enum SseItem<'a> {
     OversizedData(&'a [u8]),
 }
 
+/// Where [`SseParser::feed_sink`] reports to.
+pub trait FrameSink {
+    /// A completed frame, or a piece of an oversized frame's data.
+    fn item(&mut self, item: SseItem<'_>);
+
+    /// Offered at the start of a frame (`input[at..]`): takes whole frames the sink reads
+    /// itself, faster than the parser would, and returns their length (0: none). Taken frames
+    /// must be exactly what the parser would have reported had it read them.
+    fn run(&mut self, input: &[u8], at: usize) -> usize {
+        let _ = (input, at);
+        0
+    }
+}
+
+impl<F: FnMut(SseItem<'_>)> FrameSink for F {
+    fn item(&mut self, item: SseItem<'_>) {
+        self(item)
+    }
+}
+
 /// While skipping an oversized frame: where the current line stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum OLine {
@@ -195,6 +215,18 @@ impl SseParser {
     /// Feeds the next slice and reports both completed frames and, for frames longer than
     /// `max_frame`, their data as it passes (see [`SseItem::OversizedData`]).
     pub fn feed_items(&mut self, input: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
+        self.feed_sink(input, out);
+    }
+
+    /// The longest frame this parser holds.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// [`feed_items`](Self::feed_items) for a sink that may also take whole frames itself: at
+    /// every frame start it is offered the rest of the slice ([`FrameSink::run`]), and the bytes
+    /// it takes are neither parsed nor reported.
+    pub fn feed_sink(&mut self, input: &[u8], out: &mut impl FrameSink) {
         let mut i = 0;
         while self.bom < 3 && i < input.len() {
             if input[i] == BOM[usize::from(self.bom)] {
@@ -215,6 +247,14 @@ impl SseParser {
                 if input[i] == b'\n' {
                     self.frame_raw += 1;
                     i += 1;
+                    continue;
+                }
+            }
+            if self.frame_raw == 0 && input[i] == b'd' {
+                // A frame starts here (nothing of it seen, no line ending pending).
+                let took = out.run(input, i);
+                if took > 0 {
+                    i += took;
                     continue;
                 }
             }
@@ -305,11 +345,11 @@ impl SseParser {
 
     /// The current frame passed `max_frame`: hand over the data gathered so far, drop every
     /// buffer, and from here on stream the frame's data instead of holding it.
-    fn overflow(&mut self, input: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
+    fn overflow(&mut self, input: &[u8], out: &mut impl FrameSink) {
         self.own_data(input);
         self.oversized = true;
         if self.has_data && !self.data.is_empty() {
-            out(SseItem::OversizedData(&self.data));
+            out.item(SseItem::OversizedData(&self.data));
         }
         self.data.clear();
         self.event.clear();
@@ -323,7 +363,7 @@ impl SseParser {
     }
 
     /// Bytes of a line of an oversized frame: find its field name, stream `data` values.
-    fn skip_line_bytes(&mut self, mut b: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
+    fn skip_line_bytes(&mut self, mut b: &[u8], out: &mut impl FrameSink) {
         while !b.is_empty() {
             match &mut self.oline {
                 OLine::Name { buf, len } => {
@@ -350,7 +390,7 @@ impl SseParser {
                     self.oline = OLine::Data;
                 }
                 OLine::Data => {
-                    out(SseItem::OversizedData(b));
+                    out.item(SseItem::OversizedData(b));
                     return;
                 }
                 OLine::Skip => return,
@@ -359,7 +399,7 @@ impl SseParser {
     }
 
     /// A line of an oversized frame ended.
-    fn skip_line_end(&mut self, out: &mut impl FnMut(SseItem<'_>)) {
+    fn skip_line_end(&mut self, out: &mut impl FrameSink) {
         // A bare `data` line (no colon) is a data line with an empty value.
         if let OLine::Name { buf, len: 4 } = self.oline {
             if &buf[..4] == b"data" {
@@ -372,9 +412,9 @@ impl SseParser {
         };
     }
 
-    fn start_data_line(&mut self, out: &mut impl FnMut(SseItem<'_>)) {
+    fn start_data_line(&mut self, out: &mut impl FrameSink) {
         if self.has_data {
-            out(SseItem::OversizedData(b"\n"));
+            out.item(SseItem::OversizedData(b"\n"));
         }
         self.has_data = true;
     }
@@ -392,7 +432,7 @@ impl SseParser {
         };
     }
 
-    fn end_frame(&mut self, end: usize, input: &[u8], out: &mut impl FnMut(SseItem<'_>)) {
+    fn end_frame(&mut self, end: usize, input: &[u8], out: &mut impl FrameSink) {
         let raw_len = self.frame_raw;
         if self.oversized {
             self.unparsed += 1;
@@ -401,7 +441,7 @@ impl SseParser {
             Some((a, b)) => &input[a..b],
             None => &self.data[..],
         };
-        out(SseItem::End(FrameEnd {
+        out.item(SseItem::End(FrameEnd {
             end,
             raw_len,
             event: (self.has_data && !self.oversized).then_some(SseEvent {

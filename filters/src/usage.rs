@@ -340,6 +340,15 @@ pub struct UsageTracker {
     template: FrameTemplate,
 }
 
+/// What [`UsageTracker::template_frames`] read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TemplateRun {
+    /// Bytes of the whole frames it took.
+    pub len: usize,
+    /// One of them carried the response's first generated content.
+    pub first_content: bool,
+}
+
 /// The last fast-path event, cut around its one counted string: `prefix` ends with the
 /// string's opening quote, `suffix` starts after its closing quote. The events of one stream
 /// differ mostly in that string (the id, model and field order repeat), so an event that starts
@@ -617,6 +626,66 @@ impl UsageTracker {
         Some(out)
     }
 
+    /// Reads whole SSE frames from `input[at..]` for as long as each is exactly `data:` (and
+    /// one optional space), an event shaped like the template (see [`FrameTemplate`]), and a
+    /// blank line `\n\n` — no longer than `max_frame`. For those frames the SSE parser and
+    /// [`on_event`](Self::on_event) would give what this gives, without splitting lines or
+    /// comparing again what the template already holds. `usage_null` gets the offset in
+    /// `input` of each frame's `,"usage":null` (when the template has one) and the frame's end.
+    pub fn template_frames(
+        &mut self,
+        input: &[u8],
+        at: usize,
+        max_frame: usize,
+        usage_null: &mut impl FnMut(Option<usize>, usize),
+    ) -> TemplateRun {
+        let t = &self.template;
+        let mut run = TemplateRun {
+            len: 0,
+            first_content: false,
+        };
+        if t.prefix.is_empty() {
+            return run;
+        }
+        let mut i = at;
+        let mut chars_total = 0u64;
+        loop {
+            let rest = &input[i..];
+            let Some(after) = rest.strip_prefix(b"data:") else {
+                break;
+            };
+            let value_at = 5 + usize::from(after.first() == Some(&b' '));
+            let value = &rest[value_at..];
+            if !value.starts_with(&t.prefix) {
+                break;
+            }
+            let body_at = value_at + t.prefix.len();
+            // No control byte in the string, so it cannot run over a line end.
+            let Some((chars, len)) = json_string(&rest[body_at..]) else {
+                break;
+            };
+            let suffix_at = body_at + len + 1;
+            let end = suffix_at + t.suffix.len() + 2;
+            if end > max_frame
+                || rest.get(suffix_at..end - 2) != Some(&t.suffix[..])
+                || rest.get(end - 2..end) != Some(b"\n\n")
+            {
+                break;
+            }
+            usage_null(t.usage_null_in_suffix.map(|n| i + suffix_at + n), i + end);
+            chars_total += chars;
+            if chars > 0 && !self.content_seen {
+                self.content_seen = true;
+                run.first_content = true;
+            }
+            self.events += 1;
+            i += end;
+        }
+        self.content_chars += chars_total;
+        run.len = i - at;
+        run
+    }
+
     fn chat_chunk(&mut self, v: &Value, out: &mut EventOutcome) {
         let choices = v.get("choices").and_then(Value::as_array);
         for ch in choices.into_iter().flatten() {
@@ -806,6 +875,8 @@ fn json_string(body: &[u8]) -> Option<(u64, usize)> {
                 }
                 continue;
             }
+            // Not valid in a JSON string (the full parse rejects it too).
+            b if b < 0x20 => return None,
             // Count UTF-8 lead bytes only: one per character.
             b if b & 0xC0 != 0x80 => n += 1,
             _ => {}
@@ -2446,6 +2517,228 @@ mod fast_path_tests {
             }
             assert_eq!(t.content_chars(), total);
         }
+    }
+
+    /// What one way of reading a stream saw: per frame its end and the place of its
+    /// `,"usage":null` (absolute offsets in the stream; `None` when the data was not read in
+    /// place), and after each read the tracker's content characters and events, and the read
+    /// in which the first content came.
+    #[derive(Debug, Default, PartialEq, Eq)]
+    struct Reading {
+        frames: Vec<(usize, Option<usize>)>,
+        totals: Vec<(u64, u64)>,
+        first_in_read: Option<usize>,
+    }
+
+    /// Reads `stream` in the pieces `cuts` makes, frame by frame through the parser, or with
+    /// runs of template-shaped frames taken by [`UsageTracker::template_frames`].
+    fn read_stream(stream: &[u8], cuts: &[usize], max: usize, runs: bool) -> (Reading, usize) {
+        use crate::sse::{FrameSink, SseItem, SseParser};
+        struct Sink<'a> {
+            t: &'a mut UsageTracker,
+            base: usize,
+            input: &'a [u8],
+            runs: bool,
+            max: usize,
+            first: bool,
+            frames: &'a mut Vec<(usize, Option<usize>)>,
+            taken: usize,
+        }
+        impl FrameSink for Sink<'_> {
+            fn item(&mut self, item: SseItem<'_>) {
+                match item {
+                    SseItem::End(f) => {
+                        let mut null = None;
+                        if let Some(ev) = f.event {
+                            let o = self.t.on_event(&ev);
+                            self.first |= o.first_content;
+                            let data_at = (ev.data.as_ptr() as usize)
+                                .wrapping_sub(self.input.as_ptr() as usize);
+                            let in_place =
+                                self.input.get(data_at..data_at.wrapping_add(ev.data.len()))
+                                    == Some(ev.data);
+                            if let (true, Some(1), Some(i)) =
+                                (in_place, o.usage_nulls, o.usage_null_at)
+                            {
+                                null = Some(self.base + data_at + i);
+                            }
+                        } else if f.oversized {
+                            self.first |= self.t.on_oversized_end().first_content;
+                        }
+                        self.frames.push((self.base + f.end, null));
+                    }
+                    SseItem::OversizedData(d) => self.t.on_oversized_data(d),
+                }
+            }
+            fn run(&mut self, input: &[u8], at: usize) -> usize {
+                if !self.runs {
+                    return 0;
+                }
+                let before = self.frames.len();
+                let (base, frames) = (self.base, &mut *self.frames);
+                let r = self
+                    .t
+                    .template_frames(input, at, self.max, &mut |null, end| {
+                        frames.push((base + end, null.map(|i| base + i)));
+                    });
+                self.first |= r.first_content;
+                self.taken += self.frames.len() - before;
+                r.len
+            }
+        }
+        let mut p = SseParser::new(max);
+        let mut t = UsageTracker::new();
+        let mut seen = Reading::default();
+        let mut taken = 0;
+        let mut from = 0;
+        for (k, &to) in cuts.iter().chain([stream.len()].iter()).enumerate() {
+            let input = &stream[from..to];
+            let mut sink = Sink {
+                t: &mut t,
+                base: from,
+                input,
+                runs,
+                max,
+                first: false,
+                frames: &mut seen.frames,
+                taken: 0,
+            };
+            p.feed_sink(input, &mut sink);
+            taken += sink.taken;
+            if sink.first {
+                assert!(seen.first_in_read.is_none());
+                seen.first_in_read = Some(k);
+            }
+            seen.totals.push((t.content_chars(), t.events));
+            from = to;
+        }
+        (seen, taken)
+    }
+
+    /// Thousands of random chat streams (frames that drift in shape, `data:` with and without
+    /// its space, CRLF endings, `event:` lines, comments, a data value over two lines, frames
+    /// over the parser's bound), cut into random reads: reading runs of template-shaped frames
+    /// at once gives, frame for frame and read for read, what the parser and `on_event` give.
+    #[test]
+    fn template_runs_read_as_the_parser_does() {
+        struct Rng(u64);
+        impl Rng {
+            fn below(&mut self, n: usize) -> usize {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                (self.0 % n.max(1) as u64) as usize
+            }
+        }
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let texts = [
+            "",
+            "a",
+            "Hello",
+            " w\\u00f6rld",
+            "\\\"q\\\"",
+            "naïve 😀",
+            "tab\\t",
+            "x\\\\",
+        ];
+        let (mut runs_taken, mut frames) = (0, 0);
+        for _ in 0..3000 {
+            let mut stream = String::new();
+            for _ in 0..rng.below(40) + 1 {
+                let text = texts[rng.below(texts.len())];
+                let role = if rng.below(8) == 0 {
+                    r#""role":"assistant","#
+                } else {
+                    ""
+                };
+                let finish = if rng.below(10) == 0 {
+                    r#""stop""#
+                } else {
+                    "null"
+                };
+                let usage = if rng.below(6) == 0 {
+                    ""
+                } else {
+                    r#","usage":null"#
+                };
+                let long = if rng.below(60) == 0 {
+                    "z".repeat(300)
+                } else {
+                    String::new()
+                };
+                let data = match rng.below(20) {
+                    0 => r#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#.to_string(),
+                    1 => "[DONE]".to_string(),
+                    _ => format!(
+                        r#"{{"id":"c","object":"chat.completion.chunk","created":1,"model":"m{long}","choices":[{{"index":0,"delta":{{{role}"content":"{text}"}},"finish_reason":{finish}}}]{usage}}}"#
+                    ),
+                };
+                let field = if rng.below(5) == 0 { "data:" } else { "data: " };
+                match rng.below(16) {
+                    0 => stream.push_str(": ping\n"),
+                    1 => stream.push_str("event: message\n"),
+                    _ => {}
+                }
+                if rng.below(25) == 0 {
+                    // The same data split over two lines: joined with `\n`, so it is not JSON.
+                    let cut = data.len() / 2;
+                    stream.push_str(&format!("{field}{}\ndata: {}", &data[..cut], &data[cut..]));
+                } else {
+                    stream.push_str(&format!("{field}{data}"));
+                }
+                stream.push_str(if rng.below(12) == 0 {
+                    "\r\n\r\n"
+                } else {
+                    "\n\n"
+                });
+            }
+            let bytes = stream.as_bytes();
+            let mut cuts: Vec<usize> = (0..rng.below(6)).map(|_| rng.below(bytes.len())).collect();
+            cuts.sort_unstable();
+            let max = [256, 512, 8192][rng.below(3)];
+            let (slow, _) = read_stream(bytes, &cuts, max, false);
+            let (fast, taken) = read_stream(bytes, &cuts, max, true);
+            assert_eq!(fast, slow, "{stream:?} cut at {cuts:?}, max {max}");
+            runs_taken += taken;
+            frames += fast.frames.len();
+        }
+        // Runs take a good share (the shapes drift often here); the parser reads the rest.
+        assert!(runs_taken * 5 > frames, "{runs_taken} of {frames}");
+    }
+
+    /// The fast run takes whole frames only when the template is set, and stops at the
+    /// first frame of another shape.
+    #[test]
+    fn template_runs_take_only_template_frames() {
+        let frame = |text: &str| {
+            format!(
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}],\"usage\":null}}\n\n"
+            )
+        };
+        let mut t = UsageTracker::new();
+        let (a, b) = (frame("Hi"), frame(" there"));
+        let input = format!("{a}{b}data: [DONE]\n\n");
+        let mut nulls = Vec::new();
+        // No template yet: nothing is taken.
+        let r = t.template_frames(input.as_bytes(), 0, 8192, &mut |n, e| nulls.push((n, e)));
+        assert_eq!(r.len, 0);
+        let ev = SseEvent {
+            event: b"",
+            data: &a.as_bytes()[6..a.len() - 2],
+            raw_len: 0,
+        };
+        assert!(t.on_event(&ev).first_content);
+        let r = t.template_frames(input.as_bytes(), a.len(), 8192, &mut |n, e| {
+            nulls.push((n, e))
+        });
+        assert_eq!(r.len, b.len());
+        assert!(!r.first_content);
+        let null_at = a.len() + b.find(",\"usage\":null").unwrap_or(0);
+        assert_eq!(nulls, vec![(Some(null_at), a.len() + b.len())]);
+        assert_eq!(t.content_chars(), 2 + 6);
+        // A frame longer than the parser's bound is the parser's (it is skipped unread there).
+        let r = t.template_frames(input.as_bytes(), a.len(), b.len() - 1, &mut |_, _| {});
+        assert_eq!(r.len, 0);
     }
 
     /// Review findings: inputs where the fast path once disagreed with the full parse or
