@@ -264,10 +264,6 @@ pub(super) async fn relay_response(
             Ok(relayed)
         }
         BodyKind::Chunked => {
-            ubuf = write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
-                .await
-                .map_err(write_err)?;
-            ubuf.consume(rp.head_end);
             let mut decoder = ChunkedDecoder::new(u64::MAX);
             let mut r = Route {
                 src: conn.stream(),
@@ -277,7 +273,16 @@ pub(super) async fn relay_response(
                 dst_side: Side::Client,
                 dst_idle: client_idle,
             };
-            let rest = transfer::forward_chunked(&mut r, ubuf, &mut decoder, rp.dechunk).await?;
+            let (head_start, head_end) = (rp.head_start, rp.head_end);
+            let rest = transfer::forward_chunked(
+                &mut r,
+                ubuf,
+                head_start,
+                head_end,
+                &mut decoder,
+                rp.dechunk,
+            )
+            .await?;
             Ok(Relayed {
                 bytes: head_len + decoder.body_bytes(),
                 upstream_clean: rest.is_empty(),

@@ -148,7 +148,6 @@ pub(super) async fn send_request(
                 Ok(b) => b,
                 Err(()) => return Ok(Sent::Early),
             };
-            cbuf.consume(plan.head_end);
             // A body that arrived whole with the head needs no watch.
             let watch = if buffered == Buffered::Whole || client.is_tls() {
                 None
@@ -161,7 +160,9 @@ pub(super) async fn send_request(
                 }
                 let mut decoder = ChunkedDecoder::new(g.max_body);
                 let mut route = upload(client, conn.stream(), g.server.body_timeout);
-                match transfer::forward_chunked(&mut route, cbuf, &mut decoder, false).await {
+                let at = plan.head_end;
+                match transfer::forward_chunked(&mut route, cbuf, at, at, &mut decoder, false).await
+                {
                     // Pipelined bytes after the body go back behind the headroom.
                     Ok(rest) => Ok(Sent::Pipelined(rebase(rest))),
                     Err(e) => request_body_error(e),

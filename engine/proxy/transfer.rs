@@ -215,46 +215,58 @@ pub async fn splice_exact(
     Ok(())
 }
 
-/// Forwards a chunked body. `buf` holds bytes already read (the start of the
-/// body); on success it holds whatever followed the body (pipelined bytes).
+/// Forwards a chunked body whose first bytes (already read) are `buf[at..]`;
+/// `buf[from..at]` (a head not yet sent) leaves with them, or alone at once
+/// when none came with it. Nothing is moved to the front to get there. On
+/// success `buf` holds whatever followed the body (pipelined bytes).
 ///
 /// With `dechunk`, only the payload is written (for HTTP/1.0 clients, who
 /// cannot read chunked framing); otherwise the validated bytes go verbatim.
 pub async fn forward_chunked(
     r: &mut Route<'_>,
     mut buf: PoolBuf,
+    mut from: usize,
+    mut at: usize,
     decoder: &mut ChunkedDecoder,
     dechunk: bool,
 ) -> Result<PoolBuf, XferError> {
     let mut ranges: Vec<Range<usize>> = Vec::new();
     loop {
-        if !buf.is_empty() {
+        if buf.len() > at {
             ranges.clear();
             let progress = decoder
-                .decode(&buf, &mut |range| {
+                .decode(&buf[at..], &mut |range| {
                     if dechunk {
                         ranges.push(range)
                     }
                 })
                 .map_err(|e| XferError::Chunk(r.src_side, e))?;
-            let consumed = progress.consumed;
-            if dechunk {
-                // Pack the payload ranges at the front (they only move left),
-                // write them, then drop the consumed input.
-                let mut at = 0;
+            let consumed = at + progress.consumed;
+            let end = if dechunk {
+                // Pack the payload ranges behind what goes before them (they
+                // only move left), write them, then drop the consumed input.
+                let mut to = at;
                 for range in &ranges {
                     let len = range.len();
-                    buf.copy_within(range.clone(), at);
-                    at += len;
+                    buf.copy_within(at + range.start..at + range.end, to);
+                    to += len;
                 }
-                buf = write_range(r.dst, buf, 0..at, r.dst_idle, r.dst_side).await?;
+                to
             } else {
-                buf = write_range(r.dst, buf, 0..consumed, r.dst_idle, r.dst_side).await?;
+                consumed
+            };
+            if end > from {
+                buf = write_range(r.dst, buf, from..end, r.dst_idle, r.dst_side).await?;
             }
             buf.consume(consumed);
+            (from, at) = (0, 0);
             if progress.done {
                 return Ok(buf);
             }
+        } else if from < at {
+            buf = write_range(r.dst, buf, from..at, r.dst_idle, r.dst_side).await?;
+            buf.consume(at);
+            (from, at) = (0, 0);
         }
         if decoder.is_done() {
             return Ok(buf);
