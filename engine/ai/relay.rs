@@ -93,7 +93,13 @@ pub async fn relay(
     // Where the body bytes start in `ubuf` (after the head on the first pass).
     let mut at = rp.head_end;
     let mut held: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::new();
+    // What a read re-framed becomes: never more than the read plus framing (a
+    // held frame aside), so sized once instead of grown on every request.
+    let mut out: Vec<u8> = if rp.reframe {
+        Vec::with_capacity(ubuf.capacity() + 2 * CHUNK_LINE_MAX)
+    } else {
+        Vec::new()
+    };
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut clean = true;
     loop {
