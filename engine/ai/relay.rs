@@ -8,7 +8,10 @@
 //! of it is what the scans read.
 
 use crate::transport::Stream;
-use std::{ops::Range, time::Instant};
+use std::{
+    ops::Range,
+    time::{Duration, Instant},
+};
 
 use monoio::{
     buf::IoBuf,
@@ -102,6 +105,8 @@ pub async fn relay(
     };
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut clean = true;
+    // The last read did not fill the buffer: the upstream is likely drained.
+    let mut drained = true;
     loop {
         // Ringway's own time on this read's bytes, until they are handed to the client.
         let turn = std::time::Instant::now();
@@ -231,39 +236,43 @@ pub async fn relay(
         if done {
             return Ok((written, clean));
         }
-        // Upstream silence on an event stream, between whole events: keep-alive
-        // comments go out until it speaks again (each counts as written output,
-        // not as upstream progress: `response_timeout` still bounds the silence).
-        if let (Some(every), true) = (ctx.keepalive, rp.reframe) {
-            let quiet_since = std::time::Instant::now();
-            loop {
-                let between_events =
-                    held.is_empty() && ctx.sse.as_ref().is_some_and(|p| p.pending_len() == 0);
-                let left = up_idle.saturating_sub(quiet_since.elapsed());
-                let wait = if between_events {
-                    every.min(left)
-                } else {
-                    left
-                };
-                match deadline::timeout(wait, up.readable(false)).await {
-                    Ok(_) => break,
-                    Err(_) if !between_events || quiet_since.elapsed() >= up_idle => {
-                        return Err(XferError::Timeout(Side::Upstream));
-                    }
-                    Err(_) => {}
+        let keepalive = ctx.keepalive.filter(|_| rp.reframe);
+        if drained && ubuf.is_empty() {
+            // Between events of a stream: wait without a buffer (see `wait_bare`).
+            let pool = ubuf.pool();
+            drop(ubuf);
+            match keepalive {
+                Some(every) => {
+                    written += quiet(
+                        ctx,
+                        &held,
+                        up,
+                        client,
+                        rechunk,
+                        (every, up_idle, client_idle),
+                    )
+                    .await?;
                 }
-                // The head already left on the first pass (re-framed bodies always send it).
-                let mut ping = Vec::with_capacity(24);
-                if rechunk {
-                    ping.extend_from_slice(b"e\r\n");
-                    ping.extend_from_slice(KEEPALIVE);
-                    ping.extend_from_slice(b"\r\n");
-                } else {
-                    ping.extend_from_slice(KEEPALIVE);
-                }
-                written += ping.len() as u64;
-                write_from(client, ping, 0, client_idle).await?;
+                None => match deadline::timeout(up_idle, up.readable(false)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(XferError::Io(Side::Upstream, e)),
+                    Err(_) => return Err(XferError::Timeout(Side::Upstream)),
+                },
             }
+            ubuf = pool
+                .acquire_within(pool.slot_size(), up_idle)
+                .await
+                .map_err(|_| XferError::NoBuffer(Side::Upstream))?;
+        } else if let Some(every) = keepalive {
+            written += quiet(
+                ctx,
+                &held,
+                up,
+                client,
+                rechunk,
+                (every, up_idle, client_idle),
+            )
+            .await?;
         }
         // Read more from the upstream.
         let len = ubuf.len();
@@ -280,7 +289,10 @@ pub async fn relay(
                 }
                 return Err(XferError::Eof(Side::Upstream));
             }
-            Ok((Ok(_), s)) => ubuf = s.into_inner(),
+            Ok((Ok(n), s)) => {
+                drained = n < cap - len;
+                ubuf = s.into_inner();
+            }
             Ok((Err(e), _)) => return Err(XferError::Io(Side::Upstream, e)),
             Err(_) => return Err(XferError::Timeout(Side::Upstream)),
         }
@@ -306,6 +318,50 @@ pub async fn relay(
     }
     // A close-delimited upstream connection is never reused.
     Ok((written, false))
+}
+
+/// Upstream silence on an event stream: until it speaks again, keep-alive
+/// comments go out between whole events, one per `every` (each counts as
+/// written output, not as upstream progress: `response_timeout` still bounds
+/// the silence). Returns the bytes written.
+async fn quiet(
+    ctx: &AiCtx,
+    held: &[u8],
+    up: &mut Stream,
+    client: &mut Stream,
+    rechunk: bool,
+    (every, up_idle, client_idle): (Duration, Duration, Duration),
+) -> Result<u64, XferError> {
+    let quiet_since = std::time::Instant::now();
+    let mut written = 0;
+    loop {
+        let between_events =
+            held.is_empty() && ctx.sse.as_ref().is_some_and(|p| p.pending_len() == 0);
+        let left = up_idle.saturating_sub(quiet_since.elapsed());
+        let wait = if between_events {
+            every.min(left)
+        } else {
+            left
+        };
+        match deadline::timeout(wait, up.readable(false)).await {
+            Ok(_) => return Ok(written),
+            Err(_) if !between_events || quiet_since.elapsed() >= up_idle => {
+                return Err(XferError::Timeout(Side::Upstream));
+            }
+            Err(_) => {}
+        }
+        // The head already left on the first pass (re-framed bodies always send it).
+        let mut ping = Vec::with_capacity(24);
+        if rechunk {
+            ping.extend_from_slice(b"e\r\n");
+            ping.extend_from_slice(KEEPALIVE);
+            ping.extend_from_slice(b"\r\n");
+        } else {
+            ping.extend_from_slice(KEEPALIVE);
+        }
+        written += ping.len() as u64;
+        write_from(client, ping, 0, client_idle).await?;
+    }
 }
 
 /// The upstream's body ended: final usage, then the request is settled

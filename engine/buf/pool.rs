@@ -193,6 +193,13 @@ pub struct PoolBuf {
 }
 
 impl PoolBuf {
+    /// The pool this buffer comes from (and goes back to).
+    pub fn pool(&self) -> BufPool {
+        BufPool {
+            inner: self.pool.clone(),
+        }
+    }
+
     /// Total bytes this buffer can hold.
     pub fn capacity(&self) -> usize {
         self.data.capacity()

@@ -41,6 +41,9 @@ pub enum XferError {
     Timeout(Side),
     /// The chunked framing from this side is invalid.
     Chunk(Side, ChunkError),
+    /// Bytes from this side were ready, but no pool buffer came free to read
+    /// them into within the allowed time.
+    NoBuffer(Side),
 }
 
 impl XferError {
@@ -50,7 +53,8 @@ impl XferError {
             XferError::Io(s, _)
             | XferError::Eof(s)
             | XferError::Timeout(s)
-            | XferError::Chunk(s, _) => *s,
+            | XferError::Chunk(s, _)
+            | XferError::NoBuffer(s) => *s,
         }
     }
 }
@@ -102,6 +106,29 @@ pub async fn read_some(
         Ok((Err(e), _)) => Err(XferError::Io(side, e)),
         Err(_) => Err(XferError::Timeout(side)),
     }
+}
+
+/// Waits until `stream` has bytes without holding a buffer: `buf` (empty)
+/// goes back to the pool for the wait, and one is taken again once bytes are
+/// there. An open stream between its events (a model that thinks) then holds
+/// no pool memory; the price is a readiness wait before the read.
+pub async fn wait_bare(
+    stream: &mut Stream,
+    buf: PoolBuf,
+    idle: Duration,
+    side: Side,
+) -> Result<PoolBuf, XferError> {
+    debug_assert!(buf.is_empty());
+    let pool = buf.pool();
+    drop(buf);
+    match deadline::timeout(idle, stream.readable(false)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(XferError::Io(side, e)),
+        Err(_) => return Err(XferError::Timeout(side)),
+    }
+    pool.acquire_within(pool.slot_size(), idle)
+        .await
+        .map_err(|_| XferError::NoBuffer(side))
 }
 
 /// Writes `buf[range]` whole.
@@ -231,6 +258,9 @@ pub async fn forward_chunked(
     dechunk: bool,
 ) -> Result<PoolBuf, XferError> {
     let mut ranges: Vec<Range<usize>> = Vec::new();
+    // The last read did not fill the buffer: the source is likely drained, so
+    // the next wait is one without a buffer.
+    let mut drained = true;
     loop {
         if buf.len() > at {
             ranges.clear();
@@ -271,11 +301,15 @@ pub async fn forward_chunked(
         if decoder.is_done() {
             return Ok(buf);
         }
+        if drained && buf.is_empty() {
+            buf = wait_bare(r.src, buf, r.src_idle, r.src_side).await?;
+        }
         let spare = buf.spare();
         let (got, b) = read_some(r.src, buf, spare, r.src_idle, r.src_side).await?;
         if got == 0 {
             return Err(XferError::Eof(r.src_side));
         }
+        drained = got < spare;
         buf = b;
     }
 }

@@ -247,7 +247,19 @@ class HoldingBackend:
     async def _serve(self, reader, writer):
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-            if b"/hold" in head.split(b"\r\n", 1)[0]:
+            line = head.split(b"\r\n", 1)[0]
+            if b"/stream" in line or b"/v1/chat" in line:
+                # An event stream: its head and first event, then silence until released.
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                             + _chunk(_event("first")))
+                await writer.drain()
+                self.held += 1
+                await self.gate.wait()
+                writer.write(_chunk(_event("second")) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+                return
+            if b"/hold" in line:
                 self.held += 1
                 await self.gate.wait()
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
@@ -264,6 +276,17 @@ class HoldingBackend:
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._t.join(5)
+
+
+def _event(text):
+    """One chat-completion chunk as an SSE frame."""
+    doc = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def _buffers_in_use(admin):
@@ -402,6 +425,82 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
                         % (n, last["in_use"]))
         up.release()
         _read_answers(socks)
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()
+
+
+@pytest.mark.parametrize("driver", ["io_uring", "epoll"])
+def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, driver):
+    """An open event stream whose upstream is silent between events holds no pool buffer: the
+    buffer goes back once the read that drained the upstream is relayed, and a new one is taken
+    when the next bytes are there. 150 streams on a plain route and 150 on an AI route (the SSE
+    relay that reads every frame) wait at once after their first event: /stats counts no buffer
+    in use; released, every stream ends whole, with its second event and [DONE]."""
+    from conftest import Ringway
+    from helpers import free_port, wait_until
+    from test_ai import STATS, ai_config
+    n = 150
+    up = HoldingBackend()
+    socks = []
+    try:
+        port, admin = free_port(), free_port()
+        text = ai_config(port, admin,
+                         [{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
+                           "max_connections": 4 * n, "response_timeout": "30s"}],
+                         [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "u",
+                           "filters": ["stats"]},
+                          {"name": "plain", "match": {"path_prefix": "/"}, "upstream": "u"}],
+                         [STATS], server={"workers": 1, "driver": driver})
+        rw = Ringway(text, ringway_factory.tmpdir / ("streams-" + driver), name="streams-" + driver,
+                     port=port)
+        ringway_factory.instances.append(rw)
+        rw.start()
+        body = json.dumps({"model": "m", "stream": True,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        for i in range(2 * n):
+            s = socket.create_connection(("127.0.0.1", port))
+            if i % 2:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                          % (len(body), body))
+            else:
+                s.sendall(b"GET /stream/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            socks.append(s)
+        wait_until(lambda: up.held >= 2 * n, 10, interval=0.05,
+                   what="%d streams past their first event" % (2 * n))
+        got = {}
+        for s in socks:
+            s.settimeout(10)
+            data = b""
+            while b"first" not in data:
+                more = s.recv(65536)
+                assert more, "stream closed before its first event: %r" % data
+                data += more
+            got[s] = data
+        held_at = time.monotonic()
+        last = {}
+
+        def none_held():
+            # /stats refreshes its buffer figure once a tick (0.1 s).
+            last["in_use"] = _buffers_in_use(admin)
+            return last["in_use"] == 0 and time.monotonic() - held_at >= 0.35
+
+        try:
+            wait_until(none_held, 3, interval=0.05, what="no buffer held by waiting streams")
+        except AssertionError:
+            pytest.fail("%d event streams waiting between events still hold %d pool buffers"
+                        % (2 * n, last["in_use"]))
+        up.release()
+        for s in socks:
+            data = got[s]
+            while not data.endswith(b"0\r\n\r\n"):
+                more = s.recv(65536)
+                assert more, "stream closed before its end: %r" % data
+                data += more
+            assert data.startswith(b"HTTP/1.1 200"), data
+            assert b"second" in data and b"data: [DONE]" in data, data
     finally:
         for s in socks:
             s.close()
