@@ -96,13 +96,7 @@ pub async fn relay(
     // Where the body bytes start in `ubuf` (after the head on the first pass).
     let mut at = rp.head_end;
     let mut held: Vec<u8> = Vec::new();
-    // What a read re-framed becomes: never more than the read plus framing (a
-    // held frame aside), so sized once instead of grown on every request.
-    let mut out: Vec<u8> = if rp.reframe {
-        Vec::with_capacity(ubuf.capacity() + 2 * CHUNK_LINE_MAX)
-    } else {
-        Vec::new()
-    };
+    let mut out: Vec<u8> = Vec::new();
     let mut pieces: Vec<Range<usize>> = Vec::new();
     let mut clean = true;
     // The last read did not fill the buffer: the upstream is likely drained.
@@ -147,6 +141,10 @@ pub async fn relay(
             let head_len = head_left.as_ref().map_or(0, Range::len);
             let room = head_len + if rechunk { CHUNK_LINE_MAX } else { 0 };
             out.clear();
+            // What the read becomes: at most the read plus framing (a held frame
+            // aside), reserved at once rather than grown step by step.
+            let read_len: usize = pieces.iter().map(Range::len).sum();
+            out.reserve(room + read_len + held.len() + 2 * CHUNK_LINE_MAX);
             out.resize(room, 0);
             if ctx.decoder.is_none() && pieces.len() > 1 {
                 // One payload per read, not one per upstream chunk: the frames of many
@@ -238,9 +236,11 @@ pub async fn relay(
         }
         let keepalive = ctx.keepalive.filter(|_| rp.reframe);
         if drained && ubuf.is_empty() {
-            // Between events of a stream: wait without a buffer (see `wait_bare`).
+            // Between events of a stream: wait without a buffer (see `wait_bare`),
+            // and without the output vector a large read left behind.
             let pool = ubuf.pool();
             drop(ubuf);
+            out = Vec::new();
             match keepalive {
                 Some(every) => {
                     written += quiet(
