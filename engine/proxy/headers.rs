@@ -1,31 +1,22 @@
-//! Header lines Ringway adds to a response (limit headers), built on the
-//! stack: no allocation per request.
+//! Header lines Ringway adds to a response (limit headers, server-timing).
 
 use std::fmt;
 
-/// Room for a few added header lines.
+/// Most bytes of added lines (a few headers).
 const CAP: usize = 512;
 
-/// Added `name: value\r\n` lines.
-#[derive(Clone, Copy)]
+/// Added `name: value\r\n` lines. Empty costs nothing: the bytes are
+/// allocated with the first line, so a request's state does not carry 512
+/// bytes of room that most routes never use (it sized every open stream).
+#[derive(Clone, Default)]
 pub struct ExtraHeaders {
-    buf: [u8; CAP],
-    len: usize,
-}
-
-impl Default for ExtraHeaders {
-    fn default() -> Self {
-        Self {
-            buf: [0; CAP],
-            len: 0,
-        }
-    }
+    buf: Vec<u8>,
 }
 
 impl ExtraHeaders {
     /// The lines, as bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
+        &self.buf
     }
 
     /// The lines, as text (they are only ever written as ASCII).
@@ -35,7 +26,7 @@ impl ExtraHeaders {
 
     /// Forgets the lines.
     pub fn clear(&mut self) {
-        self.len = 0;
+        self.buf.clear();
     }
 }
 
@@ -52,11 +43,13 @@ pub fn server_timing(extra: &mut ExtraHeaders, d: std::time::Duration) {
 impl fmt::Write for ExtraHeaders {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let b = s.as_bytes();
-        if self.len + b.len() > CAP {
+        if self.buf.len() + b.len() > CAP {
             return Err(fmt::Error);
         }
-        self.buf[self.len..self.len + b.len()].copy_from_slice(b);
-        self.len += b.len();
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(CAP.min(256).max(b.len()));
+        }
+        self.buf.extend_from_slice(b);
         Ok(())
     }
 }
