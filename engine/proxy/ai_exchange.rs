@@ -31,211 +31,225 @@ use crate::{
 const DEFAULT_OUTPUT_RESERVE: u64 = 1024;
 
 /// Serves one AI request after its head and request limits passed.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn exchange(
-    w: &Worker,
-    g: &Generation,
-    client: &mut Stream,
-    plan: Plan,
+///
+/// A plain `fn` around an `async move` block, not an `async fn`: an `async fn`
+/// moves its arguments into locals, which kept the plan, record and extra
+/// headers (1 KiB) twice in this state.
+// `unused_assignments`: the record is read by its `Drop` (the access-log line);
+// rustc does not follow that through a captured variable of an `async move` block.
+#[allow(
+    clippy::too_many_arguments,
+    clippy::manual_async_fn,
+    unused_assignments
+)]
+pub(super) fn exchange<'a>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    mut plan: Plan,
     cbuf: PoolBuf,
-    mut record: Record<'_>,
+    mut record: Record<'a>,
     mut extra: ExtraHeaders,
-) -> Next {
-    let mut plan = plan;
-    let route_ai = ai::route(&g.shared, plan.route);
-    // The head goes upstream with its framing fields replaced by the body's
-    // final length, known once the body is captured and edited. An accounted
-    // route asks for an uncompressed reply, whatever the client accepts (the
-    // official SDKs send `gzip, deflate`), so its usage can be read.
-    let identity = route_ai.accounts();
-    let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
-    let before_capture = record.since_head(std::time::Instant::now());
-    let (mut req, pipelined) = match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
-        Ok(v) => v,
-        Err(Fail::Gone) => return Next::Close,
-        Err(Fail::Reject(rej)) => {
-            record.status = rej.status;
-            return reject(w, g, client, rej, plan.is_head, None).await;
-        }
-    };
-    // One clock read less on the common path: the scan just ended.
-    let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
-    record.model = req.model.clone();
-    let consumer = plan
-        .consumer
-        .map(|c| g.shared.filters.auth.consumer_name(c as usize));
-    let mut ctx = AiCtx::new(
-        &g.shared.routes.get(plan.route).name,
-        consumer,
-        req.model.clone(),
-        req.injected,
-        req.input_estimate,
-        route_ai.stats,
-        captured_at,
-    );
-    ctx.keepalive = route_ai.sse_keepalive;
-
-    // Reserve tokens before anything goes upstream.
-    let redis_timeout = g
-        .shared
-        .cfg
-        .redis
-        .as_ref()
-        .map_or(std::time::Duration::from_millis(200), |r| r.timeout);
-    // A budget needs the price of the model the request names (as the first upstream will be
-    // sent it), before any budget is consulted.
-    let priced_name = req
-        .slot
-        .as_ref()
-        .map(|s| s.sent.as_str())
-        .or(req.model.as_deref());
-    let price = priced_name.and_then(|m| g.shared.cfg.prices.find(m));
-    ctx.price = price;
-    // Tightest headers per unit (requests are not reserved here; tokens and dollars are).
-    let mut tightest: [Option<LimitHeaders>; 2] = [None, None];
-    for check in plan.tokens.iter() {
-        let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
-            continue;
-        };
-        let max_output = |fallback: u64| req.max_tokens.unwrap_or(fallback);
-        let want = if rl.cost {
-            match price {
-                Some(p) => {
-                    p.reserve_micro(req.input_estimate, max_output(rl.conf.max_output_reserve))
+) -> impl std::future::Future<Output = Next> + 'a {
+    async move {
+        let route_ai = ai::route(&g.shared, plan.route);
+        // The head goes upstream with its framing fields replaced by the body's
+        // final length, known once the body is captured and edited. An accounted
+        // route asks for an uncompressed reply, whatever the client accepts (the
+        // official SDKs send `gzip, deflate`), so its usage can be read.
+        let identity = route_ai.accounts();
+        let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
+        let before_capture = record.since_head(std::time::Instant::now());
+        let (mut req, pipelined) =
+            match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
+                Ok(v) => v,
+                Err(Fail::Gone) => return Next::Close,
+                Err(Fail::Reject(rej)) => {
+                    record.status = rej.status;
+                    return reject(w, g, client, rej, plan.is_head, None).await;
                 }
-                // Nothing was asked of a model: nothing to price (a GET of /v1/models).
-                None if req.model.is_none() && !req.has_body => continue,
-                None if rl.conf.unpriced == Unpriced::Allow => {
-                    unpriced_allowed(priced_name);
-                    continue;
-                }
-                None => {
-                    ctx.release_all();
-                    record.status = 400;
-                    let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
-                    let keep = if rej.close { None } else { pipelined };
-                    return reject(w, g, client, rej, plan.is_head, keep).await;
-                }
-            }
-        } else {
-            req.input_estimate + max_output(DEFAULT_OUTPUT_RESERVE)
-        };
-        let cost = want
-            .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
-            .min(rl.max_cost(check))
-            .max(1);
-        // Read per filter: an acquire can wait (a cluster lease), and windows follow the clock.
-        let now = now_ms();
-        let d = rl.acquire(check, cost, now, redis_timeout).await;
-        let unit = usize::from(rl.cost);
-        if let Some(h) = rl.headers(&d) {
-            if tightest[unit].is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
-                tightest[unit] = Some(h);
-            }
-        }
-        if d.admitted {
-            rl.allowed.add(1);
-            ctx.reserved(rl.clone(), *check, cost, now);
-        } else if rl.conf.shadow {
-            rl.shadow_rejected.add(1);
-        } else {
-            rl.rejected.add(1);
-            ctx.release_all();
-            for h in tightest.iter().flatten() {
-                let _ = h.write_to(&mut extra);
-            }
-            if let Some(h) = tightest[unit] {
-                let _ = h.write_retry_after(&mut extra);
-            }
-            record.status = 429;
-            let rej = if rl.cost {
-                error::BUDGET_EXCEEDED
-            } else {
-                error::RATE_LIMITED
             };
-            let rej = rej.closing_if(!plan.keep_alive);
-            let keep = if rej.close { None } else { pipelined };
-            return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
-        }
-    }
-    for h in tightest.iter().flatten() {
-        let _ = h.write_to(&mut extra);
-    }
+        // One clock read less on the common path: the scan just ended.
+        let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
+        record.model = req.model.clone();
+        let consumer = plan
+            .consumer
+            .map(|c| g.shared.filters.auth.consumer_name(c as usize));
+        let mut ctx = AiCtx::new(
+            &g.shared.routes.get(plan.route).name,
+            consumer,
+            req.model.clone(),
+            req.injected,
+            req.input_estimate,
+            route_ai.stats,
+            captured_at,
+        );
+        ctx.keepalive = route_ai.sse_keepalive;
 
-    let own_time = |until: std::time::Instant| {
-        before_capture + req.scan_time + until.saturating_duration_since(captured_at)
-    };
-    if g.shared.routes.get(plan.route).server_timing {
-        super::headers::server_timing(&mut extra, own_time(std::time::Instant::now()));
-    }
-    let mut body = req.body.take();
-    let mut slot = req.slot.take();
-    let tries = failover::Request {
-        head: &mut head,
-        body: &mut body,
-        slot: slot.as_mut(),
-        first: req.upstream.unwrap_or(plan.upstream),
-        identity,
-        inspect_sse: ctx.injected,
-        extra: &extra,
-    };
-    let Served {
-        mut conn,
-        rp,
-        ubuf,
-        sent_at,
-        first_sent_at,
-        attempts,
-    } = match failover::run(w, g, client, &mut plan, tries).await {
-        Ok(s) => s,
-        Err(Unserved::ClientGone) => {
-            ctx.settle();
-            return Next::Close;
+        // Reserve tokens before anything goes upstream.
+        let redis_timeout = g
+            .shared
+            .cfg
+            .redis
+            .as_ref()
+            .map_or(std::time::Duration::from_millis(200), |r| r.timeout);
+        // A budget needs the price of the model the request names (as the first upstream will be
+        // sent it), before any budget is consulted.
+        let priced_name = req
+            .slot
+            .as_ref()
+            .map(|s| s.sent.as_str())
+            .or(req.model.as_deref());
+        let price = priced_name.and_then(|m| g.shared.cfg.prices.find(m));
+        ctx.price = price;
+        // Tightest headers per unit (requests are not reserved here; tokens and dollars are).
+        let mut tightest: [Option<LimitHeaders>; 2] = [None, None];
+        for check in plan.tokens.iter() {
+            let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
+                continue;
+            };
+            let max_output = |fallback: u64| req.max_tokens.unwrap_or(fallback);
+            let want = if rl.cost {
+                match price {
+                    Some(p) => {
+                        p.reserve_micro(req.input_estimate, max_output(rl.conf.max_output_reserve))
+                    }
+                    // Nothing was asked of a model: nothing to price (a GET of /v1/models).
+                    None if req.model.is_none() && !req.has_body => continue,
+                    None if rl.conf.unpriced == Unpriced::Allow => {
+                        unpriced_allowed(priced_name);
+                        continue;
+                    }
+                    None => {
+                        ctx.release_all();
+                        record.status = 400;
+                        let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
+                        let keep = if rej.close { None } else { pipelined };
+                        return reject(w, g, client, rej, plan.is_head, keep).await;
+                    }
+                }
+            } else {
+                req.input_estimate + max_output(DEFAULT_OUTPUT_RESERVE)
+            };
+            let cost = want
+                .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
+                .min(rl.max_cost(check))
+                .max(1);
+            // Read per filter: an acquire can wait (a cluster lease), and windows follow the clock.
+            let now = now_ms();
+            let d = rl.acquire(check, cost, now, redis_timeout).await;
+            let unit = usize::from(rl.cost);
+            if let Some(h) = rl.headers(&d) {
+                if tightest[unit].is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
+                    tightest[unit] = Some(h);
+                }
+            }
+            if d.admitted {
+                rl.allowed.add(1);
+                ctx.reserved(rl.clone(), *check, cost, now);
+            } else if rl.conf.shadow {
+                rl.shadow_rejected.add(1);
+            } else {
+                rl.rejected.add(1);
+                ctx.release_all();
+                for h in tightest.iter().flatten() {
+                    let _ = h.write_to(&mut extra);
+                }
+                if let Some(h) = tightest[unit] {
+                    let _ = h.write_retry_after(&mut extra);
+                }
+                record.status = 429;
+                let rej = if rl.cost {
+                    error::BUDGET_EXCEEDED
+                } else {
+                    error::RATE_LIMITED
+                };
+                let rej = rej.closing_if(!plan.keep_alive);
+                let keep = if rej.close { None } else { pipelined };
+                return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
+            }
         }
-        Err(Unserved::Reject(rej)) => {
-            return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await
+        for h in tightest.iter().flatten() {
+            let _ = h.write_to(&mut extra);
         }
-    };
-    ctx.sent_at = sent_at;
-    // Charged at the price of the model the serving upstream was sent.
-    if let Some(p) = slot
-        .as_ref()
-        .and_then(|s| g.shared.cfg.prices.find(&s.sent))
-    {
-        ctx.price = Some(p);
-    }
-    let pool = g.upstream(plan.upstream);
-    let idle = pool.shared.conf.response_timeout;
-    record.sent_to(conn.addr, plan.upstream, attempts);
-    record.bytes_in += body.as_ref().map_or(0, |b| b.len()) as u64;
-    drop(body);
-    // Usage is charged under the name the serving upstream was sent.
-    if let Some(s) = slot {
-        ctx.model = Some(s.sent.clone());
-        record.model = Some(s.sent);
-    }
-    record.status = rp.status;
-    record.upstream_time = Some(ctx.sent_at.elapsed());
-    ctx.status = rp.status;
 
-    let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
-    // Settled on every path: a client that left is charged what was streamed.
-    if let Some(u) = ctx.settle() {
-        if ctx.answered() {
-            record.tokens = Some((
-                u.input,
-                u.output,
-                u.source == ringway_filters::usage::UsageSource::Estimated,
-            ));
+        let own_time = |until: std::time::Instant| {
+            before_capture + req.scan_time + until.saturating_duration_since(captured_at)
+        };
+        if g.shared.routes.get(plan.route).server_timing {
+            super::headers::server_timing(&mut extra, own_time(std::time::Instant::now()));
         }
-    }
-    record.overhead = Some(own_time(first_sent_at) + rp.head_time + ctx.busy);
-    match relayed {
-        Ok((bytes, clean)) => {
-            record.bytes_out = bytes;
-            failover::after_relay(conn, &rp, clean, pipelined)
+        let mut body = req.body.take();
+        let mut slot = req.slot.take();
+        let tries = failover::Request {
+            head: &mut head,
+            body: &mut body,
+            slot: slot.as_mut(),
+            first: req.upstream.unwrap_or(plan.upstream),
+            identity,
+            inspect_sse: ctx.injected,
+            extra: &extra,
+        };
+        // The attempts' state (5.5 KiB) is boxed apart and freed before the
+        // relay, so a stream being relayed does not keep it.
+        let Served {
+            mut conn,
+            rp,
+            ubuf,
+            sent_at,
+            first_sent_at,
+            attempts,
+        } = match super::in_place(|| failover::run(w, g, client, &mut plan, tries)).await {
+            Ok(s) => s,
+            Err(Unserved::ClientGone) => {
+                ctx.settle();
+                return Next::Close;
+            }
+            Err(Unserved::Reject(rej)) => {
+                return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await
+            }
+        };
+        ctx.sent_at = sent_at;
+        // Charged at the price of the model the serving upstream was sent.
+        if let Some(p) = slot
+            .as_ref()
+            .and_then(|s| g.shared.cfg.prices.find(&s.sent))
+        {
+            ctx.price = Some(p);
         }
-        Err(_) => Next::Close,
+        let pool = g.upstream(plan.upstream);
+        let idle = pool.shared.conf.response_timeout;
+        record.sent_to(conn.addr, plan.upstream, attempts);
+        record.bytes_in += body.as_ref().map_or(0, |b| b.len()) as u64;
+        drop(body);
+        // Usage is charged under the name the serving upstream was sent.
+        if let Some(s) = slot {
+            ctx.model = Some(s.sent.clone());
+            record.model = Some(s.sent);
+        }
+        record.status = rp.status;
+        record.upstream_time = Some(ctx.sent_at.elapsed());
+        ctx.status = rp.status;
+
+        let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
+        // Settled on every path: a client that left is charged what was streamed.
+        if let Some(u) = ctx.settle() {
+            if ctx.answered() {
+                record.tokens = Some((
+                    u.input,
+                    u.output,
+                    u.source == ringway_filters::usage::UsageSource::Estimated,
+                ));
+            }
+        }
+        record.overhead = Some(own_time(first_sent_at) + rp.head_time + ctx.busy);
+        match relayed {
+            Ok((bytes, clean)) => {
+                record.bytes_out = bytes;
+                failover::after_relay(conn, &rp, clean, pipelined)
+            }
+            Err(_) => Next::Close,
+        }
     }
 }
 

@@ -115,7 +115,7 @@ pub fn serve(
             };
             // Boxed: the exchange's state is large and lives only while a request
             // is in flight, so an idle connection's task stays a few hundred bytes.
-            let next = in_place(|| {
+            let next = super::in_place(|| {
                 exchange(
                     conn.worker(),
                     &g,
@@ -298,7 +298,11 @@ pub(super) async fn exchange(
         }
     }
     if crate::ai::route(&g.shared, plan.route).active() {
-        return super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra).await;
+        // Boxed apart: inline, its 11 KiB would size every plain request's state too.
+        let ai = super::in_place(|| {
+            super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra)
+        });
+        return ai.await;
     }
     // Only a request without a body can be sent again: a plain route does not hold bodies.
     if !has_body && !plan.upgrade && !g.shared.routes.get(plan.route).fallbacks.is_empty() {
@@ -347,7 +351,11 @@ pub(super) async fn exchange(
     // starts, in case the connection fails before answering.
     let replayable = plan.idempotent && !has_body && !plan.upgrade;
 
-    let cbuf = send_request(w, g, client, &mut conn, cbuf, &plan, buffered).await;
+    // Sending is boxed apart (`super::in_place`) and freed when done: inline,
+    // its 4 KiB sized this state for the whole exchange, so an open stream
+    // kept them. (The stale-connection resend below is boxed for the same reason.)
+    let cbuf =
+        super::in_place(|| send_request(w, g, client, &mut conn, cbuf, &plan, buffered)).await;
     // The upstream answered before the whole body was sent: the client
     // connection closes after that answer, whatever the client asked.
     let early = matches!(cbuf, Ok(Sent::Early));
@@ -392,71 +400,72 @@ pub(super) async fn exchange(
                 .await;
             }
         };
-        let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, false)
-            .await
-        {
-            Ok(v) => break v,
-            Err(RespError::Client) => return Next::Close,
-            Err(RespError::Reject(rej)) => {
-                // A garbage head or a timeout is the endpoint's failure.
-                if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
-                    pool.report_failure(conn.idx);
-                }
-                rej
-            }
-            Err(RespError::NoAnswer) => {
-                // Closed or reset before a single response byte. A pooled
-                // connection the upstream had already closed is replaced once
-                // for free; otherwise that endpoint failed and, for a request
-                // that can be replayed, another one gets it.
-                let stale = conn.reused && stale_retry_left;
-                if !stale {
-                    pool.report_failure(conn.idx);
-                }
-                let again = match &cbuf {
-                    Sent::HeadKept(_) if stale => {
-                        stale_retry_left = false;
-                        true
+        let rej =
+            match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, false).await {
+                Ok(v) => break v,
+                Err(RespError::Client) => return Next::Close,
+                Err(RespError::Reject(rej)) => {
+                    // A garbage head or a timeout is the endpoint's failure.
+                    if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
+                        pool.report_failure(conn.idx);
                     }
-                    Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
-                    Sent::Pipelined(_) | Sent::Early => false,
-                };
-                if !again {
-                    error::BAD_GATEWAY
-                } else {
-                    pool.stats.retries.add(1);
-                    let Sent::HeadKept(mut b) = cbuf else {
-                        return Next::Close;
+                    rej
+                }
+                Err(RespError::NoAnswer) => {
+                    // Closed or reset before a single response byte. A pooled
+                    // connection the upstream had already closed is replaced once
+                    // for free; otherwise that endpoint failed and, for a request
+                    // that can be replayed, another one gets it.
+                    let stale = conn.reused && stale_retry_left;
+                    if !stale {
+                        pool.report_failure(conn.idx);
+                    }
+                    let again = match &cbuf {
+                        Sent::HeadKept(_) if stale => {
+                            stale_retry_left = false;
+                            true
+                        }
+                        Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
+                        Sent::Pipelined(_) | Sent::Early => false,
                     };
-                    // A replacement that cannot connect is a connect failure
-                    // like any other: that endpoint is out, try the next.
-                    let mut fresh_stale = stale;
-                    let outcome = loop {
-                        match resend(g, &mut conn, b, &plan, tried.as_slice(), fresh_stale).await {
-                            Ok(kept) => break Ok(kept),
-                            Err(Resend::Connect(idx, rej, kept)) => {
-                                pool.report_failure(idx);
-                                fresh_stale = false;
-                                if tried.len() < retries && tried.push(idx) {
-                                    pool.stats.retries.add(1);
-                                    b = kept;
-                                    continue;
+                    if !again {
+                        error::BAD_GATEWAY
+                    } else {
+                        pool.stats.retries.add(1);
+                        let Sent::HeadKept(mut b) = cbuf else {
+                            return Next::Close;
+                        };
+                        // A replacement that cannot connect is a connect failure
+                        // like any other: that endpoint is out, try the next.
+                        let mut fresh_stale = stale;
+                        let outcome = loop {
+                            let again =
+                                || resend(g, &mut conn, b, &plan, tried.as_slice(), fresh_stale);
+                            match super::in_place(again).await {
+                                Ok(kept) => break Ok(kept),
+                                Err(Resend::Connect(idx, rej, kept)) => {
+                                    pool.report_failure(idx);
+                                    fresh_stale = false;
+                                    if tried.len() < retries && tried.push(idx) {
+                                        pool.stats.retries.add(1);
+                                        b = kept;
+                                        continue;
+                                    }
+                                    break Err(rej);
                                 }
-                                break Err(rej);
+                                Err(Resend::Reject(rej)) => break Err(rej),
                             }
-                            Err(Resend::Reject(rej)) => break Err(rej),
+                        };
+                        match outcome {
+                            Ok(kept) => {
+                                cbuf = Sent::HeadKept(kept);
+                                continue;
+                            }
+                            Err(rej) => rej,
                         }
-                    };
-                    match outcome {
-                        Ok(kept) => {
-                            cbuf = Sent::HeadKept(kept);
-                            continue;
-                        }
-                        Err(rej) => rej,
                     }
                 }
-            }
-        };
+            };
         record.status = rej.status;
         return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
     };
@@ -519,19 +528,6 @@ pub(super) async fn exchange(
         return Next::Close;
     }
     Next::KeepAlive(cbuf)
-}
-
-/// Boxes the future `make` builds, written straight into its allocation: `Box::pin(f)` builds
-/// the whole state machine (about 18 KiB, sized for its largest state) on the stack and copies
-/// it, once per request, although only its arguments are set. With the allocation made first,
-/// the optimizer builds the value in place (an optimization, not a language guarantee:
-/// `benches/instructions.sh` shows the copy if it comes back, as about 19k instructions).
-#[inline(always)]
-fn in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
-    let mut slot = Box::<F>::new_uninit();
-    slot.write(make());
-    // SAFETY: `write` initialized the value.
-    Box::into_pin(unsafe { slot.assume_init() })
 }
 
 #[cfg(test)]

@@ -61,8 +61,13 @@ impl EarlyWatch {
     /// Runs `transfer` until it ends or the upstream sends a final answer.
     /// An interim (1xx) answer does not stop the body: the transfer then runs
     /// on unwatched, and the response reader relays the 1xx as usual.
-    pub(super) async fn run<T>(&self, transfer: impl Future<Output = T>) -> Watched<T> {
-        let mut transfer = std::pin::pin!(transfer);
+    ///
+    /// `transfer` comes pinned by the caller: taken by value, it would be kept
+    /// twice in this future's state (the argument, then its pinned move).
+    pub(super) async fn run<F: Future>(
+        &self,
+        mut transfer: std::pin::Pin<&mut F>,
+    ) -> Watched<F::Output> {
         let ready = std::pin::pin!(self.dup.readable(false));
         monoio::select! {
             r = &mut transfer => return Watched::Done(r),

@@ -181,7 +181,8 @@ pub(super) async fn run(
         drop(last);
         pool.stats.retries.add(1);
         if !delay.is_zero() {
-            monoio::time::sleep(delay).await;
+            // Boxed, as below: a rare wait that should not size every request's state.
+            Box::pin(monoio::time::sleep(delay)).await;
         }
         if upstream != up {
             (choice, tried) = (KeyChoice::Any, Tried::default());
@@ -342,7 +343,9 @@ async fn attempt(
             let mut read = std::pin::pin!(read);
             let quick = monoio::select! {
                 r = &mut read => Some(r),
-                _ = monoio::time::sleep(WATCH_AFTER) => None,
+                // Boxed: monoio's `Sleep` is 640 bytes aligned to 128, which would pad
+                // every AI request's state around it.
+                _ = Box::pin(monoio::time::sleep(WATCH_AFTER)) => None,
             };
             match quick {
                 Some(r) => r,
