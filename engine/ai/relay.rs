@@ -235,45 +235,35 @@ pub async fn relay(
             return Ok((written, clean));
         }
         let keepalive = ctx.keepalive.filter(|_| rp.reframe);
-        if drained && ubuf.is_empty() {
-            // Between events of a stream: wait without a buffer (see `wait_bare`),
-            // and without the output vector a large read left behind.
+        // Between events of a stream: wait without a buffer (see `wait_bare`),
+        // and without the output vector a large read left behind.
+        let kept = if drained && ubuf.is_empty() {
+            out = Vec::new();
             let pool = ubuf.pool();
             drop(ubuf);
-            out = Vec::new();
-            match keepalive {
-                Some(every) => {
-                    written += quiet(
-                        ctx,
-                        &held,
-                        up,
-                        client,
-                        rechunk,
-                        (every, up_idle, client_idle),
-                    )
-                    .await?;
-                }
-                None => match deadline::timeout(up_idle, up.readable(false)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(XferError::Io(Side::Upstream, e)),
-                    Err(_) => return Err(XferError::Timeout(Side::Upstream)),
-                },
+            Err(pool)
+        } else {
+            Ok(ubuf)
+        };
+        match keepalive {
+            Some(every) => {
+                let times = (every, up_idle, client_idle);
+                written += quiet(ctx, &held, up, client, rechunk, times).await?;
             }
-            ubuf = pool
+            None if kept.is_err() => match deadline::timeout(up_idle, up.readable(false)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(XferError::Io(Side::Upstream, e)),
+                Err(_) => return Err(XferError::Timeout(Side::Upstream)),
+            },
+            None => {}
+        }
+        ubuf = match kept {
+            Ok(b) => b,
+            Err(pool) => pool
                 .acquire_within(pool.slot_size(), up_idle)
                 .await
-                .map_err(|_| XferError::NoBuffer(Side::Upstream))?;
-        } else if let Some(every) = keepalive {
-            written += quiet(
-                ctx,
-                &held,
-                up,
-                client,
-                rechunk,
-                (every, up_idle, client_idle),
-            )
-            .await?;
-        }
+                .map_err(|_| XferError::NoBuffer(Side::Upstream))?,
+        };
         // Read more from the upstream.
         let len = ubuf.len();
         let cap = ubuf.capacity();

@@ -2429,6 +2429,18 @@ mod fast_path_tests {
         assert_eq!(t.content_chars(), total);
     }
 
+    /// xorshift: random test inputs, reproducible without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n.max(1) as u64) as usize
+        }
+    }
+
     /// Thousands of pseudo-random streams of chat chunks and Anthropic deltas whose shape drifts
     /// from frame to frame (strings with escapes and non-ASCII text, optional role, finish
     /// reasons, tool calls, `"usage":null` present or not, spaces around colons, a usage frame):
@@ -2436,16 +2448,6 @@ mod fast_path_tests {
     /// parse's, and `usage_null_at` always points at `,"usage":null`.
     #[test]
     fn drifting_streams_agree_with_the_full_parse() {
-        // xorshift: reproducible without a dependency.
-        struct Rng(u64);
-        impl Rng {
-            fn below(&mut self, n: usize) -> usize {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                (self.0 % n.max(1) as u64) as usize
-            }
-        }
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let strings = [
             "",
@@ -2621,15 +2623,6 @@ mod fast_path_tests {
     /// at once gives, frame for frame and read for read, what the parser and `on_event` give.
     #[test]
     fn template_runs_read_as_the_parser_does() {
-        struct Rng(u64);
-        impl Rng {
-            fn below(&mut self, n: usize) -> usize {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                (self.0 % n.max(1) as u64) as usize
-            }
-        }
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let texts = [
             "",

@@ -295,15 +295,20 @@ def _buffers_in_use(admin):
     return sum(w["buffers_in_use"] for w in doc["workers"])
 
 
+def _read_until(s, done, got=b""):
+    """Reads from `s` (10 s at most per read) until `done(bytes so far)`; fails on a close."""
+    s.settimeout(10)
+    while not done(got):
+        more = s.recv(65536)
+        assert more, "connection closed early: %r" % got
+        got += more
+    return got
+
+
 def _read_answers(socks):
     """Reads HoldingBackend's whole `200 ok` answer on every socket."""
     for s in socks:
-        s.settimeout(10)
-        got = b""
-        while b"\r\n\r\nok" not in got:
-            more = s.recv(4096)
-            assert more, "connection closed before its answer: %r" % got
-            got += more
+        got = _read_until(s, lambda b: b"\r\n\r\nok" in b)
         assert got.startswith(b"HTTP/1.1 200"), got
 
 
@@ -470,15 +475,7 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
             socks.append(s)
         wait_until(lambda: up.held >= 2 * n, 10, interval=0.05,
                    what="%d streams past their first event" % (2 * n))
-        got = {}
-        for s in socks:
-            s.settimeout(10)
-            data = b""
-            while b"first" not in data:
-                more = s.recv(65536)
-                assert more, "stream closed before its first event: %r" % data
-                data += more
-            got[s] = data
+        got = {s: _read_until(s, lambda b: b"first" in b) for s in socks}
         held_at = time.monotonic()
         last = {}
 
@@ -494,11 +491,7 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
                         % (2 * n, last["in_use"]))
         up.release()
         for s in socks:
-            data = got[s]
-            while not data.endswith(b"0\r\n\r\n"):
-                more = s.recv(65536)
-                assert more, "stream closed before its end: %r" % data
-                data += more
+            data = _read_until(s, lambda b: b.endswith(b"0\r\n\r\n"), got[s])
             assert data.startswith(b"HTTP/1.1 200"), data
             assert b"second" in data and b"data: [DONE]" in data, data
     finally:
