@@ -26,7 +26,10 @@ use super::{
     request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
-    send::{body_buffered, check_buffered_chunks, keep_pipelined, send_request, SendError, Sent},
+    send::{
+        body_buffered, check_buffered_chunks, keep_pipelined, send_head, send_request, SendError,
+        Sent,
+    },
     transfer::{self},
 };
 use crate::{
@@ -351,11 +354,15 @@ pub(super) async fn exchange(
     // starts, in case the connection fails before answering.
     let replayable = plan.idempotent && !has_body && !plan.upgrade;
 
-    // Sending is boxed apart (`super::in_place`) and freed when done: inline,
-    // its 4 KiB sized this state for the whole exchange, so an open stream
-    // kept them. (The stale-connection resend below is boxed for the same reason.)
-    let cbuf =
-        super::in_place(|| send_request(w, g, client, &mut conn, cbuf, &plan, buffered)).await;
+    // Sending a body is boxed apart (`super::in_place`) and freed when done:
+    // inline, its 4 KiB sized this state for the whole exchange, so an open
+    // stream kept them. (The stale-connection resend below is boxed for the
+    // same reason.) A head alone is small enough to send inline.
+    let cbuf = if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
+        send_head(g, &mut conn, cbuf, &plan).await
+    } else {
+        super::in_place(|| send_request(w, g, client, &mut conn, cbuf, &plan, buffered)).await
+    };
     // The upstream answered before the whole body was sent: the client
     // connection closes after that answer, whatever the client asked.
     let early = matches!(cbuf, Ok(Sent::Early));

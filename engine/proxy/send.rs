@@ -74,6 +74,27 @@ pub(super) fn check_buffered_chunks(
     }
 }
 
+/// Sends the head of a request without a body: [`send_request`]'s first case,
+/// callable alone, so a bodiless request's state need not make room for a body's.
+pub(super) async fn send_head(
+    g: &Generation,
+    conn: &mut UpConn,
+    cbuf: PoolBuf,
+    plan: &Plan,
+) -> Result<Sent, SendError> {
+    let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
+    // A write to a pooled connection the upstream already closed still
+    // succeeds (the reset comes later), so failing here is a real upstream
+    // failure, not a stale connection. A failed write may still leave an
+    // answer to read (an upstream that refused the request and closed): the
+    // response reader decides between relaying it and a 502.
+    Ok(
+        write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
+            .await
+            .map_or(Sent::Early, Sent::HeadKept),
+    )
+}
+
 /// Sends the planned head and the body; `buffered` is [`check_buffered_chunks`]'s answer.
 pub(super) async fn send_request(
     w: &Worker,
@@ -87,19 +108,7 @@ pub(super) async fn send_request(
     let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
     let in_buf = cbuf.len() - plan.head_end;
     match plan.body {
-        BodyKind::None | BodyKind::CloseDelimited => {
-            // A write to a pooled connection the upstream already closed
-            // still succeeds (the reset comes later), so failing here is a
-            // real upstream failure, not a stale connection.
-            // A failed write may still leave an answer to read (an upstream
-            // that refused the request and closed): the response reader
-            // decides between relaying it and a 502.
-            Ok(
-                write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
-                    .await
-                    .map_or(Sent::Early, Sent::HeadKept),
-            )
-        }
+        BodyKind::None | BodyKind::CloseDelimited => send_head(g, conn, cbuf, plan).await,
         BodyKind::Length(n) => {
             let first = (n.min(in_buf as u64)) as usize;
             let end = plan.head_end + first;
