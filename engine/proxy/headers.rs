@@ -47,7 +47,8 @@ impl fmt::Write for ExtraHeaders {
             return Err(fmt::Error);
         }
         if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(CAP.min(256).max(b.len()));
+            // One allocation for the usual few lines (limit headers: ~100-250 bytes).
+            self.buf.reserve_exact(b.len().max(256));
         }
         self.buf.extend_from_slice(b);
         Ok(())
