@@ -404,7 +404,10 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
             upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n,
                         "response_timeout": "30s"}],
             routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
-            server={"workers": 1, "driver": driver}, admin=admin, name="waiting-" + driver)
+            # Room for the burst itself (each request holds a buffer or two until it waits):
+            # the claim is about waiting, not about a pool too small for the burst.
+            server={"workers": 1, "driver": driver, "buffers_per_worker": 8 * n},
+            admin=admin, name="waiting-" + driver)
 
         def in_use():
             return _buffers_in_use(admin)
@@ -457,7 +460,11 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
                          [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "u",
                            "filters": ["stats"]},
                           {"name": "plain", "match": {"path_prefix": "/"}, "upstream": "u"}],
-                         [STATS], server={"workers": 1, "driver": driver})
+                         [STATS],
+                         # Room for the burst itself (a loaded machine may have every stream
+                         # between its head and its first relay at once): 256 buffers would
+                         # answer some of 300 with 503 before any waits.
+                         server={"workers": 1, "driver": driver, "buffers_per_worker": 8 * n})
         rw = Ringway(text, ringway_factory.tmpdir / ("streams-" + driver), name="streams-" + driver,
                      port=port)
         ringway_factory.instances.append(rw)
