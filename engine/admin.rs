@@ -130,13 +130,15 @@ fn stats_json() -> String {
         }
         let _ = write!(
             out,
-            "{{\"id\":{id},\"driver\":{},\"connections\":{},\"accepted\":{},\"buffers_in_use\":{},\"buffers_capacity\":{},\"buffers_peak\":{}}}",
+            "{{\"id\":{id},\"driver\":{},\"connections\":{},\"accepted\":{},\"buffers_in_use\":{},\"buffers_capacity\":{},\"buffers_peak\":{},\"buffers_in_ring\":{},\"receive\":{}}}",
             json_str(w.driver),
             w.connections,
             w.accepted,
             w.buffers_in_use,
             w.buffers_capacity,
-            w.buffers_peak
+            w.buffers_peak,
+            w.buffers_in_ring,
+            json_str(w.receive)
         );
     }
     out.push_str("],\"upstreams\":[");

@@ -207,6 +207,10 @@ pub struct WorkerShard {
     pub buffers_peak: Counter,
     /// 0 epoll, 1 io_uring, 2 io_uring with COOP_TASKRUN/SINGLE_ISSUER.
     pub driver: Counter,
+    /// Pool buffers lent to the provided-buffer ring now.
+    pub buffers_in_ring: Counter,
+    /// 0 readiness wait then read, 1 provided-buffer ring.
+    pub receive: Counter,
     /// Requests Ringway answered itself, by reason.
     pub rejected: Counter,
 }
@@ -411,6 +415,12 @@ impl Registry {
                         buffers_in_use: s.buffers_in_use.get(),
                         buffers_capacity: s.buffers_capacity.get(),
                         buffers_peak: s.buffers_peak.get(),
+                        buffers_in_ring: s.buffers_in_ring.get(),
+                        receive: if s.receive.get() == 1 {
+                            "buffer_ring"
+                        } else {
+                            "readiness"
+                        },
                         driver: match s.driver.get() {
                             2 => "io_uring (coop_taskrun, single_issuer)",
                             1 => "io_uring",
@@ -822,6 +832,10 @@ pub struct WorkerSnapshot {
     pub buffers_capacity: u64,
     /// Pool high-water mark.
     pub buffers_peak: u64,
+    /// Pool buffers lent to the provided-buffer ring.
+    pub buffers_in_ring: u64,
+    /// The receive path: "buffer_ring" or "readiness".
+    pub receive: &'static str,
     /// Driver name.
     pub driver: &'static str,
 }

@@ -33,6 +33,9 @@ fn restart_only(old: &config::Config, new: &config::Config) -> Vec<&'static str>
     if a.pin_cores != b.pin_cores || a.driver != b.driver {
         out.push("server.pin_cores/driver");
     }
+    if a.buffer_ring != b.buffer_ring {
+        out.push("server.buffer_ring");
+    }
     if old.admin != new.admin {
         out.push("admin.listen");
     }

@@ -248,6 +248,22 @@ impl PoolBuf {
         res.map(|(_, t)| t)
     }
 
+    /// Marks the first `len` bytes filled, after the kernel wrote them through a pointer
+    /// taken from [`PoolBuf::as_mut_ptr`] (a provided-buffer receive).
+    ///
+    /// # Safety
+    /// The first `len` bytes must be initialised, and `len` at most the capacity.
+    pub unsafe fn assume_filled(&mut self, len: usize) {
+        debug_assert!(len <= self.data.capacity());
+        // SAFETY: the caller vouches that `len` bytes are initialised and fit.
+        unsafe { self.data.set_len(len) }
+    }
+
+    /// The start of the buffer's memory, which never moves while the buffer lives.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.data.as_mut_ptr()
+    }
+
     /// Appends `bytes` if they fit; never grows the buffer.
     pub fn put(&mut self, bytes: &[u8]) -> Result<(), Full> {
         if bytes.len() > self.spare() {

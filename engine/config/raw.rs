@@ -55,6 +55,7 @@ pub(crate) struct RawServer {
     pub workers: Option<S<Workers>>,
     pub pin_cores: Option<bool>,
     pub driver: Option<Driver>,
+    pub buffer_ring: Option<bool>,
     pub buffer_size: Option<S<Size>>,
     pub buffers_per_worker: Option<S<u64>>,
     pub splice_min: Option<S<Size>>,

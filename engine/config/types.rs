@@ -67,6 +67,10 @@ pub struct Server {
     pub pin_cores: bool,
     /// Which I/O driver to use.
     pub driver: Driver,
+    /// Receive into an io_uring provided-buffer ring where the kernel has one (5.19+), so
+    /// a waiting receive holds no buffer and needs no readiness wait; false keeps the
+    /// readiness wait everywhere. Read when a worker starts.
+    pub buffer_ring: bool,
     /// Bytes in one pool buffer.
     pub buffer_size: usize,
     /// Pool bound per worker: memory cap = workers * buffers_per_worker * buffer_size.
@@ -104,6 +108,7 @@ impl Default for Server {
             workers: auto_workers(),
             pin_cores: true,
             driver: Driver::Auto,
+            buffer_ring: true,
             buffer_size: 16 * 1024,
             buffers_per_worker: 4096,
             splice_min: 64 * 1024,

@@ -284,6 +284,7 @@ fn server(ck: &mut Ck, r: &RawServer) -> Server {
         workers,
         pin_cores: r.pin_cores.unwrap_or(d.pin_cores),
         driver: r.driver.unwrap_or(d.driver),
+        buffer_ring: r.buffer_ring.unwrap_or(d.buffer_ring),
         buffer_size: usize_of(ck.size(
             "server.buffer_size",
             &r.buffer_size,

@@ -33,7 +33,7 @@ use super::{
     transfer::{self},
 };
 use crate::{
-    buf::PoolBuf,
+    buf::{PoolBuf, Received},
     h1::BodyKind,
     runtime::{deadline, Generation, Worker},
     tls::ServerTls,
@@ -95,16 +95,27 @@ pub fn serve(
                     }
                 };
                 // An idle wait also ends when the worker starts draining.
-                if !client.has_buffered() {
-                    match deadline::idle_timeout(wait, client.socket().readable(false)).await {
-                        Ok(Ok(())) => {}
+                if let (Some(ring), Stream::Plain(tcp)) = (conn.worker().ring.get(), &client) {
+                    // One receive into a buffer the kernel picks when bytes arrive.
+                    match deadline::idle_timeout(wait, ring.recv(tcp)).await {
+                        Ok(Received::Data(b)) => pending = Some(b),
+                        // The ring is empty (the pool is spent): wait as below.
+                        Ok(Received::NoBuffer) => {}
                         _ => return,
                     }
                 }
-                let mut b = conn.worker().pool.acquire().await;
-                b.clear();
-                let _ = b.put(&[0u8; HEADROOM]);
-                pending = Some(b);
+                if pending.is_none() {
+                    if !client.has_buffered() {
+                        match deadline::idle_timeout(wait, client.socket().readable(false)).await {
+                            Ok(Ok(())) => {}
+                            _ => return,
+                        }
+                    }
+                    let mut b = conn.worker().pool.acquire().await;
+                    b.clear();
+                    let _ = b.put(&[0u8; HEADROOM]);
+                    pending = Some(b);
+                }
             }
             let Some(buf) = pending.take() else {
                 return;

@@ -8,7 +8,7 @@
 
 use crate::transport::Stream;
 use std::{
-    cell::{Cell, RefCell},
+    cell::{Cell, OnceCell, RefCell},
     net::SocketAddr,
     rc::Rc,
     sync::{
@@ -25,7 +25,7 @@ use monoio::net::{ListenerOpts, TcpListener};
 use super::{deadline, shutdown};
 use crate::{
     accesslog,
-    buf::{BufPool, PipePool},
+    buf::{BufPool, PipePool, RecvRing},
     config::{self, Config},
     filter::Filters,
     h1, log,
@@ -258,6 +258,9 @@ pub struct Worker {
     gen: RefCell<Rc<Generation>>,
     /// The fixed buffer pool.
     pub pool: BufPool,
+    /// The provided-buffer ring client reads go through, where the driver and
+    /// kernel have one and `server.buffer_ring` allows it; set when the worker starts.
+    pub ring: OnceCell<RecvRing>,
     /// Reusable splice pipes.
     pub pipes: PipePool,
     /// Where rewritten heads are built (never held across an await).
@@ -284,6 +287,7 @@ impl Worker {
             id,
             gen: RefCell::new(Rc::new(gen)),
             pool,
+            ring: OnceCell::new(),
             pipes: PipePool::new(),
             scratch,
             stats,
@@ -382,9 +386,29 @@ impl Worker {
         }
     }
 
+    /// Sets up the provided-buffer ring client reads go through, where allowed, and
+    /// logs which receive path this worker uses.
+    fn start_ring(&self) {
+        let path = if !self.generation().shared.cfg.server.buffer_ring {
+            "readiness wait, then read (server.buffer_ring = false)".to_string()
+        } else {
+            match RecvRing::register(&self.pool, proxy::request::HEADROOM) {
+                Ok(ring) => {
+                    let path = format!("buffer ring of {} buffers", ring.entries());
+                    self.stats.receive.set(1);
+                    let _ = self.ring.set(ring);
+                    path
+                }
+                Err(e) => format!("readiness wait, then read (no buffer ring: {e})"),
+            }
+        };
+        log::info(&format!("worker {}: receive path: {path}", self.id));
+    }
+
     /// Binds this worker's listeners and serves until the process drains.
     pub async fn run(self: Rc<Self>) {
         monoio::spawn(deadline::install());
+        self.start_ring();
         self.sync_listeners();
         if self.listeners.borrow().is_empty() {
             log::error(&format!("worker {}: no listener could be bound", self.id));
@@ -397,10 +421,13 @@ impl Worker {
                 monoio::time::sleep(deadline::TICK).await;
                 watcher.refresh();
                 watcher.flush_access_now();
+                // The ring's buffers are the worker's, not any connection's.
+                let in_ring = watcher.ring.get().map_or(0, RecvRing::held);
                 watcher
                     .stats
                     .buffers_in_use
-                    .set(watcher.pool.in_use() as u64);
+                    .set(watcher.pool.in_use().saturating_sub(in_ring) as u64);
+                watcher.stats.buffers_in_ring.set(in_ring as u64);
                 watcher.stats.buffers_peak.set(watcher.pool.peak() as u64);
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(10) {

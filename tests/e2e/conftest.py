@@ -166,16 +166,40 @@ class BackendProc:
         stop_process(self.proc)
 
 
-def with_test_driver(config_text):
-    """RINGWAY_TEST_DRIVER=epoll (or io_uring) puts every Ringway a test starts on that driver,
-    unless its config names one itself."""
-    driver = os.environ.get("RINGWAY_TEST_DRIVER")
-    if not driver or re.search(r"^\s*driver\s*=", config_text, re.M):
+def _server_line(config_text, key, value):
+    """`config_text` with `key = value` in its [server] table, unless it sets the key itself."""
+    if re.search(r"^\s*%s\s*=" % key, config_text, re.M):
         return config_text
-    line = "driver = %s" % _toml_value(driver)
+    line = "%s = %s" % (key, _toml_value(value))
     if re.search(r"^\[server\]\s*$", config_text, re.M):
         return re.sub(r"^\[server\]\s*$", "[server]\n" + line, config_text, count=1, flags=re.M)
     return "[server]\n%s\n\n%s" % (line, config_text)
+
+
+def with_test_driver(config_text):
+    """RINGWAY_TEST_DRIVER=epoll (or io_uring) puts every Ringway a test starts on that driver,
+    and RINGWAY_TEST_BUFFER_RING=off on the readiness receive path (`buffer_ring = false`),
+    unless its config sets that itself."""
+    driver = os.environ.get("RINGWAY_TEST_DRIVER")
+    if driver:
+        config_text = _server_line(config_text, "driver", driver)
+    if os.environ.get("RINGWAY_TEST_BUFFER_RING") == "off":
+        config_text = _server_line(config_text, "buffer_ring", False)
+    return config_text
+
+
+def expected_receive_path(driver=None, buffer_ring=None):
+    """The receive path /stats should report for a Ringway started with these settings (None:
+    what the test run's environment gives): "buffer_ring" on io_uring on Linux 5.19 and later
+    unless turned off, else "readiness"."""
+    driver = driver or os.environ.get("RINGWAY_TEST_DRIVER") or "io_uring"
+    if buffer_ring is None:
+        buffer_ring = os.environ.get("RINGWAY_TEST_BUFFER_RING") != "off"
+    nums = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    kernel = (int(nums.group(1)), int(nums.group(2))) if nums else (0, 0)
+    if driver != "epoll" and buffer_ring and kernel >= (5, 19):
+        return "buffer_ring"
+    return "readiness"
 
 
 class Ringway:

@@ -505,3 +505,79 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
         for s in socks:
             s.close()
         up.stop()
+
+
+@pytest.mark.parametrize("buffer_ring", [True, False], ids=["buffer_ring", "readiness"])
+def test_idle_connections_hold_no_buffer_and_the_receive_ring_loses_none(ringway_fn, buffer_ring):
+    """Both receive paths (the provided-buffer ring, `buffer_ring = true`, where the kernel has
+    one; the readiness wait otherwise): /stats names the path in use; 300 keep-alive connections
+    idle after a request hold no pool buffer (the ring's few buffers are the worker's, counted
+    apart); then 100 clients close, the other 200 are timed out by `keepalive_timeout` (their
+    pending receives are cancelled, racing the bytes some of them send at that moment), and
+    afterwards no buffer is missing: none in use, the ring full again, and the worker serves on."""
+    from conftest import expected_receive_path
+    from helpers import free_port, wait_until
+    n = 300
+    up = HoldingBackend()
+    socks = []
+    try:
+        admin = free_port()
+        rw = ringway_fn.start(
+            upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n}],
+            routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
+            server={"workers": 1, "buffer_ring": buffer_ring, "keepalive_timeout": "2s",
+                    "buffers_per_worker": 256},
+            admin=admin, name="ring-%s" % buffer_ring)
+
+        def worker():
+            return requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()["workers"][0]
+
+        path = expected_receive_path(buffer_ring=buffer_ring)
+        assert worker()["receive"] == path
+        ring_size = 16 if path == "buffer_ring" else 0  # a sixteenth of 256 buffers
+        # /stats refreshes its buffer figures once a tick (0.1 s).
+        wait_until(lambda: worker()["buffers_in_ring"] == ring_size, 2, interval=0.05,
+                   what="the ring's %d buffers counted" % ring_size)
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(b"GET /idle/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            socks.append(s)
+        _read_answers(socks)
+        last = {}
+
+        def all_idle():
+            last["w"] = w = worker()
+            return w["connections"] == n and w["buffers_in_use"] == 0 and w["buffers_in_ring"] == ring_size
+
+        try:
+            wait_until(all_idle, 5, interval=0.1, what="idle connections holding no buffer")
+        except AssertionError:
+            pytest.fail("%d idle connections: last /stats worker %r" % (n, last.get("w")))
+        for s in socks[:100]:
+            s.close()
+        # Some of the others send a request just as their idle time runs out.
+        for s in socks[100:300:7]:
+            try:
+                s.sendall(b"GET /late HTTP/1.1\r\nHost: t\r\n\r\n")
+            except OSError:
+                pass
+
+        def all_gone():
+            last["w"] = w = worker()
+            return w["connections"] == 0 and w["buffers_in_use"] == 0 and w["buffers_in_ring"] == ring_size
+
+        try:
+            wait_until(all_gone, 10, interval=0.1, what="every connection closed, every buffer back")
+        except AssertionError:
+            pytest.fail("after the closes and timeouts: last /stats worker %r" % last.get("w"))
+        fresh = []
+        for i in range(64):
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(b"GET /again/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            fresh.append(s)
+        socks += fresh
+        _read_answers(fresh)
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()

@@ -24,6 +24,9 @@ pub(crate) use vec_wrapper::{read_vec_meta, write_vec_meta, IoVecMeta};
 mod msg;
 pub use msg::{MsgBuf, MsgBufMut, MsgMeta};
 
+#[cfg(all(target_os = "linux", feature = "iouring"))]
+pub mod provided;
+
 pub(crate) fn deref(buf: &impl IoBuf) -> &[u8] {
     // Safety: the `IoBuf` trait is marked as unsafe and is expected to be
     // implemented correctly.

@@ -16,6 +16,7 @@ mod open;
 mod poll;
 mod read;
 mod recv;
+pub(crate) mod recv_select;
 mod send;
 mod write;
 

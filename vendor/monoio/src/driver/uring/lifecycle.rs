@@ -40,7 +40,10 @@ impl<'a> Ref<'a, Lifecycle> {
                     _ => unsafe { std::hint::unreachable_unchecked() },
                 }
             }
-            Lifecycle::Ignored(..) => {
+            Lifecycle::Ignored(data) => {
+                // A buffer the kernel took for a receive nobody awaits goes back
+                // to its ring's owner (monoio patch: provided buffers).
+                crate::driver::op::recv_select::orphaned(&**data, flags);
                 self.remove();
             }
             Lifecycle::Completed(..) => unsafe { std::hint::unreachable_unchecked() },
@@ -83,7 +86,12 @@ impl<'a> Ref<'a, Lifecycle> {
                 };
                 return false;
             }
-            Lifecycle::Completed(..) => {
+            Lifecycle::Completed(_, flags) => {
+                // Completed but never polled: a buffer it took must not be lost
+                // (monoio patch: provided buffers).
+                if let Some(data) = data.as_ref() {
+                    crate::driver::op::recv_select::orphaned(data, *flags);
+                }
                 self.remove();
             }
             Lifecycle::Ignored(..) => unsafe { std::hint::unreachable_unchecked() },

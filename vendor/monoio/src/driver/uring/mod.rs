@@ -534,6 +534,33 @@ impl UringInner {
         }
     }
 
+    /// Registers a provided-buffer ring (monoio patch: provided buffers).
+    ///
+    /// # Safety
+    /// `ring_addr` must point at `entries` page-aligned `io_uring_buf` slots that
+    /// stay valid until the group is unregistered or the ring is dropped.
+    pub(crate) unsafe fn register_buf_ring(
+        this: &Rc<UnsafeCell<UringInner>>,
+        ring_addr: u64,
+        entries: u16,
+        group: u16,
+    ) -> io::Result<()> {
+        let inner = &*this.get();
+        inner
+            .uring
+            .submitter()
+            .register_buf_ring(ring_addr, entries, group)
+    }
+
+    /// Unregisters a provided-buffer ring (monoio patch: provided buffers).
+    pub(crate) fn unregister_buf_ring(
+        this: &Rc<UnsafeCell<UringInner>>,
+        group: u16,
+    ) -> io::Result<()> {
+        let inner = unsafe { &*this.get() };
+        inner.uring.submitter().unregister_buf_ring(group)
+    }
+
     pub(crate) unsafe fn cancel_op(this: &Rc<UnsafeCell<UringInner>>, index: usize) {
         let inner = &mut *this.get();
         let cancel = opcode::AsyncCancel::new(index as u64)
