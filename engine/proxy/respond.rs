@@ -14,7 +14,7 @@ use super::{
     transfer::{self, Route, Side, XferError},
 };
 use crate::{
-    buf::PoolBuf,
+    buf::{PoolBuf, Received},
     h1::{BodyKind, ChunkedDecoder, Parsed},
     runtime::{deadline, shutdown, Generation, Worker},
     upstream::UpConn,
@@ -102,7 +102,7 @@ pub(super) async fn read_response_head(
         };
         let read = match first {
             // Nothing of the answer yet, on plain TCP: the wait may be long (a model
-            // thinking), so after a tick it holds no buffer.
+            // thinking), so it holds no buffer (at once through the ring, else after a tick).
             Some(tcp) => match first_read(w, tcp, ubuf, deadline, conf.connect_timeout).await {
                 FirstRead::Read(r, b) => Ok((r, b)),
                 FirstRead::TimedOut => Err(()),
@@ -147,7 +147,9 @@ enum FirstRead {
     NoBuffer,
 }
 
-/// The first read of an answer into `ubuf` (which holds only the headroom). An answer
+/// The first read of an answer into `ubuf` (which holds only the headroom). Through the
+/// worker's receive ring where it has one: `ubuf` goes back at once and the kernel picks
+/// a buffer when the answer starts. Otherwise, an answer
 /// that has not started within [`HOLD_BUFFER_FOR`] gives the buffer back to the pool
 /// while it is awaited, then takes one again when bytes are there: thousands of
 /// requests waiting on a slow upstream hold no pool memory. The read is cancelled
@@ -161,6 +163,20 @@ async fn first_read(
     acquire_limit: Duration,
 ) -> FirstRead {
     use monoio::io::{CancelableAsyncReadRent, Canceller};
+    if let Some(ring) = w.ring.get() {
+        // The kernel picks a buffer when the answer starts: none is held while it is
+        // awaited, and no tick, cancel or readiness wait is needed.
+        drop(ubuf);
+        match deadline::timeout_at(deadline, ring.recv(tcp)).await {
+            Ok(Received::Data(b)) => return FirstRead::Read(Ok(b.len() - HEADROOM), b),
+            Ok(Received::Eof) | Ok(Received::Failed(_)) => return FirstRead::NoAnswer,
+            Err(_) => return FirstRead::TimedOut,
+            // The ring is empty (the pool is spent): wait for readiness and a buffer.
+            Ok(Received::NoBuffer) => {
+                return read_when_readable(w, tcp, deadline, acquire_limit).await
+            }
+        }
+    }
     let (len, cap) = (ubuf.len(), ubuf.capacity());
     let (res, s) = {
         let canceller = Canceller::new();
@@ -180,6 +196,16 @@ async fn first_read(
     }
     // Cancelled with nothing read: the buffer goes back while the upstream thinks.
     drop(s);
+    read_when_readable(w, tcp, deadline, acquire_limit).await
+}
+
+/// The first read of an answer once the socket is readable, into a buffer taken then.
+async fn read_when_readable(
+    w: &Worker,
+    tcp: &mut monoio::net::TcpStream,
+    deadline: Instant,
+    acquire_limit: Duration,
+) -> FirstRead {
     match deadline::timeout_at(deadline, tcp.readable(false)).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => return FirstRead::NoAnswer,
