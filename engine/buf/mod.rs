@@ -8,4 +8,4 @@ pub mod ring;
 pub use pair::HeadAndBody;
 pub use pipe::PipePool;
 pub use pool::{BufPool, PoolBuf, PoolError};
-pub use ring::{Received, RecvRing};
+pub use ring::{Received, RecvRing, RingRecv};

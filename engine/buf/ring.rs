@@ -11,10 +11,13 @@
 use std::{
     alloc::Layout,
     cell::{Cell, RefCell},
+    future::Future,
     io,
+    pin::Pin,
     ptr::NonNull,
     rc::{Rc, Weak},
     sync::atomic::{AtomicU16, Ordering},
+    task::{Context, Poll, Waker},
 };
 
 use monoio::{buf::provided, net::TcpStream};
@@ -46,7 +49,9 @@ pub enum Received {
     Failed(io::Error),
 }
 
-/// A worker's ring; it lives as long as the worker, on the worker's thread.
+/// A worker's ring; it lives as long as the worker, on the worker's thread. Cheap to
+/// clone (two `Rc`s): the upstream pools hold it too.
+#[derive(Clone)]
 pub struct RecvRing {
     inner: Rc<RingInner>,
     /// Handed to every receive: a buffer filled for a receive nobody awaits
@@ -148,17 +153,50 @@ impl RecvRing {
     }
 
     /// Receives on `tcp` into a buffer the kernel takes from the ring when data arrives.
-    pub async fn recv(&self, tcp: &TcpStream) -> Received {
+    /// The receive is in the kernel from this call on, whether or not the future is
+    /// polled: an idle pooled connection keeps one armed, so a close or stray bytes show
+    /// as a completed receive, and the same receive then reads the answer.
+    pub fn recv(&self, tcp: &TcpStream) -> RingRecv {
         self.inner.refill();
-        let (res, id) = tcp.recv_select(GROUP, self.orphan.clone()).await;
+        RingRecv {
+            op: tcp.recv_select(GROUP, self.orphan.clone()),
+            ring: self.inner.clone(),
+        }
+    }
+}
+
+/// A receive through the ring (see [`RecvRing::recv`]).
+pub struct RingRecv {
+    op: provided::RecvSelectFuture,
+    ring: Rc<RingInner>,
+}
+
+impl RingRecv {
+    /// What the receive gave, if it has completed; never waits.
+    pub fn try_now(&mut self) -> Option<Received> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(self).poll(&mut cx) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
+    }
+}
+
+impl Future for RingRecv {
+    type Output = Received;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Received> {
+        let (res, id) = std::task::ready!(Pin::new(&mut self.op).poll(cx));
         // A buffer taken comes out of the ring whatever the result, or it would be lost.
-        let buf = id.and_then(|id| self.inner.take(id));
-        match (res, buf) {
+        let buf = id.and_then(|id| self.ring.take(id));
+        Poll::Ready(match (res, buf) {
             (Ok(0), _) => Received::Eof,
             (Ok(n), Some(mut b)) => {
-                let len = self.inner.headroom + n;
+                let len = self.ring.headroom + n;
                 if len > b.capacity() {
-                    return Received::Failed(io::Error::other("a receive overran its buffer"));
+                    return Poll::Ready(Received::Failed(io::Error::other(
+                        "a receive overran its buffer",
+                    )));
                 }
                 // SAFETY: the head room was written when the buffer was lent, and the
                 // kernel wrote `n` bytes right after it.
@@ -170,7 +208,7 @@ impl RecvRing {
             }
             (Err(e), _) if e.raw_os_error() == Some(libc::ENOBUFS) => Received::NoBuffer,
             (Err(e), _) => Received::Failed(e),
-        }
+        })
     }
 }
 

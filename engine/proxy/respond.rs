@@ -14,7 +14,7 @@ use super::{
     transfer::{self, Route, Side, XferError},
 };
 use crate::{
-    buf::{PoolBuf, Received},
+    buf::{PoolBuf, Received, RingRecv},
     h1::{BodyKind, ChunkedDecoder, Parsed},
     runtime::{deadline, shutdown, Generation, Worker},
     upstream::UpConn,
@@ -95,6 +95,7 @@ pub(super) async fn read_response_head(
             ubuf = big;
         }
         let (len, cap) = (ubuf.len(), ubuf.capacity());
+        let armed = if got_any { None } else { conn.take_armed() };
         let first = if got_any {
             None
         } else {
@@ -103,14 +104,16 @@ pub(super) async fn read_response_head(
         let read = match first {
             // Nothing of the answer yet, on plain TCP: the wait may be long (a model
             // thinking), so it holds no buffer (at once through the ring, else after a tick).
-            Some(tcp) => match first_read(w, tcp, ubuf, deadline, conf.connect_timeout).await {
-                FirstRead::Read(r, b) => Ok((r, b)),
-                FirstRead::TimedOut => Err(()),
-                FirstRead::NoAnswer => return Err(RespError::NoAnswer),
-                FirstRead::NoBuffer => {
-                    return Err(RespError::Reject(error::NO_BUFFER.closing_if(true)))
+            Some(tcp) => {
+                match first_read(w, tcp, armed, ubuf, deadline, conf.connect_timeout).await {
+                    FirstRead::Read(r, b) => Ok((r, b)),
+                    FirstRead::TimedOut => Err(()),
+                    FirstRead::NoAnswer => return Err(RespError::NoAnswer),
+                    FirstRead::NoBuffer => {
+                        return Err(RespError::Reject(error::NO_BUFFER.closing_if(true)))
+                    }
                 }
-            },
+            }
             None => deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap)))
                 .await
                 .map(|(r, s)| (r, s.into_inner()))
@@ -158,16 +161,19 @@ enum FirstRead {
 async fn first_read(
     w: &Worker,
     tcp: &mut monoio::net::TcpStream,
+    armed: Option<RingRecv>,
     ubuf: PoolBuf,
     deadline: Instant,
     acquire_limit: Duration,
 ) -> FirstRead {
     use monoio::io::{CancelableAsyncReadRent, Canceller};
-    if let Some(ring) = w.ring.get() {
+    // A pooled connection comes with its receive already armed; else one is armed now.
+    let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
+    if let Some(recv) = recv {
         // The kernel picks a buffer when the answer starts: none is held while it is
         // awaited, and no tick, cancel or readiness wait is needed.
         drop(ubuf);
-        match deadline::timeout_at(deadline, ring.recv(tcp)).await {
+        match deadline::timeout_at(deadline, recv).await {
             Ok(Received::Data(b)) => return FirstRead::Read(Ok(b.len() - HEADROOM), b),
             Ok(Received::Eof) | Ok(Received::Failed(_)) => return FirstRead::NoAnswer,
             Err(_) => return FirstRead::TimedOut,

@@ -112,6 +112,12 @@ pub(super) async fn send_request(
         BodyKind::Length(n) => {
             let first = (n.min(in_buf as u64)) as usize;
             let end = plan.head_end + first;
+            let watching = !client.is_tls() && n - first as u64 >= g.splice_min;
+            if watching {
+                // The watch peeks at the socket: no receive may take an early answer
+                // first, so the one armed while idle goes before anything is sent.
+                conn.disarm();
+            }
             cbuf = match write_all(conn.stream(), cbuf, plan.head_start..end, up_idle).await {
                 Ok(b) => b,
                 Err(()) => return Ok(Sent::Early),
@@ -125,10 +131,10 @@ pub(super) async fn send_request(
             // `splice_min` either: it goes out in a few writes that socket buffers absorb,
             // the answer is read right after, and the watch (a dup, a poll, its cancel and a
             // close) cost 10-25 µs per 64 KiB POST, a quarter of its CPU (benches/RESULTS.md).
-            let watch = if client.is_tls() || remaining < g.splice_min {
-                None
-            } else {
+            let watch = if watching {
                 EarlyWatch::new(conn.stream())
+            } else {
+                None
             };
             let body = async {
                 if plan.expect_continue {
@@ -151,17 +157,22 @@ pub(super) async fn send_request(
             watched(watch.as_ref(), body).await
         }
         BodyKind::Chunked => {
+            // A body that arrived whole with the head needs no watch.
+            let watching = buffered != Buffered::Whole && !client.is_tls();
+            if watching {
+                // As above: the armed receive goes before anything is sent.
+                conn.disarm();
+            }
             cbuf = match write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
                 .await
             {
                 Ok(b) => b,
                 Err(()) => return Ok(Sent::Early),
             };
-            // A body that arrived whole with the head needs no watch.
-            let watch = if buffered == Buffered::Whole || client.is_tls() {
-                None
-            } else {
+            let watch = if watching {
                 EarlyWatch::new(conn.stream())
+            } else {
+                None
             };
             let body = async {
                 if plan.expect_continue && in_buf == 0 {

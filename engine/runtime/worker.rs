@@ -162,6 +162,7 @@ impl Generation {
         shared: Arc<Shared>,
         number: u64,
         previous: Option<&Generation>,
+        ring: Option<&RecvRing>,
     ) -> Self {
         let s = &shared.cfg.server;
         let upstreams = shared
@@ -171,7 +172,13 @@ impl Generation {
                 previous
                     .and_then(|p| p.upstreams.iter().find(|old| Arc::ptr_eq(&old.shared, u)))
                     .cloned()
-                    .unwrap_or_else(|| UpstreamPool::new(u.clone(), worker, s.workers, pool))
+                    .unwrap_or_else(|| {
+                        let p = UpstreamPool::new(u.clone(), worker, s.workers, pool);
+                        if let Some(r) = ring {
+                            p.use_ring(r);
+                        }
+                        p
+                    })
             })
             .collect();
         let routes = (0..shared.routes.len())
@@ -282,7 +289,8 @@ impl Worker {
         let scratch = RefCell::new(Vec::with_capacity(s.max_header_bytes + 1024));
         let stats = registry().worker_shard(id);
         stats.buffers_capacity.set(s.buffers_per_worker as u64);
-        let gen = Generation::build(id, &pool, shared, current_generation(), None);
+        // No ring yet: it is registered once the worker's runtime runs (`start_ring`).
+        let gen = Generation::build(id, &pool, shared, current_generation(), None, None);
         Self {
             id,
             gen: RefCell::new(Rc::new(gen)),
@@ -351,6 +359,7 @@ impl Worker {
             shared,
             number,
             Some(&self.gen.borrow()),
+            self.ring.get(),
         );
         *self.gen.borrow_mut() = Rc::new(next);
         self.sync_listeners();
@@ -396,6 +405,9 @@ impl Worker {
                 Ok(ring) => {
                     let path = format!("buffer ring of {} buffers", ring.entries());
                     self.stats.receive.set(1);
+                    for p in self.generation().upstreams.iter() {
+                        p.use_ring(&ring);
+                    }
                     let _ = self.ring.set(ring);
                     path
                 }

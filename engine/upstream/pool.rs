@@ -7,7 +7,7 @@
 //! its slot for the next waiter either way.
 
 use std::{
-    cell::{Cell, RefCell},
+    cell::{Cell, OnceCell, RefCell},
     io,
     net::SocketAddr,
     os::fd::AsRawFd,
@@ -18,7 +18,10 @@ use std::{
 
 use monoio::net::TcpStream;
 
-use crate::{buf::BufPool, transport::Stream};
+use crate::{
+    buf::{BufPool, RecvRing, RingRecv},
+    transport::Stream,
+};
 
 use super::{balance, health::now_ms, UpstreamShared};
 use crate::{
@@ -49,6 +52,8 @@ pub struct UpstreamPool {
     bufs: BufPool,
     /// `max_connections`, or its automatic value (see [`auto_max_connections`]).
     max_connections: usize,
+    /// The worker's receive ring, once it has one.
+    ring: OnceCell<RecvRing>,
 }
 
 /// `max_connections` when the configuration leaves it out: half of the open-files limit
@@ -75,6 +80,10 @@ struct Idle {
     addr: SocketAddr,
     stream: Stream,
     since: Instant,
+    /// A receive through the worker's ring, armed while the connection waits (plain TCP
+    /// with a ring): a close or stray bytes complete it, and, still pending at reuse, it
+    /// reads the answer to the next request.
+    armed: Option<RingRecv>,
 }
 
 /// Why no upstream connection could be had.
@@ -127,7 +136,13 @@ impl UpstreamPool {
             inflight: RefCell::new(vec![0; n]),
             turn: Cell::new(0),
             stats,
+            ring: OnceCell::new(),
         })
+    }
+
+    /// Arms a receive through `ring` on every connection that goes idle from now on.
+    pub fn use_ring(&self, ring: &RecvRing) {
+        let _ = self.ring.set(ring.clone());
     }
 
     /// Picks an endpoint: resolved, not ejected, not excluded.
@@ -170,15 +185,15 @@ impl UpstreamPool {
     ) -> Result<UpConn, CheckoutError> {
         let (idx, addr) = self.pick(p)?;
         if !fresh {
-            if let Some(stream) = self.take_idle(idx, addr) {
-                return Ok(UpConn::new(self.clone(), stream, idx, addr, true));
+            if let Some((stream, armed)) = self.take_idle(idx, addr) {
+                return Ok(UpConn::new(self.clone(), stream, idx, addr, armed));
             }
         }
         let conf = &self.shared.conf;
         let deadline_at = Instant::now() + conf.connect_timeout;
-        if let Some(stream) = self.reserve_slot(idx, addr, fresh, deadline_at).await? {
+        if let Some((stream, armed)) = self.reserve_slot(idx, addr, fresh, deadline_at).await? {
             // While waiting, a connection to this endpoint came back idle.
-            return Ok(UpConn::new(self.clone(), stream, idx, addr, true));
+            return Ok(UpConn::new(self.clone(), stream, idx, addr, armed));
         }
         // The slot is ours from here on: a guard gives it back on every failure.
         let slot = SlotGuard(self);
@@ -226,7 +241,9 @@ impl UpstreamPool {
         };
         std::mem::forget(slot);
         self.stats.connects.add(1);
-        Ok(UpConn::new(self.clone(), stream, idx, addr, false))
+        let mut conn = UpConn::new(self.clone(), stream, idx, addr, None);
+        conn.reused = false;
+        Ok(conn)
     }
 
     /// Records a failure of endpoint `idx` (connect error, reset, 5xx).
@@ -247,19 +264,28 @@ impl UpstreamPool {
         self.shared.health[idx].success();
     }
 
-    /// Pops the most recently used live idle connection to `idx` at `addr`.
-    fn take_idle(&self, idx: usize, addr: SocketAddr) -> Option<Stream> {
+    /// Pops the most recently used live idle connection to `idx` at `addr`, with the
+    /// receive armed on it, if any.
+    fn take_idle(&self, idx: usize, addr: SocketAddr) -> Option<(Stream, Option<RingRecv>)> {
         let ttl = self.shared.conf.idle_timeout;
         let mut idle = self.idle.borrow_mut();
         while let Some(pos) = idle.iter().rposition(|c| c.idx == idx) {
-            let c = idle.remove(pos);
+            let mut c = idle.remove(pos);
             self.stats.idle.sub(1);
-            if c.addr == addr
-                && c.since.elapsed() < ttl
-                && c.stream.is_clean()
-                && idle_is_clean(&c.stream)
-            {
-                return Some(c.stream);
+            if c.addr == addr && c.since.elapsed() < ttl && c.stream.is_clean() {
+                match c.armed.as_mut() {
+                    // Still pending: nothing came while idle, not even a close.
+                    Some(armed) => {
+                        if armed.try_now().is_none() {
+                            return Some((c.stream, c.armed));
+                        }
+                    }
+                    None => {
+                        if idle_is_clean(&c.stream) {
+                            return Some((c.stream, None));
+                        }
+                    }
+                }
             }
             // Expired, the name now resolves elsewhere, or closed or
             // written to by the upstream while idle: close it.
@@ -278,7 +304,7 @@ impl UpstreamPool {
         addr: SocketAddr,
         fresh: bool,
         deadline_at: Instant,
-    ) -> Result<Option<Stream>, CheckoutError> {
+    ) -> Result<Option<(Stream, Option<RingRecv>)>, CheckoutError> {
         let max = self.max_connections as u64;
         let mut waited = false;
         loop {
@@ -334,7 +360,10 @@ impl UpstreamPool {
         let ttl = self.shared.conf.idle_timeout;
         let mut idle = self.idle.borrow_mut();
         let before = idle.len();
-        idle.retain(|c| c.since.elapsed() < ttl);
+        // An armed receive that completed saw a close or stray bytes: closed too.
+        idle.retain_mut(|c| {
+            c.since.elapsed() < ttl && c.armed.as_mut().is_none_or(|a| a.try_now().is_none())
+        });
         let closed = before - idle.len();
         drop(idle);
         if closed > 0 {
@@ -346,7 +375,7 @@ impl UpstreamPool {
         }
     }
 
-    fn put_idle(&self, idx: usize, addr: SocketAddr, stream: Stream) {
+    fn put_idle(&self, idx: usize, addr: SocketAddr, stream: Stream, armed: Option<RingRecv>) {
         let mut idle = self.idle.borrow_mut();
         // Bytes read ahead (past the response, on a TLS stream) would answer the
         // next request: such a connection is closed, never pooled.
@@ -356,10 +385,16 @@ impl UpstreamPool {
             self.release_slot();
             return;
         }
+        // The receive an exchange left unused stays; else one is armed now.
+        let armed = armed.or_else(|| {
+            let ring = self.ring.get()?;
+            Some(ring.recv(stream.tcp()?))
+        });
         idle.push(Idle {
             idx,
             addr,
             stream,
+            armed,
             since: Instant::now(),
         });
         drop(idle);
@@ -415,6 +450,8 @@ pub struct UpConn {
     /// Whether it came from the idle list (it may have been closed meanwhile).
     pub reused: bool,
     reusable: bool,
+    /// The receive armed while it was idle: the first read of the answer.
+    armed: Option<RingRecv>,
 }
 
 impl UpConn {
@@ -423,7 +460,7 @@ impl UpConn {
         stream: Stream,
         idx: usize,
         addr: SocketAddr,
-        reused: bool,
+        armed: Option<RingRecv>,
     ) -> Self {
         if let Some(n) = pool.inflight.borrow_mut().get_mut(idx) {
             *n += 1;
@@ -433,9 +470,22 @@ impl UpConn {
             stream: Some(stream),
             idx,
             addr,
-            reused,
+            reused: true,
             reusable: false,
+            armed,
         }
+    }
+
+    /// The receive armed while the connection was idle, to read the answer with; the
+    /// caller must not read the socket any other way while it is pending.
+    pub fn take_armed(&mut self) -> Option<RingRecv> {
+        self.armed.take()
+    }
+
+    /// Cancels the armed receive before anything is sent, for an exchange that watches
+    /// the socket itself (a streamed request body, see `EarlyWatch`).
+    pub fn disarm(&mut self) {
+        self.armed = None;
     }
 
     /// The socket.
@@ -466,7 +516,10 @@ impl Drop for UpConn {
             *n = n.saturating_sub(1);
         }
         match self.stream.take() {
-            Some(stream) if self.reusable => self.pool.put_idle(self.idx, self.addr, stream),
+            Some(stream) if self.reusable => {
+                self.pool
+                    .put_idle(self.idx, self.addr, stream, self.armed.take())
+            }
             _ => self.pool.release_slot(),
         }
     }

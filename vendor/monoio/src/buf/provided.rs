@@ -10,7 +10,7 @@
 
 use std::io;
 
-pub use crate::driver::op::recv_select::OrphanBuffer;
+pub use crate::driver::op::recv_select::{OrphanBuffer, RecvSelectFuture};
 use crate::driver::{Inner, CURRENT};
 
 /// Whether the current thread runs an io_uring driver (provided buffers need

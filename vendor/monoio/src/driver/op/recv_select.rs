@@ -8,7 +8,14 @@
 //! arrives. A receive dropped before its completion was seen may still have
 //! taken one; [`OrphanBuffer`] hands its id back to whoever owns the ring.
 
-use std::{any::Any, io, rc::Rc};
+use std::{
+    any::Any,
+    future::Future,
+    io,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll},
+};
 
 #[cfg(all(target_os = "linux", feature = "iouring"))]
 use io_uring::{opcode, squeue, types};
@@ -58,16 +65,45 @@ impl Op<RecvSelect> {
             orphan,
         })
     }
+}
 
-    /// The byte count (0 at end of stream) and the id of the buffer that
-    /// holds the bytes. A buffer id can come with any result: the caller owns
-    /// that buffer from here on.
-    pub(crate) async fn selected(self) -> (io::Result<usize>, Option<u16>) {
-        let complete = self.await;
-        (
-            complete.meta.result.map(|n| n as usize),
-            selected_buffer(complete.meta.flags),
-        )
+/// A receive into a provided buffer, in the kernel from its creation on. It
+/// resolves to the byte count (0 at end of stream) and the id of the buffer
+/// that holds the bytes; a buffer id can come with any result, and the caller
+/// owns that buffer from then on. A named type, so that it can wait inside a
+/// struct (an idle pooled connection) and be polled later.
+pub struct RecvSelectFuture {
+    state: Result<Op<RecvSelect>, Option<io::Error>>,
+}
+
+impl RecvSelectFuture {
+    pub(crate) fn submit(fd: &SharedFd, group: u16, orphan: OrphanBuffer) -> Self {
+        Self {
+            state: Op::recv_select(fd, group, orphan).map_err(Some),
+        }
+    }
+}
+
+impl Future for RecvSelectFuture {
+    type Output = (io::Result<usize>, Option<u16>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            Ok(op) => {
+                let complete = std::task::ready!(Pin::new(op).poll(cx));
+                self.state = Err(None);
+                Poll::Ready((
+                    complete.meta.result.map(|n| n as usize),
+                    selected_buffer(complete.meta.flags),
+                ))
+            }
+            Err(e) => Poll::Ready((
+                Err(e
+                    .take()
+                    .unwrap_or_else(|| io::Error::other("receive polled after it completed"))),
+                None,
+            )),
+        }
     }
 }
 

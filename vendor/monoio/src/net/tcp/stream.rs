@@ -247,21 +247,19 @@ impl TcpStream {
 
     /// Receives into a buffer the kernel takes from provided-buffer group
     /// `group` when data arrives (see [`crate::buf::provided`]): nothing is
-    /// tied to the receive while it waits. Returns the byte count and the id
-    /// of the buffer that holds the bytes; a buffer id can come with any
-    /// result, and the caller owns that buffer from then on. If this future is
-    /// dropped before it completes, a buffer the kernel took anyway is handed
-    /// to `orphan`. (monoio patch: provided buffers.)
+    /// tied to the receive while it waits. The receive is submitted now; the
+    /// future gives the byte count and the id of the buffer that holds the
+    /// bytes (a buffer id can come with any result, and the caller owns that
+    /// buffer from then on). If the future is dropped before it completes, a
+    /// buffer the kernel took anyway is handed to `orphan`. (monoio patch:
+    /// provided buffers.)
     #[cfg(all(target_os = "linux", feature = "iouring"))]
-    pub async fn recv_select(
+    pub fn recv_select(
         &self,
         group: u16,
         orphan: crate::buf::provided::OrphanBuffer,
-    ) -> (io::Result<usize>, Option<u16>) {
-        match Op::recv_select(&self.fd, group, orphan) {
-            Ok(op) => op.selected().await,
-            Err(e) => (Err(e), None),
-        }
+    ) -> crate::buf::provided::RecvSelectFuture {
+        crate::buf::provided::RecvSelectFuture::submit(&self.fd, group, orphan)
     }
 
     /// Wait for write readiness.
