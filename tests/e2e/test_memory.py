@@ -278,6 +278,20 @@ class HoldingBackend:
         self._t.join(5)
 
 
+def _start_before(ringway_fn, up, n, name, response_timeout=None, **server):
+    """One worker (with `server` settings) in front of HoldingBackend `up`, room for 4n
+    upstream connections, and an admin port: (the Ringway, the admin port)."""
+    from helpers import free_port
+    upstream = {"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n}
+    if response_timeout:
+        upstream["response_timeout"] = response_timeout
+    admin = free_port()
+    rw = ringway_fn.start(upstreams=[upstream],
+                          routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
+                          server=dict(workers=1, **server), admin=admin, name=name)
+    return rw, admin
+
+
 def _event(text):
     """One chat-completion chunk as an SSE frame."""
     doc = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
@@ -318,7 +332,7 @@ def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
     gone, `memory_release_after` later the buffers no request needed are freed and the allocator
     hands its empty pages back: RSS comes back within 8 MiB of the baseline it had before."""
     import resource
-    from helpers import free_port, simple_get, wait_until
+    from helpers import simple_get, wait_until
     n = 1500
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2 * n + 500:
@@ -327,12 +341,8 @@ def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
     up = HoldingBackend()
     socks = []
     try:
-        admin = free_port()
-        rw = ringway_fn.start(
-            upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n}],
-            routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
-            server={"workers": 1, "buffers_per_worker": 8192, "memory_release_after": "1s"},
-            admin=admin, name="release")
+        rw, admin = _start_before(ringway_fn, up, n, "release",
+                                  buffers_per_worker=8192, memory_release_after="1s")
 
         def in_use():
             return _buffers_in_use(admin)
@@ -394,20 +404,15 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
     the pool while it waits (a model may think for minutes); the answer then reads into a new
     one. 200 POSTs (whose bodies went upstream, so nothing is kept for a replay) waiting at
     once hold no pool buffer (/stats), and every one gets its whole answer afterwards."""
-    from helpers import free_port, wait_until
+    from helpers import wait_until
     n = 200
     up = HoldingBackend()
     socks = []
     try:
-        admin = free_port()
-        rw = ringway_fn.start(
-            upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n,
-                        "response_timeout": "30s"}],
-            routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
-            # Room for the burst itself (each request holds a buffer or two until it waits):
-            # the claim is about waiting, not about a pool too small for the burst.
-            server={"workers": 1, "driver": driver, "buffers_per_worker": 8 * n},
-            admin=admin, name="waiting-" + driver)
+        # Room for the burst itself (each request holds a buffer or two until it waits):
+        # the claim is about waiting, not about a pool too small for the burst.
+        rw, admin = _start_before(ringway_fn, up, n, "waiting-" + driver, response_timeout="30s",
+                                  driver=driver, buffers_per_worker=8 * n)
 
         def in_use():
             return _buffers_in_use(admin)
@@ -516,18 +521,13 @@ def test_idle_connections_hold_no_buffer_and_the_receive_ring_loses_none(ringway
     pending receives are cancelled, racing the bytes some of them send at that moment), and
     afterwards no buffer is missing: none in use, the ring full again, and the worker serves on."""
     from conftest import expected_receive_path
-    from helpers import free_port, wait_until
+    from helpers import wait_until
     n = 300
     up = HoldingBackend()
     socks = []
     try:
-        admin = free_port()
-        rw = ringway_fn.start(
-            upstreams=[{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port], "max_connections": 4 * n}],
-            routes=[{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
-            server={"workers": 1, "buffer_ring": buffer_ring, "keepalive_timeout": "2s",
-                    "buffers_per_worker": 256},
-            admin=admin, name="ring-%s" % buffer_ring)
+        rw, admin = _start_before(ringway_fn, up, n, "ring-%s" % buffer_ring, buffer_ring=buffer_ring,
+                                  keepalive_timeout="2s", buffers_per_worker=256)
 
         def worker():
             return requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()["workers"][0]
