@@ -39,6 +39,13 @@ class Recorded:
             "%s: %s" % hv for hv in self.headers) + "\n" + self.body.decode("utf-8", "replace")
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a burst of 50 streams from three gateways at once
+    # overflowed it, dropped SYNs were retried a second later, and the gateways, counting the
+    # slow connects as failures, ejected the provider ("every upstream endpoint is down").
+    request_queue_size = 1024
+
+
 class MockProvider:
     def __init__(self, usage=(5, 2)):
         self.lock = threading.Lock()
@@ -73,7 +80,7 @@ class MockProvider:
             def do_GET(self):
                 outer._handle(self)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
