@@ -24,8 +24,8 @@ pub struct BufPool {
 struct PoolInner {
     /// Size of one slot; ordinary buffers are exactly one slot.
     slot_size: usize,
-    /// The budget, in slots.
-    slots_total: usize,
+    /// The budget, in slots (with the receive ring's, once it has one).
+    slots_total: Cell<usize>,
     /// Slots handed out (ordinary and large buffers together).
     slots_used: Cell<usize>,
     /// Ordinary buffers returned and kept for reuse, so steady traffic never
@@ -55,7 +55,7 @@ impl BufPool {
         Self {
             inner: Rc::new(PoolInner {
                 slot_size,
-                slots_total: slots,
+                slots_total: Cell::new(slots),
                 slots_used: Cell::new(0),
                 free: RefCell::new(Vec::new()),
                 waiters: WaitQueue::default(),
@@ -70,6 +70,20 @@ impl BufPool {
         self.inner.slot_size
     }
 
+    /// Adds `slots` to the budget for the receive ring's buffers: lent to the kernel, they
+    /// must not shrink what requests have (a burst of requests each holding one buffer
+    /// and waiting for a second would otherwise find fewer than it did without a ring).
+    pub fn add_ring_slots(&self, slots: usize) {
+        let total = &self.inner.slots_total;
+        total.set(total.get() + slots);
+    }
+
+    /// Whether tasks wait for a buffer now: a lender that could wait (the receive ring's
+    /// refill) leaves what is freed to them rather than jump their queue.
+    pub fn has_waiters(&self) -> bool {
+        !self.inner.waiters.is_empty()
+    }
+
     /// Slots in use now.
     pub fn in_use(&self) -> usize {
         self.inner.slots_used.get()
@@ -77,7 +91,7 @@ impl BufPool {
 
     /// The budget, in slots.
     pub fn capacity(&self) -> usize {
-        self.inner.slots_total
+        self.inner.slots_total.get()
     }
 
     /// Highest number of slots in use at once since start.
@@ -116,7 +130,7 @@ impl BufPool {
         let inner = &self.inner;
         let slots = bytes.div_ceil(inner.slot_size).max(1);
         let used = inner.slots_used.get();
-        if used + slots > inner.slots_total {
+        if used + slots > inner.slots_total.get() {
             return None;
         }
         inner.slots_used.set(used + slots);
@@ -162,7 +176,7 @@ impl BufPool {
         bytes: usize,
         limit: Duration,
     ) -> Result<PoolBuf, PoolError> {
-        if bytes.div_ceil(self.inner.slot_size) > self.inner.slots_total {
+        if bytes.div_ceil(self.inner.slot_size) > self.inner.slots_total.get() {
             return Err(PoolError::TooLarge);
         }
         if self.inner.waiters.is_empty() {
@@ -297,7 +311,7 @@ impl PoolBuf {
     pub fn try_bulk(&self, bytes: usize) -> Option<PoolBuf> {
         let inner = &self.pool;
         let slots = bytes.div_ceil(inner.slot_size).max(1);
-        if (inner.slots_used.get() + slots) * 2 > inner.slots_total {
+        if (inner.slots_used.get() + slots) * 2 > inner.slots_total.get() {
             return None;
         }
         BufPool {

@@ -118,6 +118,7 @@ impl RecvRing {
             unsafe { std::alloc::dealloc(mem.as_ptr(), layout) };
             return Err(e);
         }
+        pool.add_ring_slots(entries);
         let inner = Rc::new(RingInner {
             mem,
             layout,
@@ -213,9 +214,16 @@ impl Future for RingRecv {
 }
 
 impl RingInner {
-    /// Lends a fresh pool buffer under `id`, or notes the id empty when the pool is spent.
+    /// Lends a fresh pool buffer under `id`, or notes the id empty when the pool is spent
+    /// or requests wait for buffers: under pressure the ring shrinks, and a receive that
+    /// finds it empty waits in the pool's queue like any request (`Received::NoBuffer`).
     fn lend_new(&self, id: u16) {
-        match self.pool.try_acquire() {
+        let fresh = if self.pool.has_waiters() {
+            None
+        } else {
+            self.pool.try_acquire()
+        };
+        match fresh {
             Some(mut b) => {
                 b.clear();
                 let _ = b.put(&ZEROS[..self.headroom]);
@@ -457,9 +465,17 @@ mod tests {
 
     #[test]
     fn an_empty_ring_says_so_and_refills_when_the_pool_has_room() {
-        // A pool of 1: the ring lends it, the receive takes it, nothing is left to refill.
+        // A pool of 1, and 1 more for the ring: the ring lends one, a request holds the
+        // other, the receive takes the ring's, nothing is left to refill.
         with_ring(1, |pool, ring| async move {
             assert_eq!(ring.entries(), 1);
+            assert_eq!(
+                pool.capacity(),
+                2,
+                "the ring's buffer is added to the budget"
+            );
+            let held = pool.try_acquire();
+            assert!(held.is_some());
             let (mut c, s) = pair().await;
             let (r, _) = c.write_all(b"one".to_vec()).await;
             r.expect("write");
@@ -476,7 +492,7 @@ mod tests {
             r.expect("write");
             assert!(matches!(ring.recv(&s).await, Received::NoBuffer));
             drop(first);
-            assert_eq!(pool.in_use(), 0);
+            assert_eq!(pool.in_use(), 1);
             match ring.recv(&s).await {
                 Received::Data(b) => assert_eq!(&b[64..], b"two", "nothing was lost"),
                 _ => panic!("no data after the refill"),

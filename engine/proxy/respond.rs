@@ -151,8 +151,8 @@ enum FirstRead {
 }
 
 /// The first read of an answer into `ubuf` (which holds only the headroom). Through the
-/// worker's receive ring where it has one: `ubuf` goes back at once and the kernel picks
-/// a buffer when the answer starts. Otherwise, an answer
+/// worker's receive ring where it has one: the kernel picks a buffer when the answer
+/// starts, and `ubuf` goes back after a tick (no cancel needed). Otherwise, an answer
 /// that has not started within [`HOLD_BUFFER_FOR`] gives the buffer back to the pool
 /// while it is awaited, then takes one again when bytes are there: thousands of
 /// requests waiting on a slow upstream hold no pool memory. The read is cancelled
@@ -170,18 +170,41 @@ async fn first_read(
     // A pooled connection comes with its receive already armed; else one is armed now.
     let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
     if let Some(recv) = recv {
-        // The kernel picks a buffer when the answer starts: none is held while it is
-        // awaited, and no tick, cancel or readiness wait is needed.
-        drop(ubuf);
-        match deadline::timeout_at(deadline, recv).await {
-            Ok(Received::Data(b)) => return FirstRead::Read(Ok(b.len() - HEADROOM), b),
-            Ok(Received::Eof) | Ok(Received::Failed(_)) => return FirstRead::NoAnswer,
-            Err(_) => return FirstRead::TimedOut,
-            // The ring is empty (the pool is spent): wait for readiness and a buffer.
-            Ok(Received::NoBuffer) => {
-                return read_when_readable(w, tcp, deadline, acquire_limit).await
+        // The kernel picks a buffer when the answer starts. `ubuf` is kept for a tick
+        // (most answers come sooner), and on past it while requests queue for buffers:
+        // an answer that finds the ring empty then reads into it, rather than wait in
+        // that queue behind requests that cannot finish without buffers themselves.
+        let mut recv = std::pin::pin!(recv);
+        let (got, spare) = match deadline::timeout(HOLD_BUFFER_FOR, &mut recv).await {
+            Ok(got) => (got, Some(ubuf)),
+            Err(_) => {
+                let spare = if w.pool.has_waiters() {
+                    Some(ubuf)
+                } else {
+                    // No cancel to wait for: the receive never held this buffer.
+                    drop(ubuf);
+                    None
+                };
+                match deadline::timeout_at(deadline, recv).await {
+                    Ok(got) => (got, spare),
+                    Err(_) => return FirstRead::TimedOut,
+                }
             }
-        }
+        };
+        return match (got, spare) {
+            (Received::Data(b), _) => FirstRead::Read(Ok(b.len() - HEADROOM), b),
+            (Received::Eof, _) | (Received::Failed(_), _) => FirstRead::NoAnswer,
+            // The ring was empty: read into the buffer kept, or wait for readiness and a
+            // buffer.
+            (Received::NoBuffer, Some(ubuf)) => {
+                let (len, cap) = (ubuf.len(), ubuf.capacity());
+                match deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap))).await {
+                    Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
+                    Err(_) => FirstRead::TimedOut,
+                }
+            }
+            (Received::NoBuffer, None) => read_when_readable(w, tcp, deadline, acquire_limit).await,
+        };
     }
     let (len, cap) = (ubuf.len(), ubuf.capacity());
     let (res, s) = {

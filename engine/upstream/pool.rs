@@ -19,7 +19,7 @@ use std::{
 use monoio::net::TcpStream;
 
 use crate::{
-    buf::{BufPool, RecvRing, RingRecv},
+    buf::{BufPool, Received, RecvRing, RingRecv},
     transport::Stream,
 };
 
@@ -273,18 +273,18 @@ impl UpstreamPool {
             let mut c = idle.remove(pos);
             self.stats.idle.sub(1);
             if c.addr == addr && c.since.elapsed() < ttl && c.stream.is_clean() {
-                match c.armed.as_mut() {
+                match c.armed.as_mut().map(RingRecv::try_now) {
                     // Still pending: nothing came while idle, not even a close.
-                    Some(armed) => {
-                        if armed.try_now().is_none() {
-                            return Some((c.stream, c.armed));
-                        }
-                    }
-                    None => {
+                    Some(None) => return Some((c.stream, c.armed)),
+                    // The ring was empty: the receive ended without a word on the
+                    // connection, which the peek then checks.
+                    Some(Some(Received::NoBuffer)) | None => {
                         if idle_is_clean(&c.stream) {
                             return Some((c.stream, None));
                         }
                     }
+                    // A close, an error or stray bytes.
+                    Some(Some(_)) => {}
                 }
             }
             // Expired, the name now resolves elsewhere, or closed or
@@ -360,9 +360,20 @@ impl UpstreamPool {
         let ttl = self.shared.conf.idle_timeout;
         let mut idle = self.idle.borrow_mut();
         let before = idle.len();
-        // An armed receive that completed saw a close or stray bytes: closed too.
+        // An armed receive that completed saw a close or stray bytes: closed too (one
+        // that found the ring empty says nothing: the peek at reuse decides then).
         idle.retain_mut(|c| {
-            c.since.elapsed() < ttl && c.armed.as_mut().is_none_or(|a| a.try_now().is_none())
+            if c.since.elapsed() >= ttl {
+                return false;
+            }
+            match c.armed.as_mut().map(RingRecv::try_now) {
+                Some(None) | None => true,
+                Some(Some(Received::NoBuffer)) => {
+                    c.armed = None;
+                    true
+                }
+                Some(Some(_)) => false,
+            }
         });
         let closed = before - idle.len();
         drop(idle);
@@ -385,9 +396,10 @@ impl UpstreamPool {
             self.release_slot();
             return;
         }
-        // The receive an exchange left unused stays; else one is armed now.
+        // The receive an exchange left unused stays; else one is armed now, unless the
+        // ring is empty (it would only end at once with nothing to say).
         let armed = armed.or_else(|| {
-            let ring = self.ring.get()?;
+            let ring = self.ring.get().filter(|r| r.held() > 0)?;
             Some(ring.recv(stream.tcp()?))
         });
         idle.push(Idle {

@@ -581,3 +581,33 @@ def test_idle_connections_hold_no_buffer_and_the_receive_ring_loses_none(ringway
         for s in socks:
             s.close()
         up.stop()
+
+
+@pytest.mark.parametrize("buffer_ring", [True, False], ids=["buffer_ring", "readiness"])
+def test_a_burst_just_under_the_pool_size_is_served_whole(ringway_fn, buffer_ring):
+    """60 clients on a pool of 64 buffers send at once, five times over: each request holds
+    its head's buffer while it waits for one for the answer, so the few spare buffers are what
+    lets the burst through. The receive ring's buffers come on top of the pool's (a ring that
+    took them from it left none spare: every request then waited for a buffer until
+    `connect_timeout` and got 503 "out of buffers"). Every answer is a 200."""
+    n = 60
+    up = HoldingBackend()
+    socks = []
+    try:
+        rw, _admin = _start_before(ringway_fn, up, n, "burst-%s" % buffer_ring,
+                                   buffer_ring=buffer_ring, buffers_per_worker=64)
+        socks = [socket.create_connection(("127.0.0.1", rw.port)) for _ in range(n)]
+        for round_ in range(5):
+            for s in socks:
+                s.sendall(b"GET /burst/%d HTTP/1.1\r\nHost: t\r\n\r\n" % round_)
+            for i, s in enumerate(socks):
+                got = _read_until(s, lambda b: b"\r\n\r\n" in b and (b.startswith(b"HTTP/1.1 200")
+                                                                      and b.endswith(b"ok") or b"}" in b))
+                assert got.startswith(b"HTTP/1.1 200"), "round %d, client %d: %r" % (round_, i, got)
+                if b"connection: close" in got.lower():
+                    s.close()
+                    socks[i] = socket.create_connection(("127.0.0.1", rw.port))
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()
