@@ -186,14 +186,14 @@ impl UpstreamPool {
         let (idx, addr) = self.pick(p)?;
         if !fresh {
             if let Some((stream, armed)) = self.take_idle(idx, addr) {
-                return Ok(UpConn::new(self.clone(), stream, idx, addr, armed));
+                return Ok(UpConn::new(self.clone(), stream, idx, addr, true, armed));
             }
         }
         let conf = &self.shared.conf;
         let deadline_at = Instant::now() + conf.connect_timeout;
         if let Some((stream, armed)) = self.reserve_slot(idx, addr, fresh, deadline_at).await? {
             // While waiting, a connection to this endpoint came back idle.
-            return Ok(UpConn::new(self.clone(), stream, idx, addr, armed));
+            return Ok(UpConn::new(self.clone(), stream, idx, addr, true, armed));
         }
         // The slot is ours from here on: a guard gives it back on every failure.
         let slot = SlotGuard(self);
@@ -241,9 +241,7 @@ impl UpstreamPool {
         };
         std::mem::forget(slot);
         self.stats.connects.add(1);
-        let mut conn = UpConn::new(self.clone(), stream, idx, addr, None);
-        conn.reused = false;
-        Ok(conn)
+        Ok(UpConn::new(self.clone(), stream, idx, addr, false, None))
     }
 
     /// Records a failure of endpoint `idx` (connect error, reset, 5xx).
@@ -472,6 +470,7 @@ impl UpConn {
         stream: Stream,
         idx: usize,
         addr: SocketAddr,
+        reused: bool,
         armed: Option<RingRecv>,
     ) -> Self {
         if let Some(n) = pool.inflight.borrow_mut().get_mut(idx) {
@@ -482,7 +481,7 @@ impl UpConn {
             stream: Some(stream),
             idx,
             addr,
-            reused: true,
+            reused,
             reusable: false,
             armed,
         }
