@@ -170,6 +170,9 @@ fn run(cfg: config::Config) -> i32 {
         }
         return 1;
     }
+    if let Err(e) = runtime::hugepages::disable() {
+        log::warn(&format!("cannot turn transparent huge pages off: {e}"));
+    }
     // One descriptor per client and per upstream connection: a soft limit
     // of 1024 from a login shell must not cap the gateway; the hard one does.
     match runtime::nofile::raise() {

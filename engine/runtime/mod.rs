@@ -3,6 +3,7 @@
 
 pub mod deadline;
 pub mod driver;
+pub mod hugepages;
 pub mod listen;
 pub mod nofile;
 pub mod shutdown;
