@@ -24,6 +24,7 @@ use ringway_filters::{
 };
 
 use super::account::{AiCtx, MAX_SSE_FRAME};
+use crate::runtime::clock;
 use crate::{
     buf::PoolBuf,
     h1::{BodyKind, ChunkedDecoder},
@@ -322,12 +323,12 @@ async fn quiet(
     rechunk: bool,
     (every, up_idle, client_idle): (Duration, Duration, Duration),
 ) -> Result<u64, XferError> {
-    let quiet_since = std::time::Instant::now();
+    let quiet_since = clock::now();
     let mut written = 0;
     loop {
         let between_events =
             held.is_empty() && ctx.sse.as_ref().is_some_and(|p| p.pending_len() == 0);
-        let left = up_idle.saturating_sub(quiet_since.elapsed());
+        let left = up_idle.saturating_sub(clock::since(quiet_since));
         let wait = if between_events {
             every.min(left)
         } else {
@@ -335,7 +336,7 @@ async fn quiet(
         };
         match deadline::timeout(wait, up.readable(false)).await {
             Ok(_) => return Ok(written),
-            Err(_) if !between_events || quiet_since.elapsed() >= up_idle => {
+            Err(_) if !between_events || clock::since(quiet_since) >= up_idle => {
                 return Err(XferError::Timeout(Side::Upstream));
             }
             Err(_) => {}
@@ -367,7 +368,7 @@ fn finish(ctx: &mut AiCtx) {
         });
     }
     ctx.json.finish();
-    ctx.done_at = Some(Instant::now());
+    ctx.done_at = Some(clock::now());
     let _ = ctx.settle();
 }
 
@@ -413,7 +414,7 @@ fn observe_plain(ctx: &mut AiCtx, payload: &[u8]) {
                     if let Some(ev) = f.event {
                         let o = tracker.on_event(&ev);
                         if o.first_content && first.is_none() {
-                            *first = Some(Instant::now());
+                            *first = Some(clock::now());
                         }
                     } else if f.oversized {
                         let _ = tracker.on_oversized_end();
@@ -530,7 +531,7 @@ impl FrameSink for FrameWatch<'_> {
                 if let Some(ev) = f.event {
                     let o = self.tracker.on_event(&ev);
                     if o.first_content && self.first.is_none() {
-                        *self.first = Some(Instant::now());
+                        *self.first = Some(clock::now());
                     }
                     drop_it = self.injected && o.usage_only;
                     if self.injected && !drop_it {
@@ -562,7 +563,7 @@ impl FrameSink for FrameWatch<'_> {
             }
         });
         if run.first_content && self.first.is_none() {
-            *self.first = Some(Instant::now());
+            *self.first = Some(clock::now());
         }
         if run.len > 0 {
             self.prev = at + run.len;

@@ -32,6 +32,7 @@ use super::{
     },
     transfer::{self},
 };
+use crate::runtime::clock;
 use crate::{
     buf::{PoolBuf, Received},
     h1::BodyKind,
@@ -185,7 +186,7 @@ pub async fn serve_tls(
             .unwrap_or_default();
         (name, g.server.header_timeout)
     };
-    let until = Instant::now() + header_timeout;
+    let until = clock::now() + header_timeout;
     // What the first byte says, before any buffer or TLS state is taken.
     match deadline::timeout_at(until, tcp.readable(false)).await {
         Ok(Ok(())) => {}
@@ -217,7 +218,7 @@ pub async fn serve_tls(
     }
     crate::metrics::tls_handshake(&name, "ok", stream.protocol_version().unwrap_or("unknown"));
     drop(name);
-    let left = until.saturating_duration_since(Instant::now());
+    let left = until.saturating_duration_since(clock::now());
     serve(w, Stream::Tls(Box::new(stream)), peer, listener, Some(left)).await
 }
 
@@ -498,7 +499,7 @@ pub(super) async fn exchange(
     };
     record.status = rp.status;
     record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
-    record.upstream_time = Some(sent_at.elapsed());
+    record.upstream_time = Some(clock::since(sent_at));
     record.overhead = Some(before_upstream + rp.head_time);
     if rp.status >= 500 {
         pool.report_failure(conn.idx);

@@ -10,6 +10,7 @@ use super::{
     request::{plan_request, Plan, RequestId, HEADROOM},
     send::keep_from,
 };
+use crate::runtime::clock;
 use crate::{
     buf::PoolBuf,
     h1::{self, HeadError, Parsed},
@@ -39,7 +40,7 @@ pub(super) async fn read_request_head(
     listener: usize,
     mut buf: PoolBuf,
 ) -> Result<(Plan, PoolBuf), HeadFail> {
-    let deadline = Instant::now() + g.server.header_timeout;
+    let deadline = clock::now() + g.server.header_timeout;
     loop {
         if buf.len() > HEADROOM {
             match plan_request(w, g, &mut buf, listener, peer.ip(), client.tls()) {
@@ -91,7 +92,7 @@ pub(super) async fn grow(
             "request head exceeds max_header_bytes",
         ));
     }
-    let left = deadline.saturating_duration_since(Instant::now());
+    let left = deadline.saturating_duration_since(clock::now());
     let mut big = w
         .pool
         .acquire_within(want, left)

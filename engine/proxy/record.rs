@@ -4,6 +4,7 @@
 use std::{io::Write as _, net::SocketAddr, rc::Rc, time::Instant};
 
 use super::request::{Plan, RequestId, HEADROOM};
+use crate::runtime::clock;
 use crate::{
     accesslog,
     runtime::{Generation, Worker},
@@ -125,7 +126,7 @@ impl<'a> Record<'a> {
 
 impl Drop for Record<'_> {
     fn drop(&mut self) {
-        let elapsed = self.start.elapsed();
+        let elapsed = clock::since(self.start);
         let m = self.g.route_metrics(self.route);
         m.observe(self.status, elapsed);
         m.bytes_in.add(self.bytes_in);

@@ -1,7 +1,7 @@
 //! Answers Ringway gives itself, and closing after them without losing them.
 
 use crate::transport::Stream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use monoio::{
     buf::IoBufMut as _,
@@ -9,6 +9,7 @@ use monoio::{
 };
 
 use super::{conn::Next, error::Reject};
+use crate::runtime::clock;
 use crate::{
     buf::PoolBuf,
     runtime::{deadline, Generation, Worker},
@@ -61,7 +62,7 @@ pub(super) async fn linger(w: &Worker, client: &mut Stream) {
     let Some(buf) = w.pool.try_acquire() else {
         return;
     };
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let deadline = clock::now() + Duration::from_secs(1);
     let mut buf = buf;
     let mut total = 0usize;
     while total < 1 << 20 {

@@ -13,6 +13,7 @@ use super::{
     response::{plan_response, RespPlan},
     transfer::{self, Route, Side, XferError},
 };
+use crate::runtime::clock;
 use crate::{
     buf::{PoolBuf, Received, RingRecv},
     h1::{BodyKind, ChunkedDecoder, Parsed},
@@ -43,7 +44,7 @@ pub(super) async fn read_response_head(
     inspect_sse: bool,
 ) -> Result<(RespPlan, PoolBuf), RespError> {
     let conf = &g.upstream(plan.upstream).shared.conf;
-    let deadline = Instant::now() + conf.response_timeout;
+    let deadline = clock::now() + conf.response_timeout;
     ubuf.clear();
     let _ = ubuf.put(&[0u8; HEADROOM]);
     let mut got_any = false;

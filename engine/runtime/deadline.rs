@@ -76,7 +76,7 @@ pub fn install() -> impl Future<Output = ()> {
                 }
             }
             // Catch up on ticks missed while the worker was busy.
-            let target = (wheel.start.elapsed().as_millis() / TICK.as_millis()) as u64;
+            let target = (super::clock::since(wheel.start).as_millis() / TICK.as_millis()) as u64;
             while wheel.now.get() < target {
                 let t = wheel.now.get() + 1;
                 wheel.now.set(t);
@@ -122,9 +122,10 @@ impl Expire {
             Some(w) => {
                 // The first tick at or after the real deadline: tick `t`
                 // fires once `start.elapsed() >= t * TICK`, so the deadline
-                // is never early. Counting from `now`, the last tick fired,
-                // was up to one tick early when called late in a tick.
-                let at = w.start.elapsed() + after;
+                // is early by at most the time this turn has run (the clock
+                // is read once per turn). Counting from `now`, the last tick
+                // fired, was up to one tick early when called late in a tick.
+                let at = super::clock::since(w.start) + after;
                 let due = at.as_nanos().div_ceil(TICK.as_nanos()) as u64;
                 due.max(w.now.get() + 1)
             }
@@ -248,7 +249,7 @@ pub fn idle_timeout<F: Future>(limit: Duration, fut: F) -> Timeout<F> {
 
 /// Runs `fut` until `deadline` (to within one tick).
 pub fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Timeout<F> {
-    timeout(deadline.saturating_duration_since(Instant::now()), fut)
+    timeout(deadline.saturating_duration_since(super::clock::now()), fut)
 }
 
 #[cfg(test)]

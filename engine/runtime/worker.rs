@@ -419,6 +419,7 @@ impl Worker {
 
     /// Binds this worker's listeners and serves until the process drains.
     pub async fn run(self: Rc<Self>) {
+        super::clock::install();
         monoio::spawn(deadline::install());
         self.start_ring();
         self.sync_listeners();

@@ -76,11 +76,9 @@ impl EndpointHealth {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, by this turn's clock (see `runtime::clock`).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::runtime::clock::wall_ms()
 }
 
 #[cfg(test)]

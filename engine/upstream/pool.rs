@@ -18,6 +18,7 @@ use std::{
 
 use monoio::net::TcpStream;
 
+use crate::runtime::clock;
 use crate::{
     buf::{BufPool, Received, RecvRing, RingRecv},
     transport::Stream,
@@ -190,7 +191,7 @@ impl UpstreamPool {
             }
         }
         let conf = &self.shared.conf;
-        let deadline_at = Instant::now() + conf.connect_timeout;
+        let deadline_at = clock::now() + conf.connect_timeout;
         if let Some((stream, armed)) = self.reserve_slot(idx, addr, fresh, deadline_at).await? {
             // While waiting, a connection to this endpoint came back idle.
             return Ok(UpConn::new(self.clone(), stream, idx, addr, true, armed));
@@ -270,7 +271,7 @@ impl UpstreamPool {
         while let Some(pos) = idle.iter().rposition(|c| c.idx == idx) {
             let mut c = idle.remove(pos);
             self.stats.idle.sub(1);
-            if c.addr == addr && c.since.elapsed() < ttl && c.stream.is_clean() {
+            if c.addr == addr && clock::since(c.since) < ttl && c.stream.is_clean() {
                 match c.armed.as_mut().map(RingRecv::try_now) {
                     // Still pending: nothing came while idle, not even a close.
                     Some(None) => return Some((c.stream, c.armed)),
@@ -361,7 +362,7 @@ impl UpstreamPool {
         // An armed receive that completed saw a close or stray bytes: closed too (one
         // that found the ring empty says nothing: the peek at reuse decides then).
         idle.retain_mut(|c| {
-            if c.since.elapsed() >= ttl {
+            if clock::since(c.since) >= ttl {
                 return false;
             }
             match c.armed.as_mut().map(RingRecv::try_now) {
@@ -405,7 +406,7 @@ impl UpstreamPool {
             addr,
             stream,
             armed,
-            since: Instant::now(),
+            since: clock::now(),
         });
         drop(idle);
         self.stats.idle.add(1);

@@ -17,6 +17,24 @@ use crate::{
     time::driver::Handle as TimeHandle,
 };
 
+thread_local! {
+    static TURN_HOOK: std::cell::Cell<Option<fn()>> = const { std::cell::Cell::new(None) };
+}
+
+/// Sets the function this thread's runtime calls at the start of every turn of its
+/// event loop: once before the first tasks run, and again each time it has submitted
+/// operations and collected completions, before it runs the tasks they woke. `None`
+/// removes it. Lets a program read the clock once per turn instead of once per task.
+pub fn set_turn_hook(hook: Option<fn()>) {
+    TURN_HOOK.with(|h| h.set(hook));
+}
+
+fn turn_started() {
+    if let Some(hook) = TURN_HOOK.with(std::cell::Cell::get) {
+        hook();
+    }
+}
+
 #[cfg(feature = "sync")]
 thread_local! {
     pub(crate) static DEFAULT_CTX: Context = Context {
@@ -150,6 +168,7 @@ impl<D> Runtime<D> {
 
                 let mut join = std::pin::pin!(join);
                 set_poll();
+                turn_started();
                 loop {
                     loop {
                         // Consume all tasks(with max round to prevent io starvation)
@@ -180,6 +199,7 @@ impl<D> Runtime<D> {
 
                         // Cold path
                         let _ = self.driver.submit();
+                        turn_started();
                     }
 
                     // Wait and Process CQ(the error is ignored for not debug mode)
@@ -190,6 +210,7 @@ impl<D> Runtime<D> {
                     if let Err(e) = self.driver.park() {
                         trace!("park error: {:?}", e);
                     }
+                    turn_started();
                 }
             })
         })

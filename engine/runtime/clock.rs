@@ -1,0 +1,119 @@
+//! The time, read once per turn of a worker's event loop.
+//!
+//! A small request read the clock about seventeen times (deadlines armed and
+//! disarmed, the pool's idle ages, the record's start and end, the health
+//! cooldown's wall-clock milliseconds), each a `clock_gettime`. A turn (the
+//! runtime collects completions, then runs every task they woke) serves about
+//! ten requests under load, so the worker reads the clock when a turn starts
+//! and everything in that turn uses that reading: a deadline or a duration is
+//! off by at most the turn's own run time (microseconds), far inside the
+//! deadline wheel's 100 ms tick. Intervals shorter than a turn (Ringway's own
+//! time on a request, `ringway_overhead_seconds`) still read the clock
+//! themselves.
+//!
+//! Wall time (Unix milliseconds: limit windows, health and key cooldowns) is
+//! the monotonic reading plus an offset taken from the real-time clock at most
+//! once a second, so a step of the system clock is followed within a second.
+//! Threads without a runtime hook (control, admin, tests) read the clocks
+//! directly.
+
+use std::{
+    cell::Cell,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+/// How long a wall-clock offset is trusted before the real-time clock is read again.
+const WALL_REFRESH: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy)]
+struct Turn {
+    now: Instant,
+    wall_ms: u64,
+    /// When the real-time clock was last read, and what it said then.
+    anchor: Instant,
+    anchor_wall: Duration,
+}
+
+thread_local! {
+    static TURN: Cell<Option<Turn>> = const { Cell::new(None) };
+}
+
+/// Makes this thread's runtime read the clock once per turn (see the module).
+pub fn install() {
+    turn_started();
+    monoio::set_turn_hook(Some(turn_started));
+}
+
+/// The runtime's turn hook.
+fn turn_started() {
+    let now = Instant::now();
+    let (anchor, anchor_wall) = match TURN.get() {
+        Some(t) if now.saturating_duration_since(t.anchor) < WALL_REFRESH => {
+            (t.anchor, t.anchor_wall)
+        }
+        _ => (now, since_epoch()),
+    };
+    let wall = anchor_wall + now.saturating_duration_since(anchor);
+    TURN.set(Some(Turn {
+        now,
+        wall_ms: wall.as_millis() as u64,
+        anchor,
+        anchor_wall,
+    }));
+}
+
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// The monotonic time at the start of this turn.
+pub fn now() -> Instant {
+    TURN.get().map_or_else(Instant::now, |t| t.now)
+}
+
+/// Milliseconds since the Unix epoch, at the start of this turn.
+pub fn wall_ms() -> u64 {
+    TURN.get()
+        .map_or_else(|| since_epoch().as_millis() as u64, |t| t.wall_ms)
+}
+
+/// Time passed since `t`, by this turn's clock.
+pub fn since(t: Instant) -> Duration {
+    now().saturating_duration_since(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without the hook every call reads the clocks; with it, readings hold within a turn
+    /// and move at the next one, and wall time tracks the real-time clock.
+    #[test]
+    fn readings_hold_for_a_turn() {
+        let a = now();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(now() > a, "no hook: the clock is read each time");
+        let std_wall = since_epoch().as_millis() as u64;
+        assert!(wall_ms().abs_diff(std_wall) < 50);
+
+        turn_started();
+        let t = now();
+        let w = wall_ms();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(now(), t, "one reading per turn");
+        assert_eq!(wall_ms(), w);
+        assert!(since(t) == Duration::ZERO);
+        turn_started();
+        assert!(now() >= t + Duration::from_millis(5));
+        assert!(wall_ms() >= w + 5);
+        let real = since_epoch().as_millis() as u64;
+        assert!(
+            wall_ms().abs_diff(real) < 50,
+            "wall {} real {real}",
+            wall_ms()
+        );
+        TURN.set(None);
+    }
+}
