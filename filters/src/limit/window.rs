@@ -237,6 +237,42 @@ impl Usd {
     }
 }
 
+/// Room for the three limit lines: the longest name is 30 bytes, a value at most 20 digits
+/// (a `u64`, or dollars with six decimals), a reset about 20 characters.
+const LINES_CAP: usize = 192;
+
+/// ASCII text built on the stack; a write past its room fails (`fmt::Error`).
+struct StackLines {
+    buf: [u8; LINES_CAP],
+    len: usize,
+}
+
+impl Default for StackLines {
+    fn default() -> Self {
+        Self {
+            buf: [0; LINES_CAP],
+            len: 0,
+        }
+    }
+}
+
+impl StackLines {
+    fn as_str(&self) -> &str {
+        // Only `&str`s are ever copied in, whole.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl fmt::Write for StackLines {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// The three `x-ratelimit-*` headers for one limit, sent on allowed and limited responses alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitHeaders {
@@ -252,25 +288,32 @@ pub struct LimitHeaders {
 
 impl LimitHeaders {
     /// Writes the three header lines, each `name: value\r\n`, lowercase names.
+    ///
+    /// The lines are put together on the stack and handed to `out` in one write: `out` is
+    /// usually a growable header list, and some twenty small writes cost more than the
+    /// formatting itself (every limited request writes these).
     pub fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
+        use fmt::Write as _;
+        let mut lines = StackLines::default();
         let mut n = itoa::Buffer::new();
         for (name, value) in [
             (self.unit.limit_header(), self.limit),
             (self.unit.remaining_header(), self.remaining),
         ] {
-            out.write_str(name)?;
-            out.write_str(": ")?;
+            lines.write_str(name)?;
+            lines.write_str(": ")?;
             if self.unit == Unit::Usd {
-                Usd(value).write_to(out)?;
+                Usd(value).write_to(&mut lines)?;
             } else {
-                out.write_str(n.format(value))?;
+                lines.write_str(n.format(value))?;
             }
-            out.write_str("\r\n")?;
+            lines.write_str("\r\n")?;
         }
-        out.write_str(self.unit.reset_header())?;
-        out.write_str(": ")?;
-        ResetDuration(self.reset_ms).write_to(out)?;
-        out.write_str("\r\n")
+        lines.write_str(self.unit.reset_header())?;
+        lines.write_str(": ")?;
+        ResetDuration(self.reset_ms).write_to(&mut lines)?;
+        lines.write_str("\r\n")?;
+        out.write_str(lines.as_str())
     }
 
     /// Writes `retry-after: <seconds>\r\n` for a limited response ([`retry_after_secs`]).
@@ -442,5 +485,22 @@ mod tests {
             "x-ratelimit-limit-tokens: 20000\r\nx-ratelimit-remaining-tokens: 19000\r\n\
              x-ratelimit-reset-tokens: 6s\r\n"
         );
+    }
+
+    /// The largest values of every unit still fit the lines' stack room.
+    #[test]
+    fn the_longest_lines_fit() {
+        for unit in [Unit::Requests, Unit::Tokens, Unit::Usd] {
+            let h = LimitHeaders {
+                unit,
+                limit: u64::MAX,
+                remaining: u64::MAX,
+                reset_ms: u64::MAX - 1,
+            };
+            let mut out = String::new();
+            assert!(h.write_to(&mut out).is_ok(), "{unit:?}");
+            assert_eq!(out.matches("\r\n").count(), 3, "{out}");
+            assert!(out.contains(&format!("{}", u64::MAX / 1_000_000)) || unit != Unit::Usd);
+        }
     }
 }
