@@ -17,7 +17,7 @@ use monoio::{
 };
 
 use crate::{
-    buf::{pipe::SPLICE_CHUNK, PipePool, PoolBuf},
+    buf::{PipePool, PoolBuf},
     h1::{ChunkError, ChunkedDecoder},
 };
 
@@ -206,7 +206,7 @@ pub async fn copy_to_eof(r: &mut Route<'_>, mut buf: PoolBuf) -> Result<u64, Xfe
     }
 }
 
-/// Moves exactly `n` bytes with splice through a pooled pipe, 64 KiB at a time.
+/// Moves exactly `n` bytes with splice through a pooled pipe, up to its capacity at a time.
 pub async fn splice_exact(
     r: &mut Route<'_>,
     pipes: &PipePool,
@@ -218,7 +218,7 @@ pub async fn splice_exact(
     };
     let mut pipe = pipes.take().map_err(|e| XferError::Io(r.dst_side, e))?;
     while n > 0 {
-        let want = n.min(u64::from(SPLICE_CHUNK)) as u32;
+        let want = n.min(u64::from(pipe.capacity())) as u32;
         let got =
             match deadline::timeout(r.src_idle, src.splice_to_pipe(&mut pipe.write, want)).await {
                 Ok(Ok(0)) => return Err(XferError::Eof(r.src_side)),

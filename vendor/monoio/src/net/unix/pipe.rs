@@ -35,3 +35,9 @@ pub fn new_pipe() -> io::Result<(Pipe, Pipe)> {
     crate::syscall!(pipe(pipes.as_mut_ptr() as _))?;
     Ok((Pipe::from_raw_fd(pipes[0]), Pipe::from_raw_fd(pipes[1])))
 }
+
+impl std::os::unix::io::AsRawFd for Pipe {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.raw_fd()
+    }
+}
