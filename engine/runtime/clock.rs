@@ -12,26 +12,24 @@
 //! themselves.
 //!
 //! Wall time (Unix milliseconds: limit windows, health and key cooldowns) is
-//! the monotonic reading plus an offset taken from the real-time clock at most
-//! once a second, so a step of the system clock is followed within a second.
-//! Threads without a runtime hook (control, admin, tests) read the clocks
-//! directly.
+//! read from the real-time clock at the same moment, not extrapolated from the
+//! monotonic one: the two drift apart when the system clock is stepped or
+//! slewed (a virtual machine resumed, NTP correcting), and limit windows must
+//! agree with other replicas and Redis. (With an offset refreshed once a
+//! second, one full e2e run under load had two limit tests see Ringway's wall
+//! time 4–5 ms, and once about 15 s, behind the client's: requests counted in
+//! the wrong window.) Threads without a runtime hook (control, admin, tests)
+//! read the clocks directly.
 
 use std::{
     cell::Cell,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-/// How long a wall-clock offset is trusted before the real-time clock is read again.
-const WALL_REFRESH: Duration = Duration::from_secs(1);
-
 #[derive(Clone, Copy)]
 struct Turn {
     now: Instant,
     wall_ms: u64,
-    /// When the real-time clock was last read, and what it said then.
-    anchor: Instant,
-    anchor_wall: Duration,
 }
 
 thread_local! {
@@ -46,19 +44,9 @@ pub fn install() {
 
 /// The runtime's turn hook.
 fn turn_started() {
-    let now = Instant::now();
-    let (anchor, anchor_wall) = match TURN.get() {
-        Some(t) if now.saturating_duration_since(t.anchor) < WALL_REFRESH => {
-            (t.anchor, t.anchor_wall)
-        }
-        _ => (now, since_epoch()),
-    };
-    let wall = anchor_wall + now.saturating_duration_since(anchor);
     TURN.set(Some(Turn {
-        now,
-        wall_ms: wall.as_millis() as u64,
-        anchor,
-        anchor_wall,
+        now: Instant::now(),
+        wall_ms: since_epoch().as_millis() as u64,
     }));
 }
 
@@ -89,7 +77,7 @@ mod tests {
     use super::*;
 
     /// Without the hook every call reads the clocks; with it, readings hold within a turn
-    /// and move at the next one, and wall time tracks the real-time clock.
+    /// and move at the next one, and wall time is the real-time clock's.
     #[test]
     fn readings_hold_for_a_turn() {
         let a = now();
