@@ -368,7 +368,7 @@ fn finish(ctx: &mut AiCtx) {
         });
     }
     ctx.json.finish();
-    ctx.done_at = Some(clock::now());
+    ctx.done_at = Some(Instant::now());
     let _ = ctx.settle();
 }
 
@@ -414,7 +414,7 @@ fn observe_plain(ctx: &mut AiCtx, payload: &[u8]) {
                     if let Some(ev) = f.event {
                         let o = tracker.on_event(&ev);
                         if o.first_content && first.is_none() {
-                            *first = Some(clock::now());
+                            *first = Some(Instant::now());
                         }
                     } else if f.oversized {
                         let _ = tracker.on_oversized_end();
@@ -531,7 +531,7 @@ impl FrameSink for FrameWatch<'_> {
                 if let Some(ev) = f.event {
                     let o = self.tracker.on_event(&ev);
                     if o.first_content && self.first.is_none() {
-                        *self.first = Some(clock::now());
+                        *self.first = Some(Instant::now());
                     }
                     drop_it = self.injected && o.usage_only;
                     if self.injected && !drop_it {
@@ -563,7 +563,7 @@ impl FrameSink for FrameWatch<'_> {
             }
         });
         if run.first_content && self.first.is_none() {
-            *self.first = Some(clock::now());
+            *self.first = Some(Instant::now());
         }
         if run.len > 0 {
             self.prev = at + run.len;

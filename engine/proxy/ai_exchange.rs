@@ -228,7 +228,7 @@ pub(super) fn exchange<'a>(
             record.model = Some(s.sent);
         }
         record.status = rp.status;
-        record.upstream_time = Some(crate::runtime::clock::since(ctx.sent_at));
+        record.upstream_time = Some(ctx.sent_at.elapsed());
         ctx.status = rp.status;
 
         let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;

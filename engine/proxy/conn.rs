@@ -499,7 +499,7 @@ pub(super) async fn exchange(
     };
     record.status = rp.status;
     record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
-    record.upstream_time = Some(clock::since(sent_at));
+    record.upstream_time = Some(sent_at.elapsed());
     record.overhead = Some(before_upstream + rp.head_time);
     if rp.status >= 500 {
         pool.report_failure(conn.idx);

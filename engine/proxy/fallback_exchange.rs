@@ -63,7 +63,7 @@ pub(super) async fn exchange(
     };
     record.sent_to(conn.addr, plan.upstream, attempts);
     record.status = rp.status;
-    record.upstream_time = Some(crate::runtime::clock::since(sent_at));
+    record.upstream_time = Some(sent_at.elapsed());
     record.overhead = Some(before_upstream + rp.head_time);
     let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
     match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {

@@ -7,9 +7,12 @@
 //! ten requests under load, so the worker reads the clock when a turn starts
 //! and everything in that turn uses that reading: a deadline or a duration is
 //! off by at most the turn's own run time (microseconds), far inside the
-//! deadline wheel's 100 ms tick. Intervals shorter than a turn (Ringway's own
-//! time on a request, `ringway_overhead_seconds`) still read the clock
-//! themselves.
+//! deadline wheel's 100 ms tick. What is reported as a measurement still
+//! reads the clock itself: Ringway's own time on a request
+//! (`ringway_overhead_seconds`, intervals shorter than a turn), and the
+//! durations that start from those exact readings (the request's duration,
+//! the upstream's time, time to first token), which a turn-clock end would
+//! under-report by up to a turn.
 //!
 //! Wall time (Unix milliseconds: limit windows, health and key cooldowns) is
 //! read from the real-time clock at the same moment, not extrapolated from the
