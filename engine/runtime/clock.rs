@@ -107,4 +107,27 @@ mod tests {
         );
         TURN.set(None);
     }
+
+    /// Installed on a runtime, the reading moves at every turn: a task that slept sees
+    /// the time after its sleep, not the time the worker started.
+    #[test]
+    fn the_runtime_calls_the_hook_each_turn() {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            install();
+            let (t, w) = (now(), wall_ms());
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            assert!(since(t) >= Duration::from_millis(20), "{:?}", since(t));
+            assert!(wall_ms() >= w + 20);
+            assert!(
+                now().elapsed() < Duration::from_millis(20),
+                "read when the turn began"
+            );
+        });
+        monoio::set_turn_hook(None);
+        TURN.set(None);
+    }
 }
