@@ -111,12 +111,16 @@ impl AsRawFd for Stream {
     }
 }
 
+// The TLS operations are boxed: inline, their state (about 900 bytes: rustls's
+// record step) would size every read and write future of a plain stream too, and
+// so every request's state that holds one across an await, open streams included.
+// One allocation per TLS operation costs little beside its cryptography.
 impl AsyncReadRent for Stream {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {
             Stream::Plain(s) => s.read(buf).await,
             Stream::Tls(t) => {
-                let (res, buf) = t.read_buf(buf).await;
+                let (res, buf) = Box::pin(t.read_buf(buf)).await;
                 (res.map_err(io::Error::from), buf)
             }
         }
@@ -141,7 +145,7 @@ impl AsyncWriteRent for Stream {
                 // SAFETY: an IoBuf's first `bytes_init` bytes at `read_ptr` are initialised
                 // and stay put while we own `buf`.
                 let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
-                let res = t.write_slice(data).await.map(|()| data.len());
+                let res = Box::pin(t.write_slice(data)).await.map(|()| data.len());
                 (res.map_err(io::Error::from), buf)
             }
         }
@@ -151,20 +155,24 @@ impl AsyncWriteRent for Stream {
         match self {
             Stream::Plain(s) => s.writev(buf).await,
             Stream::Tls(t) => {
-                let mut total = 0;
-                for i in 0..buf.read_iovec_len() {
-                    // SAFETY: the IoVecBuf holds `read_iovec_len` valid iovecs whose memory
-                    // stays put while we own `buf`.
-                    let data = unsafe {
-                        let v = *buf.read_iovec_ptr().add(i);
-                        std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
-                    };
-                    if let Err(e) = t.write_slice(data).await {
-                        return (Err(e.into()), buf);
+                let all = async {
+                    let mut total = 0;
+                    for i in 0..buf.read_iovec_len() {
+                        // SAFETY: the IoVecBuf holds `read_iovec_len` valid iovecs whose
+                        // memory stays put while we own `buf`.
+                        let data = unsafe {
+                            let v = *buf.read_iovec_ptr().add(i);
+                            std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                        };
+                        t.write_slice(data).await?;
+                        total += data.len();
                     }
-                    total += data.len();
-                }
-                (Ok(total), buf)
+                    Ok(total)
+                };
+                let res = Box::pin(all)
+                    .await
+                    .map_err(|e: crate::tls::TlsError| e.into());
+                (res, buf)
             }
         }
     }
@@ -181,7 +189,8 @@ impl AsyncWriteRent for Stream {
             Stream::Plain(s) => s.shutdown().await,
             // close_notify is a courtesy: a peer that stopped reading must not hold
             // the task (and a buffer) past a second.
-            Stream::Tls(t) => match deadline::timeout(TLS_CLOSE_WAIT, t.shutdown()).await {
+            Stream::Tls(t) => match Box::pin(deadline::timeout(TLS_CLOSE_WAIT, t.shutdown())).await
+            {
                 Ok(r) => r.map_err(io::Error::from),
                 Err(_) => Err(io::ErrorKind::TimedOut.into()),
             },

@@ -216,10 +216,12 @@ impl UpstreamPool {
             Some(tls) => {
                 // The handshake counts toward `connect_timeout`.
                 let endpoint = &conf.endpoints[idx].address;
-                let handshake = async {
+                // Boxed: the TLS state and its handshake (about 2.4 KB) would otherwise
+                // size every request's state that can connect, plain ones too.
+                let handshake = Box::pin(async {
                     let mut s = tls.connect(stream, endpoint, &self.bufs)?;
                     s.handshake().await.map(|()| s)
-                };
+                });
                 match deadline::timeout_at(deadline_at, handshake).await {
                     Ok(Ok(s)) => {
                         crate::metrics::upstream_tls_handshake(&conf.name, s.resumed());
