@@ -20,9 +20,6 @@ use ringway_filters::{limit::window::Usd, price::Price};
 
 use crate::filter::{ledger::Totals, LimitCheck, RateLimit};
 
-/// Most token-limit reservations one request holds.
-const MAX_RESERVATIONS: usize = 4;
-
 /// Bytes of a JSON completion that are not generated text, for estimates.
 const ENVELOPE_BYTES: u64 = 256;
 
@@ -46,13 +43,16 @@ pub struct AiCtx {
     pub input_estimate: u64,
     /// Whether `ai-stats` is on the route.
     pub stats: bool,
-    reservations: [Option<Reservation>; MAX_RESERVATIONS],
+    /// On the heap, as many as the route's limits take: inline, they were 544 bytes of every
+    /// open stream's state.
+    reservations: Vec<Reservation>,
     /// Usage from SSE frames.
     pub tracker: UsageTracker,
     /// SSE framing, when the response is an event stream.
     pub sse: Option<SseParser>,
-    /// Usage from a JSON body.
-    pub json: JsonUsageScanner,
+    /// Usage from a JSON body; made when the first non-SSE body bytes arrive (boxed: an event
+    /// stream, held open for minutes, never needs its 592 bytes).
+    json: Option<Box<JsonUsageScanner>>,
     /// Decodes a body the upstream compressed although asked for `identity`: the client gets
     /// the coded bytes, the usage scanners this decoder's output.
     pub decoder: Option<Decoder>,
@@ -98,10 +98,10 @@ impl AiCtx {
             injected,
             input_estimate,
             stats,
-            reservations: Default::default(),
+            reservations: Vec::new(),
             tracker: UsageTracker::new(),
             sse: None,
-            json: JsonUsageScanner::new(),
+            json: None,
             decoder: None,
             json_bytes: 0,
             streamed: false,
@@ -118,17 +118,33 @@ impl AiCtx {
 
     /// Remembers a reservation to settle later.
     pub fn reserved(&mut self, rl: Arc<RateLimit>, check: LimitCheck, tokens: u64, taken_ms: u64) {
-        if let Some(slot) = self.reservations.iter_mut().find(|r| r.is_none()) {
-            *slot = Some((rl, check, tokens, taken_ms));
+        self.reservations.push((rl, check, tokens, taken_ms));
+    }
+
+    /// Scans more of a non-SSE body for its usage.
+    pub fn json_feed(&mut self, payload: &[u8]) {
+        self.json
+            .get_or_insert_with(|| Box::new(JsonUsageScanner::new()))
+            .feed(payload);
+    }
+
+    /// The non-SSE body ended.
+    pub fn json_finish(&mut self) {
+        if let Some(j) = self.json.as_mut() {
+            j.finish();
         }
+    }
+
+    /// The usage a JSON body reported, if it was scanned and had one.
+    fn json_usage(&self) -> Option<Usage> {
+        self.json.as_ref().and_then(|j| j.usage())
     }
 
     /// Gives every reservation back in full (the request never went upstream).
     pub fn release_all(&mut self) {
-        for (rl, check, tokens, taken) in self.reservations.iter_mut().flatten() {
-            rl.reconcile(check, *tokens, 0, *taken);
+        for (rl, check, tokens, taken) in std::mem::take(&mut self.reservations) {
+            rl.reconcile(&check, tokens, 0, taken);
         }
-        self.reservations = Default::default();
     }
 
     /// The request's usage: reported by the upstream, else estimated.
@@ -136,7 +152,7 @@ impl AiCtx {
         if self.streamed {
             return self.tracker.usage(self.input_estimate);
         }
-        match self.json.usage() {
+        match self.json_usage() {
             Some(u) => u,
             // No usage in a JSON reply: its generated text is most of the
             // body, so the body less a typical envelope (~256 bytes of ids,
@@ -158,7 +174,7 @@ impl AiCtx {
         let reported = if self.streamed {
             Some(self.tracker.usage(0)).filter(|u| u.source == UsageSource::Reported)
         } else {
-            self.json.usage()
+            self.json_usage()
         };
         reported.unwrap_or(Usage {
             input: 0,
@@ -207,14 +223,13 @@ impl AiCtx {
             estimated: usage.source == UsageSource::Estimated,
         };
         let now = crate::upstream::health::now_ms();
-        for (rl, check, reserved, taken) in self.reservations.iter().flatten() {
+        for (rl, check, reserved, taken) in std::mem::take(&mut self.reservations) {
             let used = if rl.cost { cost } else { tokens_used };
-            rl.reconcile(check, *reserved, used, *taken);
+            rl.reconcile(&check, reserved, used, taken);
             if self.answered() {
-                rl.record_usage(check, &totals, now);
+                rl.record_usage(&check, &totals, now);
             }
         }
-        self.reservations = Default::default();
         if self.stats && self.answered() {
             record(self, &usage);
         }

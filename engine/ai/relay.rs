@@ -249,7 +249,9 @@ pub async fn relay(
         match keepalive {
             Some(every) => {
                 let times = (every, up_idle, client_idle);
-                written += quiet(ctx, &held, up, client, rechunk, times).await?;
+                // Boxed: inline, its state would size the relay's for every stream, also
+                // those whose route sends no keep-alives.
+                written += Box::pin(quiet(ctx, &held, up, client, rechunk, times)).await?;
             }
             None if kept.is_err() => match deadline::timeout(up_idle, up.readable(false)).await {
                 Ok(Ok(())) => {}
@@ -367,7 +369,7 @@ fn finish(ctx: &mut AiCtx) {
             let _ = tracker.on_event(&ev);
         });
     }
-    ctx.json.finish();
+    ctx.json_finish();
     ctx.done_at = Some(Instant::now());
     let _ = ctx.settle();
 }
@@ -425,7 +427,7 @@ fn observe_plain(ctx: &mut AiCtx, payload: &[u8]) {
         }
         None => {
             ctx.json_bytes += payload.len() as u64;
-            ctx.json.feed(payload)
+            ctx.json_feed(payload)
         }
     }
 }

@@ -60,15 +60,17 @@ pub(super) fn exchange<'a>(
         let identity = route_ai.accounts();
         let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
         let before_capture = record.since_head(std::time::Instant::now());
-        let (mut req, pipelined) =
-            match capture(w, g, client, cbuf, &plan, route_ai, plan.chat).await {
-                Ok(v) => v,
-                Err(Fail::Gone) => return Next::Close,
-                Err(Fail::Reject(rej)) => {
-                    record.status = rej.status;
-                    return reject(w, g, client, rej, plan.is_head, None).await;
-                }
-            };
+        // Boxed apart and freed once the body is read: inline, its 1.8 KiB would stay in
+        // every open stream's state.
+        let captured = super::in_place(|| capture(w, g, client, cbuf, &plan, route_ai, plan.chat));
+        let (mut req, pipelined) = match captured.await {
+            Ok(v) => v,
+            Err(Fail::Gone) => return Next::Close,
+            Err(Fail::Reject(rej)) => {
+                record.status = rej.status;
+                return reject(w, g, client, rej, plan.is_head, None).await;
+            }
+        };
         // One clock read less on the common path: the scan just ended.
         let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
         record.model = req.model.clone();

@@ -197,14 +197,19 @@ async fn first_read(
             (Received::Eof, _) | (Received::Failed(_), _) => FirstRead::NoAnswer,
             // The ring was empty: read into the buffer kept, or wait for readiness and a
             // buffer.
+            // Both waits are boxed: they are rare (the ring ran dry), and inline they would
+            // size every request's state, an open stream's too.
             (Received::NoBuffer, Some(ubuf)) => {
                 let (len, cap) = (ubuf.len(), ubuf.capacity());
-                match deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap))).await {
+                let read = deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap)));
+                match Box::pin(read).await {
                     Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
                     Err(_) => FirstRead::TimedOut,
                 }
             }
-            (Received::NoBuffer, None) => read_when_readable(w, tcp, deadline, acquire_limit).await,
+            (Received::NoBuffer, None) => {
+                Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
+            }
         };
     }
     let (len, cap) = (ubuf.len(), ubuf.capacity());
@@ -224,9 +229,10 @@ async fn first_read(
         Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
         res => return FirstRead::Read(res, s.into_inner()),
     }
-    // Cancelled with nothing read: the buffer goes back while the upstream thinks.
+    // Cancelled with nothing read: the buffer goes back while the upstream thinks
+    // (boxed, as above: the upstream was slow, an allocation is nothing beside that).
     drop(s);
-    read_when_readable(w, tcp, deadline, acquire_limit).await
+    Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
 }
 
 /// The first read of an answer once the socket is readable, into a buffer taken then.
