@@ -134,8 +134,11 @@ pub fn serve(
             // Each stage is boxed: its state is large and lives only while it runs, so
             // an idle connection's task stays a few hundred bytes, and a response being
             // relayed (an open stream) holds only the state of the stage relaying it.
-            let admitted = super::in_place(|| {
-                admit(
+            // Each stage is boxed: its state is large and lives only while it runs, so an
+            // idle connection's task stays a few hundred bytes, and an AI stream holds only
+            // its own stage's state, not the head's.
+            let mut stage: Stage<'_> = super::in_place(|| {
+                exchange(
                     conn.worker(),
                     &g,
                     &mut client,
@@ -144,13 +147,14 @@ pub fn serve(
                     buf,
                 )
             });
-            // Not a `match` that awaits in its arms: its scrutinee (a `Next`, 160 bytes)
-            // would stay in every idle task.
-            let stage: Stage<'_> = match admitted.await {
-                Ok(stage) => stage,
-                Err(next) => Box::pin(std::future::ready(next)),
+            // A loop, not a `match` awaiting in its arms: the scrutinee (with a `Next`, 160
+            // bytes) would stay in every idle task.
+            let next = loop {
+                match stage.await {
+                    Handoff::Then(s) => stage = s,
+                    Handoff::Done(next) => break next,
+                }
             };
-            let next = stage.await;
             let idle = g.server.keepalive_timeout;
             drop(g);
             match next {
@@ -272,47 +276,53 @@ impl Drop for ConnGuard {
     }
 }
 
-/// The rest of an admitted request's exchange, boxed (see [`super::in_place`]): it holds
-/// only its own state, not that of the head and limit checks before it.
-type Stage<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Next> + 'a>>;
+/// One stage of a request's exchange, boxed (see [`super::in_place`]).
+type Stage<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Handoff<'a>> + 'a>>;
 
-/// The exchange that serves a request whose head was read and whose limits let it through.
-fn dispatch<'a>(
-    w: &'a Worker,
-    g: &'a Generation,
-    client: &'a mut Stream,
-    plan: Plan,
-    cbuf: PoolBuf,
-    record: Record<'a>,
-    extra: ExtraHeaders,
-) -> Stage<'a> {
-    if crate::ai::route(&g.shared, plan.route).active() {
-        return super::in_place(|| {
-            super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra)
-        });
-    }
-    // Only a request without a body can be sent again: a plain route does not hold bodies.
-    let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
-    if !has_body && !plan.upgrade && !g.shared.routes.get(plan.route).fallbacks.is_empty() {
-        return super::in_place(|| {
-            super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra)
-        });
-    }
-    super::in_place(|| forward(w, g, client, plan, cbuf, record, extra))
+/// How a stage ends: the request is done, or goes on in another stage, which starts
+/// once this one's state is freed.
+pub(super) enum Handoff<'a> {
+    /// The request is answered; what happens to the connection.
+    Done(Next),
+    /// The request goes on there.
+    Then(Stage<'a>),
 }
 
-/// Reads one request head and checks its limits: the request goes on to the
-/// stage that serves it, or is answered here (`Err` says what happens to the
-/// connection then).
-async fn admit<'a>(
+/// The last stage of a request: an exchange, its answer handed on as [`Handoff::Done`]. A
+/// struct, not an `async` block around the exchange, which would hold its arguments twice.
+struct Last<'a, F>(F, std::marker::PhantomData<&'a ()>);
+
+impl<'a, F: std::future::Future<Output = Next> + 'a> Last<'a, F> {
+    fn stage(f: impl FnOnce() -> F) -> Stage<'a> {
+        super::in_place(|| Last(f(), std::marker::PhantomData))
+    }
+}
+
+impl<'a, F: std::future::Future<Output = Next>> std::future::Future for Last<'a, F> {
+    type Output = Handoff<'a>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Handoff<'a>> {
+        // SAFETY: the exchange is never moved out of `Last`, nor `Last` unpinned: it is
+        // pinned whenever `Last` is.
+        let f = unsafe { self.map_unchecked_mut(|l| &mut l.0) };
+        f.poll(cx).map(Handoff::Done)
+    }
+}
+
+/// Reads one request head and checks its limits, then forwards a plain route's
+/// request here; an AI route's, or one with fallbacks, goes on in a stage of its own.
+async fn exchange<'a>(
     w: &'a Worker,
     g: &'a Generation,
     client: &'a mut Stream,
     peer: SocketAddr,
     listener: usize,
     buf: PoolBuf,
-) -> Result<Stage<'a>, Next> {
-    let (plan, cbuf) = match read_request_head(w, g, client, peer, listener, buf).await {
+) -> Handoff<'a> {
+    let (mut plan, cbuf) = match read_request_head(w, g, client, peer, listener, buf).await {
         Ok(v) => v,
         Err(HeadFail::Reject(rej, keep, route)) => {
             w.stats.rejected.add(1);
@@ -325,9 +335,9 @@ async fn admit<'a>(
                 rec.status = rej.status;
                 rec
             });
-            return Err(reject(w, g, client, rej, false, keep).await);
+            return Handoff::Done(reject(w, g, client, rej, false, keep).await);
         }
-        Err(HeadFail::Gone) => return Err(Next::Close),
+        Err(HeadFail::Gone) => return Handoff::Done(Next::Close),
     };
     let mut record = Record::new(w, g, &plan, peer);
     if g.access_log {
@@ -346,10 +356,23 @@ async fn admit<'a>(
                 keep_pipelined(cbuf, &plan)
             };
             let next = reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
-            return Err(next);
+            return Handoff::Done(next);
         }
     }
-    Ok(dispatch(w, g, client, plan, cbuf, record, extra))
+    if crate::ai::route(&g.shared, plan.route).active() {
+        return Handoff::Then(Last::stage(|| {
+            super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra)
+        }));
+    }
+    // Only a request without a body can be sent again: a plain route does not hold bodies.
+    let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
+    if !has_body && !plan.upgrade && !g.shared.routes.get(plan.route).fallbacks.is_empty() {
+        return Handoff::Then(Last::stage(|| {
+            super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra)
+        }));
+    }
+    let next = forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await;
+    Handoff::Done(next)
 }
 
 /// Whether a body follows the head that has not all arrived with it. A rejected
@@ -362,251 +385,238 @@ fn unread_body(plan: &Plan, cbuf: &PoolBuf) -> bool {
 }
 
 /// Forwards an admitted request on a plain route to its upstream and relays the
-/// response.
-///
-/// An `async` block, not an `async fn`, as in [`serve`]: the arguments then live once
-/// in its state, not twice. (`unused_assignments` misreads the block's captures: the
-/// record's fields are read when it is dropped, at the block's end, for the log.)
-#[allow(
-    clippy::manual_async_fn,
-    clippy::too_many_arguments,
-    unused_assignments
-)]
-fn forward<'a>(
-    w: &'a Worker,
-    g: &'a Generation,
-    client: &'a mut Stream,
-    mut plan: Plan,
+/// response. The request's plan, record and headers stay in the caller's state:
+/// owned here too, they would take that room twice.
+async fn forward(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    plan: &mut Plan,
     cbuf: PoolBuf,
-    mut record: Record<'a>,
-    mut extra: ExtraHeaders,
-) -> impl std::future::Future<Output = Next> + 'a {
-    async move {
-        let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
-        let unread_body = unread_body(&plan, &cbuf);
-        // Chunk lines that came with the head are checked before a connection is even taken.
-        let buffered = match check_buffered_chunks(&cbuf, &plan, g.max_body) {
-            Ok(b) => b,
-            Err(rej) => {
-                record.status = rej.status;
-                return reject(w, g, client, rej, plan.is_head, None).await;
-            }
-        };
-        let pool = g.upstream(plan.upstream);
-        let retries = pool.shared.conf.retries as usize;
-        let mut tried = Tried::default();
-
-        // Connect, moving on to another endpoint on failure, `retries` times.
-        let mut conn = match connect(pool, &plan, &mut tried).await {
-            Ok(c) => c,
-            Err(rej) => {
-                let rej = rej.closing_if(unread_body || !plan.keep_alive);
-                let keep = if rej.close {
-                    None
-                } else {
-                    keep_pipelined(cbuf, &plan)
-                };
-                record.status = rej.status;
-                return reject(w, g, client, rej, plan.is_head, keep).await;
-            }
-        };
-
-        record.sent_to(conn.addr, plan.upstream, 1);
-        let sent_at = Instant::now();
-        let before_upstream = record.since_head(sent_at);
-        if g.shared.routes.get(plan.route).server_timing {
-            super::headers::server_timing(&mut extra, before_upstream);
+    record: &mut Record<'_>,
+    extra: &mut ExtraHeaders,
+) -> Next {
+    let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
+    let unread_body = unread_body(plan, &cbuf);
+    // Chunk lines that came with the head are checked before a connection is even taken.
+    let buffered = match check_buffered_chunks(&cbuf, plan, g.max_body) {
+        Ok(b) => b,
+        Err(rej) => {
+            record.status = rej.status;
+            return reject(w, g, client, rej, plan.is_head, None).await;
         }
-        record.bytes_in += match plan.body {
-            BodyKind::Length(n) => n,
-            _ => 0,
-        };
+    };
+    let pool = g.upstream(plan.upstream);
+    let retries = pool.shared.conf.retries as usize;
+    let mut tried = Tried::default();
 
-        // A request that can be sent twice keeps its head until the response
-        // starts, in case the connection fails before answering.
-        let replayable = plan.idempotent && !has_body && !plan.upgrade;
-
-        // Sending a body is boxed apart (`super::in_place`) and freed when done:
-        // inline, its 4 KiB sized this state for the whole exchange, so an open
-        // stream kept them. (The stale-connection resend below is boxed for the
-        // same reason.) A head alone is small enough to send inline.
-        let cbuf = if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
-            send_head(g, &mut conn, cbuf, &plan).await
-        } else {
-            super::in_place(|| send_request(w, g, client, &mut conn, cbuf, &plan, buffered)).await
-        };
-        // The upstream answered before the whole body was sent: the client
-        // connection closes after that answer, whatever the client asked.
-        let early = matches!(cbuf, Ok(Sent::Early));
-        // Changed in place, not rebound: a second `Plan` would stay in this state (192 bytes)
-        // for the whole response, an open stream's too.
-        if early {
-            plan.keep_alive = false;
-        }
-        let mut cbuf = match cbuf {
-            Ok(Sent::HeadKept(b)) if replayable => Sent::HeadKept(b),
-            Ok(Sent::HeadKept(b)) => Sent::Pipelined(keep_pipelined(b, &plan)),
-            Ok(sent) => sent,
-            Err(SendError::Client) => return Next::Close,
-            Err(SendError::Reject(rej)) => {
-                record.status = rej.status;
-                return reject(w, g, client, rej, plan.is_head, None).await;
-            }
-        };
-
-        let up_idle = pool.shared.conf.response_timeout;
-        let mut stale_retry_left = true;
-        let (rp, ubuf) = loop {
-            let ubuf = match w
-                .pool
-                .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
-                .await
-            {
-                Ok(b) => b,
-                Err(_) => {
-                    record.status = 503;
-                    return reject(
-                        w,
-                        g,
-                        client,
-                        error::NO_BUFFER.closing_if(true),
-                        plan.is_head,
-                        None,
-                    )
-                    .await;
-                }
-            };
-            let rej = match read_response_head(w, g, client, &mut conn, ubuf, &plan, &extra, false)
-                .await
-            {
-                Ok(v) => break v,
-                Err(RespError::Client) => return Next::Close,
-                Err(RespError::Reject(rej)) => {
-                    // A garbage head or a timeout is the endpoint's failure.
-                    if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
-                        pool.report_failure(conn.idx);
-                    }
-                    rej
-                }
-                Err(RespError::NoAnswer) => {
-                    // Closed or reset before a single response byte. A pooled
-                    // connection the upstream had already closed is replaced once
-                    // for free; otherwise that endpoint failed and, for a request
-                    // that can be replayed, another one gets it.
-                    let stale = conn.reused && stale_retry_left;
-                    if !stale {
-                        pool.report_failure(conn.idx);
-                    }
-                    let again = match &cbuf {
-                        Sent::HeadKept(_) if stale => {
-                            stale_retry_left = false;
-                            true
-                        }
-                        Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
-                        Sent::Pipelined(_) | Sent::Early => false,
-                    };
-                    if !again {
-                        error::BAD_GATEWAY
-                    } else {
-                        pool.stats.retries.add(1);
-                        let Sent::HeadKept(mut b) = cbuf else {
-                            return Next::Close;
-                        };
-                        // A replacement that cannot connect is a connect failure
-                        // like any other: that endpoint is out, try the next.
-                        let mut fresh_stale = stale;
-                        let outcome = loop {
-                            let again =
-                                || resend(g, &mut conn, b, &plan, tried.as_slice(), fresh_stale);
-                            match super::in_place(again).await {
-                                Ok(kept) => break Ok(kept),
-                                Err(Resend::Connect(idx, rej, kept)) => {
-                                    pool.report_failure(idx);
-                                    fresh_stale = false;
-                                    if tried.len() < retries && tried.push(idx) {
-                                        pool.stats.retries.add(1);
-                                        b = kept;
-                                        continue;
-                                    }
-                                    break Err(rej);
-                                }
-                                Err(Resend::Reject(rej)) => break Err(rej),
-                            }
-                        };
-                        match outcome {
-                            Ok(kept) => {
-                                cbuf = Sent::HeadKept(kept);
-                                continue;
-                            }
-                            Err(rej) => rej,
-                        }
-                    }
-                }
+    // Connect, moving on to another endpoint on failure, `retries` times.
+    let mut conn = match connect(pool, plan, &mut tried).await {
+        Ok(c) => c,
+        Err(rej) => {
+            let rej = rej.closing_if(unread_body || !plan.keep_alive);
+            let keep = if rej.close {
+                None
+            } else {
+                keep_pipelined(cbuf, plan)
             };
             record.status = rej.status;
-            return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
-        };
-        // The head was only kept for a retry; its job is done now.
-        let cbuf = match cbuf {
-            Sent::HeadKept(b) => keep_pipelined(b, &plan),
-            Sent::Pipelined(p) => p,
-            Sent::Early => None,
-        };
-        record.status = rp.status;
-        record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
-        record.upstream_time = Some(sent_at.elapsed());
-        record.overhead = Some(before_upstream + rp.head_time);
-        if rp.status >= 500 {
-            pool.report_failure(conn.idx);
-        } else {
-            pool.report_success(conn.idx);
+            return reject(w, g, client, rej, plan.is_head, keep).await;
         }
+    };
 
-        if rp.status == 101 {
-            let Some(up) = conn.into_stream() else {
-                return Next::Close;
-            };
-            let end = ubuf.len();
-            let Ok(mut ubuf) =
-                write_all(client, ubuf, rp.head_start..end, g.server.body_timeout).await
-            else {
-                return Next::Close;
-            };
-            ubuf.clear();
-            let cbuf = match cbuf {
-                Some(mut b) => {
-                    b.consume(HEADROOM);
-                    b
+    record.sent_to(conn.addr, plan.upstream, 1);
+    let sent_at = Instant::now();
+    let before_upstream = record.since_head(sent_at);
+    if g.shared.routes.get(plan.route).server_timing {
+        super::headers::server_timing(extra, before_upstream);
+    }
+    record.bytes_in += match plan.body {
+        BodyKind::Length(n) => n,
+        _ => 0,
+    };
+
+    // A request that can be sent twice keeps its head until the response
+    // starts, in case the connection fails before answering.
+    let replayable = plan.idempotent && !has_body && !plan.upgrade;
+
+    // Sending a body is boxed apart (`super::in_place`) and freed when done:
+    // inline, its 4 KiB sized this state for the whole exchange, so an open
+    // stream kept them. (The stale-connection resend below is boxed for the
+    // same reason.) A head alone is small enough to send inline.
+    let cbuf = if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
+        send_head(g, &mut conn, cbuf, plan).await
+    } else {
+        super::in_place(|| send_request(w, g, client, &mut conn, cbuf, plan, buffered)).await
+    };
+    // The upstream answered before the whole body was sent: the client
+    // connection closes after that answer, whatever the client asked.
+    let early = matches!(cbuf, Ok(Sent::Early));
+    // Changed in place, not rebound: a second `Plan` would stay in this state (192 bytes)
+    // for the whole response, an open stream's too.
+    if early {
+        plan.keep_alive = false;
+    }
+    let mut cbuf = match cbuf {
+        Ok(Sent::HeadKept(b)) if replayable => Sent::HeadKept(b),
+        Ok(Sent::HeadKept(b)) => Sent::Pipelined(keep_pipelined(b, plan)),
+        Ok(sent) => sent,
+        Err(SendError::Client) => return Next::Close,
+        Err(SendError::Reject(rej)) => {
+            record.status = rej.status;
+            return reject(w, g, client, rej, plan.is_head, None).await;
+        }
+    };
+
+    let up_idle = pool.shared.conf.response_timeout;
+    let mut stale_retry_left = true;
+    let (rp, ubuf) = loop {
+        let ubuf = match w
+            .pool
+            .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
+            .await
+        {
+            Ok(b) => b,
+            Err(_) => {
+                record.status = 503;
+                return reject(
+                    w,
+                    g,
+                    client,
+                    error::NO_BUFFER.closing_if(true),
+                    plan.is_head,
+                    None,
+                )
+                .await;
+            }
+        };
+        let rej = match read_response_head(w, g, client, &mut conn, ubuf, plan, extra, false).await
+        {
+            Ok(v) => break v,
+            Err(RespError::Client) => return Next::Close,
+            Err(RespError::Reject(rej)) => {
+                // A garbage head or a timeout is the endpoint's failure.
+                if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
+                    pool.report_failure(conn.idx);
                 }
-                None => match w.pool.try_acquire() {
-                    Some(b) => b,
-                    None => return Next::Close,
-                },
-            };
-            return Next::Tunnel(up, cbuf, ubuf);
-        }
-
-        match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
-            Ok(r) => {
-                record.bytes_out = r.bytes;
-                if rp.upstream_keep_alive && r.upstream_clean && !early {
-                    conn.set_reusable();
+                rej
+            }
+            Err(RespError::NoAnswer) => {
+                // Closed or reset before a single response byte. A pooled
+                // connection the upstream had already closed is replaced once
+                // for free; otherwise that endpoint failed and, for a request
+                // that can be replayed, another one gets it.
+                let stale = conn.reused && stale_retry_left;
+                if !stale {
+                    pool.report_failure(conn.idx);
+                }
+                let again = match &cbuf {
+                    Sent::HeadKept(_) if stale => {
+                        stale_retry_left = false;
+                        true
+                    }
+                    Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
+                    Sent::Pipelined(_) | Sent::Early => false,
+                };
+                if !again {
+                    error::BAD_GATEWAY
+                } else {
+                    pool.stats.retries.add(1);
+                    let Sent::HeadKept(mut b) = cbuf else {
+                        return Next::Close;
+                    };
+                    // A replacement that cannot connect is a connect failure
+                    // like any other: that endpoint is out, try the next.
+                    let mut fresh_stale = stale;
+                    let outcome = loop {
+                        let again = || resend(g, &mut conn, b, plan, tried.as_slice(), fresh_stale);
+                        match super::in_place(again).await {
+                            Ok(kept) => break Ok(kept),
+                            Err(Resend::Connect(idx, rej, kept)) => {
+                                pool.report_failure(idx);
+                                fresh_stale = false;
+                                if tried.len() < retries && tried.push(idx) {
+                                    pool.stats.retries.add(1);
+                                    b = kept;
+                                    continue;
+                                }
+                                break Err(rej);
+                            }
+                            Err(Resend::Reject(rej)) => break Err(rej),
+                        }
+                    };
+                    match outcome {
+                        Ok(kept) => {
+                            cbuf = Sent::HeadKept(kept);
+                            continue;
+                        }
+                        Err(rej) => rej,
+                    }
                 }
             }
-            Err(_) => return Next::Close,
-        }
-        drop(conn);
-        if early {
-            // The unread rest of the body is drained for a moment first, so the
-            // client does not meet a reset that discards the answer (RFC 9112 §9.6).
-            linger(w, client).await;
-            return Next::Close;
-        }
-        if rp.client_close {
-            return Next::Close;
-        }
-        Next::KeepAlive(cbuf)
+        };
+        record.status = rej.status;
+        return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
+    };
+    // The head was only kept for a retry; its job is done now.
+    let cbuf = match cbuf {
+        Sent::HeadKept(b) => keep_pipelined(b, plan),
+        Sent::Pipelined(p) => p,
+        Sent::Early => None,
+    };
+    record.status = rp.status;
+    record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
+    record.upstream_time = Some(sent_at.elapsed());
+    record.overhead = Some(before_upstream + rp.head_time);
+    if rp.status >= 500 {
+        pool.report_failure(conn.idx);
+    } else {
+        pool.report_success(conn.idx);
     }
+
+    if rp.status == 101 {
+        let Some(up) = conn.into_stream() else {
+            return Next::Close;
+        };
+        let end = ubuf.len();
+        let Ok(mut ubuf) = write_all(client, ubuf, rp.head_start..end, g.server.body_timeout).await
+        else {
+            return Next::Close;
+        };
+        ubuf.clear();
+        let cbuf = match cbuf {
+            Some(mut b) => {
+                b.consume(HEADROOM);
+                b
+            }
+            None => match w.pool.try_acquire() {
+                Some(b) => b,
+                None => return Next::Close,
+            },
+        };
+        return Next::Tunnel(up, cbuf, ubuf);
+    }
+
+    match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
+        Ok(r) => {
+            record.bytes_out = r.bytes;
+            if rp.upstream_keep_alive && r.upstream_clean && !early {
+                conn.set_reusable();
+            }
+        }
+        Err(_) => return Next::Close,
+    }
+    drop(conn);
+    if early {
+        // The unread rest of the body is drained for a moment first, so the
+        // client does not meet a reset that discards the answer (RFC 9112 §9.6).
+        linger(w, client).await;
+        return Next::Close;
+    }
+    if rp.client_close {
+        return Next::Close;
+    }
+    Next::KeepAlive(cbuf)
 }
 
 #[cfg(test)]
