@@ -106,6 +106,10 @@ def commandstats(port):
 
 
 # ---------------------------------------------------------------- processes
+class PortTaken(RuntimeError):
+    """redis-server could not bind a port found free a moment before."""
+
+
 class RedisServer:
     """One redis-server on a free port (or a given one, for a restart on the same port)."""
 
@@ -117,6 +121,9 @@ class RedisServer:
         self.tls = tls
         self.tls_port = free_port() if tls else None
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # Ports found free here may be taken before redis-server binds them (any outgoing
+        # connection's ephemeral port can land there): `start` picks again the ones it chose.
+        self.chose_ports = port is None and bus_port is None
         self.port = port or free_port()
         self.cluster = cluster
         self.bus_port = bus_port
@@ -132,6 +139,17 @@ class RedisServer:
         return "rediss://127.0.0.1:%d" % self.tls_port
 
     def start(self, timeout=10.0):
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if not self.chose_ports or attempt == 2:
+                    raise
+                self.port = free_port()
+                self.tls_port = free_port() if self.tls else None
+                self.bus_port = None
+
+    def _start(self, timeout):
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
                 "--protected-mode", "no", "--daemonize", "no",
@@ -156,8 +174,10 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while not ping(self.port):
             if self.proc.poll() is not None:
-                raise RuntimeError("redis-server on %d exited with %s; log:\n%s"
-                                   % (self.port, self.proc.returncode, self.log_tail()))
+                log = self.log_tail()
+                kind = PortTaken if "Address already in use" in log else RuntimeError
+                raise kind("redis-server on %d exited with %s; log:\n%s"
+                           % (self.port, self.proc.returncode, log))
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError("redis-server on %d did not answer PING within %.0fs"
