@@ -446,6 +446,35 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver):
         up.stop()
 
 
+def _start_streams(ringway_factory, up, name, n, response_timeout, **server):
+    """One worker in front of HoldingBackend `up` with an AI route (`/v1/`, ai-stats) and a
+    plain route (the rest), room for `n` upstream connections: (the Ringway, the admin port)."""
+    from conftest import Ringway
+    from helpers import free_port
+    from test_ai import STATS, ai_config
+    port, admin = free_port(), free_port()
+    text = ai_config(port, admin,
+                     [{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
+                       "max_connections": n, "response_timeout": response_timeout}],
+                     [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "u",
+                       "filters": ["stats"]},
+                      {"name": "plain", "match": {"path_prefix": "/"}, "upstream": "u"}],
+                     [STATS], server=dict(workers=1, **server))
+    rw = Ringway(text, ringway_factory.tmpdir / name, name=name, port=port)
+    ringway_factory.instances.append(rw)
+    rw.start()
+    return rw, admin
+
+
+def _release_streams(up, socks, got):
+    """Lets HoldingBackend's streams go on: each ends whole, its second event and [DONE]."""
+    up.release()
+    for s in socks:
+        data = _read_until(s, lambda b: b.endswith(b"0\r\n\r\n"), got[s])
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert b"second" in data and b"data: [DONE]" in data, data
+
+
 @pytest.mark.parametrize("driver", ["io_uring", "epoll"])
 def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, driver):
     """An open event stream whose upstream is silent between events holds no pool buffer: the
@@ -453,33 +482,20 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
     when the next bytes are there. 150 streams on a plain route and 150 on an AI route (the SSE
     relay that reads every frame) wait at once after their first event: /stats counts no buffer
     in use; released, every stream ends whole, with its second event and [DONE]."""
-    from conftest import Ringway
-    from helpers import free_port, wait_until
-    from test_ai import STATS, ai_config
+    from helpers import wait_until
     n = 150
     up = HoldingBackend()
     socks = []
     try:
-        port, admin = free_port(), free_port()
-        text = ai_config(port, admin,
-                         [{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
-                           "max_connections": 4 * n, "response_timeout": "30s"}],
-                         [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "u",
-                           "filters": ["stats"]},
-                          {"name": "plain", "match": {"path_prefix": "/"}, "upstream": "u"}],
-                         [STATS],
-                         # Room for the burst itself (a loaded machine may have every stream
-                         # between its head and its first relay at once): 256 buffers would
-                         # answer some of 300 with 503 before any waits.
-                         server={"workers": 1, "driver": driver, "buffers_per_worker": 8 * n})
-        rw = Ringway(text, ringway_factory.tmpdir / ("streams-" + driver), name="streams-" + driver,
-                     port=port)
-        ringway_factory.instances.append(rw)
-        rw.start()
+        # Room for the burst itself (a loaded machine may have every stream between its head
+        # and its first relay at once): 256 buffers would answer some of 300 with 503 before
+        # any waits.
+        rw, admin = _start_streams(ringway_factory, up, "streams-" + driver, 4 * n, "30s",
+                                   driver=driver, buffers_per_worker=8 * n)
         body = json.dumps({"model": "m", "stream": True,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
         for i in range(2 * n):
-            s = socket.create_connection(("127.0.0.1", port))
+            s = socket.create_connection(("127.0.0.1", rw.port))
             if i % 2:
                 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
                           b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -503,11 +519,7 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
         except AssertionError:
             pytest.fail("%d event streams waiting between events still hold %d pool buffers"
                         % (2 * n, last["in_use"]))
-        up.release()
-        for s in socks:
-            data = _read_until(s, lambda b: b.endswith(b"0\r\n\r\n"), got[s])
-            assert data.startswith(b"HTTP/1.1 200"), data
-            assert b"second" in data and b"data: [DONE]" in data, data
+        _release_streams(up, socks, got)
     finally:
         for s in socks:
             s.close()
@@ -528,9 +540,7 @@ def test_open_event_streams_cost_a_few_kib_each(ringway_factory, route):
     streams waiting after their first event grow its RSS by less than STREAM_BYTES each; then
     every stream ends whole."""
     import resource
-    from conftest import Ringway
-    from helpers import free_port, wait_until
-    from test_ai import STATS, ai_config
+    from helpers import wait_until
     n = 1000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # This process holds both ends' client sockets and the origin's: about 3n descriptors.
@@ -541,20 +551,8 @@ def test_open_event_streams_cost_a_few_kib_each(ringway_factory, route):
     socks = []
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
-        port, admin = free_port(), free_port()
-        text = ai_config(port, admin,
-                         [{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
-                           "max_connections": 2 * n, "response_timeout": "60s"}],
-                         [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "u",
-                           "filters": ["stats"]},
-                          {"name": "plain", "match": {"path_prefix": "/"}, "upstream": "u"}],
-                         [STATS],
-                         server={"workers": 1, "memory_release_after": "1s",
-                                 "keepalive_timeout": "60s"})
-        rw = Ringway(text, ringway_factory.tmpdir / ("cost-" + route), name="cost-" + route,
-                     port=port)
-        ringway_factory.instances.append(rw)
-        rw.start()
+        rw, _ = _start_streams(ringway_factory, up, "cost-" + route, 2 * n, "60s",
+                               keepalive_timeout="60s")
         rss0 = rw.rss()
         body = json.dumps({"model": "m", "stream": True,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -568,7 +566,7 @@ def test_open_event_streams_cost_a_few_kib_each(ringway_factory, route):
         # streams, not the buffers a burst of requests between head and first event holds
         # at once (a burst the size of the pool would even be answered 503 in part).
         for i in range(n):
-            s = socket.create_connection(("127.0.0.1", port))
+            s = socket.create_connection(("127.0.0.1", rw.port))
             s.sendall(request)
             socks.append(s)
             if i % 25 == 24:
@@ -588,11 +586,7 @@ def test_open_event_streams_cost_a_few_kib_each(ringway_factory, route):
                                  "(limit %d)" % (n, route, per["bytes"], STREAM_BYTES[route])
                                  ) from None
         print("%s route: %.0f bytes per open stream" % (route, per["bytes"]))
-        up.release()
-        for s in socks:
-            data = _read_until(s, lambda b: b.endswith(b"0\r\n\r\n"), got[s])
-            assert data.startswith(b"HTTP/1.1 200"), data
-            assert b"second" in data and b"data: [DONE]" in data, data
+        _release_streams(up, socks, got)
     finally:
         for s in socks:
             s.close()
