@@ -131,9 +131,6 @@ pub fn serve(
                 // The listener was removed by a reload: finish with this connection.
                 return;
             };
-            // Each stage is boxed: its state is large and lives only while it runs, so
-            // an idle connection's task stays a few hundred bytes, and a response being
-            // relayed (an open stream) holds only the state of the stage relaying it.
             // Each stage is boxed: its state is large and lives only while it runs, so an
             // idle connection's task stays a few hundred bytes, and an AI stream holds only
             // its own stage's state, not the head's.
@@ -384,8 +381,8 @@ fn unread_body(plan: &Plan, cbuf: &PoolBuf) -> bool {
     has_body && !body_buffered(cbuf, plan)
 }
 
-/// Forwards an admitted request on a plain route to its upstream and relays the
-/// response. The request's plan, record and headers stay in the caller's state:
+/// Forwards a plain route's request, its head read and its limits passed, to its
+/// upstream and relays the response. The request's plan, record and headers stay in the caller's state:
 /// owned here too, they would take that room twice.
 async fn forward(
     w: &Worker,
