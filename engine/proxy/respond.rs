@@ -393,3 +393,22 @@ pub(super) async fn write_all(
         .await
         .map_err(|_| ())
 }
+
+/// [`write_all`] to an upstream that gives the buffer back when the write fails (`None`
+/// after a timeout: the kernel may still hold it), so a head can be sent elsewhere.
+pub(super) async fn write_head(
+    stream: &mut Stream,
+    buf: PoolBuf,
+    range: std::ops::Range<usize>,
+    idle: Duration,
+) -> Result<PoolBuf, Option<PoolBuf>> {
+    use monoio::{buf::IoBuf, io::AsyncWriteRentExt};
+    if range.is_empty() {
+        return Ok(buf);
+    }
+    match deadline::timeout(idle, stream.write_all(buf.slice(range))).await {
+        Ok((Ok(_), s)) => Ok(s.into_inner()),
+        Ok((Err(_), s)) => Err(Some(s.into_inner())),
+        Err(_) => Err(None),
+    }
+}

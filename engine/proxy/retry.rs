@@ -6,7 +6,7 @@ use std::rc::Rc;
 use super::{
     error::{self, Reject},
     request::Plan,
-    respond::write_all,
+    respond::write_head,
 };
 use crate::{
     buf::PoolBuf,
@@ -78,11 +78,16 @@ pub(super) async fn resend(
         Err(CheckoutError::NoEndpoint) => return Err(Resend::Reject(error::NO_ENDPOINT)),
     };
     // The old guard drops here, closing the failed stream.
+    let idx = fresh.idx;
     *conn = fresh;
     let idle = pool.shared.conf.response_timeout;
-    write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, idle)
-        .await
-        .map_err(|()| Resend::Reject(error::BAD_GATEWAY.closing_if(true)))
+    match write_head(conn.stream(), cbuf, plan.head_start..plan.head_end, idle).await {
+        Ok(b) => Ok(b),
+        // The fresh connection broke before it took the head (an endpoint dying as it
+        // accepted): that endpoint failed, as if it had refused the connection.
+        Err(Some(b)) => Err(Resend::Connect(idx, error::BAD_GATEWAY, b)),
+        Err(None) => Err(Resend::Reject(error::BAD_GATEWAY.closing_if(true))),
+    }
 }
 
 /// A connection for `plan`'s upstream, moving on to another endpoint after

@@ -9,7 +9,7 @@ use super::{
     early::{EarlyWatch, Watched},
     error::{self, Reject},
     request::{Plan, HEADROOM},
-    respond::write_all,
+    respond::{write_all, write_head},
     transfer::{self, Route, Side, XferError},
 };
 use crate::{
@@ -87,11 +87,14 @@ pub(super) async fn send_head(
     // succeeds (the reset comes later), so failing here is a real upstream
     // failure, not a stale connection. A failed write may still leave an
     // answer to read (an upstream that refused the request and closed): the
-    // response reader decides between relaying it and a 502.
+    // response reader decides between relaying it and a 502. The head is kept
+    // all the same: with no answer, a request that can be sent again goes to
+    // another endpoint (an endpoint dying as it accepted the connection).
     Ok(
-        write_all(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle)
-            .await
-            .map_or(Sent::Early, Sent::HeadKept),
+        match write_head(conn.stream(), cbuf, plan.head_start..plan.head_end, up_idle).await {
+            Ok(b) | Err(Some(b)) => Sent::HeadKept(b),
+            Err(None) => Sent::Early,
+        },
     )
 }
 
