@@ -285,13 +285,23 @@ pub(super) enum Handoff<'a> {
     Then(Stage<'a>),
 }
 
-/// The last stage of a request: an exchange, its answer handed on as [`Handoff::Done`]. A
-/// struct, not an `async` block around the exchange, which would hold its arguments twice.
-struct Last<'a, F>(F, std::marker::PhantomData<&'a ()>);
+pin_project_lite::pin_project! {
+    /// The last stage of a request: an exchange, its answer handed on as [`Handoff::Done`].
+    /// A struct, not an `async` block around the exchange, which would hold its arguments
+    /// twice.
+    struct Last<'a, F> {
+        #[pin]
+        exchange: F,
+        life: std::marker::PhantomData<&'a ()>,
+    }
+}
 
 impl<'a, F: std::future::Future<Output = Next> + 'a> Last<'a, F> {
     fn stage(f: impl FnOnce() -> F) -> Stage<'a> {
-        super::in_place(|| Last(f(), std::marker::PhantomData))
+        super::in_place(|| Last {
+            exchange: f(),
+            life: std::marker::PhantomData,
+        })
     }
 }
 
@@ -302,10 +312,7 @@ impl<'a, F: std::future::Future<Output = Next>> std::future::Future for Last<'a,
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Handoff<'a>> {
-        // SAFETY: the exchange is never moved out of `Last`, nor `Last` unpinned: it is
-        // pinned whenever `Last` is.
-        let f = unsafe { self.map_unchecked_mut(|l| &mut l.0) };
-        f.poll(cx).map(Handoff::Done)
+        self.project().exchange.poll(cx).map(Handoff::Done)
     }
 }
 
