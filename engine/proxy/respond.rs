@@ -389,13 +389,11 @@ pub(super) async fn write_all(
     range: std::ops::Range<usize>,
     idle: Duration,
 ) -> Result<PoolBuf, ()> {
-    transfer::write_range(stream, buf, range, idle, Side::Client)
-        .await
-        .map_err(|_| ())
+    write_head(stream, buf, range, idle).await.map_err(|_| ())
 }
 
-/// [`write_all`] to an upstream that gives the buffer back when the write fails (`None`
-/// after a timeout: the kernel may still hold it), so a head can be sent elsewhere.
+/// [`write_all`], giving the buffer back when the write fails (`None` after a timeout:
+/// the kernel may still hold it), so a head can be sent to another upstream.
 pub(super) async fn write_head(
     stream: &mut Stream,
     buf: PoolBuf,
