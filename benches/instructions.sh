@@ -13,13 +13,14 @@
 #
 # One worker on the epoll driver (valgrind does not know io_uring), the origin
 # benches/backend/sse_backend.py, wrk -c8 for 2 s of warm-up, counters zeroed, then SECONDS (4)
-# measured; prints instructions / requests completed. Needs valgrind and wrk.
+# measured; prints instructions / requests completed. Needs valgrind and wrk. With KEEP=DIR the
+# callgrind files are copied there (for callgrind_annotate).
 set -euo pipefail
 BIN=$1 VARIANT=$2 LUA=$3 SECS=${4:-4}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORK="$(mktemp -d)"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && cp "$WORK"/cg.* "$KEEP"/ 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }

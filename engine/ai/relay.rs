@@ -26,11 +26,11 @@ use ringway_filters::{
 use super::account::{AiCtx, MAX_SSE_FRAME};
 use crate::runtime::clock;
 use crate::{
-    buf::PoolBuf,
+    buf::{PoolBuf, RecvRing},
     h1::{BodyKind, ChunkedDecoder},
     proxy::{
         response::RespPlan,
-        transfer::{write_range, Side, XferError},
+        transfer::{wait_bare, write_range, Side, Waited, XferError},
     },
     runtime::{deadline, Generation},
 };
@@ -56,8 +56,10 @@ const CHUNK_LINE_MAX: usize = 10;
 /// or alone at once when none came with it. Forwarded verbatim, the body is
 /// written straight from `ubuf`; re-framed, the kept frames are gathered into
 /// one vector per read, behind room for the head and chunk-size line.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay(
     g: &Generation,
+    ring: Option<&RecvRing>,
     client: &mut Stream,
     up: &mut Stream,
     mut ubuf: PoolBuf,
@@ -246,26 +248,31 @@ pub async fn relay(
         } else {
             Ok(ubuf)
         };
-        match keepalive {
-            Some(every) => {
+        ubuf = match (kept, keepalive) {
+            (Ok(b), None) => b,
+            (kept, Some(every)) => {
                 let times = (every, up_idle, client_idle);
                 // Boxed: inline, its state would size the relay's for every stream, also
                 // those whose route sends no keep-alives.
                 written += Box::pin(quiet(ctx, &held, up, client, rechunk, times)).await?;
+                match kept {
+                    Ok(b) => b,
+                    Err(pool) => pool
+                        .acquire_within(pool.slot_size(), up_idle)
+                        .await
+                        .map_err(|_| XferError::NoBuffer(Side::Upstream))?,
+                }
             }
-            None if kept.is_err() => match deadline::timeout(up_idle, up.readable(false)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(XferError::Io(Side::Upstream, e)),
-                Err(_) => return Err(XferError::Timeout(Side::Upstream)),
+            (Err(pool), None) => match wait_bare(up, ring, pool, up_idle, Side::Upstream).await? {
+                Waited::Empty(b) => b,
+                Waited::Filled { buf, at: data } => {
+                    drained = buf.spare() > 0;
+                    (ubuf, at) = (buf, data);
+                    continue;
+                }
+                Waited::Eof if matches!(reader, Reader::Eof) => break,
+                Waited::Eof => return Err(XferError::Eof(Side::Upstream)),
             },
-            None => {}
-        }
-        ubuf = match kept {
-            Ok(b) => b,
-            Err(pool) => pool
-                .acquire_within(pool.slot_size(), up_idle)
-                .await
-                .map_err(|_| XferError::NoBuffer(Side::Upstream))?,
         };
         // Read more from the upstream.
         let len = ubuf.len();

@@ -148,6 +148,11 @@ impl RecvRing {
         usize::from(self.inner.mask) + 1
     }
 
+    /// Zero bytes in front of the data in every buffer a receive gives.
+    pub fn headroom(&self) -> usize {
+        self.inner.headroom
+    }
+
     /// Buffers lent to the kernel now: part of the pool's use, but no connection's.
     pub fn held(&self) -> usize {
         self.inner.held.get()

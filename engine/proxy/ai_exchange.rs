@@ -233,7 +233,17 @@ pub(super) fn exchange<'a>(
         record.upstream_time = Some(ctx.sent_at.elapsed());
         ctx.status = rp.status;
 
-        let relayed = ai::relay::relay(g, client, conn.stream(), ubuf, &rp, &mut ctx, idle).await;
+        let relayed = ai::relay::relay(
+            g,
+            w.ring.get(),
+            client,
+            conn.stream(),
+            ubuf,
+            &rp,
+            &mut ctx,
+            idle,
+        )
+        .await;
         // Settled on every path: a client that left is charged what was streamed.
         if let Some(u) = ctx.settle() {
             if ctx.answered() {

@@ -135,8 +135,9 @@ pub(super) async fn read_response_head(
     }
 }
 
-/// How long the first read of an answer keeps its buffer before waiting without one.
-/// Most answers start sooner; the deadline wheel's tick is the cheapest timer there is.
+/// How long the first read of an answer keeps its buffer before waiting without one, off
+/// the receive ring. Most answers start sooner; the deadline wheel's tick is the cheapest
+/// timer there is, and the cancel that ends the wait costs an operation.
 const HOLD_BUFFER_FOR: Duration = deadline::TICK;
 
 /// What [`first_read`] got.
@@ -153,7 +154,7 @@ enum FirstRead {
 
 /// The first read of an answer into `ubuf` (which holds only the headroom). Through the
 /// worker's receive ring where it has one: the kernel picks a buffer when the answer
-/// starts, and `ubuf` goes back after a tick (no cancel needed). Otherwise, an answer
+/// starts, and `ubuf` goes back at once (no cancel needed). Otherwise, an answer
 /// that has not started within [`HOLD_BUFFER_FOR`] gives the buffer back to the pool
 /// while it is awaited, then takes one again when bytes are there: thousands of
 /// requests waiting on a slow upstream hold no pool memory. The read is cancelled
@@ -171,14 +172,16 @@ async fn first_read(
     // A pooled connection comes with its receive already armed; else one is armed now.
     let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
     if let Some(recv) = recv {
-        // The kernel picks a buffer when the answer starts. `ubuf` is kept for a tick
-        // (most answers come sooner), and on past it while requests queue for buffers:
-        // an answer that finds the ring empty then reads into it, rather than wait in
-        // that queue behind requests that cannot finish without buffers themselves.
-        let mut recv = std::pin::pin!(recv);
-        let (got, spare) = match deadline::timeout(HOLD_BUFFER_FOR, &mut recv).await {
-            Ok(got) => (got, Some(ubuf)),
-            Err(_) => {
+        // The kernel picks a buffer when the answer starts, so `ubuf` goes back unless
+        // the answer is already there: a burst of requests waiting for their answers
+        // then holds only the ring's buffers (holding `ubuf` for a tick, thousands of
+        // waiting requests touched a page each). It is kept while requests queue for
+        // buffers: an answer that finds the ring empty then reads into it, rather than
+        // wait in that queue behind requests that cannot finish without buffers.
+        let mut recv = recv;
+        let (got, spare) = match recv.try_now() {
+            Some(got) => (got, Some(ubuf)),
+            None => {
                 let spare = if w.pool.has_waiters() {
                     Some(ubuf)
                 } else {
@@ -310,6 +313,7 @@ pub(super) async fn relay_response(
             }
             let mut r = Route {
                 src: conn.stream(),
+                ring: w.ring.get(),
                 src_side: Side::Upstream,
                 src_idle: up_idle,
                 dst: client,
@@ -329,6 +333,7 @@ pub(super) async fn relay_response(
             let mut decoder = ChunkedDecoder::new(u64::MAX);
             let mut r = Route {
                 src: conn.stream(),
+                ring: w.ring.get(),
                 src_side: Side::Upstream,
                 src_idle: up_idle,
                 dst: client,
@@ -358,6 +363,7 @@ pub(super) async fn relay_response(
             ubuf.clear();
             let mut r = Route {
                 src: conn.stream(),
+                ring: w.ring.get(),
                 src_side: Side::Upstream,
                 src_idle: up_idle,
                 dst: client,

@@ -264,6 +264,7 @@ pub(super) fn request_body_error(e: XferError) -> Result<Sent, SendError> {
 fn upload<'a>(client: &'a mut Stream, up: &'a mut Stream, idle: Duration) -> Route<'a> {
     Route {
         src: client,
+        ring: None,
         src_side: Side::Client,
         src_idle: idle,
         dst: up,

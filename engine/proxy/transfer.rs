@@ -17,7 +17,7 @@ use monoio::{
 };
 
 use crate::{
-    buf::{PipePool, PoolBuf},
+    buf::{BufPool, PipePool, PoolBuf, Received, RecvRing},
     h1::{ChunkError, ChunkedDecoder},
 };
 
@@ -68,6 +68,8 @@ impl XferError {
 pub struct Route<'a> {
     /// The socket read from.
     pub src: &'a mut Stream,
+    /// The worker's receive ring, for the waits between reads of `src` (see [`wait_bare`]).
+    pub ring: Option<&'a RecvRing>,
     /// Who `src` is.
     pub src_side: Side,
     /// Longest wait for any single read from `src`.
@@ -108,19 +110,44 @@ pub async fn read_some(
     }
 }
 
-/// Waits until `stream` has bytes without holding a buffer: `buf` (empty)
-/// goes back to the pool for the wait, and one is taken again once bytes are
-/// there. An open stream between its events (a model that thinks) then holds
-/// no pool memory; the price is a readiness wait before the read.
+/// What a wait without a buffer ([`wait_bare`]) ended with.
+pub enum Waited {
+    /// The stream is readable: read into this (empty) buffer.
+    Empty(PoolBuf),
+    /// Bytes came through the receive ring: `buf[at..]` is the data.
+    Filled { buf: PoolBuf, at: usize },
+    /// The peer closed its side.
+    Eof,
+}
+
+/// Waits until `stream` has bytes without holding a buffer (the caller gave its
+/// empty one back to `pool`). An open stream between its events (a
+/// model that thinks) then holds no pool memory. Through the worker's receive
+/// ring (plain TCP, where there is one) the kernel takes a buffer only when
+/// the bytes arrive, so thousands of streams whose events land together hold
+/// the ring's few buffers, not one each, and no readiness wait precedes the
+/// read. Otherwise, or when the ring is empty, the wait is for readiness and
+/// a buffer is taken once bytes are there.
 pub async fn wait_bare(
     stream: &mut Stream,
-    buf: PoolBuf,
+    ring: Option<&RecvRing>,
+    pool: BufPool,
     idle: Duration,
     side: Side,
-) -> Result<PoolBuf, XferError> {
-    debug_assert!(buf.is_empty());
-    let pool = buf.pool();
-    drop(buf);
+) -> Result<Waited, XferError> {
+    if let (Some(ring), Some(tcp)) = (ring, stream.tcp_mut()) {
+        match deadline::timeout(idle, ring.recv(tcp)).await {
+            Ok(Received::Data(buf)) => {
+                let at = ring.headroom();
+                return Ok(Waited::Filled { buf, at });
+            }
+            Ok(Received::Eof) => return Ok(Waited::Eof),
+            Ok(Received::Failed(e)) => return Err(XferError::Io(side, e)),
+            // The pool is spent: wait for readiness and a buffer like any reader.
+            Ok(Received::NoBuffer) => {}
+            Err(_) => return Err(XferError::Timeout(side)),
+        }
+    }
     match deadline::timeout(idle, stream.readable(false)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(XferError::Io(side, e)),
@@ -128,6 +155,7 @@ pub async fn wait_bare(
     }
     pool.acquire_within(pool.slot_size(), idle)
         .await
+        .map(Waited::Empty)
         .map_err(|_| XferError::NoBuffer(side))
 }
 
@@ -302,7 +330,17 @@ pub async fn forward_chunked(
             return Ok(buf);
         }
         if drained && buf.is_empty() {
-            buf = wait_bare(r.src, buf, r.src_idle, r.src_side).await?;
+            let pool = buf.pool();
+            drop(buf);
+            match wait_bare(r.src, r.ring, pool, r.src_idle, r.src_side).await? {
+                Waited::Empty(b) => buf = b,
+                Waited::Filled { buf: b, at: data } => {
+                    drained = b.spare() > 0;
+                    (buf, from, at) = (b, data, data);
+                    continue;
+                }
+                Waited::Eof => return Err(XferError::Eof(r.src_side)),
+            }
         }
         let spare = buf.spare();
         let (got, b) = read_some(r.src, buf, spare, r.src_idle, r.src_side).await?;
@@ -470,6 +508,7 @@ mod tests {
             let buf = pool.try_acquire().expect("buffer");
             let mut route = Route {
                 src: &mut src,
+                ring: None,
                 src_side: Side::Client,
                 src_idle: Duration::from_secs(10),
                 dst: &mut dst,
@@ -510,6 +549,7 @@ mod tests {
             let buf = pool.try_acquire().expect("buffer");
             let mut route = Route {
                 src: &mut src,
+                ring: None,
                 src_side: Side::Upstream,
                 src_idle: Duration::from_secs(60),
                 dst: &mut dst,

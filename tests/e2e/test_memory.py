@@ -327,15 +327,15 @@ def _read_answers(socks):
 
 
 def test_memory_returns_after_a_burst_of_waiting_requests(ringway_fn):
-    """DESIGN.md: memory returns to its baseline when traffic stops. 2,000 requests wait at once
+    """DESIGN.md: memory returns to its baseline when traffic stops. 3,000 requests wait at once
     for their upstream (each holding pool buffers and an exchange); once they are answered and
     gone, `memory_release_after` later the buffers no request needed are freed and the allocator
     hands its empty pages back: RSS comes back within 8 MiB of the baseline it had before."""
     import resource
     from helpers import simple_get, wait_until
     # Enough for the burst to stand out: a waiting request costs about 8 KiB (its state, the
-    # touched page of its buffer, its sockets).
-    n = 2000
+    # touched page of its kept head's buffer, its sockets).
+    n = 3000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 2 * n + 500:
         pytest.skip("hard RLIMIT_NOFILE %d < %d" % (hard, 2 * n + 500))
