@@ -38,6 +38,7 @@ use crate::{
     h1::BodyKind,
     runtime::{deadline, Generation, Worker},
     tls::ServerTls,
+    upstream::{UpConn, UpstreamPool},
 };
 
 /// What happens to the client connection after one exchange.
@@ -318,65 +319,91 @@ impl<'a, F: std::future::Future<Output = Next>> std::future::Future for Last<'a,
 
 /// Reads one request head and checks its limits, then forwards a plain route's
 /// request here; an AI route's, or one with fallbacks, goes on in a stage of its own.
-async fn exchange<'a>(
+///
+/// A plain `fn` around an `async move` block: an `async fn` holds its arguments twice
+/// in its state (as given and as moved into its body), and this state is what every
+/// request, an open stream's too, allocates.
+fn exchange<'a>(
     w: &'a Worker,
     g: &'a Generation,
     client: &'a mut Stream,
     peer: SocketAddr,
     listener: usize,
     buf: PoolBuf,
-) -> Handoff<'a> {
-    let (mut plan, cbuf) = match read_request_head(w, g, client, peer, listener, buf).await {
-        Ok(v) => v,
-        Err(HeadFail::Reject(rej, keep, route)) => {
-            w.stats.rejected.add(1);
-            let _record = route.map(|b| {
-                let (r, id, head_len) = *b;
-                let mut rec = Record::bare(w, g, r, peer, id, head_len);
-                if g.access_log {
-                    rec.tls = TlsFacts::of(client);
-                }
-                rec.status = rej.status;
-                rec
-            });
-            return Handoff::Done(reject(w, g, client, rej, false, keep).await);
+) -> impl std::future::Future<Output = Handoff<'a>> + 'a {
+    async move {
+        let (mut plan, cbuf) = match request_head(w, g, client, peer, listener, buf).await {
+            Ok(v) => v,
+            Err(next) => return Handoff::Done(next),
+        };
+        let mut record = Record::new(w, g, &plan, peer);
+        if g.access_log {
+            record.tls = TlsFacts::of(client);
         }
-        Err(HeadFail::Gone) => return Handoff::Done(Next::Close),
-    };
-    let mut record = Record::new(w, g, &plan, peer);
-    if g.access_log {
-        record.tls = TlsFacts::of(client);
-    }
 
-    // Limits, before anything goes upstream.
-    let mut extra = ExtraHeaders::default();
-    if !plan.limits.is_empty() {
-        if let Err(rej) = check_limits(g, &plan, &mut extra).await {
-            record.status = rej.status;
-            let rej = rej.closing_if(unread_body(&plan, &cbuf) || !plan.keep_alive);
-            let keep = if rej.close {
-                None
-            } else {
-                keep_pipelined(cbuf, &plan)
-            };
-            let next = reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
-            return Handoff::Done(next);
+        // Limits, before anything goes upstream.
+        let mut extra = ExtraHeaders::default();
+        if !plan.limits.is_empty() {
+            if let Err(rej) = check_limits(g, &plan, &mut extra).await {
+                record.status = rej.status;
+                let rej = rej.closing_if(unread_body(&plan, &cbuf) || !plan.keep_alive);
+                let keep = if rej.close {
+                    None
+                } else {
+                    keep_pipelined(cbuf, &plan)
+                };
+                let next = reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
+                return Handoff::Done(next);
+            }
         }
+        if crate::ai::route(&g.shared, plan.route).active() {
+            return Handoff::Then(Last::stage(|| {
+                super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra)
+            }));
+        }
+        // Only a request without a body can be sent again: a plain route does not hold bodies.
+        let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
+        if !has_body && !plan.upgrade && !g.shared.routes.get(plan.route).fallbacks.is_empty() {
+            return Handoff::Then(Last::stage(|| {
+                super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra)
+            }));
+        }
+        let next = forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await;
+        Handoff::Done(next)
     }
-    if crate::ai::route(&g.shared, plan.route).active() {
-        return Handoff::Then(Last::stage(|| {
-            super::ai_exchange::exchange(w, g, client, plan, cbuf, record, extra)
-        }));
-    }
-    // Only a request without a body can be sent again: a plain route does not hold bodies.
-    let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
-    if !has_body && !plan.upgrade && !g.shared.routes.get(plan.route).fallbacks.is_empty() {
-        return Handoff::Then(Last::stage(|| {
-            super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra)
-        }));
-    }
-    let next = forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await;
-    Handoff::Done(next)
+}
+
+/// Reads a request head; a head that fails is answered (or the connection closed)
+/// here, and what happens to the connection then is the error.
+///
+/// The answer is awaited in here, not in a `match` arm of the caller: there, the head's
+/// result (232 bytes) would stay in the caller's state for the rest of the request.
+async fn request_head(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    peer: SocketAddr,
+    listener: usize,
+    buf: PoolBuf,
+) -> Result<(Plan, PoolBuf), Next> {
+    let fail = match read_request_head(w, g, client, peer, listener, buf).await {
+        Ok(v) => return Ok(v),
+        Err(f) => f,
+    };
+    let HeadFail::Reject(rej, keep, route) = fail else {
+        return Err(Next::Close);
+    };
+    w.stats.rejected.add(1);
+    let _record = route.map(|b| {
+        let (r, id, head_len) = *b;
+        let mut rec = Record::bare(w, g, r, peer, id, head_len);
+        if g.access_log {
+            rec.tls = TlsFacts::of(client);
+        }
+        rec.status = rej.status;
+        rec
+    });
+    Err(reject(w, g, client, rej, false, keep).await)
 }
 
 /// Whether a body follows the head that has not all arrived with it. A rejected
@@ -389,238 +416,292 @@ fn unread_body(plan: &Plan, cbuf: &PoolBuf) -> bool {
 }
 
 /// Forwards a plain route's request, its head read and its limits passed, to its
-/// upstream and relays the response. The request's plan, record and headers stay in the caller's state:
-/// owned here too, they would take that room twice.
-async fn forward(
+/// upstream and relays the response. The request's plan, record and headers stay in the
+/// caller's state: owned here too, they would take that room twice.
+///
+/// Like [`exchange`], a plain `fn` around an `async move` block, so the arguments are held
+/// once; and no `match` arm awaits while its scrutinee is large (a connection's result,
+/// 208 bytes, or a response head's): the scrutinee would stay in the state of every later
+/// wait, an open stream's too. Failures are answered in helpers that own their result.
+fn forward<'a, 'r>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    plan: &'a mut Plan,
+    cbuf: PoolBuf,
+    record: &'a mut Record<'r>,
+    extra: &'a mut ExtraHeaders,
+) -> impl std::future::Future<Output = Next> + use<'a, 'r> {
+    async move {
+        let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
+        let unread_body = unread_body(plan, &cbuf);
+        // Chunk lines that came with the head are checked before a connection is even taken.
+        let buffered = match check_buffered_chunks(&cbuf, plan, g.max_body) {
+            Ok(b) => b,
+            Err(rej) => {
+                record.status = rej.status;
+                return reject(w, g, client, rej, plan.is_head, None).await;
+            }
+        };
+        let pool = g.upstream(plan.upstream);
+        let retries = pool.shared.conf.retries as usize;
+        let mut tried = Tried::default();
+
+        // Connect, moving on to another endpoint on failure, `retries` times.
+        let conn = connect_or_reject(
+            w,
+            g,
+            client,
+            pool,
+            plan,
+            record,
+            &mut tried,
+            cbuf,
+            unread_body,
+        );
+        let (mut conn, cbuf) = match conn.await {
+            Ok(v) => v,
+            Err(next) => return next,
+        };
+
+        record.sent_to(conn.addr, plan.upstream, 1);
+        let sent_at = Instant::now();
+        let before_upstream = record.since_head(sent_at);
+        if g.shared.routes.get(plan.route).server_timing {
+            super::headers::server_timing(extra, before_upstream);
+        }
+        record.bytes_in += match plan.body {
+            BodyKind::Length(n) => n,
+            _ => 0,
+        };
+
+        // A request that can be sent twice keeps its head until the response
+        // starts, in case the connection fails before answering.
+        let replayable = plan.idempotent && !has_body && !plan.upgrade;
+
+        // Sending a body is boxed apart (`super::in_place`) and freed when done:
+        // inline, its 4 KiB sized this state for the whole exchange, so an open
+        // stream kept them. (The stale-connection resend below is boxed for the
+        // same reason.) A head alone is small enough to send inline.
+        let sent = if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
+            send_head(g, &mut conn, cbuf, plan).await
+        } else {
+            super::in_place(|| send_request(w, g, client, &mut conn, cbuf, plan, buffered)).await
+        };
+        // The upstream answered before the whole body was sent: the client
+        // connection closes after that answer, whatever the client asked.
+        let early = matches!(sent, Ok(Sent::Early));
+        // Changed in place, not rebound: a second `Plan` would stay in this state (192 bytes)
+        // for the whole response, an open stream's too.
+        if early {
+            plan.keep_alive = false;
+        }
+        let mut cbuf = match sent_or_reject(w, g, client, plan, record, sent, replayable).await {
+            Ok(sent) => sent,
+            Err(next) => return next,
+        };
+
+        let up_idle = pool.shared.conf.response_timeout;
+        let mut stale_retry_left = true;
+        let (rp, ubuf) = loop {
+            let ubuf = match w
+                .pool
+                .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
+                .await
+            {
+                Ok(b) => b,
+                Err(_) => {
+                    record.status = 503;
+                    return reject(
+                        w,
+                        g,
+                        client,
+                        error::NO_BUFFER.closing_if(true),
+                        plan.is_head,
+                        None,
+                    )
+                    .await;
+                }
+            };
+            let failed =
+                match read_response_head(w, g, client, &mut conn, ubuf, plan, extra, false).await {
+                    Ok(v) => break v,
+                    Err(e) => e,
+                };
+            let rej = match failed {
+                RespError::Client => return Next::Close,
+                RespError::Reject(rej) => {
+                    // A garbage head or a timeout is the endpoint's failure.
+                    if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
+                        pool.report_failure(conn.idx);
+                    }
+                    rej
+                }
+                RespError::NoAnswer => {
+                    // Closed or reset before a single response byte. A pooled
+                    // connection the upstream had already closed is replaced once
+                    // for free; otherwise that endpoint failed and, for a request
+                    // that can be replayed, another one gets it.
+                    let stale = conn.reused && stale_retry_left;
+                    if !stale {
+                        pool.report_failure(conn.idx);
+                    }
+                    let again = match &cbuf {
+                        Sent::HeadKept(_) if stale => {
+                            stale_retry_left = false;
+                            true
+                        }
+                        Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
+                        Sent::Pipelined(_) | Sent::Early => false,
+                    };
+                    if !again {
+                        error::BAD_GATEWAY
+                    } else {
+                        pool.stats.retries.add(1);
+                        let Sent::HeadKept(mut b) = cbuf else {
+                            return Next::Close;
+                        };
+                        // A replacement that cannot connect is a connect failure
+                        // like any other: that endpoint is out, try the next.
+                        let mut fresh_stale = stale;
+                        let outcome = loop {
+                            let again =
+                                || resend(g, &mut conn, b, plan, tried.as_slice(), fresh_stale);
+                            match super::in_place(again).await {
+                                Ok(kept) => break Ok(kept),
+                                Err(Resend::Connect(idx, rej, kept)) => {
+                                    pool.report_failure(idx);
+                                    fresh_stale = false;
+                                    if tried.len() < retries && tried.push(idx) {
+                                        pool.stats.retries.add(1);
+                                        b = kept;
+                                        continue;
+                                    }
+                                    break Err(rej);
+                                }
+                                Err(Resend::Reject(rej)) => break Err(rej),
+                            }
+                        };
+                        match outcome {
+                            Ok(kept) => {
+                                cbuf = Sent::HeadKept(kept);
+                                continue;
+                            }
+                            Err(rej) => rej,
+                        }
+                    }
+                }
+            };
+            record.status = rej.status;
+            return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
+        };
+        // The head was only kept for a retry; its job is done now.
+        let cbuf = cbuf.into_pipelined(plan);
+        record.status = rp.status;
+        record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
+        record.upstream_time = Some(sent_at.elapsed());
+        record.overhead = Some(before_upstream + rp.head_time);
+        if rp.status >= 500 {
+            pool.report_failure(conn.idx);
+        } else {
+            pool.report_success(conn.idx);
+        }
+
+        if rp.status == 101 {
+            let Some(up) = conn.into_stream() else {
+                return Next::Close;
+            };
+            let end = ubuf.len();
+            let Ok(mut ubuf) =
+                write_all(client, ubuf, rp.head_start..end, g.server.body_timeout).await
+            else {
+                return Next::Close;
+            };
+            ubuf.clear();
+            let cbuf = match cbuf {
+                Some(mut b) => {
+                    b.consume(HEADROOM);
+                    b
+                }
+                None => match w.pool.try_acquire() {
+                    Some(b) => b,
+                    None => return Next::Close,
+                },
+            };
+            return Next::Tunnel(up, cbuf, ubuf);
+        }
+
+        match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
+            Ok(r) => {
+                record.bytes_out = r.bytes;
+                if rp.upstream_keep_alive && r.upstream_clean && !early {
+                    conn.set_reusable();
+                }
+            }
+            Err(_) => return Next::Close,
+        }
+        drop(conn);
+        if early {
+            // The unread rest of the body is drained for a moment first, so the
+            // client does not meet a reset that discards the answer (RFC 9112 §9.6).
+            linger(w, client).await;
+            return Next::Close;
+        }
+        if rp.client_close {
+            return Next::Close;
+        }
+        Next::KeepAlive(cbuf)
+    }
+}
+
+/// Connects for `forward`; on failure, answers the client (the error is what happens to
+/// the connection then). `cbuf` comes back with the connection.
+#[allow(clippy::too_many_arguments)]
+async fn connect_or_reject(
     w: &Worker,
     g: &Generation,
     client: &mut Stream,
-    plan: &mut Plan,
-    cbuf: PoolBuf,
+    pool: &Rc<UpstreamPool>,
+    plan: &Plan,
     record: &mut Record<'_>,
-    extra: &mut ExtraHeaders,
-) -> Next {
-    let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
-    let unread_body = unread_body(plan, &cbuf);
-    // Chunk lines that came with the head are checked before a connection is even taken.
-    let buffered = match check_buffered_chunks(&cbuf, plan, g.max_body) {
-        Ok(b) => b,
-        Err(rej) => {
-            record.status = rej.status;
-            return reject(w, g, client, rej, plan.is_head, None).await;
-        }
+    tried: &mut Tried,
+    cbuf: PoolBuf,
+    unread_body: bool,
+) -> Result<(UpConn, PoolBuf), Next> {
+    let rej = match connect(pool, plan, tried).await {
+        Ok(c) => return Ok((c, cbuf)),
+        Err(rej) => rej.closing_if(unread_body || !plan.keep_alive),
     };
-    let pool = g.upstream(plan.upstream);
-    let retries = pool.shared.conf.retries as usize;
-    let mut tried = Tried::default();
-
-    // Connect, moving on to another endpoint on failure, `retries` times.
-    let mut conn = match connect(pool, plan, &mut tried).await {
-        Ok(c) => c,
-        Err(rej) => {
-            let rej = rej.closing_if(unread_body || !plan.keep_alive);
-            let keep = if rej.close {
-                None
-            } else {
-                keep_pipelined(cbuf, plan)
-            };
-            record.status = rej.status;
-            return reject(w, g, client, rej, plan.is_head, keep).await;
-        }
-    };
-
-    record.sent_to(conn.addr, plan.upstream, 1);
-    let sent_at = Instant::now();
-    let before_upstream = record.since_head(sent_at);
-    if g.shared.routes.get(plan.route).server_timing {
-        super::headers::server_timing(extra, before_upstream);
-    }
-    record.bytes_in += match plan.body {
-        BodyKind::Length(n) => n,
-        _ => 0,
-    };
-
-    // A request that can be sent twice keeps its head until the response
-    // starts, in case the connection fails before answering.
-    let replayable = plan.idempotent && !has_body && !plan.upgrade;
-
-    // Sending a body is boxed apart (`super::in_place`) and freed when done:
-    // inline, its 4 KiB sized this state for the whole exchange, so an open
-    // stream kept them. (The stale-connection resend below is boxed for the
-    // same reason.) A head alone is small enough to send inline.
-    let cbuf = if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
-        send_head(g, &mut conn, cbuf, plan).await
+    let keep = if rej.close {
+        None
     } else {
-        super::in_place(|| send_request(w, g, client, &mut conn, cbuf, plan, buffered)).await
+        keep_pipelined(cbuf, plan)
     };
-    // The upstream answered before the whole body was sent: the client
-    // connection closes after that answer, whatever the client asked.
-    let early = matches!(cbuf, Ok(Sent::Early));
-    // Changed in place, not rebound: a second `Plan` would stay in this state (192 bytes)
-    // for the whole response, an open stream's too.
-    if early {
-        plan.keep_alive = false;
-    }
-    let mut cbuf = match cbuf {
-        Ok(Sent::HeadKept(b)) if replayable => Sent::HeadKept(b),
-        Ok(Sent::HeadKept(b)) => Sent::Pipelined(keep_pipelined(b, plan)),
-        Ok(sent) => sent,
-        Err(SendError::Client) => return Next::Close,
-        Err(SendError::Reject(rej)) => {
-            record.status = rej.status;
-            return reject(w, g, client, rej, plan.is_head, None).await;
-        }
-    };
+    record.status = rej.status;
+    Err(reject(w, g, client, rej, plan.is_head, keep).await)
+}
 
-    let up_idle = pool.shared.conf.response_timeout;
-    let mut stale_retry_left = true;
-    let (rp, ubuf) = loop {
-        let ubuf = match w
-            .pool
-            .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
-            .await
-        {
-            Ok(b) => b,
-            Err(_) => {
-                record.status = 503;
-                return reject(
-                    w,
-                    g,
-                    client,
-                    error::NO_BUFFER.closing_if(true),
-                    plan.is_head,
-                    None,
-                )
-                .await;
-            }
-        };
-        let rej = match read_response_head(w, g, client, &mut conn, ubuf, plan, extra, false).await
-        {
-            Ok(v) => break v,
-            Err(RespError::Client) => return Next::Close,
-            Err(RespError::Reject(rej)) => {
-                // A garbage head or a timeout is the endpoint's failure.
-                if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
-                    pool.report_failure(conn.idx);
-                }
-                rej
-            }
-            Err(RespError::NoAnswer) => {
-                // Closed or reset before a single response byte. A pooled
-                // connection the upstream had already closed is replaced once
-                // for free; otherwise that endpoint failed and, for a request
-                // that can be replayed, another one gets it.
-                let stale = conn.reused && stale_retry_left;
-                if !stale {
-                    pool.report_failure(conn.idx);
-                }
-                let again = match &cbuf {
-                    Sent::HeadKept(_) if stale => {
-                        stale_retry_left = false;
-                        true
-                    }
-                    Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
-                    Sent::Pipelined(_) | Sent::Early => false,
-                };
-                if !again {
-                    error::BAD_GATEWAY
-                } else {
-                    pool.stats.retries.add(1);
-                    let Sent::HeadKept(mut b) = cbuf else {
-                        return Next::Close;
-                    };
-                    // A replacement that cannot connect is a connect failure
-                    // like any other: that endpoint is out, try the next.
-                    let mut fresh_stale = stale;
-                    let outcome = loop {
-                        let again = || resend(g, &mut conn, b, plan, tried.as_slice(), fresh_stale);
-                        match super::in_place(again).await {
-                            Ok(kept) => break Ok(kept),
-                            Err(Resend::Connect(idx, rej, kept)) => {
-                                pool.report_failure(idx);
-                                fresh_stale = false;
-                                if tried.len() < retries && tried.push(idx) {
-                                    pool.stats.retries.add(1);
-                                    b = kept;
-                                    continue;
-                                }
-                                break Err(rej);
-                            }
-                            Err(Resend::Reject(rej)) => break Err(rej),
-                        }
-                    };
-                    match outcome {
-                        Ok(kept) => {
-                            cbuf = Sent::HeadKept(kept);
-                            continue;
-                        }
-                        Err(rej) => rej,
-                    }
-                }
-            }
-        };
-        record.status = rej.status;
-        return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
+/// What sending the request left for `forward`: the head kept only when the request may
+/// be sent again. A failed send is answered here (the error as in [`connect_or_reject`]).
+#[allow(clippy::too_many_arguments)]
+async fn sent_or_reject(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    plan: &Plan,
+    record: &mut Record<'_>,
+    sent: Result<Sent, SendError>,
+    replayable: bool,
+) -> Result<Sent, Next> {
+    let rej = match sent {
+        Ok(Sent::HeadKept(b)) if replayable => return Ok(Sent::HeadKept(b)),
+        Ok(Sent::HeadKept(b)) => return Ok(Sent::Pipelined(keep_pipelined(b, plan))),
+        Ok(sent) => return Ok(sent),
+        Err(SendError::Client) => return Err(Next::Close),
+        Err(SendError::Reject(rej)) => rej,
     };
-    // The head was only kept for a retry; its job is done now.
-    let cbuf = match cbuf {
-        Sent::HeadKept(b) => keep_pipelined(b, plan),
-        Sent::Pipelined(p) => p,
-        Sent::Early => None,
-    };
-    record.status = rp.status;
-    record.sent_to(conn.addr, plan.upstream, 1 + tried.len() as u32);
-    record.upstream_time = Some(sent_at.elapsed());
-    record.overhead = Some(before_upstream + rp.head_time);
-    if rp.status >= 500 {
-        pool.report_failure(conn.idx);
-    } else {
-        pool.report_success(conn.idx);
-    }
-
-    if rp.status == 101 {
-        let Some(up) = conn.into_stream() else {
-            return Next::Close;
-        };
-        let end = ubuf.len();
-        let Ok(mut ubuf) = write_all(client, ubuf, rp.head_start..end, g.server.body_timeout).await
-        else {
-            return Next::Close;
-        };
-        ubuf.clear();
-        let cbuf = match cbuf {
-            Some(mut b) => {
-                b.consume(HEADROOM);
-                b
-            }
-            None => match w.pool.try_acquire() {
-                Some(b) => b,
-                None => return Next::Close,
-            },
-        };
-        return Next::Tunnel(up, cbuf, ubuf);
-    }
-
-    match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
-        Ok(r) => {
-            record.bytes_out = r.bytes;
-            if rp.upstream_keep_alive && r.upstream_clean && !early {
-                conn.set_reusable();
-            }
-        }
-        Err(_) => return Next::Close,
-    }
-    drop(conn);
-    if early {
-        // The unread rest of the body is drained for a moment first, so the
-        // client does not meet a reset that discards the answer (RFC 9112 §9.6).
-        linger(w, client).await;
-        return Next::Close;
-    }
-    if rp.client_close {
-        return Next::Close;
-    }
-    Next::KeepAlive(cbuf)
+    record.status = rej.status;
+    Err(reject(w, g, client, rej, plan.is_head, None).await)
 }
 
 #[cfg(test)]

@@ -17,15 +17,18 @@ use crate::{
 
 /// Writes a rejection and decides the connection's fate; `keep` holds the
 /// pipelined bytes that follow the rejected request, if it stays open.
-pub(super) async fn reject(
-    w: &Worker,
-    g: &Generation,
-    client: &mut Stream,
+///
+/// A plain `fn` handing on [`reject_with`]'s future: an `async fn` around it would hold
+/// every argument once more in the states that await it.
+pub(super) fn reject<'a>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
     rej: Reject,
     head_only: bool,
     keep: Option<PoolBuf>,
-) -> Next {
-    reject_with(w, g, client, rej, head_only, keep, "").await
+) -> impl std::future::Future<Output = Next> + 'a {
+    reject_with(w, g, client, rej, head_only, keep, "")
 }
 
 /// [`reject`] with added header lines.

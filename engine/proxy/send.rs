@@ -31,6 +31,17 @@ pub(super) enum Sent {
     Early,
 }
 
+impl Sent {
+    /// The pipelined bytes once the request's head is no longer needed.
+    pub(super) fn into_pipelined(self, plan: &Plan) -> Option<PoolBuf> {
+        match self {
+            Sent::HeadKept(b) => keep_pipelined(b, plan),
+            Sent::Pipelined(p) => p,
+            Sent::Early => None,
+        }
+    }
+}
+
 pub(super) enum SendError {
     /// The client went away.
     Client,
