@@ -17,7 +17,7 @@ use crate::{
     ai::{
         self,
         account::AiCtx,
-        request::{capture, Fail},
+        request::{capture, AiRequest, Fail},
     },
     buf::PoolBuf,
     config::Unpriced,
@@ -63,14 +63,12 @@ pub(super) fn exchange<'a>(
         // Boxed apart and freed once the body is read: inline, its 1.8 KiB would stay in
         // every open stream's state.
         let captured = super::in_place(|| capture(w, g, client, cbuf, &plan, route_ai, plan.chat));
-        let (mut req, pipelined) = match captured.await {
-            Ok(v) => v,
-            Err(Fail::Gone) => return Next::Close,
-            Err(Fail::Reject(rej)) => {
-                record.status = rej.status;
-                return reject(w, g, client, rej, plan.is_head, None).await;
-            }
-        };
+        let captured = captured.await;
+        let (mut req, pipelined) =
+            match captured_or_reject(w, g, client, &mut record, plan.is_head, captured).await {
+                Ok(v) => v,
+                Err(next) => return next,
+            };
         // One clock read less on the common path: the scan just ended.
         let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
         record.model = req.model.clone();
@@ -194,6 +192,8 @@ pub(super) fn exchange<'a>(
         };
         // The attempts' state (5.5 KiB) is boxed apart and freed before the
         // relay, so a stream being relayed does not keep it.
+        let served = super::in_place(|| failover::run(w, g, client, &mut plan, tries)).await;
+        let head_only = plan.is_head;
         let Served {
             mut conn,
             rp,
@@ -201,15 +201,9 @@ pub(super) fn exchange<'a>(
             sent_at,
             first_sent_at,
             attempts,
-        } = match super::in_place(|| failover::run(w, g, client, &mut plan, tries)).await {
+        } = match served_or_give_up(w, g, client, &mut ctx, &mut record, head_only, served).await {
             Ok(s) => s,
-            Err(Unserved::ClientGone) => {
-                ctx.settle();
-                return Next::Close;
-            }
-            Err(Unserved::Reject(rej)) => {
-                return give_up(w, g, client, &mut ctx, &mut record, rej, plan.is_head).await
-            }
+            Err(next) => return next,
         };
         ctx.sent_at = sent_at;
         // Charged at the price of the model the serving upstream was sent.
@@ -277,6 +271,53 @@ fn unpriced_allowed(model: Option<&str>) {
         crate::log::warn(&format!(
             "cost-limit: no [[prices]] entry for model {model:?}; counted at $0 (unpriced = \"allow\")"
         ));
+    }
+}
+
+/// The captured request, or the answer to a capture that failed (the error: what happens
+/// to the connection then).
+///
+/// The failure is answered in here, not in a `match` arm of [`exchange`]: there, the
+/// capture's result (248 bytes) would stay in the exchange's state for the rest of the
+/// request, an open stream's too. [`served_or_give_up`] is here for the same reason.
+async fn captured_or_reject(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    record: &mut Record<'_>,
+    head_only: bool,
+    captured: Result<(AiRequest, Option<PoolBuf>), Fail>,
+) -> Result<(AiRequest, Option<PoolBuf>), Next> {
+    match captured {
+        Ok(v) => Ok(v),
+        Err(Fail::Gone) => Err(Next::Close),
+        Err(Fail::Reject(rej)) => {
+            record.status = rej.status;
+            Err(reject(w, g, client, rej, head_only, None).await)
+        }
+    }
+}
+
+/// The attempt that was served, or the answer given when none was (see
+/// [`captured_or_reject`]).
+async fn served_or_give_up(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    ctx: &mut AiCtx,
+    record: &mut Record<'_>,
+    head_only: bool,
+    served: Result<Served, Unserved>,
+) -> Result<Served, Next> {
+    match served {
+        Ok(s) => Ok(s),
+        Err(Unserved::ClientGone) => {
+            ctx.settle();
+            Err(Next::Close)
+        }
+        Err(Unserved::Reject(rej)) => {
+            Err(give_up(w, g, client, ctx, record, rej, head_only).await)
+        }
     }
 }
 
