@@ -17,7 +17,7 @@ use crate::{
     ai::{
         self,
         account::AiCtx,
-        request::{capture, AiRequest, Fail},
+        request::{capture, Fail, ModelSlot},
     },
     buf::PoolBuf,
     config::Unpriced,
@@ -53,6 +53,128 @@ pub(super) fn exchange<'a>(
 ) -> impl std::future::Future<Output = Next> + 'a {
     async move {
         let route_ai = ai::route(&g.shared, plan.route);
+        // Destructured in the statement that awaits it, so nothing of the result outlives it.
+        let Prepared {
+            mut ctx,
+            served:
+                Served {
+                    mut conn,
+                    rp,
+                    ubuf,
+                    sent_at,
+                    first_sent_at,
+                    attempts,
+                },
+            pipelined,
+            body_len,
+            slot,
+            own_before,
+            captured_at,
+        } = match prepare(
+            w,
+            g,
+            client,
+            &mut plan,
+            cbuf,
+            &mut record,
+            &mut extra,
+            route_ai,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(next) => return next,
+        };
+        ctx.sent_at = sent_at;
+        // Charged at the price of the model the serving upstream was sent.
+        if let Some(p) = slot
+            .as_ref()
+            .and_then(|s| g.shared.cfg.prices.find(&s.sent))
+        {
+            ctx.price = Some(p);
+        }
+        let pool = g.upstream(plan.upstream);
+        let idle = pool.shared.conf.response_timeout;
+        record.sent_to(conn.addr, plan.upstream, attempts);
+        record.bytes_in += body_len as u64;
+        // Usage is charged under the name the serving upstream was sent.
+        if let Some(s) = slot {
+            ctx.model = Some(s.sent.clone());
+            record.model = Some(s.sent);
+        }
+        record.status = rp.status;
+        record.upstream_time = Some(ctx.sent_at.elapsed());
+        ctx.status = rp.status;
+
+        let relayed = ai::relay::relay(
+            g,
+            w.ring.get(),
+            client,
+            conn.stream(),
+            ubuf,
+            &rp,
+            &mut ctx,
+            idle,
+        )
+        .await;
+        // Settled on every path: a client that left is charged what was streamed.
+        if let Some(u) = ctx.settle() {
+            if ctx.answered() {
+                record.tokens = Some((
+                    u.input,
+                    u.output,
+                    u.source == ringway_filters::usage::UsageSource::Estimated,
+                ));
+            }
+        }
+        let own = own_before + first_sent_at.saturating_duration_since(captured_at);
+        record.overhead = Some(own + rp.head_time + ctx.busy);
+        match relayed {
+            Ok((bytes, clean)) => {
+                record.bytes_out = bytes;
+                failover::after_relay(conn, &rp, clean, pipelined)
+            }
+            Err(_) => Next::Close,
+        }
+    }
+}
+
+/// What an AI request holds once an upstream answered: all its relay needs.
+struct Prepared {
+    ctx: AiCtx,
+    served: Served,
+    /// Bytes the client sent after this request.
+    pipelined: Option<PoolBuf>,
+    /// Length of the body sent upstream (after edits).
+    body_len: usize,
+    /// The model slot of the serving upstream, when the route maps models.
+    slot: Option<ModelSlot>,
+    /// Ringway's own time up to the end of the body scan.
+    own_before: std::time::Duration,
+    /// When the body scan ended.
+    captured_at: std::time::Instant,
+}
+
+/// An AI request up to its upstream's answer: body captured and edited, tokens and dollars
+/// reserved, attempts made. A failure is answered here; the error is what happens to the
+/// connection then.
+///
+/// Its own future, awaited once by [`exchange`]: its locals (the request's scan, 208
+/// bytes; the reservations' headers; the attempt's head and body) are borrowed on the way,
+/// which would keep them in the exchange's state for the whole relay. A plain `fn` around
+/// an `async move` block, so its arguments are held once.
+#[allow(clippy::too_many_arguments)]
+fn prepare<'a, 'r>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    plan: &'a mut Plan,
+    cbuf: PoolBuf,
+    record: &'a mut Record<'r>,
+    extra: &'a mut ExtraHeaders,
+    route_ai: &'a ai::AiRoute,
+) -> impl std::future::Future<Output = Result<Prepared, Next>> + use<'a, 'r> {
+    async move {
         // The head goes upstream with its framing fields replaced by the body's
         // final length, known once the body is captured and edited. An accounted
         // route asks for an uncompressed reply, whatever the client accepts (the
@@ -62,13 +184,18 @@ pub(super) fn exchange<'a>(
         let before_capture = record.since_head(std::time::Instant::now());
         // Boxed apart and freed once the body is read: inline, its 1.8 KiB would stay in
         // every open stream's state.
-        let captured = super::in_place(|| capture(w, g, client, cbuf, &plan, route_ai, plan.chat));
+        let captured = super::in_place(|| capture(w, g, client, cbuf, plan, route_ai, plan.chat));
         let captured = captured.await;
-        let (mut req, pipelined) =
-            match captured_or_reject(w, g, client, &mut record, plan.is_head, captured).await {
-                Ok(v) => v,
-                Err(next) => return next,
-            };
+        // A failure is answered with the result moved out whole (`err()`) before the answer is
+        // awaited: a result only partly moved would stay in this state for the whole wait.
+        let (mut req, pipelined) = match captured {
+            Ok(v) => v,
+            Err(_) => {
+                return Err(
+                    capture_failed(w, g, client, record, plan.is_head, captured.err()).await,
+                )
+            }
+        };
         // One clock read less on the common path: the scan just ended.
         let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
         record.model = req.model.clone();
@@ -125,7 +252,7 @@ pub(super) fn exchange<'a>(
                         record.status = 400;
                         let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
                         let keep = if rej.close { None } else { pipelined };
-                        return reject(w, g, client, rej, plan.is_head, keep).await;
+                        return Err(reject(w, g, client, rej, plan.is_head, keep).await);
                     }
                 }
             } else {
@@ -153,10 +280,10 @@ pub(super) fn exchange<'a>(
                 rl.rejected.add(1);
                 ctx.release_all();
                 for h in tightest.iter().flatten() {
-                    let _ = h.write_to(&mut extra);
+                    let _ = h.write_to(extra);
                 }
                 if let Some(h) = tightest[unit] {
-                    let _ = h.write_retry_after(&mut extra);
+                    let _ = h.write_retry_after(extra);
                 }
                 record.status = 429;
                 let rej = if rl.cost {
@@ -166,18 +293,20 @@ pub(super) fn exchange<'a>(
                 };
                 let rej = rej.closing_if(!plan.keep_alive);
                 let keep = if rej.close { None } else { pipelined };
-                return reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await;
+                return Err(
+                    reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await,
+                );
             }
         }
         for h in tightest.iter().flatten() {
-            let _ = h.write_to(&mut extra);
+            let _ = h.write_to(extra);
         }
 
         let own_time = |until: std::time::Instant| {
             before_capture + req.scan_time + until.saturating_duration_since(captured_at)
         };
         if g.shared.routes.get(plan.route).server_timing {
-            super::headers::server_timing(&mut extra, own_time(std::time::Instant::now()));
+            super::headers::server_timing(extra, own_time(std::time::Instant::now()));
         }
         let mut body = req.body.take();
         let mut slot = req.slot.take();
@@ -188,74 +317,27 @@ pub(super) fn exchange<'a>(
             first: req.upstream.unwrap_or(plan.upstream),
             identity,
             inspect_sse: ctx.injected,
-            extra: &extra,
+            extra,
         };
         // The attempts' state (5.5 KiB) is boxed apart and freed before the
         // relay, so a stream being relayed does not keep it.
-        let served = super::in_place(|| failover::run(w, g, client, &mut plan, tries)).await;
+        let served = super::in_place(|| failover::run(w, g, client, plan, tries)).await;
         let head_only = plan.is_head;
-        let Served {
-            mut conn,
-            rp,
-            ubuf,
-            sent_at,
-            first_sent_at,
-            attempts,
-        } = match served_or_give_up(w, g, client, &mut ctx, &mut record, head_only, served).await {
+        let served = match served {
             Ok(s) => s,
-            Err(next) => return next,
+            Err(_) => {
+                return Err(unserved(w, g, client, &mut ctx, record, head_only, served.err()).await)
+            }
         };
-        ctx.sent_at = sent_at;
-        // Charged at the price of the model the serving upstream was sent.
-        if let Some(p) = slot
-            .as_ref()
-            .and_then(|s| g.shared.cfg.prices.find(&s.sent))
-        {
-            ctx.price = Some(p);
-        }
-        let pool = g.upstream(plan.upstream);
-        let idle = pool.shared.conf.response_timeout;
-        record.sent_to(conn.addr, plan.upstream, attempts);
-        record.bytes_in += body.as_ref().map_or(0, |b| b.len()) as u64;
-        drop(body);
-        // Usage is charged under the name the serving upstream was sent.
-        if let Some(s) = slot {
-            ctx.model = Some(s.sent.clone());
-            record.model = Some(s.sent);
-        }
-        record.status = rp.status;
-        record.upstream_time = Some(ctx.sent_at.elapsed());
-        ctx.status = rp.status;
-
-        let relayed = ai::relay::relay(
-            g,
-            w.ring.get(),
-            client,
-            conn.stream(),
-            ubuf,
-            &rp,
-            &mut ctx,
-            idle,
-        )
-        .await;
-        // Settled on every path: a client that left is charged what was streamed.
-        if let Some(u) = ctx.settle() {
-            if ctx.answered() {
-                record.tokens = Some((
-                    u.input,
-                    u.output,
-                    u.source == ringway_filters::usage::UsageSource::Estimated,
-                ));
-            }
-        }
-        record.overhead = Some(own_time(first_sent_at) + rp.head_time + ctx.busy);
-        match relayed {
-            Ok((bytes, clean)) => {
-                record.bytes_out = bytes;
-                failover::after_relay(conn, &rp, clean, pipelined)
-            }
-            Err(_) => Next::Close,
-        }
+        Ok(Prepared {
+            ctx,
+            served,
+            pipelined,
+            body_len: body.as_ref().map_or(0, |b| b.len()),
+            slot,
+            own_before: before_capture + req.scan_time,
+            captured_at,
+        })
     }
 }
 
@@ -274,49 +356,41 @@ fn unpriced_allowed(model: Option<&str>) {
     }
 }
 
-/// The captured request, or the answer to a capture that failed (the error: what happens
-/// to the connection then).
-///
-/// The failure is answered in here, not in a `match` arm of [`exchange`]: there, the
-/// capture's result (248 bytes) would stay in the exchange's state for the rest of the
-/// request, an open stream's too. [`served_or_give_up`] is here for the same reason.
-async fn captured_or_reject(
+/// Answers a body capture that failed (`None`: it did not); what happens to the
+/// connection then.
+async fn capture_failed(
     w: &Worker,
     g: &Generation,
     client: &mut Stream,
     record: &mut Record<'_>,
     head_only: bool,
-    captured: Result<(AiRequest, Option<PoolBuf>), Fail>,
-) -> Result<(AiRequest, Option<PoolBuf>), Next> {
-    match captured {
-        Ok(v) => Ok(v),
-        Err(Fail::Gone) => Err(Next::Close),
-        Err(Fail::Reject(rej)) => {
+    fail: Option<Fail>,
+) -> Next {
+    match fail {
+        Some(Fail::Reject(rej)) => {
             record.status = rej.status;
-            Err(reject(w, g, client, rej, head_only, None).await)
+            reject(w, g, client, rej, head_only, None).await
         }
+        Some(Fail::Gone) | None => Next::Close,
     }
 }
 
-/// The attempt that was served, or the answer given when none was (see
-/// [`captured_or_reject`]).
-async fn served_or_give_up(
+/// Answers a request no attempt served (`None`: one was); what happens to the connection
+/// then.
+async fn unserved(
     w: &Worker,
     g: &Generation,
     client: &mut Stream,
     ctx: &mut AiCtx,
     record: &mut Record<'_>,
     head_only: bool,
-    served: Result<Served, Unserved>,
-) -> Result<Served, Next> {
-    match served {
-        Ok(s) => Ok(s),
-        Err(Unserved::ClientGone) => {
+    unserved: Option<Unserved>,
+) -> Next {
+    match unserved {
+        Some(Unserved::Reject(rej)) => give_up(w, g, client, ctx, record, rej, head_only).await,
+        Some(Unserved::ClientGone) | None => {
             ctx.settle();
-            Err(Next::Close)
-        }
-        Err(Unserved::Reject(rej)) => {
-            Err(give_up(w, g, client, ctx, record, rej, head_only).await)
+            Next::Close
         }
     }
 }
