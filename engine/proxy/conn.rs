@@ -718,4 +718,39 @@ mod tests {
         // An idle keep-alive connection is this future plus its socket.
         assert!(serve_size <= 768, "serve future grew to {serve_size} bytes");
     }
+
+    /// The state an exchange allocates, for a plain route's request (held by an open stream
+    /// for its whole life).
+    fn exchange_size<'a, Fut>(
+        _: fn(&'a Worker, &'a Generation, &'a mut Stream, SocketAddr, usize, PoolBuf) -> Fut,
+    ) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// The state an AI route's stage allocates.
+    #[allow(clippy::type_complexity)]
+    fn ai_stage_size<'a, Fut>(
+        _: fn(
+            &'a Worker,
+            &'a Generation,
+            &'a mut Stream,
+            Plan,
+            PoolBuf,
+            Record<'a>,
+            ExtraHeaders,
+        ) -> Fut,
+    ) -> usize {
+        std::mem::size_of::<Last<'a, Fut>>()
+    }
+
+    /// An open event stream holds its exchange's state: kept within mimalloc's 3,072-byte
+    /// class, it and the connection's task come to under 4 KiB a stream. The sizes are
+    /// rustc's layout, so a change that grows them shows here, not only in a benchmark.
+    #[test]
+    fn an_open_stream_state_stays_within_3_kib() {
+        let plain = exchange_size(exchange);
+        assert!(plain <= 3072, "a plain exchange's state grew to {plain} bytes");
+        let ai = ai_stage_size(super::super::ai_exchange::exchange);
+        assert!(ai <= 3072, "an AI stage's state grew to {ai} bytes");
+    }
 }
