@@ -163,7 +163,7 @@ struct Prepared {
 /// bytes; the reservations' headers; the attempt's head and body) are borrowed on the way,
 /// which would keep them in the exchange's state for the whole relay. A plain `fn` around
 /// an `async move` block, so its arguments are held once.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
 fn prepare<'a, 'r>(
     w: &'a Worker,
     g: &'a Generation,

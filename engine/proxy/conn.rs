@@ -323,6 +323,7 @@ impl<'a, F: std::future::Future<Output = Next>> std::future::Future for Last<'a,
 /// A plain `fn` around an `async move` block: an `async fn` holds its arguments twice
 /// in its state (as given and as moved into its body), and this state is what every
 /// request, an open stream's too, allocates.
+#[allow(clippy::manual_async_fn)]
 fn exchange<'a>(
     w: &'a Worker,
     g: &'a Generation,
@@ -423,6 +424,7 @@ fn unread_body(plan: &Plan, cbuf: &PoolBuf) -> bool {
 /// once; and no `match` arm awaits while its scrutinee is large (a connection's result,
 /// 208 bytes, or a response head's): the scrutinee would stay in the state of every later
 /// wait, an open stream's too. Failures are answered in helpers that own their result.
+#[allow(clippy::manual_async_fn)]
 fn forward<'a, 'r>(
     w: &'a Worker,
     g: &'a Generation,
@@ -749,7 +751,10 @@ mod tests {
     #[test]
     fn an_open_stream_state_stays_within_3_kib() {
         let plain = exchange_size(exchange);
-        assert!(plain <= 3072, "a plain exchange's state grew to {plain} bytes");
+        assert!(
+            plain <= 3072,
+            "a plain exchange's state grew to {plain} bytes"
+        );
         let ai = ai_stage_size(super::super::ai_exchange::exchange);
         assert!(ai <= 3072, "an AI stage's state grew to {ai} bytes");
     }
