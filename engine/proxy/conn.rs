@@ -729,7 +729,7 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
-    /// The state an AI route's stage allocates.
+    /// The state an AI route's stage (or a fallback route's, same arguments) allocates.
     #[allow(clippy::type_complexity)]
     fn ai_stage_size<'a, Fut>(
         _: fn(
@@ -757,5 +757,10 @@ mod tests {
         );
         let ai = ai_stage_size(super::super::ai_exchange::exchange);
         assert!(ai <= 3072, "an AI stage's state grew to {ai} bytes");
+        let fallback = ai_stage_size(super::super::fallback_exchange::exchange);
+        assert!(
+            fallback <= 3072,
+            "a fallback route's stage grew to {fallback} bytes"
+        );
     }
 }

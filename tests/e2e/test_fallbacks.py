@@ -269,3 +269,23 @@ def test_a_plain_route_falls_back_only_without_a_body(ringway_fn, pair):
     assert len(backup.requests()) == 1
     lines = log_lines(rw, 2)
     assert sorted((x["upstream_name"], x["attempts"]) for x in lines) == [("backup", 2), ("primary", 1)]
+
+
+def test_a_plain_route_whose_every_upstream_refuses_answers_a_json_error(ringway_fn):
+    """The failure path of a plain route with fallbacks: every attempt refused, the client gets
+    a JSON error (502, or 503 `no_healthy_upstream` once both endpoints are ejected), the
+    access log has the same status, and the connection serves the next request."""
+    dead = [{"name": n, "endpoints": ["127.0.0.1:%d" % free_port()], "response_timeout": "2s"}
+            for n in ("primary", "backup")]
+    rw = start(ringway_fn, dead, [{"name": "plain", "match": {"path_prefix": "/"},
+                                   "upstream": "primary", "fallbacks": ["backup"]}], filters=())
+    with requests.Session() as s:
+        got = []
+        for _ in range(2):
+            r = s.get(url(rw, "/v1/models"), timeout=5)
+            assert r.headers["content-type"].startswith("application/json"), r.headers
+            assert r.json()["error"]["type"] in ("bad_gateway", "service_unavailable"), r.text
+            got.append(r.status_code)
+    assert all(c in (502, 503) for c in got), got
+    lines = log_lines(rw, 2)
+    assert [x["status"] for x in lines] == got, lines
