@@ -172,28 +172,23 @@ async fn first_read(
     // A pooled connection comes with its receive already armed; else one is armed now.
     let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
     if let Some(recv) = recv {
-        // The kernel picks a buffer when the answer starts, so `ubuf` goes back unless
-        // the answer is already there: a burst of requests waiting for their answers
-        // then holds only the ring's buffers (holding `ubuf` for a tick, thousands of
-        // waiting requests touched a page each). It is kept while requests queue for
-        // buffers: an answer that finds the ring empty then reads into it, rather than
-        // wait in that queue behind requests that cannot finish without buffers.
-        let mut recv = recv;
-        let (got, spare) = match recv.try_now() {
-            Some(got) => (got, Some(ubuf)),
-            None => {
-                let spare = if w.pool.has_waiters() {
-                    Some(ubuf)
-                } else {
-                    // No cancel to wait for: the receive never held this buffer.
-                    drop(ubuf);
-                    None
-                };
-                match deadline::timeout_at(deadline, recv).await {
-                    Ok(got) => (got, spare),
-                    Err(_) => return FirstRead::TimedOut,
-                }
-            }
+        // The kernel picks a buffer when the answer starts, so `ubuf` goes back at once
+        // (the pool's checkout already took any receive an idle connection completed):
+        // a burst of requests waiting for their answers then holds only the ring's
+        // buffers (holding `ubuf` for a tick, thousands of waiting requests touched a
+        // page each). It is kept while requests queue for buffers: an answer that finds
+        // the ring empty then reads into it, rather than wait in that queue behind
+        // requests that cannot finish without buffers.
+        let spare = if w.pool.has_waiters() {
+            Some(ubuf)
+        } else {
+            // No cancel to wait for: the receive never held this buffer.
+            drop(ubuf);
+            None
+        };
+        let got = match deadline::timeout_at(deadline, recv).await {
+            Ok(got) => got,
+            Err(_) => return FirstRead::TimedOut,
         };
         return match (got, spare) {
             (Received::Data(b), _) => FirstRead::Read(Ok(b.len() - HEADROOM), b),
