@@ -455,7 +455,11 @@ async fn send(
 pub(super) fn head_without_framing(head: &[u8], identity: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 32);
     let lines = head.strip_suffix(b"\r\n").unwrap_or(head);
-    for line in lines.split_inclusive(|&b| b == b'\n') {
+    // Kept lines are copied in runs: one copy per dropped line, not one per line.
+    let mut kept = 0;
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', lines).chain(std::iter::once(lines.len())) {
+        let line = &lines[start..];
         let is = |name: &[u8]| {
             line.get(..name.len())
                 .is_some_and(|p| p.eq_ignore_ascii_case(name))
@@ -467,10 +471,17 @@ pub(super) fn head_without_framing(head: &[u8], identity: bool) -> Vec<u8> {
             Some(b'a') => identity && is(b"accept-encoding:"),
             _ => false,
         };
-        if !dropped {
-            out.extend_from_slice(line);
+        let end = (nl + 1).min(lines.len());
+        if dropped {
+            out.extend_from_slice(&lines[kept..start]);
+            kept = end;
+        }
+        start = end;
+        if start == lines.len() {
+            break;
         }
     }
+    out.extend_from_slice(&lines[kept..]);
     out
 }
 
@@ -507,6 +518,18 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-a: b\r\ncontent-length: 42\r\n\r\n"
         );
+        // A framing field last, or the only field; a name that only starts like one stays.
+        let head = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: a\r\nCONTENT-LENGTH: 3\r\n\r\n";
+        let out = with_length(head, None, false);
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: x\r\ncontent-type: a\r\n\r\n"
+        );
+        let head = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let out = with_length(head, Some(0), false);
+        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        let head = b"POST / HTTP/1.1\r\ncontent-length-x: 1\r\n\r\n";
+        assert_eq!(with_length(head, None, false), head);
     }
 
     /// An accounted route replaces the client's Accept-Encoding (every one of
