@@ -267,7 +267,11 @@ impl Counts {
     /// JSON tree: the same fields, with the same tolerance for values of another type (they
     /// count as absent). `None` where the bytes are not one JSON object.
     fn from_usage_json(bytes: &[u8]) -> Option<Counts> {
-        let u: RawUsage = serde_json::from_slice(bytes).ok()?;
+        Self::from_raw(serde_json::from_slice(bytes).ok()?)
+    }
+
+    /// [`from_usage`](Self::from_usage) of a usage object read into a [`RawUsage`].
+    fn from_raw(u: RawUsage) -> Option<Counts> {
         let mut c = Counts::default();
         if let Some(p) = u.prompt_tokens {
             c.input = Some(p);
@@ -387,7 +391,32 @@ impl UsageTracker {
             out.usage_null_at = out.usage_null_at.map(|at| at + lead);
             return out;
         }
+        if let Some(out) = self.usage_chunk_event(data, ev.event) {
+            return out;
+        }
         self.full_event(data, ev.event)
+    }
+
+    /// The chunk `stream_options.include_usage` adds (`"choices":[]` and a usage object, once
+    /// per stream), read into the few fields [`full_event`](Self::full_event) would take from
+    /// it, without a JSON tree. Any other shape, or any doubt, is `None`: the full parse.
+    fn usage_chunk_event(&mut self, data: &[u8], event: &[u8]) -> Option<EventOutcome> {
+        if !chat_shaped(event) || !has_usage_object(data) {
+            return None;
+        }
+        let chunk: RawChunk = serde_json::from_slice(data).ok()?;
+        // A typed event, or choices that may hold content: the full parse counts them.
+        if chunk.typed || chunk.choices.is_some_and(|n| n > 0) {
+            return None;
+        }
+        let mut out = EventOutcome::default();
+        if let Some(c) = chunk.usage.and_then(Counts::from_raw) {
+            self.counts.merge(c);
+            self.final_output |= c.output.is_some();
+            out.usage = true;
+            out.usage_only = chunk.choices == Some(0);
+        }
+        Some(out)
     }
 
     /// [`on_event`](Self::on_event) through a JSON tree: every shape, and every usage object.
@@ -845,6 +874,152 @@ fn string_value(v: &[u8]) -> Option<&[u8]> {
 /// summaries, function-call arguments).
 fn is_response_delta(t: &[u8]) -> bool {
     t.starts_with(b"response.") && t.ends_with(b".delta")
+}
+
+/// True where [`UsageTracker::full_event`] reads an event of this name (with no `type` of its
+/// own) as an OpenAI chat chunk.
+fn chat_shaped(event: &[u8]) -> bool {
+    !matches!(
+        event,
+        b"message_start"
+            | b"message_delta"
+            | b"content_block_delta"
+            | b"response.completed"
+            | b"response.incomplete"
+            | b"response.failed"
+    ) && !is_response_delta(event)
+}
+
+/// True when some `"usage"` in `data` is followed by `:` and an object (at any depth: the
+/// parse decides what it is).
+fn has_usage_object(data: &[u8]) -> bool {
+    static USAGE: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    let usage = USAGE.get_or_init(|| memchr::memmem::Finder::new(b"\"usage\""));
+    usage.find_iter(data).any(|at| {
+        let rest = data[at + 7..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
+    })
+}
+
+/// The top level of a chat chunk, as [`UsageTracker::usage_chunk_event`] reads it.
+#[derive(Default)]
+struct RawChunk {
+    /// A `type` member: not a chat chunk.
+    typed: bool,
+    /// `choices`, when an array: how many it holds (counted up to one).
+    choices: Option<usize>,
+    /// `usage`, when an object.
+    usage: Option<RawUsage>,
+}
+
+impl<'de> serde::Deserialize<'de> for RawChunk {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawChunk;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chat chunk")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<RawChunk, A::Error> {
+                // As with `Value::get`, the last of repeated keys wins.
+                let mut c = RawChunk::default();
+                while let Some(k) = a.next_key::<ChunkKey>()? {
+                    match k {
+                        ChunkKey::Type => {
+                            c.typed = true;
+                            a.next_value::<IgnoredAny>()?;
+                        }
+                        ChunkKey::Choices => c.choices = a.next_value::<SeqLen>()?.0,
+                        // Not an object: the full parse reads no usage from it either, and
+                        // this one cannot tell, so it gives up.
+                        ChunkKey::Usage => c.usage = Some(a.next_value::<RawUsage>()?),
+                        ChunkKey::Other => {
+                            a.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A top-level key of a chat chunk that [`RawChunk`] tells apart.
+enum ChunkKey {
+    Type,
+    Choices,
+    Usage,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for ChunkKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ChunkKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<ChunkKey, E> {
+                Ok(match v {
+                    "type" => ChunkKey::Type,
+                    "choices" => ChunkKey::Choices,
+                    "usage" => ChunkKey::Usage,
+                    _ => ChunkKey::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// An array's length, counted up to one (the rest is read past); `None` for any other value.
+struct SeqLen(Option<usize>);
+
+impl<'de> serde::Deserialize<'de> for SeqLen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = SeqLen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<SeqLen, A::Error> {
+                let mut n = 0;
+                while a.next_element::<IgnoredAny>()?.is_some() {
+                    n = 1;
+                }
+                Ok(SeqLen(Some(n)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<SeqLen, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(SeqLen(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+            fn visit_unit<E>(self) -> Result<SeqLen, E> {
+                Ok(SeqLen(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Characters of a JSON string whose opening quote was just passed, up to
@@ -2797,5 +2972,60 @@ mod fast_path_tests {
         let mut t = UsageTracker::new();
         let data = br#"{"id":"c","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#;
         assert!(t.fast_event(data).is_none());
+    }
+
+    /// Where the usage-chunk path answers (the chunk `include_usage` adds), it answers what the
+    /// full parse does: the same outcome and the same counts after it; every shape it must
+    /// leave alone (content beside the usage, a `type`, an Anthropic event name, usage that is
+    /// no object, bad JSON) goes to the full parse.
+    #[test]
+    fn usage_chunks_read_as_the_full_parse_does() {
+        let taken: [&[u8]; 7] = [
+            br#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":200,"total_tokens":209}}"#,
+            br#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}}"#,
+            br#"{ "choices" : [ ] , "usage" : { "prompt_tokens" : 1 , "completion_tokens" : 2 } }"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[]}"#,
+            br#"{"usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":2}}"#,
+            br#"{"choices":null,"usage":{"prompt_tokens":1,"completion_tokens":2,"x":[1,{"y":null}]}}"#,
+            br#"{"choices":[],"usage":{}}"#,
+        ];
+        let left: [(&[u8], &[u8]); 8] = [
+            (b"", br#"{"choices":[{"delta":{"content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#),
+            (b"", br#"{"type":"message_delta","usage":{"output_tokens":7}}"#),
+            (b"message_delta", br#"{"usage":{"output_tokens":7}}"#),
+            (b"response.output_text.delta", br#"{"usage":{"output_tokens":7}}"#),
+            (b"", br#"{"choices":[],"usage":null,"meta":{"usage":{"prompt_tokens":1}}}"#),
+            (b"", br#"{"choices":[],"usage":{"prompt_tokens":1},"usage":null}"#),
+            (b"", br#"{"choices":[],"usage":{"prompt_tokens":1}"#),
+            (b"", br#"{"choices":[],"usage":{"prompt_tokens":1}} x"#),
+        ];
+        let agree = |event: &[u8], data: &[u8], want_taken: bool| {
+            let text = String::from_utf8_lossy(data).into_owned();
+            let mut fast = UsageTracker::new();
+            let got = fast.usage_chunk_event(data, event);
+            assert_eq!(got.is_some(), want_taken, "{text}");
+            let mut full = UsageTracker::new();
+            let want = full.full_event(data, event);
+            if let Some(got) = got {
+                assert_eq!(got, want, "{text}");
+                assert_eq!(fast.usage(0), full.usage(0), "{text}");
+                assert_eq!(fast.final_output, full.final_output, "{text}");
+            }
+        };
+        for data in taken {
+            agree(b"", data, true);
+        }
+        for (event, data) in left {
+            agree(event, data, false);
+        }
+        // Through `on_event` (as the relay calls it), the usage-only chunk is found and read.
+        let mut t = UsageTracker::new();
+        let o = t.on_event(&SseEvent {
+            event: b"",
+            data: taken[0],
+            raw_len: taken[0].len() + 8,
+        });
+        assert!(o.usage && o.usage_only);
+        assert_eq!((t.usage(0).input, t.usage(0).output), (9, 200));
     }
 }
