@@ -130,7 +130,7 @@ fn stats_json() -> String {
         }
         let _ = write!(
             out,
-            "{{\"id\":{id},\"driver\":{},\"connections\":{},\"accepted\":{},\"buffers_in_use\":{},\"buffers_capacity\":{},\"buffers_peak\":{},\"buffers_in_ring\":{},\"receive\":{}}}",
+            "{{\"id\":{id},\"driver\":{},\"connections\":{},\"accepted\":{},\"buffers_in_use\":{},\"buffers_capacity\":{},\"buffers_peak\":{},\"buffers_in_ring\":{},\"ring_receives\":{},\"ring_empty\":{},\"receive\":{}}}",
             json_str(w.driver),
             w.connections,
             w.accepted,
@@ -138,6 +138,8 @@ fn stats_json() -> String {
             w.buffers_capacity,
             w.buffers_peak,
             w.buffers_in_ring,
+            w.ring_receives,
+            w.ring_empty,
             json_str(w.receive)
         );
     }

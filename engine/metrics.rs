@@ -211,6 +211,10 @@ pub struct WorkerShard {
     pub buffers_in_ring: Counter,
     /// 0 readiness wait then read, 1 provided-buffer ring.
     pub receive: Counter,
+    /// Receives through the ring that completed with data, since start.
+    pub ring_receives: Counter,
+    /// Receives through the ring that found it empty (then waited for readiness), since start.
+    pub ring_empty: Counter,
     /// Requests Ringway answered itself, by reason.
     pub rejected: Counter,
 }
@@ -416,6 +420,8 @@ impl Registry {
                         buffers_capacity: s.buffers_capacity.get(),
                         buffers_peak: s.buffers_peak.get(),
                         buffers_in_ring: s.buffers_in_ring.get(),
+                        ring_receives: s.ring_receives.get(),
+                        ring_empty: s.ring_empty.get(),
                         receive: if s.receive.get() == 1 {
                             "buffer_ring"
                         } else {
@@ -834,6 +840,10 @@ pub struct WorkerSnapshot {
     pub buffers_peak: u64,
     /// Pool buffers lent to the provided-buffer ring.
     pub buffers_in_ring: u64,
+    /// Receives through the ring that completed with data.
+    pub ring_receives: u64,
+    /// Receives through the ring that found it empty.
+    pub ring_empty: u64,
     /// The receive path: "buffer_ring" or "readiness".
     pub receive: &'static str,
     /// Driver name.

@@ -72,6 +72,10 @@ struct RingInner {
     empty: RefCell<Vec<u16>>,
     /// Buffers lent to the kernel now.
     held: Cell<usize>,
+    /// Receives that completed with data, since start (for /stats).
+    received: Cell<u64>,
+    /// Receives that found the ring empty (`Received::NoBuffer`), since start.
+    dry: Cell<u64>,
     pool: BufPool,
     headroom: usize,
 }
@@ -127,6 +131,8 @@ impl RecvRing {
             slots: RefCell::new((0..entries).map(|_| None).collect()),
             empty: RefCell::new(Vec::new()),
             held: Cell::new(0),
+            received: Cell::new(0),
+            dry: Cell::new(0),
             pool: pool.clone(),
             headroom,
         });
@@ -156,6 +162,12 @@ impl RecvRing {
     /// Buffers lent to the kernel now: part of the pool's use, but no connection's.
     pub fn held(&self) -> usize {
         self.inner.held.get()
+    }
+
+    /// Receives completed with data and receives that found the ring empty, since start:
+    /// together, every wait that went through the ring.
+    pub fn receives(&self) -> (u64, u64) {
+        (self.inner.received.get(), self.inner.dry.get())
     }
 
     /// Receives on `tcp` into a buffer the kernel takes from the ring when data arrives.
@@ -207,12 +219,16 @@ impl Future for RingRecv {
                 // SAFETY: the head room was written when the buffer was lent, and the
                 // kernel wrote `n` bytes right after it.
                 unsafe { b.assume_filled(len) };
+                self.ring.received.set(self.ring.received.get() + 1);
                 Received::Data(b)
             }
             (Ok(_), None) => {
                 Received::Failed(io::Error::other("a receive came back without its buffer"))
             }
-            (Err(e), _) if e.raw_os_error() == Some(libc::ENOBUFS) => Received::NoBuffer,
+            (Err(e), _) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                self.ring.dry.set(self.ring.dry.get() + 1);
+                Received::NoBuffer
+            }
             (Err(e), _) => Received::Failed(e),
         })
     }

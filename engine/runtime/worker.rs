@@ -441,6 +441,11 @@ impl Worker {
                     .buffers_in_use
                     .set(watcher.pool.in_use().saturating_sub(in_ring) as u64);
                 watcher.stats.buffers_in_ring.set(in_ring as u64);
+                if let Some(ring) = watcher.ring.get() {
+                    let (received, dry) = ring.receives();
+                    watcher.stats.ring_receives.set(received);
+                    watcher.stats.ring_empty.set(dry);
+                }
                 watcher.stats.buffers_peak.set(watcher.pool.peak() as u64);
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(10) {

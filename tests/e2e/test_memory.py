@@ -309,6 +309,15 @@ def _buffers_in_use(admin):
     return sum(w["buffers_in_use"] for w in doc["workers"])
 
 
+def _ring_waits(admin):
+    """Receives through the buffer ring over every worker (completed with data, or finding the
+    ring empty), from /stats; None where a worker receives without the ring."""
+    doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
+    if any(w["receive"] != "buffer_ring" for w in doc["workers"]):
+        return None
+    return sum(w["ring_receives"] + w["ring_empty"] for w in doc["workers"])
+
+
 def _read_until(s, done, got=b""):
     """Reads from `s` (10 s at most per read) until `done(bytes so far)`; fails on a close."""
     s.settimeout(10)
@@ -481,7 +490,9 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
     buffer goes back once the read that drained the upstream is relayed, and a new one is taken
     when the next bytes are there. 150 streams on a plain route and 150 on an AI route (the SSE
     relay that reads every frame) wait at once after their first event: /stats counts no buffer
-    in use; released, every stream ends whole, with its second event and [DONE]."""
+    in use; released, every stream ends whole, with its second event and [DONE]. On the
+    buffer-ring path each stream's wait for its second event is a ring receive (/stats counts
+    one per stream), not a readiness wait."""
     from helpers import wait_until
     n = 150
     up = HoldingBackend()
@@ -519,7 +530,18 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
         except AssertionError:
             pytest.fail("%d event streams waiting between events still hold %d pool buffers"
                         % (2 * n, last["in_use"]))
+        ring_before = _ring_waits(admin)
         _release_streams(up, socks, got)
+        if ring_before is not None:
+            # On the ring path every stream waits for its next event in a ring receive, which
+            # completes with the event or finds the ring empty (then waits for readiness): a
+            # wait that skipped the ring would leave both counts short of one per stream.
+            try:
+                wait_until(lambda: _ring_waits(admin) - ring_before >= 2 * n, 3, interval=0.05,
+                           what="a ring receive for every stream's next event")
+            except AssertionError:
+                pytest.fail("%d streams' next events came through %d ring receives"
+                            % (2 * n, _ring_waits(admin) - ring_before))
     finally:
         for s in socks:
             s.close()
