@@ -907,7 +907,7 @@ fn has_usage_object(data: &[u8]) -> bool {
 struct RawChunk {
     /// A `type` member: not a chat chunk.
     typed: bool,
-    /// `choices`, when an array: how many it holds (counted up to one).
+    /// `choices`: how many it holds (counted up to one); `None` when absent.
     choices: Option<usize>,
     /// `usage`, when an object.
     usage: Option<RawUsage>,
@@ -931,7 +931,7 @@ impl<'de> serde::Deserialize<'de> for RawChunk {
                             c.typed = true;
                             a.next_value::<IgnoredAny>()?;
                         }
-                        ChunkKey::Choices => c.choices = a.next_value::<SeqLen>()?.0,
+                        ChunkKey::Choices => c.choices = Some(a.next_value::<SeqLen>()?.0),
                         // Not an object: the full parse reads no usage from it either, and
                         // this one cannot tell, so it gives up.
                         ChunkKey::Usage => c.usage = Some(a.next_value::<RawUsage>()?),
@@ -976,49 +976,28 @@ impl<'de> serde::Deserialize<'de> for ChunkKey {
     }
 }
 
-/// An array's length, counted up to one (the rest is read past); `None` for any other value.
-struct SeqLen(Option<usize>);
+/// An array's length, counted up to one (the rest is read past). Any other value is an error:
+/// the chunk then takes the full parse.
+struct SeqLen(usize);
 
 impl<'de> serde::Deserialize<'de> for SeqLen {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use serde::de::{IgnoredAny, SeqAccess, Visitor};
         struct V;
         impl<'de> Visitor<'de> for V {
             type Value = SeqLen;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any value")
+                f.write_str("an array")
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<SeqLen, A::Error> {
                 let mut n = 0;
                 while a.next_element::<IgnoredAny>()?.is_some() {
                     n = 1;
                 }
-                Ok(SeqLen(Some(n)))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<SeqLen, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(SeqLen(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<SeqLen, E> {
-                Ok(SeqLen(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<SeqLen, E> {
-                Ok(SeqLen(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<SeqLen, E> {
-                Ok(SeqLen(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<SeqLen, E> {
-                Ok(SeqLen(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<SeqLen, E> {
-                Ok(SeqLen(None))
-            }
-            fn visit_unit<E>(self) -> Result<SeqLen, E> {
-                Ok(SeqLen(None))
+                Ok(SeqLen(n))
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_seq(V)
     }
 }
 
@@ -2977,7 +2956,7 @@ mod fast_path_tests {
     /// Where the usage-chunk path answers (the chunk `include_usage` adds), it answers what the
     /// full parse does: the same outcome and the same counts after it; every shape it must
     /// leave alone (content beside the usage, a `type`, an Anthropic event name, usage that is
-    /// no object, bad JSON) goes to the full parse.
+    /// no object, choices that are no array, bad JSON) goes to the full parse.
     #[test]
     fn usage_chunks_read_as_the_full_parse_does() {
         let taken: [&[u8]; 7] = [
@@ -2986,10 +2965,11 @@ mod fast_path_tests {
             br#"{ "choices" : [ ] , "usage" : { "prompt_tokens" : 1 , "completion_tokens" : 2 } }"#,
             br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[]}"#,
             br#"{"usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":2}}"#,
-            br#"{"choices":null,"usage":{"prompt_tokens":1,"completion_tokens":2,"x":[1,{"y":null}]}}"#,
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"x":[1,{"y":null}]},"id":"c"}"#,
             br#"{"choices":[],"usage":{}}"#,
         ];
-        let left: [(&[u8], &[u8]); 8] = [
+        let left: [(&[u8], &[u8]); 9] = [
+            (b"", br#"{"choices":null,"usage":{"prompt_tokens":1,"completion_tokens":2}}"#),
             (b"", br#"{"choices":[{"delta":{"content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#),
             (b"", br#"{"type":"message_delta","usage":{"output_tokens":7}}"#),
             (b"message_delta", br#"{"usage":{"output_tokens":7}}"#),
