@@ -27,8 +27,8 @@ use super::{
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
     send::{
-        body_buffered, check_buffered_chunks, keep_pipelined, send_head, send_request, SendError,
-        Sent,
+        body_buffered, check_buffered_chunks, head_in_buffer, keep_pipelined, send_head,
+        send_request, SendError, Sent,
     },
     transfer::{self},
 };
@@ -499,7 +499,7 @@ fn forward<'a, 'r>(
             plan.keep_alive = false;
         }
         let mut cbuf = match sent_or_reject(w, g, client, plan, record, sent, replayable).await {
-            Ok(sent) => sent,
+            Ok(sent) => sent.head_copied(plan),
             Err(next) => return next,
         };
 
@@ -549,19 +549,30 @@ fn forward<'a, 'r>(
                         pool.report_failure(conn.idx);
                     }
                     let again = match &cbuf {
-                        Sent::HeadKept(_) if stale => {
+                        Sent::HeadKept(_) | Sent::HeadCopied(_) if stale => {
                             stale_retry_left = false;
                             true
                         }
-                        Sent::HeadKept(_) => tried.len() < retries && tried.push(conn.idx),
+                        Sent::HeadKept(_) | Sent::HeadCopied(_) => {
+                            tried.len() < retries && tried.push(conn.idx)
+                        }
                         Sent::Pipelined(_) | Sent::Early => false,
                     };
                     if !again {
                         error::BAD_GATEWAY
                     } else {
                         pool.stats.retries.add(1);
-                        let Sent::HeadKept(mut b) = cbuf else {
-                            return Next::Close;
+                        let mut b = match cbuf {
+                            Sent::HeadKept(b) => b,
+                            Sent::HeadCopied(head) => match head_in_buffer(w, &head, plan) {
+                                Some(b) => b,
+                                None => {
+                                    record.status = 503;
+                                    let rej = error::NO_BUFFER.closing_if(true);
+                                    return reject(w, g, client, rej, plan.is_head, None).await;
+                                }
+                            },
+                            Sent::Pipelined(_) | Sent::Early => return Next::Close,
                         };
                         // A replacement that cannot connect is a connect failure
                         // like any other: that endpoint is out, try the next.
@@ -586,7 +597,7 @@ fn forward<'a, 'r>(
                         };
                         match outcome {
                             Ok(kept) => {
-                                cbuf = Sent::HeadKept(kept);
+                                cbuf = Sent::HeadKept(kept).head_copied(plan);
                                 continue;
                             }
                             Err(rej) => rej,

@@ -548,6 +548,46 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
         up.stop()
 
 
+@pytest.mark.parametrize("driver", ["io_uring", "epoll"])
+def test_requests_waiting_for_their_answer_hold_no_buffer(ringway_factory, driver):
+    """A request waiting for its upstream's answer (a model before its first token) holds no
+    pool buffer: not for the answer, and not for its own head, which is kept for a replay
+    outside the pool. 300 GETs the origin holds before answering: /stats counts no buffer in
+    use; released, every one is answered 200 with its body."""
+    from helpers import wait_until
+    n = 300
+    up = HoldingBackend()
+    socks = []
+    try:
+        rw, admin = _start_streams(ringway_factory, up, "waiting-" + driver, 2 * n, "30s",
+                                   driver=driver, buffers_per_worker=4 * n)
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+            socks.append(s)
+        wait_until(lambda: up.held >= n, 10, interval=0.05, what="%d requests at the origin" % n)
+        held_at = time.monotonic()
+        last = {}
+
+        def none_held():
+            last["in_use"] = _buffers_in_use(admin)
+            return last["in_use"] == 0 and time.monotonic() - held_at >= 0.35
+
+        try:
+            wait_until(none_held, 3, interval=0.05, what="no buffer held by waiting requests")
+        except AssertionError:
+            pytest.fail("%d requests waiting for their answers still hold %d pool buffers"
+                        % (n, last["in_use"]))
+        up.release()
+        for s in socks:
+            data = _read_until(s, lambda b: b.endswith(b"\r\n\r\nok"))
+            assert data.startswith(b"HTTP/1.1 200"), data
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()
+
+
 # Per open stream: the state of the stage relaying it (under 3 KiB on either route, see
 # `proxy::conn::tests`), the connection task, both sockets' user-space state, the AI route's
 # small heap parts, and the pages the opening requests touched in pool buffers. Measured (one
