@@ -401,7 +401,7 @@ impl UsageTracker {
     /// per stream), read into the few fields [`full_event`](Self::full_event) would take from
     /// it, without a JSON tree. Any other shape, or any doubt, is `None`: the full parse.
     fn usage_chunk_event(&mut self, data: &[u8], event: &[u8]) -> Option<EventOutcome> {
-        if !chat_shaped(event) || !has_usage_object(data) {
+        if event_shape(event) != EventShape::Chat || !has_usage_object(data) {
             return None;
         }
         let chunk: RawChunk = serde_json::from_slice(data).ok()?;
@@ -431,39 +431,39 @@ impl UsageTracker {
             .and_then(Value::as_str)
             .map(str::as_bytes)
             .unwrap_or(event);
-        match ty {
-            b"message_start" => {
+        match event_shape(ty) {
+            EventShape::MessageStart => {
                 if let Some(c) = v.pointer("/message/usage").and_then(Counts::from_usage) {
                     self.counts.merge(c);
                     out.usage = true;
                 }
             }
-            b"message_delta" => {
+            EventShape::MessageDelta => {
                 if let Some(c) = v.get("usage").and_then(Counts::from_usage) {
                     self.counts.merge(c);
                     self.final_output |= c.output.is_some();
                     out.usage = true;
                 }
             }
-            b"content_block_delta" => {
+            EventShape::ContentBlockDelta => {
                 if let Some(d) = v.get("delta") {
                     for k in ["text", "thinking", "partial_json"] {
                         out.content_chars += str_chars(d.get(k));
                     }
                 }
             }
-            b"response.completed" | b"response.incomplete" | b"response.failed" => {
+            EventShape::ResponseDone => {
                 if let Some(c) = v.pointer("/response/usage").and_then(Counts::from_usage) {
                     self.counts.merge(c);
                     self.final_output |= c.output.is_some();
                     out.usage = true;
                 }
             }
-            t if is_response_delta(t) => {
+            EventShape::ResponseDelta => {
                 // output_text, reasoning summaries, function-call arguments: all generated.
                 out.content_chars += str_chars(v.get("delta"));
             }
-            _ => self.chat_chunk(&v, &mut out),
+            EventShape::Chat => self.chat_chunk(&v, &mut out),
         }
         self.content_chars += out.content_chars;
         if out.content_chars > 0 && !self.content_seen {
@@ -876,18 +876,35 @@ fn is_response_delta(t: &[u8]) -> bool {
     t.starts_with(b"response.") && t.ends_with(b".delta")
 }
 
-/// True where [`UsageTracker::full_event`] reads an event of this name (with no `type` of its
-/// own) as an OpenAI chat chunk.
-fn chat_shaped(event: &[u8]) -> bool {
-    !matches!(
-        event,
-        b"message_start"
-            | b"message_delta"
-            | b"content_block_delta"
-            | b"response.completed"
-            | b"response.incomplete"
-            | b"response.failed"
-    ) && !is_response_delta(event)
+/// How [`UsageTracker::full_event`] reads an event, by its `type` (or, without one, its SSE
+/// event name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventShape {
+    /// Anthropic `message_start`: usage at `message.usage`.
+    MessageStart,
+    /// Anthropic `message_delta`: usage at `usage`.
+    MessageDelta,
+    /// Anthropic `content_block_delta`: generated text in `delta`.
+    ContentBlockDelta,
+    /// Responses API `response.completed|incomplete|failed`: usage at `response.usage`.
+    ResponseDone,
+    /// Responses API `response.*.delta`: generated text in `delta`.
+    ResponseDelta,
+    /// Anything else: an OpenAI chat (or legacy completions) chunk.
+    Chat,
+}
+
+fn event_shape(ty: &[u8]) -> EventShape {
+    match ty {
+        b"message_start" => EventShape::MessageStart,
+        b"message_delta" => EventShape::MessageDelta,
+        b"content_block_delta" => EventShape::ContentBlockDelta,
+        b"response.completed" | b"response.incomplete" | b"response.failed" => {
+            EventShape::ResponseDone
+        }
+        t if is_response_delta(t) => EventShape::ResponseDelta,
+        _ => EventShape::Chat,
+    }
 }
 
 /// True when some `"usage"` in `data` is followed by `:` and an object (at any depth: the
