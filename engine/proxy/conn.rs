@@ -564,7 +564,14 @@ fn forward<'a, 'r>(
                         pool.stats.retries.add(1);
                         let mut b = match cbuf {
                             Sent::HeadKept(b) => b,
-                            Sent::HeadCopied(head) => match head_in_buffer(w, &head, plan) {
+                            Sent::HeadCopied(head) => match head_in_buffer(
+                                w,
+                                &head,
+                                plan,
+                                pool.shared.conf.connect_timeout,
+                            )
+                            .await
+                            {
                                 Some(b) => b,
                                 None => {
                                     record.status = 503;

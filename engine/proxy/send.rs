@@ -67,10 +67,16 @@ impl Sent {
 const HEAD_COPY_MAX: usize = 4096;
 
 /// A pool buffer holding `head` where `plan` expects the rewritten head (for a resend
-/// of a head copied out by [`Sent::head_copied`]); `None` when the pool has none now.
-pub(super) fn head_in_buffer(w: &Worker, head: &[u8], plan: &Plan) -> Option<PoolBuf> {
+/// of a head copied out by [`Sent::head_copied`]); it waits up to `limit` for one, as the
+/// answer's own buffer does, and is `None` when none came.
+pub(super) async fn head_in_buffer(
+    w: &Worker,
+    head: &[u8],
+    plan: &Plan,
+    limit: Duration,
+) -> Option<PoolBuf> {
     const ZEROS: [u8; 256] = [0; 256];
-    let mut b = w.pool.try_acquire_bytes(plan.head_end)?;
+    let mut b = w.pool.acquire_within(plan.head_end, limit).await.ok()?;
     b.clear();
     let mut left = plan.head_start;
     while left > 0 {
