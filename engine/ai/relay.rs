@@ -26,7 +26,7 @@ use ringway_filters::{
 use super::account::{AiCtx, MAX_SSE_FRAME};
 use crate::runtime::clock;
 use crate::{
-    buf::{PoolBuf, RecvRing},
+    buf::{BufPool, PoolBuf, RecvRing},
     h1::{BodyKind, ChunkedDecoder},
     proxy::{
         response::RespPlan,
@@ -139,7 +139,7 @@ pub async fn relay(
                 (avail, false)
             }
         };
-        if rp.reframe {
+        let kept = if rp.reframe {
             // Room in front for the head (first pass) and a chunk-size line.
             let head_len = head_left.as_ref().map_or(0, Range::len);
             let room = head_len + if rechunk { CHUNK_LINE_MAX } else { 0 };
@@ -203,10 +203,16 @@ pub async fn relay(
                     ubuf = write_range(client, ubuf, h, client_idle, Side::Client).await?;
                 }
             }
+            // The read is all in `out` now: when nothing is left in `ubuf` and no more is
+            // there yet, the buffer goes back before the write, which under load waits a loop
+            // turn (see `transfer::small_write`).
+            ubuf.consume(at + consumed);
+            let kept = release_if(ubuf, drained || done);
             if start < out.len() {
                 written += (out.len() - start) as u64;
                 out = write_from(client, out, start, client_idle).await?;
             }
+            kept
         } else {
             for r in &pieces {
                 observe(ctx, &ubuf[r.clone()]);
@@ -231,8 +237,9 @@ pub async fn relay(
                 written += (end - from) as u64;
                 ubuf = write_range(client, ubuf, from..end, client_idle, Side::Client).await?;
             }
-        }
-        ubuf.consume(at + consumed);
+            ubuf.consume(at + consumed);
+            release_if(ubuf, drained)
+        };
         at = 0;
         if done {
             return Ok((written, clean));
@@ -240,14 +247,9 @@ pub async fn relay(
         let keepalive = ctx.keepalive.filter(|_| rp.reframe);
         // Between events of a stream: wait without a buffer (see `wait_bare`),
         // and without the output vector a large read left behind.
-        let kept = if drained && ubuf.is_empty() {
+        if kept.is_err() {
             out = Vec::new();
-            let pool = ubuf.pool();
-            drop(ubuf);
-            Err(pool)
-        } else {
-            Ok(ubuf)
-        };
+        }
         ubuf = match (kept, keepalive) {
             (Ok(b), None) => b,
             (kept, Some(every)) => {
@@ -361,6 +363,16 @@ async fn quiet(
         }
         written += ping.len() as u64;
         write_from(client, ping, 0, client_idle).await?;
+    }
+}
+
+/// `ubuf` back to its pool when it is empty and `drained` (no more bytes likely there yet),
+/// for a wait without it; otherwise kept for the next read.
+fn release_if(ubuf: PoolBuf, drained: bool) -> Result<PoolBuf, BufPool> {
+    if drained && ubuf.is_empty() {
+        Err(ubuf.pool())
+    } else {
+        Ok(ubuf)
     }
 }
 

@@ -273,6 +273,38 @@ impl PoolBuf {
         unsafe { self.data.set_len(len) }
     }
 
+    /// Receives what the socket `fd` holds now into the spare capacity, without waiting:
+    /// `Ok(Some(n))` for `n` bytes (0: the peer closed), `Ok(None)` when nothing is there.
+    /// For a socket found readable: its bytes are in this buffer at once, rather than a
+    /// loop turn later through a queued read holding it meanwhile.
+    pub fn recv_now(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<Option<usize>> {
+        let len = self.data.len();
+        let spare = self.data.capacity() - len;
+        loop {
+            // SAFETY: the kernel writes at most `spare` bytes into the vector's spare
+            // capacity, which it owns for the call.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    self.data.as_mut_ptr().add(len).cast(),
+                    spare,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if let Ok(n) = usize::try_from(n) {
+                // SAFETY: the kernel initialised `n <= spare` bytes after `len`.
+                unsafe { self.data.set_len(len + n) };
+                return Ok(Some(n));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => return Ok(None),
+                std::io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
     /// The start of the buffer's memory, which never moves while the buffer lives.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.data.as_mut_ptr()

@@ -119,6 +119,12 @@ pub fn serve(
                     let mut b = conn.worker().pool.acquire().await;
                     b.clear();
                     let _ = b.put(&[0u8; HEADROOM]);
+                    // The ring ran dry: the head is taken now (see `wait_bare`).
+                    if let (Some(_), Stream::Plain(tcp)) = (conn.worker().ring.get(), &client) {
+                        if let Ok(Some(0)) | Err(_) = b.recv_now(tcp.as_raw_fd()) {
+                            return;
+                        }
+                    }
                     pending = Some(b);
                 }
             }

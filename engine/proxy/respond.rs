@@ -255,6 +255,14 @@ async fn read_when_readable(
     };
     ubuf.clear();
     let _ = ubuf.put(&[0u8; HEADROOM]);
+    // The ring ran dry: the answer is taken now (see `transfer::wait_bare`).
+    if w.ring.get().is_some() {
+        match ubuf.recv_now(std::os::fd::AsRawFd::as_raw_fd(tcp)) {
+            Ok(Some(n)) => return FirstRead::Read(Ok(n), ubuf),
+            Ok(None) => {}
+            Err(e) => return FirstRead::Read(Err(e), ubuf),
+        }
+    }
     let (len, cap) = (ubuf.len(), ubuf.capacity());
     match deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap))).await {
         Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
@@ -347,7 +355,7 @@ pub(super) async fn relay_response(
             .await?;
             Ok(Relayed {
                 bytes: head_len + decoder.body_bytes(),
-                upstream_clean: rest.is_empty(),
+                upstream_clean: rest.as_ref().is_none_or(|b| b.is_empty()),
             })
         }
         BodyKind::CloseDelimited => {

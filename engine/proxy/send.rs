@@ -244,7 +244,7 @@ pub(super) async fn send_request(
                 match transfer::forward_chunked(&mut route, cbuf, at, at, &mut decoder, false).await
                 {
                     // Pipelined bytes after the body go back behind the headroom.
-                    Ok(rest) => Ok(Sent::Pipelined(rebase(rest))),
+                    Ok(rest) => Ok(Sent::Pipelined(rest.and_then(rebase))),
                     Err(e) => request_body_error(e),
                 }
             };

@@ -6,7 +6,7 @@
 
 use crate::runtime::deadline;
 use crate::transport::Stream;
-use std::{io, ops::Range, time::Duration};
+use std::{io, ops::Range, os::fd::AsRawFd, time::Duration};
 
 use monoio::{
     buf::{IoBuf, IoBufMut},
@@ -153,10 +153,23 @@ pub async fn wait_bare(
         Ok(Err(e)) => return Err(XferError::Io(side, e)),
         Err(_) => return Err(XferError::Timeout(side)),
     }
-    pool.acquire_within(pool.slot_size(), idle)
+    let mut buf = pool
+        .acquire_within(pool.slot_size(), idle)
         .await
-        .map(Waited::Empty)
-        .map_err(|_| XferError::NoBuffer(side))
+        .map_err(|_| XferError::NoBuffer(side))?;
+    // The ring ran dry (a loop turn too slow for the events landing): the bytes are taken
+    // now, not through a queued read that would hold this buffer for another turn. Not on
+    // the epoll driver, whose readiness cache must see its own reads.
+    if let (Some(_), Some(tcp)) = (ring, stream.tcp()) {
+        let at = buf.len();
+        return match buf.recv_now(tcp.as_raw_fd()) {
+            Ok(Some(0)) => Ok(Waited::Eof),
+            Ok(Some(_)) => Ok(Waited::Filled { buf, at }),
+            Ok(None) => Ok(Waited::Empty(buf)),
+            Err(e) => Err(XferError::Io(side, e)),
+        };
+    }
+    Ok(Waited::Empty(buf))
 }
 
 /// Writes `buf[range]` whole.
@@ -273,7 +286,8 @@ pub async fn splice_exact(
 /// Forwards a chunked body whose first bytes (already read) are `buf[at..]`;
 /// `buf[from..at]` (a head not yet sent) leaves with them, or alone at once
 /// when none came with it. Nothing is moved to the front to get there. On
-/// success `buf` holds whatever followed the body (pipelined bytes).
+/// success the buffer comes back with whatever followed the body (pipelined bytes),
+/// or is `None` when nothing did and it already went back to the pool.
 ///
 /// With `dechunk`, only the payload is written (for HTTP/1.0 clients, who
 /// cannot read chunked framing); otherwise the validated bytes go verbatim.
@@ -284,13 +298,13 @@ pub async fn forward_chunked(
     mut at: usize,
     decoder: &mut ChunkedDecoder,
     dechunk: bool,
-) -> Result<PoolBuf, XferError> {
+) -> Result<Option<PoolBuf>, XferError> {
     let mut ranges: Vec<Range<usize>> = Vec::new();
     // The last read did not fill the buffer: the source is likely drained, so
     // the next wait is one without a buffer.
     let mut drained = true;
     loop {
-        if buf.len() > at {
+        let left = if buf.len() > at {
             ranges.clear();
             let progress = decoder
                 .decode(&buf[at..], &mut |range| {
@@ -313,42 +327,106 @@ pub async fn forward_chunked(
             } else {
                 consumed
             };
-            if end > from {
-                buf = write_range(r.dst, buf, from..end, r.dst_idle, r.dst_side).await?;
-            }
-            buf.consume(consumed);
-            (from, at) = (0, 0);
-            if progress.done {
-                return Ok(buf);
+            if (drained || progress.done) && consumed == buf.len() && end > from {
+                // All that was read goes out now, and more is not there yet (an event
+                // stream between events) or the body ends: see `small_write`.
+                let left = small_write(r, buf, from..end).await?;
+                (from, at) = (0, 0);
+                if progress.done {
+                    return Ok(match left {
+                        Left::Kept(b) => Some(b),
+                        Left::Released(_) => None,
+                    });
+                }
+                left
+            } else {
+                if end > from {
+                    buf = write_range(r.dst, buf, from..end, r.dst_idle, r.dst_side).await?;
+                }
+                buf.consume(consumed);
+                (from, at) = (0, 0);
+                if progress.done {
+                    return Ok(Some(buf));
+                }
+                Left::Kept(buf)
             }
         } else if from < at {
             buf = write_range(r.dst, buf, from..at, r.dst_idle, r.dst_side).await?;
             buf.consume(at);
             (from, at) = (0, 0);
-        }
-        if decoder.is_done() {
-            return Ok(buf);
-        }
-        if drained && buf.is_empty() {
-            let pool = buf.pool();
-            drop(buf);
-            match wait_bare(r.src, r.ring, pool, r.src_idle, r.src_side).await? {
-                Waited::Empty(b) => buf = b,
-                Waited::Filled { buf: b, at: data } => {
-                    drained = b.spare() > 0;
-                    (buf, from, at) = (b, data, data);
-                    continue;
+            Left::Kept(buf)
+        } else {
+            Left::Kept(buf)
+        };
+        let pool = match left {
+            Left::Kept(b) if decoder.is_done() => return Ok(Some(b)),
+            Left::Kept(b) if !(drained && b.is_empty()) => {
+                let spare = b.spare();
+                let (got, b) = read_some(r.src, b, spare, r.src_idle, r.src_side).await?;
+                if got == 0 {
+                    return Err(XferError::Eof(r.src_side));
                 }
-                Waited::Eof => return Err(XferError::Eof(r.src_side)),
+                drained = got < spare;
+                buf = b;
+                continue;
             }
+            Left::Kept(b) => {
+                let pool = b.pool();
+                drop(b);
+                pool
+            }
+            Left::Released(pool) => pool,
+        };
+        match wait_bare(r.src, r.ring, pool, r.src_idle, r.src_side).await? {
+            Waited::Empty(b) => {
+                let spare = b.spare();
+                let (got, b) = read_some(r.src, b, spare, r.src_idle, r.src_side).await?;
+                if got == 0 {
+                    return Err(XferError::Eof(r.src_side));
+                }
+                drained = got < spare;
+                (buf, from, at) = (b, 0, 0);
+            }
+            Waited::Filled { buf: b, at: data } => {
+                drained = b.spare() > 0;
+                (buf, from, at) = (b, data, data);
+            }
+            Waited::Eof => return Err(XferError::Eof(r.src_side)),
         }
-        let spare = buf.spare();
-        let (got, b) = read_some(r.src, buf, spare, r.src_idle, r.src_side).await?;
-        if got == 0 {
-            return Err(XferError::Eof(r.src_side));
-        }
-        drained = got < spare;
-        buf = b;
+    }
+}
+
+/// What a step of a relay left: its buffer, or only the pool it went back to.
+enum Left {
+    Kept(PoolBuf),
+    Released(BufPool),
+}
+
+/// Longest write [`small_write`] makes from a copy.
+pub const SMALL_WRITE: usize = 2048;
+
+/// Writes `buf[range]`, the last of what `buf` holds. Up to [`SMALL_WRITE`] bytes go from
+/// a copy, and the buffer back to the pool before the write: a write waits a loop turn for
+/// its completion, and under load that turn is long, so thousands of open streams whose
+/// events land together would each hold a pool buffer (and the page its event touched)
+/// for an event of a few hundred bytes. Longer writes go from `buf` itself.
+async fn small_write(
+    r: &mut Route<'_>,
+    buf: PoolBuf,
+    range: Range<usize>,
+) -> Result<Left, XferError> {
+    if range.len() > SMALL_WRITE {
+        let mut buf = write_range(r.dst, buf, range, r.dst_idle, r.dst_side).await?;
+        buf.clear();
+        return Ok(Left::Kept(buf));
+    }
+    let pool = buf.pool();
+    let bytes = buf[range].to_vec();
+    drop(buf);
+    match deadline::timeout(r.dst_idle, r.dst.write_all(bytes)).await {
+        Ok((Ok(_), _)) => Ok(Left::Released(pool)),
+        Ok((Err(e), _)) => Err(XferError::Io(r.dst_side, e)),
+        Err(_) => Err(XferError::Timeout(r.dst_side)),
     }
 }
 
