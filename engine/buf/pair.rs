@@ -1,5 +1,5 @@
-//! A rewritten head and a pooled body that leave in one `writev`, so an
-//! edited request costs one write instead of two.
+//! A rewritten head and a body (pooled, or parked on the heap) that leave in
+//! one `writev`, so an edited request costs one write instead of two.
 //!
 //! Write it with [`HeadAndBody::write_all`], not monoio's
 //! `write_vectored_all`: that one hands the ring only a copy of the iovecs
@@ -11,17 +11,30 @@ use monoio::io::AsyncWriteRent;
 
 use super::PoolBuf;
 
+/// Bytes whose address holds while the value lives and is not mutated: a heap
+/// block owned by the value, so a write in flight may point into it.
+///
+/// # Safety
+/// `deref` must return the same pointer and length for as long as the value is
+/// neither dropped nor mutated, wherever the value itself moves.
+pub unsafe trait StableBytes: std::ops::Deref<Target = [u8]> + Unpin + 'static {}
+
+// SAFETY: a pool buffer's memory is its own Vec's heap block.
+unsafe impl StableBytes for PoolBuf {}
+// SAFETY: a boxed slice's memory is its heap block.
+unsafe impl StableBytes for Box<[u8]> {}
+
 /// Owns both buffers while the write is in flight.
-pub struct HeadAndBody {
+pub struct HeadAndBody<B: StableBytes> {
     head: Vec<u8>,
-    body: PoolBuf,
+    body: B,
     /// On the heap, so its address holds while the runtime owns the value.
     iov: Box<[libc::iovec; 2]>,
 }
 
-impl HeadAndBody {
+impl<B: StableBytes> HeadAndBody<B> {
     /// `head` then `body[..]`.
-    pub fn new(head: Vec<u8>, body: PoolBuf) -> Self {
+    pub fn new(head: Vec<u8>, body: B) -> Self {
         let iov = Box::new([
             libc::iovec {
                 iov_base: head.as_ptr() as *mut libc::c_void,
@@ -55,7 +68,7 @@ impl HeadAndBody {
     pub async fn write_all<W: AsyncWriteRent>(
         mut self,
         w: &mut W,
-    ) -> (std::io::Result<usize>, (Vec<u8>, PoolBuf)) {
+    ) -> (std::io::Result<usize>, (Vec<u8>, B)) {
         let total = self.remaining();
         while self.remaining() > 0 {
             let (r, back) = w.writev(self).await;
@@ -71,16 +84,16 @@ impl HeadAndBody {
     }
 
     /// The head and the body, whole again (the write position is forgotten).
-    fn into_parts(self) -> (Vec<u8>, PoolBuf) {
+    fn into_parts(self) -> (Vec<u8>, B) {
         (self.head, self.body)
     }
 }
 
 // SAFETY: both iovecs point into heap blocks this value owns (the Vec's and
-// the pool buffer's), which neither move nor change while it lives: nothing
-// mutates `head` or `body` after `new`, and `advance` only moves the
+// the body's, `StableBytes`), which neither move nor change while it lives:
+// nothing mutates `head` or `body` after `new`, and `advance` only moves the
 // pointers forward within them. The iovec array itself is boxed.
-unsafe impl monoio::buf::IoVecBuf for HeadAndBody {
+unsafe impl<B: StableBytes> monoio::buf::IoVecBuf for HeadAndBody<B> {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
         self.iov.as_ptr()
     }

@@ -7,6 +7,7 @@ use super::{
     error,
     failover::{self, head_without_framing, Served, Unserved},
     headers::ExtraHeaders,
+    park::Kept,
     record::Record,
     reject::{reject, reject_with},
     request::Plan,
@@ -308,7 +309,7 @@ fn prepare<'a, 'r>(
         if g.shared.routes.get(plan.route).server_timing {
             super::headers::server_timing(extra, own_time(std::time::Instant::now()));
         }
-        let mut body = req.body.take();
+        let mut body = req.body.take().map(Kept::Buf);
         let mut slot = req.slot.take();
         let tries = failover::Request {
             head: &mut head,
@@ -333,7 +334,7 @@ fn prepare<'a, 'r>(
             ctx,
             served,
             pipelined,
-            body_len: body.as_ref().map_or(0, |b| b.len()),
+            body_len: body.as_ref().map_or(0, Kept::len),
             slot,
             own_before: before_capture + req.scan_time,
             captured_at,

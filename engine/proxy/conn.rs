@@ -21,14 +21,15 @@ use super::{
     head::{read_request_head, HeadFail},
     headers::ExtraHeaders,
     limits::check_limits,
+    park::{parked_during, Kept},
     record::{Record, TlsFacts},
     reject::{linger, reject, reject_with},
     request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
     send::{
-        body_buffered, check_buffered_chunks, head_in_buffer, keep_pipelined, send_head,
-        send_request, SendError, Sent,
+        body_buffered, check_buffered_chunks, head_in_buffer, keep_pipelined, parked_whole,
+        send_head, send_parked, send_request, SendError, Sent,
     },
     transfer::{self},
 };
@@ -467,7 +468,7 @@ fn forward<'a, 'r>(
             cbuf,
             unread_body,
         );
-        let (mut conn, cbuf) = match conn.await {
+        let (mut conn, kept) = match conn.await {
             Ok(v) => v,
             Err(next) => return next,
         };
@@ -490,11 +491,25 @@ fn forward<'a, 'r>(
         // Sending a body is boxed apart (`super::in_place`) and freed when done:
         // inline, its 4 KiB sized this state for the whole exchange, so an open
         // stream kept them. (The stale-connection resend below is boxed for the
-        // same reason.) A head alone is small enough to send inline.
-        let sent = if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
-            send_head(g, &mut conn, cbuf, plan).await
-        } else {
-            super::in_place(|| send_request(w, g, client, &mut conn, cbuf, plan, buffered)).await
+        // same reason.) A head alone is small enough to send inline. A request that
+        // waited for its connection outside the pool, and came whole, leaves from there.
+        let sent = match kept {
+            Kept::Parked { bytes, .. } if parked_whole(plan, &bytes) => {
+                Ok(send_parked(g, &mut conn, bytes, plan, replayable).await)
+            }
+            kept => {
+                let Some(cbuf) = kept.into_buffer(pool.shared.conf.connect_timeout).await else {
+                    record.status = 503;
+                    let rej = error::NO_BUFFER.closing_if(true);
+                    return reject(w, g, client, rej, plan.is_head, None).await;
+                };
+                if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
+                    send_head(g, &mut conn, cbuf, plan).await
+                } else {
+                    let send = || send_request(w, g, client, &mut conn, cbuf, plan, buffered);
+                    super::in_place(send).await
+                }
+            }
         };
         // The upstream answered before the whole body was sent: the client
         // connection closes after that answer, whatever the client asked.
@@ -681,7 +696,8 @@ fn forward<'a, 'r>(
 }
 
 /// Connects for `forward`; on failure, answers the client (the error is what happens to
-/// the connection then). `cbuf` comes back with the connection.
+/// the connection then). The request's bytes come back with the connection, parked
+/// outside the pool when the connection took a wait (see [`parked_during`]).
 #[allow(clippy::too_many_arguments)]
 async fn connect_or_reject(
     w: &Worker,
@@ -693,15 +709,25 @@ async fn connect_or_reject(
     tried: &mut Tried,
     cbuf: PoolBuf,
     unread_body: bool,
-) -> Result<(UpConn, PoolBuf), Next> {
-    let rej = match connect(pool, plan, tried).await {
-        Ok(c) => return Ok((c, cbuf)),
-        Err(rej) => rej.closing_if(unread_body || !plan.keep_alive),
-    };
-    let keep = if rej.close {
-        None
-    } else {
-        keep_pipelined(cbuf, plan)
+) -> Result<(UpConn, Kept), Next> {
+    let limit = pool.shared.conf.connect_timeout;
+    let mut kept = Kept::Buf(cbuf);
+    let got = parked_during(&mut kept, plan.head_start, connect(pool, plan, tried)).await;
+    let (rej, keep) = match got {
+        Ok(c) => return Ok((c, kept)),
+        Err(rej) => {
+            let rej = rej.closing_if(unread_body || !plan.keep_alive);
+            if rej.close {
+                (rej, None)
+            } else {
+                // Pipelined bytes stay for the next request; with no buffer to hold
+                // them, the connection closes after this answer.
+                match kept.into_buffer(limit).await {
+                    Some(b) => (rej, keep_pipelined(b, plan)),
+                    None => (rej.closing_if(true), None),
+                }
+            }
+        }
     };
     record.status = rej.status;
     Err(reject(w, g, client, rej, plan.is_head, keep).await)

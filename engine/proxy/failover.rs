@@ -20,6 +20,7 @@ use super::{
     early::{EarlyWatch, Watched},
     error,
     headers::ExtraHeaders,
+    park::{parked_during, Kept},
     request::Plan,
     respond::{read_response_head, RespError},
     response::RespPlan,
@@ -42,8 +43,9 @@ pub(super) struct Request<'a> {
     /// The head's lines, without framing fields and the blank line ([`head_without_framing`]);
     /// rewritten for each attempt's upstream and key.
     pub head: &'a mut Vec<u8>,
-    /// The whole body, when the request has one.
-    pub body: &'a mut Option<PoolBuf>,
+    /// The whole body, when the request has one: out of the pool while an attempt waits
+    /// for its connection or its answer (see [`super::park`]).
+    pub body: &'a mut Option<Kept>,
     /// Where the body names the model, renamed for each upstream's `model_map`.
     pub slot: Option<&'a mut ModelSlot>,
     /// The first attempt's upstream.
@@ -113,8 +115,16 @@ pub(super) async fn run(
         }
         let pool = g.upstream(up).clone();
         let limit = pool.shared.conf.response_timeout;
+        // The model is renamed in place, in a pool buffer (a parked body goes back into one).
+        let body = match (&req.slot, req.body.as_mut()) {
+            (Some(_), Some(b)) => match b.in_pool(pool.shared.conf.connect_timeout).await {
+                Some(b) => Some(b),
+                None => return Err(Unserved::Reject(error::NO_BUFFER)),
+            },
+            _ => None,
+        };
         let prepared = super::ai_creds::for_upstream(req.head, &g.shared, plan, up, choice)
-            .and_then(|()| match (&mut req.slot, &mut req.body) {
+            .and_then(|()| match (&mut req.slot, body) {
                 (Some(s), Some(b)) => s.remodel(b, &pool.shared.conf.model_map),
                 _ => Ok(()),
             });
@@ -278,9 +288,12 @@ async fn attempt(
         endpoint,
         replayable,
     };
-    let mut conn = connect(&pool, plan, tried)
-        .await
-        .map_err(|rej| failed(Failure::Connect, rej, None, true))?;
+    let connect = connect(&pool, plan, tried);
+    let connected = match req.body.as_mut() {
+        Some(body) => parked_during(body, 0, connect).await,
+        None => connect.await,
+    };
+    let mut conn = connected.map_err(|rej| failed(Failure::Connect, rej, None, true))?;
     let idle = pool.shared.conf.response_timeout;
     let mut stale_retry = true;
     loop {
@@ -315,6 +328,10 @@ async fn attempt(
             }
         }
         *sent_at = Instant::now();
+        // Kept only for another attempt: out of the pool while the model thinks.
+        if let Some(body) = req.body.as_mut() {
+            body.park(0);
+        }
         let ubuf = match w
             .pool
             .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
@@ -422,21 +439,33 @@ async fn fresh(pool: &Rc<UpstreamPool>, plan: &Plan) -> Result<UpConn, error::Re
 async fn send(
     stream: &mut Stream,
     head: &mut Vec<u8>,
-    body: &mut Option<PoolBuf>,
+    body: &mut Option<Kept>,
     identity: bool,
     idle: std::time::Duration,
 ) -> Result<(), bool> {
     let lines = head.len();
-    end_head(head, body.as_ref().map(|b| b.len()), identity);
+    end_head(head, body.as_ref().map(Kept::len), identity);
     let h = std::mem::take(head);
     let r = match body.take() {
-        Some(b) => match deadline::timeout(idle, HeadAndBody::new(h, b).write_all(stream)).await {
-            Ok((r, (h, b))) => {
-                (*head, *body) = (h, Some(b));
-                r.map(drop)
+        Some(Kept::Buf(b)) => {
+            match deadline::timeout(idle, HeadAndBody::new(h, b).write_all(stream)).await {
+                Ok((r, (h, b))) => {
+                    (*head, *body) = (h, Some(Kept::Buf(b)));
+                    r.map(drop)
+                }
+                Err(_) => return Err(false),
             }
-            Err(_) => return Err(false),
-        },
+        }
+        // Parked from offset 0 (the body starts its buffer), so `bytes` is all of it.
+        Some(Kept::Parked { pool, bytes, at }) => {
+            match deadline::timeout(idle, HeadAndBody::new(h, bytes).write_all(stream)).await {
+                Ok((r, (h, bytes))) => {
+                    (*head, *body) = (h, Some(Kept::Parked { pool, bytes, at }));
+                    r.map(drop)
+                }
+                Err(_) => return Err(false),
+            }
+        }
         None => match deadline::timeout(idle, stream.write_all(h)).await {
             Ok((r, h)) => {
                 *head = h;

@@ -11,6 +11,7 @@ mod fallback_exchange;
 pub mod head;
 pub mod headers;
 pub mod limits;
+mod park;
 pub mod record;
 pub mod reject;
 pub mod request;

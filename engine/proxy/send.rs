@@ -75,17 +75,7 @@ pub(super) async fn head_in_buffer(
     plan: &Plan,
     limit: Duration,
 ) -> Option<PoolBuf> {
-    const ZEROS: [u8; 256] = [0; 256];
-    let mut b = w.pool.acquire_within(plan.head_end, limit).await.ok()?;
-    b.clear();
-    let mut left = plan.head_start;
-    while left > 0 {
-        let k = left.min(ZEROS.len());
-        b.put(&ZEROS[..k]).ok()?;
-        left -= k;
-    }
-    b.put(head).ok()?;
-    Some(b)
+    super::park::bytes_in_buffer(&w.pool, head, plan.head_start, limit).await
 }
 
 pub(super) enum SendError {
@@ -153,6 +143,43 @@ pub(super) async fn send_head(
             Err(None) => Sent::Early,
         },
     )
+}
+
+/// True when `bytes`, parked from `plan.head_start` (see [`super::park`]), are the whole
+/// request: its head and a body of known length all there, nothing pipelined behind them.
+pub(super) fn parked_whole(plan: &Plan, bytes: &[u8]) -> bool {
+    let body = match plan.body {
+        BodyKind::None => 0,
+        BodyKind::Length(n) => n,
+        BodyKind::Chunked | BodyKind::CloseDelimited => return false,
+    };
+    let head = (plan.head_end - plan.head_start) as u64;
+    !plan.upgrade && !plan.expect_continue && head + body == bytes.len() as u64
+}
+
+/// Sends a whole request parked outside the pool ([`parked_whole`]) from where it is: a
+/// request that waited for a new connection takes no pool buffer again to be sent. What is
+/// left is what [`send_head`] and [`send_request`] leave: the head (copied out) when the
+/// request may be sent again, even after a failed write; after a body, or a timeout, nothing.
+pub(super) async fn send_parked(
+    g: &Generation,
+    conn: &mut UpConn,
+    bytes: Box<[u8]>,
+    plan: &Plan,
+    replayable: bool,
+) -> Sent {
+    let up_idle = g.upstream(plan.upstream).shared.conf.response_timeout;
+    let bodiless = plan.body == BodyKind::None;
+    match deadline::timeout(up_idle, conn.stream().write_all(bytes)).await {
+        Ok((res, bytes)) if bodiless || res.is_ok() => {
+            if replayable {
+                Sent::HeadCopied(bytes)
+            } else {
+                Sent::Pipelined(None)
+            }
+        }
+        Ok(_) | Err(_) => Sent::Early,
+    }
 }
 
 /// Sends the planned head and the body; `buffered` is [`check_buffered_chunks`]'s answer.
