@@ -259,6 +259,13 @@ class HoldingBackend:
                 writer.write(_chunk(_event("second")) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
                 await writer.drain()
                 return
+            if b"/echo" in line:
+                # What reached it, head path and body bytes as sent (chunk lines and all).
+                payload = line.split(b" ")[1] + b" " + await _read_body(reader, head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                             % len(payload) + payload)
+                await writer.drain()
+                return
             if b"/hold" in line:
                 self.held += 1
                 await self.gate.wait()
@@ -276,6 +283,25 @@ class HoldingBackend:
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._t.join(5)
+
+
+async def _read_body(reader, head):
+    """The request body after `head`, as sent: Content-Length bytes, or chunk lines and data
+    through the last chunk's blank line."""
+    fields = head.lower()
+    if b"transfer-encoding: chunked" in fields:
+        raw = b""
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            raw += line
+            size = int(line.split(b";")[0], 16)
+            raw += await reader.readexactly(size + 2)
+            if size == 0:
+                return raw
+    for f in fields.split(b"\r\n"):
+        if f.startswith(b"content-length:"):
+            return await reader.readexactly(int(f.split(b":")[1]))
+    return b""
 
 
 def _start_before(ringway_fn, up, n, name, response_timeout=None, **server):
@@ -463,16 +489,20 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver, m
         up.stop()
 
 
-def _start_streams(ringway_factory, up, name, n, response_timeout, **server):
+def _start_streams(ringway_factory, up, name, n, response_timeout, upstream=None, **server):
     """One worker in front of HoldingBackend `up` with an AI route (`/v1/`, ai-stats) and a
-    plain route (the rest), room for `n` upstream connections: (the Ringway, the admin port)."""
+    plain route (the rest), room for `n` upstream connections (more `upstream` settings):
+    (the Ringway, the admin port)."""
     from conftest import Ringway
     from helpers import free_port
     from test_ai import STATS, ai_config
     port, admin = free_port(), free_port()
+    while admin == port:
+        admin = free_port()
     text = ai_config(port, admin,
-                     [{"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
-                       "max_connections": n, "response_timeout": response_timeout}],
+                     [dict({"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
+                            "max_connections": n, "response_timeout": response_timeout},
+                           **(upstream or {}))],
                      [{"name": "ai", "match": {"path_prefix": "/v1/"}, "upstream": "u",
                        "filters": ["stats"]},
                       {"name": "plain", "match": {"path_prefix": "/"}, "upstream": "u"}],
@@ -481,6 +511,124 @@ def _start_streams(ringway_factory, up, name, n, response_timeout, **server):
     ringway_factory.instances.append(rw)
     rw.start()
     return rw, admin
+
+
+def _no_buffer_held_while(admin, since, what):
+    """Waits until /stats counts no pool buffer in use, read at least 0.35 s after `since` (it
+    refreshes once a tick, 0.1 s); fails with the last count."""
+    from helpers import wait_until
+    last = {}
+
+    def none_held():
+        last["in_use"] = _buffers_in_use(admin)
+        return last["in_use"] == 0 and time.monotonic() - since >= 0.35
+
+    try:
+        wait_until(none_held, 3, interval=0.05, what="no buffer held")
+    except AssertionError:
+        pytest.fail("%s still hold %d pool buffers" % (what, last["in_use"]))
+
+
+def _read_whole(s):
+    """One whole answer with a Content-Length: (head, body)."""
+    def whole(b):
+        head, sep, body = b.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        length = [int(f.split(b":")[1]) for f in head.lower().split(b"\r\n")
+                  if f.startswith(b"content-length:")]
+        return bool(length) and len(body) >= length[0]
+    got = _read_until(s, whole)
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("kind", ["GET", "POST", "chunked"])
+@pytest.mark.parametrize("driver", ["io_uring", "epoll"])
+def test_requests_waiting_for_a_connection_hold_no_buffer(ringway_factory, driver, kind):
+    """A request waiting for its upstream connection (a new connection's round trip, a TLS
+    handshake, a queue for `max_connections`) keeps its bytes outside the pool meanwhile: a
+    burst of new requests does not pin a buffer each through thousands of connects. 200
+    requests queued behind the one connection `max_connections = 1` allows, held upstream,
+    hold no pool buffer (/stats); then each reaches the upstream byte for byte, in turn. A
+    request that came whole is sent from where it waited; a chunked one goes back into a
+    buffer first."""
+    n = 200
+    up = HoldingBackend()
+    socks = []
+    first = None
+    try:
+        rw, admin = _start_streams(ringway_factory, up, "queued-%s-%s" % (driver, kind), 1, "30s",
+                                   upstream={"connect_timeout": "30s", "max_idle": 1}, driver=driver,
+                                   buffers_per_worker=8 * n)
+        from helpers import wait_until
+        first = socket.create_connection(("127.0.0.1", rw.port))
+        first.sendall(b"GET /hold/first HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: up.held >= 1, 10, interval=0.02, what="the one connection held")
+        sent = []
+        for i in range(n):
+            path = b"/echo/%d" % i
+            if kind == "GET":
+                body = b""
+                req = b"GET %s HTTP/1.1\r\nHost: t\r\n\r\n" % path
+            elif kind == "POST":
+                body = b"body-%d" % i
+                req = b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (
+                    path, len(body)) + body
+            else:
+                body = _chunk(b"body-%d" % i) + b"0\r\n\r\n"
+                req = b"POST %s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" % (
+                    path) + body
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(req)
+            socks.append(s)
+            sent.append(path + b" " + body)
+        _no_buffer_held_while(admin, time.monotonic(),
+                              "%d requests waiting for a connection" % n)
+        up.release()
+        head, body = _read_whole(first)
+        assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (head, body)
+        for s, want in zip(socks, sent):
+            head, body = _read_whole(s)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert body == want, (body, want)
+    finally:
+        for s in socks + ([first] if first else []):
+            s.close()
+        up.stop()
+
+
+@pytest.mark.parametrize("driver", ["io_uring", "epoll"])
+def test_ai_requests_waiting_for_their_answer_hold_no_buffer(ringway_factory, driver):
+    """An AI request keeps its body for another attempt (a fallback, a dead endpoint) until its
+    answer starts, outside the pool: 200 chat requests whose model has not answered hold no
+    pool buffer (/stats), and each gets its answer afterwards."""
+    from helpers import wait_until
+    n = 200
+    up = HoldingBackend()
+    socks = []
+    try:
+        rw, admin = _start_streams(ringway_factory, up, "ai-waiting-" + driver, 4 * n, "30s",
+                                   driver=driver, buffers_per_worker=8 * n)
+        for i in range(n):
+            body = json.dumps({"model": "m", "messages": [
+                {"role": "user", "content": "question %d" % i}]}).encode()
+            s = socket.create_connection(("127.0.0.1", rw.port))
+            s.sendall(b"POST /v1/hold/%d HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer sk-alice\r\nContent-Length: %d\r\n\r\n" % (i, len(body))
+                      + body)
+            socks.append(s)
+        wait_until(lambda: up.held >= n, 10, interval=0.05, what="%d requests held upstream" % n)
+        _no_buffer_held_while(admin, time.monotonic(),
+                              "%d AI requests waiting for their answer" % n)
+        up.release()
+        for s in socks:
+            head, body = _read_whole(s)
+            assert head.startswith(b"HTTP/1.1 200") and body == b"ok", (head, body)
+    finally:
+        for s in socks:
+            s.close()
+        up.stop()
 
 
 def _release_streams(up, socks, got):
