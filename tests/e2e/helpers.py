@@ -27,12 +27,22 @@ def port_open(port, host="127.0.0.1"):
         return False
 
 
+_HANDED_OUT = set()
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A loopback port nothing is bound to now and not handed out before in this test run.
+    The kernel may give a port just closed again, so two listeners set up by one test (a
+    public and an admin port) could otherwise get the same one."""
+    for _ in range(100):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        if p not in _HANDED_OUT:
+            _HANDED_OUT.add(p)
+            return p
+    raise AssertionError("no loopback port left that this test run has not handed out")
 
 
 class Response:

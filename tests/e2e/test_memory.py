@@ -497,8 +497,6 @@ def _start_streams(ringway_factory, up, name, n, response_timeout, upstream=None
     from helpers import free_port
     from test_ai import STATS, ai_config
     port, admin = free_port(), free_port()
-    while admin == port:
-        admin = free_port()
     text = ai_config(port, admin,
                      [dict({"name": "u", "endpoints": ["127.0.0.1:%d" % up.port],
                             "max_connections": n, "response_timeout": response_timeout},
