@@ -90,7 +90,7 @@ impl Kept {
         }
     }
 
-    /// The bytes' length (from where they were parked).
+    /// The filled length of the buffer they are (or were) in: where they start plus their length.
     pub(super) fn len(&self) -> usize {
         match self {
             Kept::Buf(b) => b.len(),
