@@ -21,15 +21,15 @@ use super::{
     head::{read_request_head, HeadFail},
     headers::ExtraHeaders,
     limits::check_limits,
-    park::{parked_during, Kept},
+    park::{bytes_in_buffer, parked_during, Kept},
     record::{Record, TlsFacts},
     reject::{linger, reject, reject_with},
     request::{Plan, HEADROOM},
     respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
     send::{
-        body_buffered, check_buffered_chunks, head_in_buffer, keep_pipelined, parked_whole,
-        send_head, send_parked, send_request, SendError, Sent,
+        body_buffered, check_buffered_chunks, keep_pipelined, parked_whole, send_head, send_parked,
+        send_request, SendError, Sent,
     },
     transfer::{self},
 };
@@ -585,10 +585,10 @@ fn forward<'a, 'r>(
                         pool.stats.retries.add(1);
                         let mut b = match cbuf {
                             Sent::HeadKept(b) => b,
-                            Sent::HeadCopied(head) => match head_in_buffer(
-                                w,
+                            Sent::HeadCopied(head) => match bytes_in_buffer(
+                                &w.pool,
                                 &head,
-                                plan,
+                                plan.head_start,
                                 pool.shared.conf.connect_timeout,
                             )
                             .await

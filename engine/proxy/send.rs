@@ -8,6 +8,7 @@ use monoio::io::AsyncWriteRentExt;
 use super::{
     early::{EarlyWatch, Watched},
     error::{self, Reject},
+    park::PARK_MAX,
     request::{Plan, HEADROOM},
     respond::{write_all, write_head},
     transfer::{self, Route, Side, XferError},
@@ -48,34 +49,19 @@ impl Sent {
     /// the answer is the long part of a request to a model (seconds to the first token):
     /// kept in place, each waiting request held a pool buffer and the page its head touched
     /// (1,000 requests waiting for their heads: 1,000 buffers in use, 8.4 KB of RSS each).
-    /// Heads longer than [`HEAD_COPY_MAX`] stay where they are, so what lives outside the
-    /// pool's budget stays small.
+    /// Heads longer than [`PARK_MAX`] stay where they are, so what lives outside the pool's
+    /// budget stays small; a resend puts the head back with [`super::park::bytes_in_buffer`].
     pub(super) fn head_copied(self, plan: &Plan) -> Sent {
         let Sent::HeadKept(b) = &self else {
             return self;
         };
         match b.get(plan.head_start..plan.head_end) {
-            Some(head) if b.len() == plan.head_end && head.len() <= HEAD_COPY_MAX => {
+            Some(head) if b.len() == plan.head_end && head.len() <= PARK_MAX => {
                 Sent::HeadCopied(head.into())
             }
             _ => self,
         }
     }
-}
-
-/// Longest head [`Sent::head_copied`] moves out of its pool buffer.
-const HEAD_COPY_MAX: usize = 4096;
-
-/// A pool buffer holding `head` where `plan` expects the rewritten head (for a resend
-/// of a head copied out by [`Sent::head_copied`]); it waits up to `limit` for one, as the
-/// answer's own buffer does, and is `None` when none came.
-pub(super) async fn head_in_buffer(
-    w: &Worker,
-    head: &[u8],
-    plan: &Plan,
-    limit: Duration,
-) -> Option<PoolBuf> {
-    super::park::bytes_in_buffer(&w.pool, head, plan.head_start, limit).await
 }
 
 pub(super) enum SendError {
