@@ -456,9 +456,6 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver, m
                                   response_timeout="30s", driver=driver,
                                   buffers_per_worker=8 * n)
 
-        def in_use():
-            return _buffers_in_use(admin)
-
         for i in range(n):
             s = socket.create_connection(("127.0.0.1", rw.port))
             if method == "POST":
@@ -467,20 +464,8 @@ def test_requests_waiting_on_their_upstream_hold_no_buffer(ringway_fn, driver, m
                 s.sendall(b"GET /hold/%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
             socks.append(s)
         wait_until(lambda: up.held >= n, 10, interval=0.05, what="%d requests held upstream" % n)
-        held_at = time.monotonic()
-        last = {}
-
-        def none_held():
-            # /stats refreshes its buffer figure once a tick (0.1 s): a zero read sooner than
-            # a few ticks after the requests were held may predate them.
-            last["in_use"] = in_use()
-            return last["in_use"] == 0 and time.monotonic() - held_at >= 0.35
-
-        try:
-            wait_until(none_held, 3, interval=0.05, what="no buffer held by waiting requests")
-        except AssertionError:
-            pytest.fail("%d requests waiting on their upstream still hold %d pool buffers"
-                        % (n, last["in_use"]))
+        _no_buffer_held_while(admin, time.monotonic(),
+                              "%d requests waiting on their upstream" % n)
         up.release()
         _read_answers(socks)
     finally:
@@ -512,8 +497,9 @@ def _start_streams(ringway_factory, up, name, n, response_timeout, upstream=None
 
 
 def _no_buffer_held_while(admin, since, what):
-    """Waits until /stats counts no pool buffer in use, read at least 0.35 s after `since` (it
-    refreshes once a tick, 0.1 s); fails with the last count."""
+    """Waits until /stats counts no pool buffer in use, read at least 0.35 s after `since`: it
+    refreshes once a tick (0.1 s), so a zero read sooner may predate what is waiting. Fails
+    with the last count."""
     from helpers import wait_until
     last = {}
 
@@ -671,19 +657,8 @@ def test_event_streams_waiting_between_events_hold_no_buffer(ringway_factory, dr
         wait_until(lambda: up.held >= 2 * n, 10, interval=0.05,
                    what="%d streams past their first event" % (2 * n))
         got = {s: _read_until(s, lambda b: b"first" in b) for s in socks}
-        held_at = time.monotonic()
-        last = {}
-
-        def none_held():
-            # /stats refreshes its buffer figure once a tick (0.1 s).
-            last["in_use"] = _buffers_in_use(admin)
-            return last["in_use"] == 0 and time.monotonic() - held_at >= 0.35
-
-        try:
-            wait_until(none_held, 3, interval=0.05, what="no buffer held by waiting streams")
-        except AssertionError:
-            pytest.fail("%d event streams waiting between events still hold %d pool buffers"
-                        % (2 * n, last["in_use"]))
+        _no_buffer_held_while(admin, time.monotonic(),
+                              "%d event streams waiting between events" % (2 * n))
         ring_before = _ring_waits(admin)
         _release_streams(up, socks, got)
         if ring_before is not None:
