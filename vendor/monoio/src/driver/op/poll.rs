@@ -46,9 +46,10 @@ impl Op<PollAdd> {
         })
     }
 
-    pub(crate) async fn wait(self) -> io::Result<()> {
-        let complete = self.await;
-        complete.meta.result.map(|_| ())
+    pub(crate) fn wait(self) -> super::Mapped<PollAdd, io::Result<()>> {
+        self.mapped(|complete| {
+            complete.meta.result.map(|_| ())
+        })
     }
 }
 

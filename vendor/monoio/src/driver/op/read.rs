@@ -42,23 +42,24 @@ impl<T: IoBufMut> Op<Read<T>> {
         })
     }
 
-    pub(crate) async fn read(self) -> BufResult<usize, T> {
-        let complete = self.await;
+    pub(crate) fn read(self) -> super::Mapped<Read<T>, BufResult<usize, T>> {
+        self.mapped(|complete| {
 
-        // Convert the operation result to `usize`
-        let res = complete.meta.result.map(|v| v as usize);
-        // Recover the buffer
-        let mut buf = complete.data.buf;
+            // Convert the operation result to `usize`
+            let res = complete.meta.result.map(|v| v as usize);
+            // Recover the buffer
+            let mut buf = complete.data.buf;
 
-        // If the operation was successful, advance the initialized cursor.
-        if let Ok(n) = res {
-            // Safety: the kernel wrote `n` bytes to the buffer.
-            unsafe {
-                buf.set_init(n);
+            // If the operation was successful, advance the initialized cursor.
+            if let Ok(n) = res {
+                // Safety: the kernel wrote `n` bytes to the buffer.
+                unsafe {
+                    buf.set_init(n);
+                }
             }
-        }
 
-        (res, buf)
+            (res, buf)
+        })
     }
 }
 
@@ -148,16 +149,17 @@ impl<T: IoVecBufMut> Op<ReadVec<T>> {
         Op::submit_with(ReadVec { fd, buf_vec })
     }
 
-    pub(crate) async fn read(self) -> BufResult<usize, T> {
-        let complete = self.await;
-        let res = complete.meta.result.map(|v| v as _);
-        let mut buf_vec = complete.data.buf_vec;
+    pub(crate) fn read(self) -> super::Mapped<ReadVec<T>, BufResult<usize, T>> {
+        self.mapped(|complete| {
+            let res = complete.meta.result.map(|v| v as _);
+            let mut buf_vec = complete.data.buf_vec;
 
-        if let Ok(n) = res {
-            // Safety: the kernel wrote `n` bytes to the buffer.
-            unsafe { buf_vec.set_init(n) };
-        }
-        (res, buf_vec)
+            if let Ok(n) = res {
+                // Safety: the kernel wrote `n` bytes to the buffer.
+                unsafe { buf_vec.set_init(n) };
+            }
+            (res, buf_vec)
+        })
     }
 }
 

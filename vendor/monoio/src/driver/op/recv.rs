@@ -64,18 +64,19 @@ impl<T: IoBufMut> Op<Recv<T>> {
         }
     }
 
-    pub(crate) async fn read(self) -> BufResult<usize, T> {
-        let complete = self.await;
-        let res = complete.meta.result.map(|v| v as _);
-        let mut buf = complete.data.buf;
+    pub(crate) fn read(self) -> super::Mapped<Recv<T>, BufResult<usize, T>> {
+        self.mapped(|complete| {
+            let res = complete.meta.result.map(|v| v as _);
+            let mut buf = complete.data.buf;
 
-        if let Ok(n) = res {
-            // Safety: the kernel wrote `n` bytes to the buffer.
-            unsafe {
-                buf.set_init(n);
+            if let Ok(n) = res {
+                // Safety: the kernel wrote `n` bytes to the buffer.
+                unsafe {
+                    buf.set_init(n);
+                }
             }
-        }
-        (res, buf)
+            (res, buf)
+        })
     }
 }
 

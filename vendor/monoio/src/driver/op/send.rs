@@ -44,9 +44,10 @@ impl<T: IoBuf> Op<Send<T>> {
         }
     }
 
-    pub(crate) async fn write(self) -> BufResult<usize, T> {
-        let complete = self.await;
-        (complete.meta.result.map(|v| v as _), complete.data.buf)
+    pub(crate) fn write(self) -> super::Mapped<Send<T>, BufResult<usize, T>> {
+        self.mapped(|complete| {
+            (complete.meta.result.map(|v| v as _), complete.data.buf)
+        })
     }
 }
 

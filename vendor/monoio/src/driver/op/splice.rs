@@ -51,9 +51,10 @@ impl Op<Splice> {
         })
     }
 
-    pub(crate) async fn splice(self) -> io::Result<u32> {
-        let complete = self.await;
-        complete.meta.result
+    pub(crate) fn splice(self) -> super::Mapped<Splice, io::Result<u32>> {
+        self.mapped(|complete| {
+            complete.meta.result
+        })
     }
 }
 

@@ -38,9 +38,10 @@ impl<T: IoBuf> Op<Write<T>> {
         })
     }
 
-    pub(crate) async fn write(self) -> BufResult<usize, T> {
-        let complete = self.await;
-        (complete.meta.result.map(|v| v as _), complete.data.buf)
+    pub(crate) fn write(self) -> super::Mapped<Write<T>, BufResult<usize, T>> {
+        self.mapped(|complete| {
+            (complete.meta.result.map(|v| v as _), complete.data.buf)
+        })
     }
 }
 
@@ -142,9 +143,10 @@ impl<T: IoVecBuf> Op<WriteVec<T>> {
         }
     }
 
-    pub(crate) async fn write(self) -> BufResult<usize, T> {
-        let complete = self.await;
-        (complete.meta.result.map(|v| v as _), complete.data.buf_vec)
+    pub(crate) fn write(self) -> super::Mapped<WriteVec<T>, BufResult<usize, T>> {
+        self.mapped(|complete| {
+            (complete.meta.result.map(|v| v as _), complete.data.buf_vec)
+        })
     }
 }
 
