@@ -13,10 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monoio::{
-    buf::IoBuf,
-    io::{AsyncReadRent, AsyncWriteRentExt},
-};
+use monoio::{buf::IoBuf, io::AsyncReadRent};
 use ringway_filters::{
     coding::ContentCoding,
     sse::{FrameSink, SseEvent, SseItem, SseParser},

@@ -9,7 +9,7 @@
 use crate::transport::Stream;
 use std::time::Duration;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::AsyncReadRent;
 use ringway_filters::{
     model::{glob_match, ModelScan, ModelScanner},
     usage::RequestEstimator,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use monoio::{
     buf::IoBufMut as _,
-    io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt},
+    io::{AsyncReadRent, AsyncWriteRent},
 };
 
 use super::{conn::Next, error::Reject};

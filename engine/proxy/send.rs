@@ -3,8 +3,6 @@
 use crate::transport::Stream;
 use std::{future::Future, pin::Pin, time::Duration};
 
-use monoio::io::AsyncWriteRentExt;
-
 use super::{
     early::{EarlyWatch, Watched},
     error::{self, Reject},

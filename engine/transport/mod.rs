@@ -7,6 +7,7 @@
 //! exists, would be one more variant that hands out its socket for splice.
 
 use std::{
+    future::Future,
     io,
     os::fd::{AsRawFd, RawFd},
 };
@@ -111,18 +112,72 @@ impl AsRawFd for Stream {
     }
 }
 
+impl Stream {
+    /// Writes all of `buf` (a TLS write is never short). Found before monoio's
+    /// `AsyncWriteRentExt::write_all`, which holds `buf` twice and the write's future
+    /// beside it: this one holds only the write in flight, in every future that awaits it.
+    #[allow(clippy::manual_async_fn)]
+    pub fn write_all<T: IoBuf>(
+        &mut self,
+        buf: T,
+    ) -> impl Future<Output = BufResult<usize, T>> + use<'_, T> {
+        async move {
+            let len = buf.bytes_init();
+            let mut buf = buf;
+            let mut written = 0;
+            while written < len {
+                let (res, slice) = self.write(buf.slice(written..len)).await;
+                buf = slice.into_inner();
+                match res {
+                    Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+                    Ok(n) => written += n,
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            (Ok(written), buf)
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of an operation on a plain or a TLS stream.
+    #[project = EitherProj]
+    enum Either<P, T> {
+        Plain { #[pin] f: P },
+        Tls { #[pin] f: T },
+    }
+}
+
+impl<P: Future, T: Future<Output = P::Output>> Future for Either<P, T> {
+    type Output = P::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<P::Output> {
+        match self.project() {
+            EitherProj::Plain { f } => f.poll(cx),
+            EitherProj::Tls { f } => f.poll(cx),
+        }
+    }
+}
+
 // The TLS operations are boxed: inline, their state (about 900 bytes: rustls's
 // record step) would size every read and write future of a plain stream too, and
 // so every request's state that holds one across an await, open streams included.
 // One allocation per TLS operation costs little beside its cryptography.
 impl AsyncReadRent for Stream {
-    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+    // Not an `async fn`: that would hold `buf` a second time beside the operation that
+    // owns it, in every future awaiting a read.
+    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => s.read(buf).await,
-            Stream::Tls(t) => {
-                let (res, buf) = Box::pin(t.read_buf(buf)).await;
-                (res.map_err(io::Error::from), buf)
-            }
+            Stream::Plain(s) => Either::Plain { f: s.read(buf) },
+            Stream::Tls(t) => Either::Tls {
+                f: Box::pin(async move {
+                    let (res, buf) = t.read_buf(buf).await;
+                    (res.map_err(io::Error::from), buf)
+                }),
+            },
         }
     }
 
@@ -138,16 +193,20 @@ impl AsyncReadRent for Stream {
 impl AsyncWriteRent for Stream {
     /// On TLS, everything is encrypted and sent before this returns: a
     /// write is never short.
-    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+    // Not an `async fn`, as `read`.
+    fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => s.write(buf).await,
-            Stream::Tls(t) => {
-                // SAFETY: an IoBuf's first `bytes_init` bytes at `read_ptr` are initialised
-                // and stay put while we own `buf`.
-                let data = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
-                let res = Box::pin(t.write_slice(data)).await.map(|()| data.len());
-                (res.map_err(io::Error::from), buf)
-            }
+            Stream::Plain(s) => Either::Plain { f: s.write(buf) },
+            Stream::Tls(t) => Either::Tls {
+                f: Box::pin(async move {
+                    // SAFETY: an IoBuf's first `bytes_init` bytes at `read_ptr` are
+                    // initialised and stay put while we own `buf`.
+                    let data =
+                        unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+                    let res = t.write_slice(data).await.map(|()| data.len());
+                    (res.map_err(io::Error::from), buf)
+                }),
+            },
         }
     }
 
@@ -195,5 +254,72 @@ impl AsyncWriteRent for Stream {
                 Err(_) => Err(io::ErrorKind::TimedOut.into()),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stream;
+    use monoio::{
+        io::AsyncReadRent,
+        net::{TcpListener, TcpStream},
+        IoUringDriver, LegacyDriver, RuntimeBuilder,
+    };
+
+    /// Writes 8 MiB through `Stream::write_all` to a peer reading 4 KiB at a time (so
+    /// the socket fills and writes come back short), and checks every byte, the count
+    /// and the buffer handed back.
+    async fn a_large_write_arrives_whole() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addr = l.local_addr().expect("local addr");
+        let c = TcpStream::connect(addr).await.expect("connect");
+        let (s, _) = l.accept().await.expect("accept");
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let want = data.clone();
+        let reader = monoio::spawn(async move {
+            let mut s = Stream::Plain(s);
+            let mut got = Vec::with_capacity(8 << 20);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                buf.clear();
+                let (r, b) = s.read(buf).await;
+                buf = b;
+                match r.expect("read") {
+                    0 => break got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let mut c = Stream::Plain(c);
+        let (r, back) = c.write_all(data).await;
+        assert_eq!(r.expect("write_all"), 8 << 20);
+        assert_eq!(back.len(), 8 << 20, "the buffer comes back whole");
+        drop(c);
+        let got = reader.await;
+        assert!(
+            got == want,
+            "{} bytes arrived, not the 8 MiB written",
+            got.len()
+        );
+    }
+
+    #[test]
+    fn write_all_writes_everything_on_io_uring() {
+        match RuntimeBuilder::<IoUringDriver>::new()
+            .enable_timer()
+            .build()
+        {
+            Ok(mut rt) => rt.block_on(a_large_write_arrives_whole()),
+            Err(e) => eprintln!("no io_uring here ({e}): skipped"),
+        }
+    }
+
+    #[test]
+    fn write_all_writes_everything_on_epoll() {
+        let mut rt = RuntimeBuilder::<LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("epoll runtime");
+        rt.block_on(a_large_write_arrives_whole());
     }
 }
