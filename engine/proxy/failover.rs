@@ -12,8 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use monoio::io::AsyncWriteRentExt;
-
 use super::{
     ai_creds::KeyChoice,
     attempts::{Attempts, Failure, Left, Step},
@@ -269,6 +267,59 @@ enum Last {
     Final(error::Reject),
 }
 
+/// How the wait for an answer's head ended.
+enum Answer {
+    /// The head was read (or failed).
+    Read(Result<(RespPlan, PoolBuf), RespError>),
+    /// The client left while the model was thinking.
+    ClientGone,
+}
+
+/// Reads an answer's head. A client that leaves while the model thinks ends the wait: the
+/// upstream connection then closes at once (the provider stops generating) and the
+/// reservation is released, instead of waiting for an answer nobody will read. Most answers
+/// come sooner than a client gives up: the watch (a duplicated socket and a readiness wait)
+/// is armed only for an answer that keeps the client waiting past `WATCH_AFTER`; a timer
+/// costs no system call.
+///
+/// Its own future, not inline in [`attempt`]: the pinned read lives across three awaits, and
+/// rustc gives such a local a slot of its own beside the connect's and the send's states, so
+/// every AI request waiting for its answer held all three (a plain `fn` around an `async
+/// move` block, so its arguments are held once).
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+fn answer<'a>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    conn: &'a mut UpConn,
+    ubuf: PoolBuf,
+    plan: &'a Plan,
+    extra: &'a ExtraHeaders,
+    inspect_sse: bool,
+) -> impl std::future::Future<Output = Answer> + 'a {
+    async move {
+        let client_fd = client.socket().as_raw_fd();
+        let read = read_response_head(w, g, client, conn, ubuf, plan, extra, inspect_sse);
+        let mut read = std::pin::pin!(read);
+        let quick = monoio::select! {
+            r = &mut read => Some(r),
+            // Boxed: monoio's `Sleep` is 640 bytes aligned to 128, which would pad
+            // every AI request's state around it.
+            _ = Box::pin(monoio::time::sleep(WATCH_AFTER)) => None,
+        };
+        match quick {
+            Some(r) => Answer::Read(r),
+            None => match EarlyWatch::on_fd(client_fd) {
+                Some(watch) => match watch.run_until_closed(read).await {
+                    Watched::Done(r) => Answer::Read(r),
+                    Watched::Answered => Answer::ClientGone,
+                },
+                None => Answer::Read(read.await),
+            },
+        }
+    }
+}
+
 /// Sends the request (the head's lines in `head`, the body in `body`) to `plan.upstream` and
 /// reads the response head. A pooled connection the upstream closed meanwhile is replaced by
 /// a fresh one once. `head` and `body` are left intact for another attempt.
@@ -340,40 +391,20 @@ async fn attempt(
             Ok(b) => b,
             Err(_) => return Err(failed(Failure::Connect, error::NO_BUFFER, None, false)),
         };
-        // A client that leaves while the model thinks: the upstream connection closes at once
-        // (the provider stops generating) and the reservation is released, instead of waiting
-        // for an answer nobody will read. Most answers come sooner than a client gives up: the
-        // watch (a duplicated socket and a readiness wait) is armed only for an answer that
-        // keeps the client waiting past WATCH_AFTER; a timer costs no system call.
-        let client_fd = client.socket().as_raw_fd();
-        let read = {
-            let read = read_response_head(
-                w,
-                g,
-                client,
-                &mut conn,
-                ubuf,
-                plan,
-                req.extra,
-                req.inspect_sse,
-            );
-            let mut read = std::pin::pin!(read);
-            let quick = monoio::select! {
-                r = &mut read => Some(r),
-                // Boxed: monoio's `Sleep` is 640 bytes aligned to 128, which would pad
-                // every AI request's state around it.
-                _ = Box::pin(monoio::time::sleep(WATCH_AFTER)) => None,
-            };
-            match quick {
-                Some(r) => r,
-                None => match EarlyWatch::on_fd(client_fd) {
-                    Some(watch) => match watch.run_until_closed(read).await {
-                        Watched::Done(r) => r,
-                        Watched::Answered => return Ok(Attempted::ClientGone),
-                    },
-                    None => read.await,
-                },
-            }
+        let read = match answer(
+            w,
+            g,
+            client,
+            &mut conn,
+            ubuf,
+            plan,
+            req.extra,
+            req.inspect_sse,
+        )
+        .await
+        {
+            Answer::Read(r) => r,
+            Answer::ClientGone => return Ok(Attempted::ClientGone),
         };
         return match read {
             Ok((rp, ubuf)) => {

@@ -32,104 +32,111 @@ pub(super) enum RespError {
 
 /// Reads the upstream's response head within `response_timeout`, relaying
 /// interim (1xx) responses to the client on the way.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn read_response_head(
-    w: &Worker,
-    g: &Generation,
-    client: &mut Stream,
-    conn: &mut UpConn,
+///
+/// A plain `fn` around an `async move` block, so its arguments are held once (an
+/// `async fn` keeps them twice), in every request state that awaits it.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+pub(super) fn read_response_head<'a>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    conn: &'a mut UpConn,
     mut ubuf: PoolBuf,
-    plan: &Plan,
-    extra: &ExtraHeaders,
+    plan: &'a Plan,
+    extra: &'a ExtraHeaders,
     inspect_sse: bool,
-) -> Result<(RespPlan, PoolBuf), RespError> {
-    let conf = &g.upstream(plan.upstream).shared.conf;
-    let deadline = clock::now() + conf.response_timeout;
-    ubuf.clear();
-    let _ = ubuf.put(&[0u8; HEADROOM]);
-    let mut got_any = false;
-    // Set by each read: a head already in the buffer was not waited for here.
-    let mut read_at: Option<Instant> = None;
-    loop {
-        if ubuf.len() > HEADROOM {
-            match plan_response(
-                w,
-                g,
-                &mut ubuf,
-                plan,
-                shutdown::is_draining(),
-                extra.as_bytes(),
-                inspect_sse,
-            ) {
-                Ok(Parsed::Complete(rp)) if rp.interim => {
-                    // 100 Continue was already answered by Ringway; others
-                    // (103 Early Hints) go to HTTP/1.1 clients.
-                    if rp.status != 100 && plan.version == 1 {
-                        let r = rp.head_start..rp.head_end;
-                        ubuf = write_all(client, ubuf, r, g.server.body_timeout)
-                            .await
-                            .map_err(|()| RespError::Client)?;
+) -> impl std::future::Future<Output = Result<(RespPlan, PoolBuf), RespError>> + 'a {
+    async move {
+        let conf = &g.upstream(plan.upstream).shared.conf;
+        let deadline = clock::now() + conf.response_timeout;
+        ubuf.clear();
+        let _ = ubuf.put(&[0u8; HEADROOM]);
+        let mut got_any = false;
+        // Set by each read: a head already in the buffer was not waited for here.
+        let mut read_at: Option<Instant> = None;
+        loop {
+            if ubuf.len() > HEADROOM {
+                match plan_response(
+                    w,
+                    g,
+                    &mut ubuf,
+                    plan,
+                    shutdown::is_draining(),
+                    extra.as_bytes(),
+                    inspect_sse,
+                ) {
+                    Ok(Parsed::Complete(rp)) if rp.interim => {
+                        // 100 Continue was already answered by Ringway; others
+                        // (103 Early Hints) go to HTTP/1.1 clients.
+                        if rp.status != 100 && plan.version == 1 {
+                            let r = rp.head_start..rp.head_end;
+                            ubuf = write_all(client, ubuf, r, g.server.body_timeout)
+                                .await
+                                .map_err(|()| RespError::Client)?;
+                        }
+                        ubuf.consume(rp.head_end - HEADROOM);
+                        ubuf[..HEADROOM].fill(0);
+                        continue;
                     }
-                    ubuf.consume(rp.head_end - HEADROOM);
-                    ubuf[..HEADROOM].fill(0);
-                    continue;
+                    Ok(Parsed::Complete(mut rp)) => {
+                        rp.head_time = read_at.map_or(Duration::ZERO, |t| t.elapsed());
+                        return Ok((rp, ubuf));
+                    }
+                    Ok(Parsed::Partial) => {}
+                    Err(rej) => return Err(RespError::Reject(rej)),
                 }
-                Ok(Parsed::Complete(mut rp)) => {
-                    rp.head_time = read_at.map_or(Duration::ZERO, |t| t.elapsed());
-                    return Ok((rp, ubuf));
+            }
+            if ubuf.spare() == 0 {
+                let want = HEADROOM + g.limits.max_header_bytes + 1;
+                if ubuf.capacity() >= want {
+                    return Err(RespError::Reject(error::BAD_RESPONSE));
                 }
-                Ok(Parsed::Partial) => {}
-                Err(rej) => return Err(RespError::Reject(rej)),
+                let mut big = w
+                    .pool
+                    .acquire_within(want, conf.connect_timeout)
+                    .await
+                    .map_err(|_| RespError::Reject(error::NO_BUFFER.closing_if(true)))?;
+                let _ = big.put(&ubuf);
+                ubuf = big;
             }
-        }
-        if ubuf.spare() == 0 {
-            let want = HEADROOM + g.limits.max_header_bytes + 1;
-            if ubuf.capacity() >= want {
-                return Err(RespError::Reject(error::BAD_RESPONSE));
-            }
-            let mut big = w
-                .pool
-                .acquire_within(want, conf.connect_timeout)
-                .await
-                .map_err(|_| RespError::Reject(error::NO_BUFFER.closing_if(true)))?;
-            let _ = big.put(&ubuf);
-            ubuf = big;
-        }
-        let (len, cap) = (ubuf.len(), ubuf.capacity());
-        let armed = if got_any { None } else { conn.take_armed() };
-        let first = if got_any {
-            None
-        } else {
-            conn.stream().tcp_mut()
-        };
-        let read = match first {
-            // Nothing of the answer yet, on plain TCP: the wait may be long (a model
-            // thinking), so it holds no buffer (at once through the ring, else after a tick).
-            Some(tcp) => {
-                match first_read(w, tcp, armed, ubuf, deadline, conf.connect_timeout).await {
-                    FirstRead::Read(r, b) => Ok((r, b)),
-                    FirstRead::TimedOut => Err(()),
-                    FirstRead::NoAnswer => return Err(RespError::NoAnswer),
-                    FirstRead::NoBuffer => {
-                        return Err(RespError::Reject(error::NO_BUFFER.closing_if(true)))
+            let (len, cap) = (ubuf.len(), ubuf.capacity());
+            let armed = if got_any { None } else { conn.take_armed() };
+            let first = if got_any {
+                None
+            } else {
+                conn.stream().tcp_mut()
+            };
+            let read = match first {
+                // Nothing of the answer yet, on plain TCP: the wait may be long (a model
+                // thinking), so it holds no buffer (at once through the ring, else after a tick).
+                Some(tcp) => {
+                    match first_read(w, tcp, armed, ubuf, deadline, conf.connect_timeout).await {
+                        FirstRead::Read(r, b) => Ok((r, b)),
+                        FirstRead::TimedOut => Err(()),
+                        FirstRead::NoAnswer => return Err(RespError::NoAnswer),
+                        FirstRead::NoBuffer => {
+                            return Err(RespError::Reject(error::NO_BUFFER.closing_if(true)))
+                        }
                     }
                 }
-            }
-            None => deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap)))
-                .await
-                .map(|(r, s)| (r, s.into_inner()))
-                .map_err(|_| ()),
-        };
-        match read {
-            Ok((Ok(0), _)) | Ok((Err(_), _)) if !got_any => return Err(RespError::NoAnswer),
-            Ok((Ok(0), _)) | Ok((Err(_), _)) => {
-                return Err(RespError::Reject(error::BAD_GATEWAY.closing_if(true)))
-            }
-            Err(()) => return Err(RespError::Reject(error::RESPONSE_TIMEOUT)),
-            Ok((Ok(_), b)) => {
-                got_any = true;
-                ubuf = b;
-                read_at = Some(Instant::now());
+                None => {
+                    deadline::timeout_at(deadline, conn.stream().read(ubuf.slice_mut(len..cap)))
+                        .await
+                        .map(|(r, s)| (r, s.into_inner()))
+                        .map_err(|_| ())
+                }
+            };
+            match read {
+                Ok((Ok(0), _)) | Ok((Err(_), _)) if !got_any => return Err(RespError::NoAnswer),
+                Ok((Ok(0), _)) | Ok((Err(_), _)) => {
+                    return Err(RespError::Reject(error::BAD_GATEWAY.closing_if(true)))
+                }
+                Err(()) => return Err(RespError::Reject(error::RESPONSE_TIMEOUT)),
+                Ok((Ok(_), b)) => {
+                    got_any = true;
+                    ubuf = b;
+                    read_at = Some(Instant::now());
+                }
             }
         }
     }
@@ -160,77 +167,83 @@ enum FirstRead {
 /// requests waiting on a slow upstream hold no pool memory. The read is cancelled
 /// through monoio's cancel handle, which hands back whatever the kernel completed
 /// (a plain drop could lose bytes received in the meantime).
-async fn first_read(
-    w: &Worker,
-    tcp: &mut monoio::net::TcpStream,
+///
+/// A plain `fn` around an `async move` block, so its arguments are held once (an
+/// `async fn` keeps them twice), in every request state that awaits it.
+#[allow(clippy::manual_async_fn)]
+fn first_read<'a>(
+    w: &'a Worker,
+    tcp: &'a mut monoio::net::TcpStream,
     armed: Option<RingRecv>,
     ubuf: PoolBuf,
     deadline: Instant,
     acquire_limit: Duration,
-) -> FirstRead {
-    use monoio::io::{CancelableAsyncReadRent, Canceller};
-    // A pooled connection comes with its receive already armed; else one is armed now.
-    let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
-    if let Some(recv) = recv {
-        // The kernel picks a buffer when the answer starts, so `ubuf` goes back at once
-        // (the pool's checkout already took any receive an idle connection completed):
-        // a burst of requests waiting for their answers then holds only the ring's
-        // buffers (holding `ubuf` for a tick, thousands of waiting requests touched a
-        // page each). It is kept while requests queue for buffers: an answer that finds
-        // the ring empty then reads into it, rather than wait in that queue behind
-        // requests that cannot finish without buffers.
-        let spare = if w.pool.has_waiters() {
-            Some(ubuf)
-        } else {
-            // No cancel to wait for: the receive never held this buffer.
-            drop(ubuf);
-            None
-        };
-        let got = match deadline::timeout_at(deadline, recv).await {
-            Ok(got) => got,
-            Err(_) => return FirstRead::TimedOut,
-        };
-        return match (got, spare) {
-            (Received::Data(b), _) => FirstRead::Read(Ok(b.len() - HEADROOM), b),
-            (Received::Eof, _) | (Received::Failed(_), _) => FirstRead::NoAnswer,
-            // The ring was empty: read into the buffer kept, or wait for readiness and a
-            // buffer.
-            // Both waits are boxed: they are rare (the ring ran dry), and inline they would
-            // size every request's state, an open stream's too.
-            (Received::NoBuffer, Some(ubuf)) => {
-                let (len, cap) = (ubuf.len(), ubuf.capacity());
-                let read = deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap)));
-                match Box::pin(read).await {
-                    Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
-                    Err(_) => FirstRead::TimedOut,
+) -> impl std::future::Future<Output = FirstRead> + 'a {
+    async move {
+        use monoio::io::{CancelableAsyncReadRent, Canceller};
+        // A pooled connection comes with its receive already armed; else one is armed now.
+        let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
+        if let Some(recv) = recv {
+            // The kernel picks a buffer when the answer starts, so `ubuf` goes back at once
+            // (the pool's checkout already took any receive an idle connection completed):
+            // a burst of requests waiting for their answers then holds only the ring's
+            // buffers (holding `ubuf` for a tick, thousands of waiting requests touched a
+            // page each). It is kept while requests queue for buffers: an answer that finds
+            // the ring empty then reads into it, rather than wait in that queue behind
+            // requests that cannot finish without buffers.
+            let spare = if w.pool.has_waiters() {
+                Some(ubuf)
+            } else {
+                // No cancel to wait for: the receive never held this buffer.
+                drop(ubuf);
+                None
+            };
+            let got = match deadline::timeout_at(deadline, recv).await {
+                Ok(got) => got,
+                Err(_) => return FirstRead::TimedOut,
+            };
+            return match (got, spare) {
+                (Received::Data(b), _) => FirstRead::Read(Ok(b.len() - HEADROOM), b),
+                (Received::Eof, _) | (Received::Failed(_), _) => FirstRead::NoAnswer,
+                // The ring was empty: read into the buffer kept, or wait for readiness and a
+                // buffer.
+                // Both waits are boxed: they are rare (the ring ran dry), and inline they would
+                // size every request's state, an open stream's too.
+                (Received::NoBuffer, Some(ubuf)) => {
+                    let (len, cap) = (ubuf.len(), ubuf.capacity());
+                    let read = deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap)));
+                    match Box::pin(read).await {
+                        Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
+                        Err(_) => FirstRead::TimedOut,
+                    }
+                }
+                (Received::NoBuffer, None) => {
+                    Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
+                }
+            };
+        }
+        let (len, cap) = (ubuf.len(), ubuf.capacity());
+        let (res, s) = {
+            let canceller = Canceller::new();
+            let read = tcp.cancelable_read(ubuf.slice_mut(len..cap), canceller.handle());
+            let mut read = std::pin::pin!(read);
+            match deadline::timeout(HOLD_BUFFER_FOR, &mut read).await {
+                Ok(done) => done,
+                Err(_) => {
+                    drop(canceller.cancel());
+                    read.await
                 }
             }
-            (Received::NoBuffer, None) => {
-                Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
-            }
         };
-    }
-    let (len, cap) = (ubuf.len(), ubuf.capacity());
-    let (res, s) = {
-        let canceller = Canceller::new();
-        let read = tcp.cancelable_read(ubuf.slice_mut(len..cap), canceller.handle());
-        let mut read = std::pin::pin!(read);
-        match deadline::timeout(HOLD_BUFFER_FOR, &mut read).await {
-            Ok(done) => done,
-            Err(_) => {
-                drop(canceller.cancel());
-                read.await
-            }
+        match res {
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
+            res => return FirstRead::Read(res, s.into_inner()),
         }
-    };
-    match res {
-        Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-        res => return FirstRead::Read(res, s.into_inner()),
+        // Cancelled with nothing read: the buffer goes back while the upstream thinks
+        // (boxed, as above: the upstream was slow, an allocation is nothing beside that).
+        drop(s);
+        Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
     }
-    // Cancelled with nothing read: the buffer goes back while the upstream thinks
-    // (boxed, as above: the upstream was slow, an allocation is nothing beside that).
-    drop(s);
-    Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
 }
 
 /// The first read of an answer once the socket is readable, into a buffer taken then.
@@ -272,112 +285,118 @@ async fn read_when_readable(
 
 /// Sends the response head and body to the client. `up_idle` bounds each
 /// wait on the upstream; each wait on the client is bounded by `body_timeout`.
-pub(super) async fn relay_response(
-    w: &Worker,
-    g: &Generation,
-    client: &mut Stream,
-    conn: &mut UpConn,
+///
+/// A plain `fn` around an `async move` block, so its arguments are held once (an
+/// `async fn` keeps them twice), in every request state that awaits it.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn relay_response<'a>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    conn: &'a mut UpConn,
     mut ubuf: PoolBuf,
-    rp: &RespPlan,
+    rp: &'a RespPlan,
     up_idle: Duration,
-) -> Result<Relayed, XferError> {
-    let in_buf = ubuf.len() - rp.head_end;
-    let head_len = (rp.head_end - rp.head_start) as u64;
-    let write_err = |()| XferError::Eof(Side::Client);
-    let client_idle = g.server.body_timeout;
-    match rp.body {
-        BodyKind::None => {
-            write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
+) -> impl std::future::Future<Output = Result<Relayed, XferError>> + 'a {
+    async move {
+        let in_buf = ubuf.len() - rp.head_end;
+        let head_len = (rp.head_end - rp.head_start) as u64;
+        let write_err = |()| XferError::Eof(Side::Client);
+        let client_idle = g.server.body_timeout;
+        match rp.body {
+            BodyKind::None => {
+                write_all(client, ubuf, rp.head_start..rp.head_end, client_idle)
+                    .await
+                    .map_err(write_err)?;
+                // Bytes after a body-less response mean a confused upstream.
+                Ok(Relayed {
+                    bytes: head_len,
+                    upstream_clean: in_buf == 0,
+                })
+            }
+            BodyKind::Length(n) => {
+                let first = n.min(in_buf as u64) as usize;
+                ubuf = write_all(
+                    client,
+                    ubuf,
+                    rp.head_start..rp.head_end + first,
+                    client_idle,
+                )
                 .await
                 .map_err(write_err)?;
-            // Bytes after a body-less response mean a confused upstream.
-            Ok(Relayed {
-                bytes: head_len,
-                upstream_clean: in_buf == 0,
-            })
-        }
-        BodyKind::Length(n) => {
-            let first = n.min(in_buf as u64) as usize;
-            ubuf = write_all(
-                client,
-                ubuf,
-                rp.head_start..rp.head_end + first,
-                client_idle,
-            )
-            .await
-            .map_err(write_err)?;
-            let remaining = n - first as u64;
-            let relayed = Relayed {
-                bytes: head_len + n,
-                upstream_clean: in_buf as u64 <= n,
-            };
-            if remaining == 0 {
-                return Ok(relayed);
+                let remaining = n - first as u64;
+                let relayed = Relayed {
+                    bytes: head_len + n,
+                    upstream_clean: in_buf as u64 <= n,
+                };
+                if remaining == 0 {
+                    return Ok(relayed);
+                }
+                let mut r = Route {
+                    src: conn.stream(),
+                    ring: w.ring.get(),
+                    src_side: Side::Upstream,
+                    src_idle: up_idle,
+                    dst: client,
+                    dst_side: Side::Client,
+                    dst_idle: client_idle,
+                };
+                if remaining >= g.splice_min && r.can_splice() {
+                    drop(ubuf);
+                    transfer::splice_exact(&mut r, &w.pipes, remaining).await?;
+                } else {
+                    ubuf.clear();
+                    transfer::copy_exact(&mut r, ubuf, remaining).await?;
+                }
+                Ok(relayed)
             }
-            let mut r = Route {
-                src: conn.stream(),
-                ring: w.ring.get(),
-                src_side: Side::Upstream,
-                src_idle: up_idle,
-                dst: client,
-                dst_side: Side::Client,
-                dst_idle: client_idle,
-            };
-            if remaining >= g.splice_min && r.can_splice() {
-                drop(ubuf);
-                transfer::splice_exact(&mut r, &w.pipes, remaining).await?;
-            } else {
+            BodyKind::Chunked => {
+                let mut decoder = ChunkedDecoder::new(u64::MAX);
+                let mut r = Route {
+                    src: conn.stream(),
+                    ring: w.ring.get(),
+                    src_side: Side::Upstream,
+                    src_idle: up_idle,
+                    dst: client,
+                    dst_side: Side::Client,
+                    dst_idle: client_idle,
+                };
+                let (head_start, head_end) = (rp.head_start, rp.head_end);
+                let rest = transfer::forward_chunked(
+                    &mut r,
+                    ubuf,
+                    head_start,
+                    head_end,
+                    &mut decoder,
+                    rp.dechunk,
+                )
+                .await?;
+                Ok(Relayed {
+                    bytes: head_len + decoder.body_bytes(),
+                    upstream_clean: rest.as_ref().is_none_or(|b| b.is_empty()),
+                })
+            }
+            BodyKind::CloseDelimited => {
+                let end = ubuf.len();
+                ubuf = write_all(client, ubuf, rp.head_start..end, client_idle)
+                    .await
+                    .map_err(write_err)?;
                 ubuf.clear();
-                transfer::copy_exact(&mut r, ubuf, remaining).await?;
+                let mut r = Route {
+                    src: conn.stream(),
+                    ring: w.ring.get(),
+                    src_side: Side::Upstream,
+                    src_idle: up_idle,
+                    dst: client,
+                    dst_side: Side::Client,
+                    dst_idle: client_idle,
+                };
+                let n = transfer::copy_to_eof(&mut r, ubuf).await?;
+                Ok(Relayed {
+                    bytes: (end - rp.head_start) as u64 + n,
+                    upstream_clean: false,
+                })
             }
-            Ok(relayed)
-        }
-        BodyKind::Chunked => {
-            let mut decoder = ChunkedDecoder::new(u64::MAX);
-            let mut r = Route {
-                src: conn.stream(),
-                ring: w.ring.get(),
-                src_side: Side::Upstream,
-                src_idle: up_idle,
-                dst: client,
-                dst_side: Side::Client,
-                dst_idle: client_idle,
-            };
-            let (head_start, head_end) = (rp.head_start, rp.head_end);
-            let rest = transfer::forward_chunked(
-                &mut r,
-                ubuf,
-                head_start,
-                head_end,
-                &mut decoder,
-                rp.dechunk,
-            )
-            .await?;
-            Ok(Relayed {
-                bytes: head_len + decoder.body_bytes(),
-                upstream_clean: rest.as_ref().is_none_or(|b| b.is_empty()),
-            })
-        }
-        BodyKind::CloseDelimited => {
-            let end = ubuf.len();
-            ubuf = write_all(client, ubuf, rp.head_start..end, client_idle)
-                .await
-                .map_err(write_err)?;
-            ubuf.clear();
-            let mut r = Route {
-                src: conn.stream(),
-                ring: w.ring.get(),
-                src_side: Side::Upstream,
-                src_idle: up_idle,
-                dst: client,
-                dst_side: Side::Client,
-                dst_idle: client_idle,
-            };
-            let n = transfer::copy_to_eof(&mut r, ubuf).await?;
-            Ok(Relayed {
-                bytes: (end - rp.head_start) as u64 + n,
-                upstream_clean: false,
-            })
         }
     }
 }
@@ -409,7 +428,7 @@ pub(super) async fn write_head(
     range: std::ops::Range<usize>,
     idle: Duration,
 ) -> Result<PoolBuf, Option<PoolBuf>> {
-    use monoio::{buf::IoBuf, io::AsyncWriteRentExt};
+    use monoio::buf::IoBuf;
     if range.is_empty() {
         return Ok(buf);
     }
