@@ -1,6 +1,7 @@
 //! Workers: one pinned thread per core, each running its own monoio runtime
 //! with its own listeners, buffer pool, pipes and upstream pools.
 
+mod accept;
 pub mod clock;
 pub mod deadline;
 pub mod driver;

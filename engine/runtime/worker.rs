@@ -22,7 +22,7 @@ use std::{
 use arc_swap::ArcSwap;
 use monoio::net::{ListenerOpts, TcpListener};
 
-use super::{deadline, shutdown};
+use super::{accept, deadline, shutdown};
 use crate::{
     accesslog,
     buf::{BufPool, PipePool, RecvRing},
@@ -504,9 +504,18 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind_with_config(addr, &opts)
 }
 
+/// The most connections taken from a listener's queue at once after an accept completes,
+/// before the loop yields to the requests already running.
+const ACCEPT_BURST: usize = 256;
+
 async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, stop: Rc<Stop>) {
     // Shared by every connection it accepts (an idle connection keeps 8 bytes, not 32).
     let shared_addr = Rc::new(addr);
+    // On io_uring an accept operation takes one connection, and the next is submitted only
+    // at the next turn of the loop: under load (long turns) a burst of new connections was
+    // taken at one per turn, and the last waited a second in the queue. Those already
+    // queued are taken now, as epoll's accept loop does.
+    let uring = w.stats.driver.get() > 0;
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -514,32 +523,13 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, sto
         };
         match accepted {
             Ok((stream, peer)) => {
-                w.stats.accepted.add(1);
-                // A listener's TLS settings as of this accept: a reload that
-                // changes certificates leaves this connection on the old ones.
-                let tls = {
-                    let g = w.generation();
-                    g.listener_index(addr)
-                        .and_then(|i| g.shared.listener_tls.get(i).cloned().flatten())
-                };
-                match tls {
-                    None => {
-                        monoio::spawn(proxy::serve(
-                            w.clone(),
-                            Stream::Plain(stream),
-                            peer,
-                            shared_addr.clone(),
-                            None,
-                        ));
-                    }
-                    Some(tls) => {
-                        monoio::spawn(proxy::serve_tls(
-                            w.clone(),
-                            stream,
-                            tls,
-                            peer,
-                            shared_addr.clone(),
-                        ));
+                serve_accepted(&w, stream, peer, addr, &shared_addr);
+                if uring {
+                    for _ in 1..ACCEPT_BURST {
+                        let Some((stream, peer)) = accept::queued(&listener) else {
+                            break;
+                        };
+                        serve_accepted(&w, stream, peer, addr, &shared_addr);
                     }
                 }
             }
@@ -548,6 +538,43 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, addr: SocketAddr, sto
                 log::warn(&format!("worker {}: accept failed: {e}", w.id));
                 monoio::time::sleep(Duration::from_millis(20)).await;
             }
+        }
+    }
+}
+
+/// Starts serving an accepted connection, on the listener's TLS settings as of now: a
+/// reload that changes certificates leaves this connection on the old ones.
+fn serve_accepted(
+    w: &Rc<Worker>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    addr: SocketAddr,
+    shared_addr: &Rc<SocketAddr>,
+) {
+    w.stats.accepted.add(1);
+    let tls = {
+        let g = w.generation();
+        g.listener_index(addr)
+            .and_then(|i| g.shared.listener_tls.get(i).cloned().flatten())
+    };
+    match tls {
+        None => {
+            monoio::spawn(proxy::serve(
+                w.clone(),
+                Stream::Plain(stream),
+                peer,
+                shared_addr.clone(),
+                None,
+            ));
+        }
+        Some(tls) => {
+            monoio::spawn(proxy::serve_tls(
+                w.clone(),
+                stream,
+                tls,
+                peer,
+                shared_addr.clone(),
+            ));
         }
     }
 }
