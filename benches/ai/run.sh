@@ -108,7 +108,8 @@ cleanup() {
     kill -KILL "$p" 2>/dev/null
   done
   wait 2>/dev/null
-  if [ "${KEEP_WORK:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+  # A failed run keeps its logs.
+  if [ "${KEEP_WORK:-0}" = 1 ] || [ "$rc" != 0 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
   exit $rc
 }
 trap cleanup EXIT
