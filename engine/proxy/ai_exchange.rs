@@ -11,6 +11,7 @@ use super::{
     record::Record,
     reject::{reject, reject_with},
     request::Plan,
+    response::RespPlan,
 };
 use ringway_filters::limit::window::LimitHeaders;
 
@@ -18,14 +19,14 @@ use crate::{
     ai::{
         self,
         account::AiCtx,
-        request::{capture, Fail, ModelSlot},
+        request::{capture, AiRequest, Fail, ModelSlot},
     },
     buf::PoolBuf,
     config::Unpriced,
     filter::Filter,
     runtime::{Generation, Worker},
     transport::Stream,
-    upstream::health::now_ms,
+    upstream::{health::now_ms, UpConn},
 };
 
 /// Output tokens reserved when the request names no `max_tokens`.
@@ -54,24 +55,7 @@ pub(super) fn exchange<'a>(
 ) -> impl std::future::Future<Output = Next> + 'a {
     async move {
         let route_ai = ai::route(&g.shared, plan.route);
-        // Destructured in the statement that awaits it, so nothing of the result outlives it.
-        let Prepared {
-            mut ctx,
-            served:
-                Served {
-                    mut conn,
-                    rp,
-                    ubuf,
-                    sent_at,
-                    first_sent_at,
-                    attempts,
-                },
-            pipelined,
-            body_len,
-            slot,
-            own_before,
-            captured_at,
-        } = match prepare(
+        let prepared = match prepare(
             w,
             g,
             client,
@@ -86,26 +70,15 @@ pub(super) fn exchange<'a>(
             Ok(p) => p,
             Err(next) => return next,
         };
-        ctx.sent_at = sent_at;
-        // Charged at the price of the model the serving upstream was sent.
-        if let Some(p) = slot
-            .as_ref()
-            .and_then(|s| g.shared.cfg.prices.find(&s.sent))
-        {
-            ctx.price = Some(p);
-        }
-        let pool = g.upstream(plan.upstream);
-        let idle = pool.shared.conf.response_timeout;
-        record.sent_to(conn.addr, plan.upstream, attempts);
-        record.bytes_in += body_len as u64;
-        // Usage is charged under the name the serving upstream was sent.
-        if let Some(s) = slot {
-            ctx.model = Some(s.sent.clone());
-            record.model = Some(s.sent);
-        }
-        record.status = rp.status;
-        record.upstream_time = Some(ctx.sent_at.elapsed());
-        ctx.status = rp.status;
+        let Relaying {
+            mut ctx,
+            mut conn,
+            rp,
+            ubuf,
+            pipelined,
+            own,
+        } = answered(g, &plan, &mut record, prepared);
+        let idle = g.upstream(plan.upstream).shared.conf.response_timeout;
 
         let relayed = ai::relay::relay(
             g,
@@ -128,8 +101,7 @@ pub(super) fn exchange<'a>(
                 ));
             }
         }
-        let own = own_before + first_sent_at.saturating_duration_since(captured_at);
-        record.overhead = Some(own + rp.head_time + ctx.busy);
+        record.overhead = Some(own + ctx.busy);
         match relayed {
             Ok((bytes, clean)) => {
                 record.bytes_out = bytes;
@@ -154,6 +126,68 @@ struct Prepared {
     own_before: std::time::Duration,
     /// When the body scan ended.
     captured_at: std::time::Instant,
+}
+
+/// What the relay of an answered AI request needs.
+struct Relaying {
+    ctx: AiCtx,
+    conn: UpConn,
+    rp: RespPlan,
+    ubuf: PoolBuf,
+    /// Bytes the client sent after this request.
+    pipelined: Option<PoolBuf>,
+    /// Ringway's own time up to the answer's head (the relay's is added after it).
+    own: std::time::Duration,
+}
+
+/// Books an answered request (the record; the price and the model it is charged under) and
+/// keeps only what its relay needs. Bound in the exchange, the rest of [`Prepared`] (the model
+/// slot, the times) stayed in its state for the whole relay, an open stream's too.
+fn answered(g: &Generation, plan: &Plan, record: &mut Record<'_>, p: Prepared) -> Relaying {
+    let Prepared {
+        mut ctx,
+        served:
+            Served {
+                conn,
+                rp,
+                ubuf,
+                sent_at,
+                first_sent_at,
+                attempts,
+            },
+        pipelined,
+        body_len,
+        slot,
+        own_before,
+        captured_at,
+    } = p;
+    ctx.sent_at = sent_at;
+    // Charged at the price of the model the serving upstream was sent.
+    if let Some(p) = slot
+        .as_ref()
+        .and_then(|s| g.shared.cfg.prices.find(&s.sent))
+    {
+        ctx.price = Some(p);
+    }
+    record.sent_to(conn.addr, plan.upstream, attempts);
+    record.bytes_in += body_len as u64;
+    // Usage is charged under the name the serving upstream was sent.
+    if let Some(s) = slot {
+        ctx.model = Some(s.sent.clone());
+        record.model = Some(s.sent);
+    }
+    record.status = rp.status;
+    record.upstream_time = Some(ctx.sent_at.elapsed());
+    ctx.status = rp.status;
+    let own = own_before + first_sent_at.saturating_duration_since(captured_at) + rp.head_time;
+    Relaying {
+        ctx,
+        conn,
+        rp,
+        ubuf,
+        pipelined,
+        own,
+    }
 }
 
 /// An AI request up to its upstream's answer: body captured and edited, tokens and dollars
@@ -183,19 +217,10 @@ fn prepare<'a, 'r>(
         let identity = route_ai.accounts();
         let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
         let before_capture = record.since_head(std::time::Instant::now());
-        // Boxed apart and freed once the body is read: inline, its 1.8 KiB would stay in
-        // every open stream's state.
-        let captured = super::in_place(|| capture(w, g, client, cbuf, plan, route_ai, plan.chat));
-        let captured = captured.await;
-        // A failure is answered with the result moved out whole (`err()`) before the answer is
-        // awaited: a result only partly moved would stay in this state for the whole wait.
-        let (mut req, pipelined) = match captured {
+        let (mut req, pipelined) = match captured(w, g, client, cbuf, plan, route_ai, record).await
+        {
             Ok(v) => v,
-            Err(_) => {
-                return Err(
-                    capture_failed(w, g, client, record, plan.is_head, captured.err()).await,
-                )
-            }
+            Err(next) => return Err(next),
         };
         // One clock read less on the common path: the scan just ended.
         let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
@@ -253,7 +278,8 @@ fn prepare<'a, 'r>(
                         record.status = 400;
                         let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
                         let keep = if rej.close { None } else { pipelined };
-                        return Err(reject(w, g, client, rej, plan.is_head, keep).await);
+                        // Boxed, as every answer of a failure here.
+                        return Err(Box::pin(reject(w, g, client, rej, plan.is_head, keep)).await);
                     }
                 }
             } else {
@@ -294,9 +320,8 @@ fn prepare<'a, 'r>(
                 };
                 let rej = rej.closing_if(!plan.keep_alive);
                 let keep = if rej.close { None } else { pipelined };
-                return Err(
-                    reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str()).await,
-                );
+                let answer = reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str());
+                return Err(Box::pin(answer).await);
             }
         }
         for h in tightest.iter().flatten() {
@@ -327,7 +352,8 @@ fn prepare<'a, 'r>(
         let served = match served {
             Ok(s) => s,
             Err(_) => {
-                return Err(unserved(w, g, client, &mut ctx, record, head_only, served.err()).await)
+                let answer = unserved(w, g, client, &mut ctx, record, head_only, served.err());
+                return Err(Box::pin(answer).await);
             }
         };
         Ok(Prepared {
@@ -357,22 +383,30 @@ fn unpriced_allowed(model: Option<&str>) {
     }
 }
 
-/// Answers a body capture that failed (`None`: it did not); what happens to the
-/// connection then.
-async fn capture_failed(
+/// The request's body, captured, scanned and edited: boxed apart and freed once read (inline,
+/// its 1.8 KiB would stay in every open stream's state). A capture that failed is answered
+/// here, and what happens to the connection then is the error.
+///
+/// Its own future, so the capture's result (248 bytes) lives in it only: awaited in
+/// [`prepare`] itself, the result took a slot of its own there, beside every later wait.
+async fn captured(
     w: &Worker,
     g: &Generation,
     client: &mut Stream,
+    cbuf: PoolBuf,
+    plan: &Plan,
+    route_ai: &ai::AiRoute,
     record: &mut Record<'_>,
-    head_only: bool,
-    fail: Option<Fail>,
-) -> Next {
-    match fail {
-        Some(Fail::Reject(rej)) => {
+) -> Result<(AiRequest, Option<PoolBuf>), Next> {
+    let captured = super::in_place(|| capture(w, g, client, cbuf, plan, route_ai, plan.chat)).await;
+    match captured {
+        Ok(v) => Ok(v),
+        Err(Fail::Reject(rej)) => {
             record.status = rej.status;
-            reject(w, g, client, rej, head_only, None).await
+            // Boxed: rare, and inline it would size every request's state.
+            Err(Box::pin(reject(w, g, client, rej, plan.is_head, None)).await)
         }
-        Some(Fail::Gone) | None => Next::Close,
+        Err(Fail::Gone) => Err(Next::Close),
     }
 }
 
