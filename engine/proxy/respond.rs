@@ -15,7 +15,7 @@ use super::{
 };
 use crate::runtime::clock;
 use crate::{
-    buf::{PoolBuf, Received, RingRecv},
+    buf::{PoolBuf, Received, RecvRing, RingRecv},
     h1::{BodyKind, ChunkedDecoder, Parsed},
     runtime::{deadline, shutdown, Generation, Worker},
     upstream::UpConn,
@@ -283,6 +283,27 @@ async fn read_when_readable(
     }
 }
 
+/// The route of a response body: from the upstream (each read bounded by `up_idle`, the
+/// waits between reads through the worker's receive ring where it has one) to the client (each
+/// write bounded by `client_idle`).
+fn download<'a>(
+    up: &'a mut Stream,
+    client: &'a mut Stream,
+    ring: Option<&'a RecvRing>,
+    up_idle: Duration,
+    client_idle: Duration,
+) -> Route<'a> {
+    Route {
+        src: up,
+        ring,
+        src_side: Side::Upstream,
+        src_idle: up_idle,
+        dst: client,
+        dst_side: Side::Client,
+        dst_idle: client_idle,
+    }
+}
+
 /// Sends the response head and body to the client. `up_idle` bounds each
 /// wait on the upstream; each wait on the client is bounded by `body_timeout`.
 ///
@@ -332,15 +353,7 @@ pub(super) fn relay_response<'a>(
                 if remaining == 0 {
                     return Ok(relayed);
                 }
-                let mut r = Route {
-                    src: conn.stream(),
-                    ring: w.ring.get(),
-                    src_side: Side::Upstream,
-                    src_idle: up_idle,
-                    dst: client,
-                    dst_side: Side::Client,
-                    dst_idle: client_idle,
-                };
+                let mut r = download(conn.stream(), client, w.ring.get(), up_idle, client_idle);
                 if remaining >= g.splice_min && r.can_splice() {
                     drop(ubuf);
                     transfer::splice_exact(&mut r, &w.pipes, remaining).await?;
@@ -352,15 +365,7 @@ pub(super) fn relay_response<'a>(
             }
             BodyKind::Chunked => {
                 let mut decoder = ChunkedDecoder::new(u64::MAX);
-                let mut r = Route {
-                    src: conn.stream(),
-                    ring: w.ring.get(),
-                    src_side: Side::Upstream,
-                    src_idle: up_idle,
-                    dst: client,
-                    dst_side: Side::Client,
-                    dst_idle: client_idle,
-                };
+                let mut r = download(conn.stream(), client, w.ring.get(), up_idle, client_idle);
                 let (head_start, head_end) = (rp.head_start, rp.head_end);
                 let rest = transfer::forward_chunked(
                     &mut r,
@@ -382,15 +387,7 @@ pub(super) fn relay_response<'a>(
                     .await
                     .map_err(write_err)?;
                 ubuf.clear();
-                let mut r = Route {
-                    src: conn.stream(),
-                    ring: w.ring.get(),
-                    src_side: Side::Upstream,
-                    src_idle: up_idle,
-                    dst: client,
-                    dst_side: Side::Client,
-                    dst_idle: client_idle,
-                };
+                let mut r = download(conn.stream(), client, w.ring.get(), up_idle, client_idle);
                 let n = transfer::copy_to_eof(&mut r, ubuf).await?;
                 Ok(Relayed {
                     bytes: (end - rp.head_start) as u64 + n,
