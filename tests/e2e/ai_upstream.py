@@ -689,6 +689,16 @@ class AiUpstreamProc:
         """The log entries (optionally those with x-test-tag: tag)."""
         return self._get("/_log" + ("?tag=%s" % tag if tag else ""))["entries"]
 
+    def wait_entries(self, tag, n, timeout=5.0):
+        """The entries with x-test-tag: tag, once there are n of them (or the timeout passed).
+        The mock records a request after answering it, so a client can read the answer first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.entries(tag)
+            if len(got) >= n or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.01)
+
     def reset(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
             s.sendall(b"POST /_log/reset HTTP/1.1\r\nHost: upstream\r\nContent-Length: 0\r\n"

@@ -331,8 +331,8 @@ def test_openai_sdk_through_ringway_matches_direct_and_counts_exact_usage(gw, ai
     ck.ok(got["chat stream include_usage"] and got["chat stream include_usage"][-1]["usage"] is not None,
           "chat stream with include_usage [%s]: the client asked for usage and did not get it" % mode)
 
-    ev = ai_up.entries(tag_v)
-    de = ai_up.entries(tag_d)
+    ev = ai_up.wait_entries(tag_v, 5)
+    de = ai_up.wait_entries(tag_d, 5)
     ck.eq(len(ev), 5, "upstream entries through ringway")
     for v, d in zip(ev, de):
         vb, db = json.loads(v["body"]), json.loads(d["body"])
@@ -384,7 +384,7 @@ def test_anthropic_sdk_through_ringway_matches_direct_and_counts_exact_usage(gw,
               % (case, mode, first_diff(got[case], want[case])))
     text = "".join(e["delta"]["text"] for e in got["stream"] if e["type"] == "content_block_delta")
     ck.eq(text, words_text(11), "stream [%s]: assembled text" % mode)
-    ev, de = ai_up_b.entries(tag_v), ai_up_b.entries(tag_d)
+    ev, de = ai_up_b.wait_entries(tag_v, 3), ai_up_b.wait_entries(tag_d, 3)
     ck.eq(len(ev), 3, "upstream entries through ringway")
     for v, d in zip(ev, de):
         ck.ok(v["body"] == d["body"], "%s stream=%s: the upstream got a different body through ringway "

@@ -104,7 +104,7 @@ def test_accounted_route_asks_the_upstream_for_identity_whatever_the_client_acce
     direct = OpenAI(base_url=ai_up.base + "/v1", api_key="x", max_retries=0, timeout=30)
     d_chat = direct.chat.completions.create(model="gpt-ae", messages=msgs("identity please"), max_tokens=9,
                                             extra_headers=dict(h, **{"x-test-tag": tag_d})).model_dump()
-    de = ai_up.entries(tag_d)
+    de = ai_up.wait_entries(tag_d, 1)
     ck.ok(de and de[0]["content_encoding"] == "gzip",
           "control: the SDK's direct call was not answered gzip (entry %r), so this test proves nothing"
           % (de and {"accept-encoding": header_values(de[0], "accept-encoding"),
@@ -133,7 +133,7 @@ def test_accounted_route_asks_the_upstream_for_identity_whatever_the_client_acce
     ck.eq(r.status, 200, "raw request without Accept-Encoding: status")
     ck.eq(r.get("content-encoding"), None, "raw request without Accept-Encoding: reply coding")
     for r_id, _, up, tag in sent:
-        for e in up.entries(tag):
+        for e in up.wait_entries(tag, 1):
             ck.eq(header_values(e, "accept-encoding"), ["identity"],
                   "%s %s: Accept-Encoding fields the upstream got" % (r_id, e["path"]))
             ck.eq(e["content_encoding"], None, "%s %s: the upstream's reply coding" % (r_id, e["path"]))
