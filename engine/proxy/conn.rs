@@ -23,9 +23,10 @@ use super::{
     limits::check_limits,
     park::{bytes_in_buffer, parked_during, Kept},
     record::{Record, TlsFacts},
-    reject::{linger, reject, reject_with},
+    reject::{reject, reject_with},
+    relay_stage::{body_in_hand, respond, Forwarded, Relay},
     request::{Plan, HEADROOM},
-    respond::{read_response_head, relay_response, write_all, RespError},
+    respond::{read_response_head, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
     send::{
         body_buffered, check_buffered_chunks, keep_pipelined, parked_whole, send_head, send_parked,
@@ -376,8 +377,17 @@ fn exchange<'a>(
                 super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra)
             }));
         }
-        let next = forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await;
-        Handoff::Done(next)
+        let relay = match forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await {
+            Forwarded::Done(next) => return Handoff::Done(next),
+            // A body still to come is relayed in a stage of its own: an open stream does
+            // not keep this state (the head's, the connect's and the send's), only the relay's.
+            Forwarded::Relay(relay) => {
+                return Handoff::Then(Last::stage(|| respond(w, g, client, record, relay)))
+            }
+            // Nothing to wait for: answered here, with no stage of its own to allocate.
+            Forwarded::InHand(relay) => relay,
+        };
+        Handoff::Done(respond(w, g, client, &mut record, relay).await)
     }
 }
 
@@ -440,7 +450,7 @@ fn forward<'a, 'r>(
     cbuf: PoolBuf,
     record: &'a mut Record<'r>,
     extra: &'a mut ExtraHeaders,
-) -> impl std::future::Future<Output = Next> + use<'a, 'r> {
+) -> impl std::future::Future<Output = Forwarded> + use<'a, 'r> {
     async move {
         let has_body = !matches!(plan.body, BodyKind::None | BodyKind::Length(0));
         let unread_body = unread_body(plan, &cbuf);
@@ -449,7 +459,7 @@ fn forward<'a, 'r>(
             Ok(b) => b,
             Err(rej) => {
                 record.status = rej.status;
-                return reject(w, g, client, rej, plan.is_head, None).await;
+                return reject(w, g, client, rej, plan.is_head, None).await.into();
             }
         };
         let pool = g.upstream(plan.upstream);
@@ -470,7 +480,7 @@ fn forward<'a, 'r>(
         );
         let (mut conn, kept) = match conn.await {
             Ok(v) => v,
-            Err(next) => return next,
+            Err(next) => return next.into(),
         };
 
         record.sent_to(conn.addr, plan.upstream, 1);
@@ -501,7 +511,7 @@ fn forward<'a, 'r>(
                 let Some(cbuf) = kept.into_buffer(pool.shared.conf.connect_timeout).await else {
                     record.status = 503;
                     let rej = error::NO_BUFFER.closing_if(true);
-                    return reject(w, g, client, rej, plan.is_head, None).await;
+                    return reject(w, g, client, rej, plan.is_head, None).await.into();
                 };
                 if matches!(plan.body, BodyKind::None | BodyKind::CloseDelimited) {
                     send_head(g, &mut conn, cbuf, plan).await
@@ -521,7 +531,7 @@ fn forward<'a, 'r>(
         }
         let mut cbuf = match sent_or_reject(w, g, client, plan, record, sent, replayable).await {
             Ok(sent) => sent.head_copied(plan),
-            Err(next) => return next,
+            Err(next) => return next.into(),
         };
 
         let up_idle = pool.shared.conf.response_timeout;
@@ -542,8 +552,7 @@ fn forward<'a, 'r>(
                         error::NO_BUFFER.closing_if(true),
                         plan.is_head,
                         None,
-                    )
-                    .await;
+                    ).await.into();
                 }
             };
             let failed =
@@ -552,7 +561,7 @@ fn forward<'a, 'r>(
                     Err(e) => e,
                 };
             let rej = match failed {
-                RespError::Client => return Next::Close,
+                RespError::Client => return Next::Close.into(),
                 RespError::Reject(rej) => {
                     // A garbage head or a timeout is the endpoint's failure.
                     if rej.status >= 502 && rej != error::NO_BUFFER.closing_if(true) {
@@ -597,10 +606,10 @@ fn forward<'a, 'r>(
                                 None => {
                                     record.status = 503;
                                     let rej = error::NO_BUFFER.closing_if(true);
-                                    return reject(w, g, client, rej, plan.is_head, None).await;
+                                    return reject(w, g, client, rej, plan.is_head, None).await.into();
                                 }
                             },
-                            Sent::Pipelined(_) | Sent::Early => return Next::Close,
+                            Sent::Pipelined(_) | Sent::Early => return Next::Close.into(),
                         };
                         // A replacement that cannot connect is a connect failure
                         // like any other: that endpoint is out, try the next.
@@ -634,7 +643,7 @@ fn forward<'a, 'r>(
                 }
             };
             record.status = rej.status;
-            return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await;
+            return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await.into();
         };
         // The head was only kept for a retry; its job is done now.
         let cbuf = cbuf.into_pipelined(plan);
@@ -650,13 +659,13 @@ fn forward<'a, 'r>(
 
         if rp.status == 101 {
             let Some(up) = conn.into_stream() else {
-                return Next::Close;
+                return Next::Close.into();
             };
             let end = ubuf.len();
             let Ok(mut ubuf) =
                 write_all(client, ubuf, rp.head_start..end, g.server.body_timeout).await
             else {
-                return Next::Close;
+                return Next::Close.into();
             };
             ubuf.clear();
             let cbuf = match cbuf {
@@ -666,32 +675,27 @@ fn forward<'a, 'r>(
                 }
                 None => match w.pool.try_acquire() {
                     Some(b) => b,
-                    None => return Next::Close,
+                    None => return Next::Close.into(),
                 },
             };
-            return Next::Tunnel(up, cbuf, ubuf);
+            return Next::Tunnel(up, cbuf, ubuf).into();
         }
 
-        match relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await {
-            Ok(r) => {
-                record.bytes_out = r.bytes;
-                if rp.upstream_keep_alive && r.upstream_clean && !early {
-                    conn.set_reusable();
-                }
-            }
-            Err(_) => return Next::Close,
+        // Relayed by the caller: here, its state would sit beside this one's.
+        let in_hand = body_in_hand(&rp, &ubuf);
+        let relay = Relay {
+            conn,
+            ubuf,
+            rp,
+            cbuf,
+            up_idle,
+            early,
+        };
+        if in_hand {
+            Forwarded::InHand(relay)
+        } else {
+            Forwarded::Relay(relay)
         }
-        drop(conn);
-        if early {
-            // The unread rest of the body is drained for a moment first, so the
-            // client does not meet a reset that discards the answer (RFC 9112 §9.6).
-            linger(w, client).await;
-            return Next::Close;
-        }
-        if rp.client_close {
-            return Next::Close;
-        }
-        Next::KeepAlive(cbuf)
     }
 }
 
@@ -771,8 +775,8 @@ mod tests {
         assert!(serve_size <= 768, "serve future grew to {serve_size} bytes");
     }
 
-    /// The state an exchange allocates, for a plain route's request (held by an open stream
-    /// for its whole life).
+    /// The state an exchange allocates, for a plain route's request (held until the
+    /// response head is read).
     fn exchange_size<'a, Fut>(
         _: fn(&'a Worker, &'a Generation, &'a mut Stream, SocketAddr, usize, PoolBuf) -> Fut,
     ) -> usize {
@@ -795,16 +799,28 @@ mod tests {
         std::mem::size_of::<Last<'a, Fut>>()
     }
 
-    /// An open event stream holds its exchange's state, kept within mimalloc's 2,560-byte
-    /// class on every route, so that with the connection's task a stream comes to about
-    /// 3 KiB. The sizes are rustc's layout, so a change that grows them shows here, not only
-    /// in a benchmark.
+    /// The state a plain route's response relay allocates: what an open stream holds.
+    fn relay_stage_size<'a, Fut>(
+        _: fn(&'a Worker, &'a Generation, &'a mut Stream, Record<'a>, Relay) -> Fut,
+    ) -> usize {
+        std::mem::size_of::<Last<'a, Fut>>()
+    }
+
+    /// An open event stream holds its route's stage, kept within mimalloc's 2,560-byte
+    /// class on AI routes and its 1,792-byte class on plain routes (their relay stage), so
+    /// that with the connection's task a stream comes to at most about 3 KiB. The sizes are
+    /// rustc's layout, so a change that grows them shows here, not only in a benchmark.
     #[test]
     fn an_open_stream_state_stays_within_3_kib() {
         let plain = exchange_size(exchange);
         assert!(
             plain <= 2560,
             "a plain exchange's state grew to {plain} bytes"
+        );
+        let relay = relay_stage_size(respond::<Record<'_>>);
+        assert!(
+            relay <= 1792,
+            "a plain route's relay stage grew to {relay} bytes"
         );
         let ai = ai_stage_size(super::super::ai_exchange::exchange);
         assert!(ai <= 2560, "an AI stage's state grew to {ai} bytes");

@@ -14,6 +14,7 @@ pub mod limits;
 mod park;
 pub mod record;
 pub mod reject;
+mod relay_stage;
 pub mod request;
 pub mod respond;
 pub mod response;
