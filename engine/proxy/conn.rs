@@ -23,10 +23,10 @@ use super::{
     limits::check_limits,
     park::{bytes_in_buffer, parked_during, Kept},
     record::{Record, TlsFacts},
-    reject::{reject, reject_with},
-    relay_stage::{body_in_hand, respond, Forwarded, Relay},
+    reject::{linger, reject, reject_with},
+    relay_stage::{after, body_in_hand, respond, Forwarded, Relay, Then},
     request::{Plan, HEADROOM},
-    respond::{read_response_head, write_all, RespError},
+    respond::{read_response_head, relay_response, write_all, RespError},
     retry::{connect, resend, Resend, Tried},
     send::{
         body_buffered, check_buffered_chunks, keep_pipelined, parked_whole, send_head, send_parked,
@@ -377,17 +377,14 @@ fn exchange<'a>(
                 super::fallback_exchange::exchange(w, g, client, plan, cbuf, record, extra)
             }));
         }
-        let relay = match forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await {
-            Forwarded::Done(next) => return Handoff::Done(next),
+        match forward(w, g, client, &mut plan, cbuf, &mut record, &mut extra).await {
+            Forwarded::Done(next) => Handoff::Done(next),
             // A body still to come is relayed in a stage of its own: an open stream does
             // not keep this state (the head's, the connect's and the send's), only the relay's.
             Forwarded::Relay(relay) => {
-                return Handoff::Then(Last::stage(|| respond(w, g, client, record, relay)))
+                Handoff::Then(Last::stage(|| respond(w, g, client, record, relay)))
             }
-            // Nothing to wait for: answered here, with no stage of its own to allocate.
-            Forwarded::InHand(relay) => relay,
-        };
-        Handoff::Done(respond(w, g, client, &mut record, relay).await)
+        }
     }
 }
 
@@ -536,7 +533,7 @@ fn forward<'a, 'r>(
 
         let up_idle = pool.shared.conf.response_timeout;
         let mut stale_retry_left = true;
-        let (rp, ubuf) = loop {
+        let (rp, ubuf, in_hand) = loop {
             let ubuf = match w
                 .pool
                 .acquire_within(w.pool.slot_size(), pool.shared.conf.connect_timeout)
@@ -552,12 +549,19 @@ fn forward<'a, 'r>(
                         error::NO_BUFFER.closing_if(true),
                         plan.is_head,
                         None,
-                    ).await.into();
+                    )
+                    .await
+                    .into();
                 }
             };
             let failed =
                 match read_response_head(w, g, client, &mut conn, ubuf, plan, extra, false).await {
-                    Ok(v) => break v,
+                    // Tested here: a later borrow of `ubuf` would keep a second slot for it
+                    // in this state, beside the relay's.
+                    Ok((rp, ubuf)) => {
+                        let in_hand = body_in_hand(&rp, &ubuf);
+                        break (rp, ubuf, in_hand);
+                    }
                     Err(e) => e,
                 };
             let rej = match failed {
@@ -606,7 +610,9 @@ fn forward<'a, 'r>(
                                 None => {
                                     record.status = 503;
                                     let rej = error::NO_BUFFER.closing_if(true);
-                                    return reject(w, g, client, rej, plan.is_head, None).await.into();
+                                    return reject(w, g, client, rej, plan.is_head, None)
+                                        .await
+                                        .into();
                                 }
                             },
                             Sent::Pipelined(_) | Sent::Early => return Next::Close.into(),
@@ -643,7 +649,9 @@ fn forward<'a, 'r>(
                 }
             };
             record.status = rej.status;
-            return reject(w, g, client, rej.closing_if(true), plan.is_head, None).await.into();
+            return reject(w, g, client, rej.closing_if(true), plan.is_head, None)
+                .await
+                .into();
         };
         // The head was only kept for a retry; its job is done now.
         let cbuf = cbuf.into_pipelined(plan);
@@ -681,20 +689,26 @@ fn forward<'a, 'r>(
             return Next::Tunnel(up, cbuf, ubuf).into();
         }
 
-        // Relayed by the caller: here, its state would sit beside this one's.
-        let in_hand = body_in_hand(&rp, &ubuf);
-        let relay = Relay {
-            conn,
-            ubuf,
-            rp,
-            cbuf,
-            up_idle,
-            early,
-        };
-        if in_hand {
-            Forwarded::InHand(relay)
-        } else {
-            Forwarded::Relay(relay)
+        if !in_hand {
+            // The body is relayed in a stage of its own (see `relay_stage`).
+            return Forwarded::Relay(Relay {
+                conn,
+                ubuf,
+                rp,
+                cbuf,
+                up_idle,
+                early,
+            });
+        }
+        // Nothing more to wait for: answered here, with no stage of its own to allocate.
+        let relayed = relay_response(w, g, client, &mut conn, ubuf, &rp, up_idle).await;
+        match after(record, conn, &rp, early, relayed) {
+            Then::KeepAlive => Next::KeepAlive(cbuf).into(),
+            Then::Close => Next::Close.into(),
+            Then::Linger => {
+                linger(w, client).await;
+                Next::Close.into()
+            }
         }
     }
 }
@@ -817,7 +831,7 @@ mod tests {
             plain <= 2560,
             "a plain exchange's state grew to {plain} bytes"
         );
-        let relay = relay_stage_size(respond::<Record<'_>>);
+        let relay = relay_stage_size(respond);
         assert!(
             relay <= 1792,
             "a plain route's relay stage grew to {relay} bytes"
