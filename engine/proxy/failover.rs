@@ -219,15 +219,12 @@ pub(super) async fn run(
 /// goes back to the pool when the upstream keeps it alive, and the client's goes on unless the
 /// answer closes it.
 pub(super) fn after_relay(
-    mut conn: UpConn,
+    conn: UpConn,
     rp: &RespPlan,
     clean: bool,
     pipelined: Option<PoolBuf>,
 ) -> super::conn::Next {
-    if rp.upstream_keep_alive && clean {
-        conn.set_reusable();
-    }
-    drop(conn);
+    super::relay_stage::release_upstream(conn, rp, clean);
     if rp.client_close {
         super::conn::Next::Close
     } else {

@@ -76,7 +76,7 @@ pub(super) enum Then {
 /// (Not a `Next`: 160 bytes, copied on every return.)
 pub(super) fn after(
     record: &mut Record<'_>,
-    mut conn: UpConn,
+    conn: UpConn,
     rp: &RespPlan,
     early: bool,
     relayed: Result<Relayed, XferError>,
@@ -85,16 +85,22 @@ pub(super) fn after(
         return Then::Close;
     };
     record.bytes_out = r.bytes;
-    if rp.upstream_keep_alive && r.upstream_clean && !early {
-        conn.set_reusable();
-    }
-    drop(conn);
+    // An upstream that answered early may still be reading the body: never reused.
+    release_upstream(conn, rp, r.upstream_clean && !early);
     if early {
         Then::Linger
     } else if rp.client_close {
         Then::Close
     } else {
         Then::KeepAlive
+    }
+}
+
+/// Lets a relayed response's upstream connection go: back to its pool when the upstream
+/// keeps it alive and `clean` (it sent exactly that response), closed otherwise.
+pub(super) fn release_upstream(mut conn: UpConn, rp: &RespPlan, clean: bool) {
+    if rp.upstream_keep_alive && clean {
+        conn.set_reusable();
     }
 }
 
