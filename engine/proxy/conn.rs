@@ -431,8 +431,10 @@ fn unread_body(plan: &Plan, cbuf: &PoolBuf) -> bool {
 }
 
 /// Forwards a plain route's request, its head read and its limits passed, to its
-/// upstream and relays the response. The request's plan, record and headers stay in the
-/// caller's state: owned here too, they would take that room twice.
+/// upstream and reads the response head. A response whose whole body came with its head
+/// is relayed here; one whose body is still to come goes back as a [`Relay`], for a stage
+/// of its own. The request's plan, record and headers stay in the caller's state: owned
+/// here too, they would take that room twice.
 ///
 /// Like [`exchange`], a plain `fn` around an `async move` block, so the arguments are held
 /// once; and no `match` arm awaits while its scrutinee is large (a connection's result,
