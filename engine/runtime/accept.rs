@@ -4,16 +4,15 @@
 //! each (epoll's accept loop takes them all in one turn).
 
 use std::{
-    mem::{size_of, MaybeUninit},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsRawFd, FromRawFd},
+    net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd},
 };
 
 use monoio::net::{TcpListener, TcpStream};
 
 /// A connection waiting in `listener`'s queue, accepted now; `None` when none is (or the
 /// accept failed: the loop's next accept operation reports that). Never blocks: the queue
-/// is checked first (the listener is a blocking socket on io_uring, so an `accept4` on an
+/// is checked first (the listener is a blocking socket on io_uring, so an accept on an
 /// empty queue would wait), and on Linux a queued connection stays queued until accepted,
 /// even when its peer resets it.
 pub fn queued(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
@@ -27,54 +26,13 @@ pub fn queued(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
     if unsafe { libc::poll(&mut p, 1, 0) } != 1 || p.revents & libc::POLLIN == 0 {
         return None;
     }
-    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `storage` has room for any address and `len` says how much; the flags match
-    // what the io_uring accept gives (a blocking socket) plus close-on-exec.
-    let s = unsafe {
-        libc::accept4(
-            fd,
-            storage.as_mut_ptr().cast(),
-            &mut len,
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if s < 0 {
-        return None;
-    }
-    // SAFETY: `accept4` returned a new descriptor that nothing else owns.
-    let std = unsafe { std::net::TcpStream::from_raw_fd(s) };
-    // SAFETY: the kernel filled `storage` (zeroed before, so the family is read as set).
-    let peer = peer_of(unsafe { storage.assume_init_ref() })?;
-    let stream = TcpStream::from_std(std).ok()?;
+    // SAFETY: the listener owns `fd` and outlives this borrow.
+    let listening = unsafe { BorrowedFd::borrow_raw(fd) };
+    // `accept4` with close-on-exec: a blocking socket, as the io_uring accept gives.
+    let (socket, peer) = socket2::SockRef::from(&listening).accept().ok()?;
+    let peer = peer.as_socket()?;
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket)).ok()?;
     Some((stream, peer))
-}
-
-/// The address an `accept4` wrote.
-fn peer_of(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match i32::from(s.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a = unsafe { &*(s as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                ip,
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]
