@@ -73,7 +73,7 @@ pub(super) enum Then {
 
 /// What follows a relayed response: the bytes counted, the upstream connection back to
 /// its pool when it can serve again, and what the client connection does.
-/// (Not a `Next`: 160 bytes, copied on every return.)
+/// (Not a `Next`: the caller keeps the pipelined bytes and builds its answer where it returns.)
 pub(super) fn after(
     record: &mut Record<'_>,
     conn: UpConn,
