@@ -36,7 +36,7 @@ pids+=($!)
 wait_port "$up"
 sed -e "s/@WORKERS@/1/; s/@PORT@/$port/; s/@UPSTREAM_PORT@/$up/" \
     -e 's/^\[server\]/[server]\ndriver = "epoll"/' "$tmpl" > "$WORK/ringway.toml"
-valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$BIN" --conf "$WORK/ringway.toml" \
+valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$WORK/cg.%p" "$BIN" --conf "$WORK/ringway.toml" \
   > "$WORK/ringway.log" 2>&1 &
 rw=$!
 pids+=($rw)
