@@ -786,4 +786,29 @@ pub(crate) mod tests {
         assert!(s.feed(b"]", &mut log).is_err());
         assert!(s.finish(&mut log).is_err());
     }
+
+    /// A string's run ends at the first quote, backslash or control byte wherever it sits (in
+    /// the eight-byte words, their remainder or the long tail), and never at a byte merely near
+    /// one in value (0x20, 0x21, 0x5b, 0x7f, 0x80 and up: UTF-8).
+    #[test]
+    fn string_runs_end_exactly_at_the_first_end_byte() {
+        let fillers: [&[u8]; 3] = [b"x", b" !#[]\x7f", "\u{e9}\u{4e2d}\u{1f600}".as_bytes()];
+        for filler in fillers {
+            for len in 0..80 {
+                let text: Vec<u8> = filler.iter().copied().cycle().take(len).collect();
+                assert_eq!(string_run(&text), len, "no end in {text:?}");
+                for at in 0..len {
+                    for end in [b'"', b'\\', 0x00, 0x0a, 0x1f] {
+                        let mut t = text.clone();
+                        t[at] = end;
+                        // A second end later must not move the first.
+                        if at + 3 < len {
+                            t[at + 3] = b'"';
+                        }
+                        assert_eq!(string_run(&t), at, "end {end:#x} at {at} of {len}");
+                    }
+                }
+            }
+        }
+    }
 }
