@@ -14,7 +14,8 @@
 # One worker on the epoll driver (valgrind does not know io_uring), the origin
 # benches/backend/sse_backend.py, wrk -c8 for 2 s of warm-up, counters zeroed, then SECONDS (4)
 # measured; prints instructions / requests completed. Needs valgrind and wrk. With KEEP=DIR the
-# callgrind files are copied there (for callgrind_annotate).
+# callgrind files are copied there (for callgrind_annotate); CG_OPTS adds callgrind options
+# (`--dump-instr=yes` for per-instruction costs).
 set -euo pipefail
 BIN=$1 VARIANT=$2 LUA=$3 SECS=${4:-4}
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,7 +37,7 @@ pids+=($!)
 wait_port "$up"
 sed -e "s/@WORKERS@/1/; s/@PORT@/$port/; s/@UPSTREAM_PORT@/$up/" \
     -e 's/^\[server\]/[server]\ndriver = "epoll"/' "$tmpl" > "$WORK/ringway.toml"
-valgrind --tool=callgrind --compress-strings=no --callgrind-out-file="$WORK/cg.%p" "$BIN" --conf "$WORK/ringway.toml" \
+valgrind --tool=callgrind ${CG_OPTS:-} --compress-strings=no --callgrind-out-file="$WORK/cg.%p" "$BIN" --conf "$WORK/ringway.toml" \
   > "$WORK/ringway.log" 2>&1 &
 rw=$!
 pids+=($rw)
