@@ -130,7 +130,7 @@ fn stats_json() -> String {
         }
         let _ = write!(
             out,
-            "{{\"id\":{id},\"driver\":{},\"connections\":{},\"accepted\":{},\"buffers_in_use\":{},\"buffers_capacity\":{},\"buffers_peak\":{},\"buffers_in_ring\":{},\"ring_receives\":{},\"ring_empty\":{},\"receive\":{}}}",
+            "{{\"id\":{id},\"driver\":{},\"connections\":{},\"accepted\":{},\"buffers_in_use\":{},\"buffers_capacity\":{},\"buffers_peak\":{},\"buffers_in_ring\":{},\"ring_receives\":{},\"ring_empty\":{},\"ring_dry_reads\":{},\"receive\":{}}}",
             json_str(w.driver),
             w.connections,
             w.accepted,
@@ -140,6 +140,7 @@ fn stats_json() -> String {
             w.buffers_in_ring,
             w.ring_receives,
             w.ring_empty,
+            w.ring_dry_reads,
             json_str(w.receive)
         );
     }

@@ -215,6 +215,8 @@ pub struct WorkerShard {
     pub ring_receives: Counter,
     /// Receives through the ring that found it empty (then waited for readiness), since start.
     pub ring_empty: Counter,
+    /// Reads taken after such a wait, since start.
+    pub ring_dry_reads: Counter,
     /// Requests Ringway answered itself, by reason.
     pub rejected: Counter,
 }
@@ -422,6 +424,7 @@ impl Registry {
                         buffers_in_ring: s.buffers_in_ring.get(),
                         ring_receives: s.ring_receives.get(),
                         ring_empty: s.ring_empty.get(),
+                        ring_dry_reads: s.ring_dry_reads.get(),
                         receive: if s.receive.get() == 1 {
                             "buffer_ring"
                         } else {
@@ -844,6 +847,8 @@ pub struct WorkerSnapshot {
     pub ring_receives: u64,
     /// Receives through the ring that found it empty.
     pub ring_empty: u64,
+    /// Reads taken after a wait that found the ring empty.
+    pub ring_dry_reads: u64,
     /// The receive path: "buffer_ring" or "readiness".
     pub receive: &'static str,
     /// Driver name.

@@ -13,6 +13,7 @@ use std::{
     cell::{Cell, RefCell},
     future::Future,
     io,
+    os::fd::RawFd,
     pin::Pin,
     ptr::NonNull,
     rc::{Rc, Weak},
@@ -76,6 +77,8 @@ struct RingInner {
     received: Cell<u64>,
     /// Receives that found the ring empty (`Received::NoBuffer`), since start.
     dry: Cell<u64>,
+    /// Reads taken straight from a socket found readable after the ring ran dry, since start.
+    dry_reads: Cell<u64>,
     pool: BufPool,
     headroom: usize,
 }
@@ -133,6 +136,7 @@ impl RecvRing {
             held: Cell::new(0),
             received: Cell::new(0),
             dry: Cell::new(0),
+            dry_reads: Cell::new(0),
             pool: pool.clone(),
             headroom,
         });
@@ -164,10 +168,19 @@ impl RecvRing {
         self.inner.held.get()
     }
 
-    /// Receives completed with data and receives that found the ring empty, since start:
-    /// together, every wait that went through the ring.
-    pub fn receives(&self) -> (u64, u64) {
-        (self.inner.received.get(), self.inner.dry.get())
+    /// Since start: receives completed with data, receives that found the ring empty, and
+    /// the reads those waits then took themselves ([`recv_now`](Self::recv_now)). Every wait
+    /// that went through the ring got its bytes by a receive or by one of those reads.
+    pub fn receives(&self) -> (u64, u64, u64) {
+        let r = &self.inner;
+        (r.received.get(), r.dry.get(), r.dry_reads.get())
+    }
+
+    /// The ring ran dry and the socket `fd` is readable: its bytes are taken into `buf` at
+    /// once (see [`PoolBuf::recv_now`]), and counted.
+    pub fn recv_now(&self, buf: &mut PoolBuf, fd: RawFd) -> io::Result<Option<usize>> {
+        self.inner.dry_reads.set(self.inner.dry_reads.get() + 1);
+        buf.recv_now(fd)
     }
 
     /// Receives on `tcp` into a buffer the kernel takes from the ring when data arrives.

@@ -122,8 +122,8 @@ pub fn serve(
                     b.clear();
                     let _ = b.put(&[0u8; HEADROOM]);
                     // The ring ran dry: the head is taken now (see `wait_bare`).
-                    if let (Some(_), Stream::Plain(tcp)) = (conn.worker().ring.get(), &client) {
-                        if let Ok(Some(0)) | Err(_) = b.recv_now(tcp.as_raw_fd()) {
+                    if let (Some(ring), Stream::Plain(tcp)) = (conn.worker().ring.get(), &client) {
+                        if let Ok(Some(0)) | Err(_) = ring.recv_now(&mut b, tcp.as_raw_fd()) {
                             return;
                         }
                     }

@@ -269,8 +269,8 @@ async fn read_when_readable(
     ubuf.clear();
     let _ = ubuf.put(&[0u8; HEADROOM]);
     // The ring ran dry: the answer is taken now (see `transfer::wait_bare`).
-    if w.ring.get().is_some() {
-        match ubuf.recv_now(std::os::fd::AsRawFd::as_raw_fd(tcp)) {
+    if let Some(ring) = w.ring.get() {
+        match ring.recv_now(&mut ubuf, std::os::fd::AsRawFd::as_raw_fd(tcp)) {
             Ok(Some(n)) => return FirstRead::Read(Ok(n), ubuf),
             Ok(None) => {}
             Err(e) => return FirstRead::Read(Err(e), ubuf),

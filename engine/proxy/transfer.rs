@@ -160,9 +160,9 @@ pub async fn wait_bare(
     // The ring ran dry (a loop turn too slow for the events landing): the bytes are taken
     // now, not through a queued read that would hold this buffer for another turn. Not on
     // the epoll driver, whose readiness cache must see its own reads.
-    if let (Some(_), Some(tcp)) = (ring, stream.tcp()) {
+    if let (Some(ring), Some(tcp)) = (ring, stream.tcp()) {
         let at = buf.len();
-        return match buf.recv_now(tcp.as_raw_fd()) {
+        return match ring.recv_now(&mut buf, tcp.as_raw_fd()) {
             Ok(Some(0)) => Ok(Waited::Eof),
             Ok(Some(_)) => Ok(Waited::Filled { buf, at }),
             Ok(None) => Ok(Waited::Empty(buf)),

@@ -442,9 +442,10 @@ impl Worker {
                     .set(watcher.pool.in_use().saturating_sub(in_ring) as u64);
                 watcher.stats.buffers_in_ring.set(in_ring as u64);
                 if let Some(ring) = watcher.ring.get() {
-                    let (received, dry) = ring.receives();
+                    let (received, dry, dry_reads) = ring.receives();
                     watcher.stats.ring_receives.set(received);
                     watcher.stats.ring_empty.set(dry);
+                    watcher.stats.ring_dry_reads.set(dry_reads);
                 }
                 watcher.stats.buffers_peak.set(watcher.pool.peak() as u64);
                 ticks = ticks.wrapping_add(1);
