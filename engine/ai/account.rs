@@ -72,7 +72,8 @@ pub struct AiCtx {
     pub status: u16,
     /// The route's `sse_keepalive`.
     pub keepalive: Option<std::time::Duration>,
-    /// Time spent processing the response body (parsing, usage, re-framing).
+    /// Ringway's own time on the request: up to the answer's head, then processing the
+    /// response body (parsing, usage, re-framing).
     pub busy: Duration,
     /// The price of the model the serving upstream was sent, when one matches: cost-limit
     /// reservations settle with it, and `ai-stats` counts spend by it.

@@ -9,11 +9,16 @@
 
 use crate::transport::Stream;
 use std::{
+    future::Future,
     ops::Range,
     time::{Duration, Instant},
 };
 
-use monoio::{buf::IoBuf, io::AsyncReadRent};
+use monoio::{
+    buf::{IoBuf, Slice},
+    io::AsyncReadRent,
+    BufResult,
+};
 use ringway_filters::{
     coding::ContentCoding,
     sse::{FrameSink, SseEvent, SseItem, SseParser},
@@ -27,7 +32,7 @@ use crate::{
     h1::{BodyKind, ChunkedDecoder},
     proxy::{
         response::RespPlan,
-        transfer::{wait_bare, write_range, Side, Waited, XferError},
+        transfer::{wait_bare, write_range, Side, Waited, WriteWhole, XferError},
     },
     runtime::{deadline, Generation},
 };
@@ -53,203 +58,208 @@ const CHUNK_LINE_MAX: usize = 10;
 /// or alone at once when none came with it. Forwarded verbatim, the body is
 /// written straight from `ubuf`; re-framed, the kept frames are gathered into
 /// one vector per read, behind room for the head and chunk-size line.
-#[allow(clippy::too_many_arguments)]
-pub async fn relay(
-    g: &Generation,
-    ring: Option<&RecvRing>,
-    client: &mut Stream,
-    up: &mut Stream,
+///
+/// A plain `fn` around an `async move` block: an `async fn` holds its arguments twice in
+/// its state, which every AI request (an open stream's too) allocates.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+pub fn relay<'a>(
+    g: &'a Generation,
+    ring: Option<&'a RecvRing>,
+    client: &'a mut Stream,
+    up: &'a mut Stream,
     mut ubuf: PoolBuf,
-    rp: &RespPlan,
-    ctx: &mut AiCtx,
+    rp: &'a RespPlan,
+    ctx: &'a mut AiCtx,
     up_idle: std::time::Duration,
-) -> Result<(u64, bool), XferError> {
-    let client_idle = g.server.body_timeout;
-    let head = rp.head_start..rp.head_end;
-    let mut reader = match rp.body {
-        BodyKind::None => {
-            let len = head.len() as u64;
-            let buf = write_range(client, ubuf, head, client_idle, Side::Client).await?;
-            return Ok((len, buf.len() == rp.head_end));
-        }
-        BodyKind::Length(n) => Reader::Length(n),
-        BodyKind::Chunked => Reader::Chunked(ChunkedDecoder::new(u64::MAX)),
-        BodyKind::CloseDelimited => Reader::Eof,
-    };
-    // Content-Encoding is end to end, so it is still in the head rewritten for the client.
-    let coding = if rp.coded {
-        content_coding(&ubuf[head.clone()])
-    } else {
-        ContentCoding::Identity
-    };
-    ctx.decoder = coding.decoder();
-    // A coding Ringway cannot read: the body is only measured, for an estimate
-    // from its length, and (being unread) never edited.
-    ctx.streamed = rp.sse && coding != ContentCoding::Unsupported;
-    if ctx.streamed {
-        ctx.sse = Some(SseParser::new(MAX_SSE_FRAME));
-    }
-    let rechunk = rp.reframe && !rp.client_close_http10();
-    let mut written = 0u64;
-    // Not yet written: the head, at the front of `ubuf` until the first write.
-    let mut head_left = Some(head);
-    // Where the body bytes start in `ubuf` (after the head on the first pass).
-    let mut at = rp.head_end;
-    let mut held: Vec<u8> = Vec::new();
-    let mut out: Vec<u8> = Vec::new();
-    let mut pieces: Vec<Range<usize>> = Vec::new();
-    let mut clean = true;
-    // The last read did not fill the buffer: the upstream is likely drained.
-    let mut drained = true;
-    loop {
-        // Ringway's own time on this read's bytes, until they are handed to the client.
-        let turn = std::time::Instant::now();
-        // Payload ranges (absolute in `ubuf`) and the bytes the framing consumed.
-        pieces.clear();
-        let (consumed, done) = match &mut reader {
-            Reader::Length(rem) => {
-                let avail = ubuf.len() - at;
-                let take = (*rem).min(avail as u64) as usize;
-                if take > 0 {
-                    pieces.push(at..at + take);
-                }
-                *rem -= take as u64;
-                if avail > take {
-                    clean = false;
-                }
-                (take, *rem == 0)
+) -> impl Future<Output = Result<(u64, bool), XferError>> + 'a {
+    async move {
+        let client_idle = g.server.body_timeout;
+        let head = rp.head_start..rp.head_end;
+        let mut reader = match rp.body {
+            BodyKind::None => {
+                let len = head.len() as u64;
+                let buf = write_range(client, ubuf, head, client_idle, Side::Client).await?;
+                return Ok((len, buf.len() == rp.head_end));
             }
-            Reader::Chunked(dec) => {
-                let p = dec
-                    .decode(&ubuf[at..], &mut |r| pieces.push(at + r.start..at + r.end))
-                    .map_err(|e| XferError::Chunk(Side::Upstream, e))?;
-                if p.done && at + p.consumed < ubuf.len() {
-                    clean = false;
-                }
-                (p.consumed, p.done)
-            }
-            Reader::Eof => {
-                let avail = ubuf.len() - at;
-                if avail > 0 {
-                    pieces.push(at..at + avail);
-                }
-                (avail, false)
-            }
+            BodyKind::Length(n) => Reader::Length(n),
+            BodyKind::Chunked => Reader::Chunked(ChunkedDecoder::new(u64::MAX)),
+            BodyKind::CloseDelimited => Reader::Eof,
         };
-        let kept = if rp.reframe {
-            // Room in front for the head (first pass) and a chunk-size line.
-            let head_len = head_left.as_ref().map_or(0, Range::len);
-            let room = head_len + if rechunk { CHUNK_LINE_MAX } else { 0 };
-            out.clear();
-            // What the read becomes: at most the read plus framing (a held frame
-            // aside), reserved at once rather than grown step by step.
-            let read_len: usize = pieces.iter().map(Range::len).sum();
-            out.reserve(room + read_len + held.len() + 2 * CHUNK_LINE_MAX);
-            out.resize(room, 0);
-            if ctx.decoder.is_none() && pieces.len() > 1 {
-                // One payload per read, not one per upstream chunk: the frames of many
-                // chunks are then read and copied out in one pass (ranges only move left,
-                // over the chunk lines already decoded).
-                let mut to = pieces[0].end;
-                for r in &pieces[1..] {
-                    ubuf.copy_within(r.clone(), to);
-                    to += r.len();
-                }
-                let whole = pieces[0].start..to;
-                pieces.clear();
-                pieces.push(whole);
-            }
-            for r in &pieces {
-                if ctx.decoder.is_some() {
-                    // Coded frames cannot be edited: they go as they came (re-framed only),
-                    // and their decoded copy is watched.
-                    observe(ctx, &ubuf[r.clone()]);
-                    out.extend_from_slice(&ubuf[r.clone()]);
-                } else {
-                    inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out);
-                }
-            }
-            if done {
-                // The upstream is done: settle before the client sees the end,
-                // so returned tokens reach Redis before its next request can.
-                finish(ctx);
-                // An incomplete last frame is forwarded as it is.
-                out.append(&mut held);
-            }
-            let payload = out.len() - room;
-            let mut start = room;
-            if rechunk && payload > 0 {
-                let mut line = [0u8; CHUNK_LINE_MAX];
-                let n = chunk_line(payload, &mut line);
-                start -= n;
-                out[start..room].copy_from_slice(&line[..n]);
-                out.extend_from_slice(b"\r\n");
-            }
-            if done && rechunk {
-                // The last chunk leaves with the data, not in a write of its own.
-                out.extend_from_slice(b"0\r\n\r\n");
-            }
-            ctx.busy += turn.elapsed();
-            if let Some(h) = head_left.take() {
-                if start < out.len() {
-                    start -= h.len();
-                    out[start..start + h.len()].copy_from_slice(&ubuf[h]);
-                } else {
-                    // Nothing to send with it: the head goes now, alone.
-                    written += h.len() as u64;
-                    ubuf = write_range(client, ubuf, h, client_idle, Side::Client).await?;
-                }
-            }
-            // The read is all in `out` now: when nothing is left in `ubuf` and no more is
-            // there yet, the buffer goes back before the write, which under load waits a loop
-            // turn (see `transfer::small_write`).
-            ubuf.consume(at + consumed);
-            let kept = release_if(ubuf, drained || done);
-            if start < out.len() {
-                written += (out.len() - start) as u64;
-                out = write_from(client, out, start, client_idle).await?;
-            }
-            kept
+        // Content-Encoding is end to end, so it is still in the head rewritten for the client.
+        let coding = if rp.coded {
+            content_coding(&ubuf[head.clone()])
         } else {
-            for r in &pieces {
-                observe(ctx, &ubuf[r.clone()]);
-            }
-            if done {
-                finish(ctx);
-            }
-            let mut end = at + consumed;
-            if rp.dechunk {
-                // An HTTP/1.0 client cannot read chunked framing: only the
-                // payload goes, packed behind the head (ranges only move left).
-                let mut to = at;
-                for r in &pieces {
-                    ubuf.copy_within(r.clone(), to);
-                    to += r.len();
-                }
-                end = to;
-            }
-            ctx.busy += turn.elapsed();
-            let from = head_left.take().map_or(at, |h| h.start);
-            if end > from {
-                written += (end - from) as u64;
-                ubuf = write_range(client, ubuf, from..end, client_idle, Side::Client).await?;
-            }
-            ubuf.consume(at + consumed);
-            release_if(ubuf, drained)
+            ContentCoding::Identity
         };
-        at = 0;
-        if done {
-            return Ok((written, clean));
+        ctx.decoder = coding.decoder();
+        // A coding Ringway cannot read: the body is only measured, for an estimate
+        // from its length, and (being unread) never edited.
+        ctx.streamed = rp.sse && coding != ContentCoding::Unsupported;
+        if ctx.streamed {
+            ctx.sse = Some(SseParser::new(MAX_SSE_FRAME));
         }
-        let keepalive = ctx.keepalive.filter(|_| rp.reframe);
-        // Between events of a stream: wait without a buffer (see `wait_bare`),
-        // and without the output vector a large read left behind.
-        if kept.is_err() {
-            out = Vec::new();
-        }
-        ubuf = match (kept, keepalive) {
-            (Ok(b), None) => b,
-            (kept, Some(every)) => {
+        let rechunk = rp.reframe && !rp.client_close_http10();
+        let mut written = 0u64;
+        // Not yet written: the head, at the front of `ubuf` until the first write.
+        let mut head_left = Some(head);
+        // Where the body bytes start in `ubuf` (after the head on the first pass).
+        let mut at = rp.head_end;
+        let mut held: Vec<u8> = Vec::new();
+        let mut out: Vec<u8> = Vec::new();
+        let mut pieces: Vec<Range<usize>> = Vec::new();
+        let mut clean = true;
+        // The last read did not fill the buffer: the upstream is likely drained.
+        let mut drained = true;
+        loop {
+            // Ringway's own time on this read's bytes, until they are handed to the client.
+            let turn = std::time::Instant::now();
+            // Payload ranges (absolute in `ubuf`) and the bytes the framing consumed.
+            pieces.clear();
+            let (consumed, done) = match &mut reader {
+                Reader::Length(rem) => {
+                    let avail = ubuf.len() - at;
+                    let take = (*rem).min(avail as u64) as usize;
+                    if take > 0 {
+                        pieces.push(at..at + take);
+                    }
+                    *rem -= take as u64;
+                    if avail > take {
+                        clean = false;
+                    }
+                    (take, *rem == 0)
+                }
+                Reader::Chunked(dec) => {
+                    let p = dec
+                        .decode(&ubuf[at..], &mut |r| pieces.push(at + r.start..at + r.end))
+                        .map_err(|e| XferError::Chunk(Side::Upstream, e))?;
+                    if p.done && at + p.consumed < ubuf.len() {
+                        clean = false;
+                    }
+                    (p.consumed, p.done)
+                }
+                Reader::Eof => {
+                    let avail = ubuf.len() - at;
+                    if avail > 0 {
+                        pieces.push(at..at + avail);
+                    }
+                    (avail, false)
+                }
+            };
+            let kept = if rp.reframe {
+                // Room in front for the head (first pass) and a chunk-size line.
+                let head_len = head_left.as_ref().map_or(0, Range::len);
+                let room = head_len + if rechunk { CHUNK_LINE_MAX } else { 0 };
+                out.clear();
+                // What the read becomes: at most the read plus framing (a held frame
+                // aside), reserved at once rather than grown step by step.
+                let read_len: usize = pieces.iter().map(Range::len).sum();
+                out.reserve(room + read_len + held.len() + 2 * CHUNK_LINE_MAX);
+                out.resize(room, 0);
+                if ctx.decoder.is_none() && pieces.len() > 1 {
+                    // One payload per read, not one per upstream chunk: the frames of many
+                    // chunks are then read and copied out in one pass (ranges only move left,
+                    // over the chunk lines already decoded).
+                    let mut to = pieces[0].end;
+                    for r in &pieces[1..] {
+                        ubuf.copy_within(r.clone(), to);
+                        to += r.len();
+                    }
+                    let whole = pieces[0].start..to;
+                    pieces.clear();
+                    pieces.push(whole);
+                }
+                for r in &pieces {
+                    if ctx.decoder.is_some() {
+                        // Coded frames cannot be edited: they go as they came (re-framed only),
+                        // and their decoded copy is watched.
+                        observe(ctx, &ubuf[r.clone()]);
+                        out.extend_from_slice(&ubuf[r.clone()]);
+                    } else {
+                        inspect_sse(ctx, &ubuf[r.clone()], &mut held, &mut out);
+                    }
+                }
+                if done {
+                    // The upstream is done: settle before the client sees the end,
+                    // so returned tokens reach Redis before its next request can.
+                    finish(ctx);
+                    // An incomplete last frame is forwarded as it is.
+                    out.append(&mut held);
+                }
+                let payload = out.len() - room;
+                let mut start = room;
+                if rechunk && payload > 0 {
+                    let mut line = [0u8; CHUNK_LINE_MAX];
+                    let n = chunk_line(payload, &mut line);
+                    start -= n;
+                    out[start..room].copy_from_slice(&line[..n]);
+                    out.extend_from_slice(b"\r\n");
+                }
+                if done && rechunk {
+                    // The last chunk leaves with the data, not in a write of its own.
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                ctx.busy += turn.elapsed();
+                if let Some(h) = head_left.take() {
+                    if start < out.len() {
+                        start -= h.len();
+                        out[start..start + h.len()].copy_from_slice(&ubuf[h]);
+                    } else {
+                        // Nothing to send with it: the head goes now, alone.
+                        written += h.len() as u64;
+                        ubuf = write_range(client, ubuf, h, client_idle, Side::Client).await?;
+                    }
+                }
+                // The read is all in `out` now: when nothing is left in `ubuf` and no more is
+                // there yet, the buffer goes back before the write, which under load waits a loop
+                // turn (see `transfer::small_write`).
+                ubuf.consume(at + consumed);
+                let kept = release_if(ubuf, drained || done);
+                if start < out.len() {
+                    written += (out.len() - start) as u64;
+                    out = write_from(client, out, start, client_idle).await?;
+                    out.clear();
+                }
+                kept
+            } else {
+                for r in &pieces {
+                    observe(ctx, &ubuf[r.clone()]);
+                }
+                if done {
+                    finish(ctx);
+                }
+                let mut end = at + consumed;
+                if rp.dechunk {
+                    // An HTTP/1.0 client cannot read chunked framing: only the
+                    // payload goes, packed behind the head (ranges only move left).
+                    let mut to = at;
+                    for r in &pieces {
+                        ubuf.copy_within(r.clone(), to);
+                        to += r.len();
+                    }
+                    end = to;
+                }
+                ctx.busy += turn.elapsed();
+                let from = head_left.take().map_or(at, |h| h.start);
+                if end > from {
+                    written += (end - from) as u64;
+                    ubuf = write_range(client, ubuf, from..end, client_idle, Side::Client).await?;
+                }
+                ubuf.consume(at + consumed);
+                release_if(ubuf, drained)
+            };
+            at = 0;
+            if done {
+                return Ok((written, clean));
+            }
+            let keepalive = ctx.keepalive.filter(|_| rp.reframe);
+            // Between events of a stream: wait without a buffer (see `wait_bare`),
+            // and without the output vector a large read left behind.
+            if kept.is_err() {
+                out = Vec::new();
+            }
+            // No tuple of `kept` and `keepalive` matched here: it would stay in the state
+            // across these waits.
+            ubuf = if let Some(every) = keepalive {
                 let times = (every, up_idle, client_idle);
                 // Boxed: inline, its state would size the relay's for every stream, also
                 // those whose route sends no keep-alives.
@@ -261,62 +271,66 @@ pub async fn relay(
                         .await
                         .map_err(|_| XferError::NoBuffer(Side::Upstream))?,
                 }
-            }
-            (Err(pool), None) => match wait_bare(up, ring, pool, up_idle, Side::Upstream).await? {
-                Waited::Empty(b) => b,
-                Waited::Filled { buf, at: data } => {
-                    drained = buf.spare() > 0;
-                    (ubuf, at) = (buf, data);
-                    continue;
+            } else {
+                match kept {
+                    Ok(b) => b,
+                    Err(pool) => match wait_bare(up, ring, pool, up_idle, Side::Upstream).await? {
+                        Waited::Empty(b) => b,
+                        Waited::Filled { buf, at: data } => {
+                            drained = buf.spare() > 0;
+                            (ubuf, at) = (buf, data);
+                            continue;
+                        }
+                        Waited::Eof if matches!(reader, Reader::Eof) => break,
+                        Waited::Eof => return Err(XferError::Eof(Side::Upstream)),
+                    },
                 }
-                Waited::Eof if matches!(reader, Reader::Eof) => break,
-                Waited::Eof => return Err(XferError::Eof(Side::Upstream)),
-            },
-        };
-        // Read more from the upstream.
-        let len = ubuf.len();
-        let cap = ubuf.capacity();
-        match deadline::timeout(
-            up_idle,
-            up.read(monoio::buf::IoBufMut::slice_mut(ubuf, len..cap)),
-        )
-        .await
-        {
-            Ok((Ok(0), _)) => {
-                if matches!(reader, Reader::Eof) {
-                    break;
+            };
+            // Read more from the upstream.
+            let len = ubuf.len();
+            let cap = ubuf.capacity();
+            match deadline::timeout(
+                up_idle,
+                up.read(monoio::buf::IoBufMut::slice_mut(ubuf, len..cap)),
+            )
+            .await
+            {
+                Ok((Ok(0), _)) => {
+                    if matches!(reader, Reader::Eof) {
+                        break;
+                    }
+                    return Err(XferError::Eof(Side::Upstream));
                 }
-                return Err(XferError::Eof(Side::Upstream));
+                Ok((Ok(n), s)) => {
+                    drained = n < cap - len;
+                    ubuf = s.into_inner();
+                }
+                Ok((Err(e), _)) => return Err(XferError::Io(Side::Upstream, e)),
+                Err(_) => return Err(XferError::Timeout(Side::Upstream)),
             }
-            Ok((Ok(n), s)) => {
-                drained = n < cap - len;
-                ubuf = s.into_inner();
-            }
-            Ok((Err(e), _)) => return Err(XferError::Io(Side::Upstream, e)),
-            Err(_) => return Err(XferError::Timeout(Side::Upstream)),
         }
-    }
-    // A close-delimited body ended. An incomplete last frame is forwarded as it is.
-    finish(ctx);
-    let mut tail = Vec::new();
-    if rechunk {
-        if !held.is_empty() {
-            let mut line = [0u8; CHUNK_LINE_MAX];
-            let n = chunk_line(held.len(), &mut line);
-            tail.extend_from_slice(&line[..n]);
+        // A close-delimited body ended. An incomplete last frame is forwarded as it is.
+        finish(ctx);
+        let mut tail = Vec::new();
+        if rechunk {
+            if !held.is_empty() {
+                let mut line = [0u8; CHUNK_LINE_MAX];
+                let n = chunk_line(held.len(), &mut line);
+                tail.extend_from_slice(&line[..n]);
+                tail.append(&mut held);
+                tail.extend_from_slice(b"\r\n");
+            }
+            tail.extend_from_slice(b"0\r\n\r\n");
+        } else {
             tail.append(&mut held);
-            tail.extend_from_slice(b"\r\n");
         }
-        tail.extend_from_slice(b"0\r\n\r\n");
-    } else {
-        tail.append(&mut held);
+        if !tail.is_empty() {
+            written += tail.len() as u64;
+            write_from(client, tail, 0, client_idle).await?;
+        }
+        // A close-delimited upstream connection is never reused.
+        Ok((written, false))
     }
-    if !tail.is_empty() {
-        written += tail.len() as u64;
-        write_from(client, tail, 0, client_idle).await?;
-    }
-    // A close-delimited upstream connection is never reused.
-    Ok((written, false))
 }
 
 /// Upstream silence on an event stream: until it speaks again, keep-alive
@@ -692,23 +706,15 @@ fn chunk_line(len: usize, line: &mut [u8; CHUNK_LINE_MAX]) -> usize {
     n + 2
 }
 
-/// Writes `data[from..]` whole; hands the (emptied) vector back for reuse.
-async fn write_from(
+/// Writes `data[from..]` whole; hands the vector back for reuse.
+fn write_from(
     client: &mut Stream,
     data: Vec<u8>,
     from: usize,
     idle: std::time::Duration,
-) -> Result<Vec<u8>, XferError> {
+) -> WriteWhole<impl Future<Output = BufResult<usize, Slice<Vec<u8>>>> + '_, Vec<u8>> {
     let len = data.len();
-    match deadline::timeout(idle, client.write_all(data.slice(from..len))).await {
-        Ok((Ok(_), s)) => {
-            let mut v = s.into_inner();
-            v.clear();
-            Ok(v)
-        }
-        Ok((Err(e), _)) => Err(XferError::Io(Side::Client, e)),
-        Err(_) => Err(XferError::Timeout(Side::Client)),
-    }
+    WriteWhole::new(client.write_all(data.slice(from..len)), idle, Side::Client)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! the request settled (reservations reconciled, metrics, access log).
 
 use super::{
-    conn::Next,
+    conn::{Handoff, Last, Next},
     error,
     failover::{self, head_without_framing, Served, Unserved},
     headers::ExtraHeaders,
@@ -32,18 +32,13 @@ use crate::{
 /// Output tokens reserved when the request names no `max_tokens`.
 const DEFAULT_OUTPUT_RESERVE: u64 = 1024;
 
-/// Serves one AI request after its head and request limits passed.
+/// Serves one AI request after its head and request limits passed, up to its upstream's
+/// answer; the response goes on in a stage of its own ([`relay_stage`]).
 ///
 /// A plain `fn` around an `async move` block, not an `async fn`: an `async fn`
 /// moves its arguments into locals, which kept the plan, record and extra
 /// headers (1 KiB) twice in this state.
-// `unused_assignments`: the record is read by its `Drop` (the access-log line);
-// rustc does not follow that through a captured variable of an `async move` block.
-#[allow(
-    clippy::too_many_arguments,
-    clippy::manual_async_fn,
-    unused_assignments
-)]
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
 pub(super) fn exchange<'a>(
     w: &'a Worker,
     g: &'a Generation,
@@ -52,7 +47,7 @@ pub(super) fn exchange<'a>(
     cbuf: PoolBuf,
     mut record: Record<'a>,
     mut extra: ExtraHeaders,
-) -> impl std::future::Future<Output = Next> + 'a {
+) -> impl std::future::Future<Output = Handoff<'a>> + 'a {
     async move {
         let route_ai = ai::route(&g.shared, plan.route);
         let prepared = match prepare(
@@ -68,32 +63,50 @@ pub(super) fn exchange<'a>(
         .await
         {
             Ok(p) => p,
-            Err(next) => return next,
+            Err(next) => return Handoff::Done(next),
         };
-        let Relaying {
-            mut ctx,
-            mut conn,
-            rp,
-            ubuf,
-            pipelined,
-            own,
-        } = answered(g, &plan, &mut record, prepared);
+        let relaying = answered(g, &plan, &mut record, prepared);
         let idle = g.upstream(plan.upstream).shared.conf.response_timeout;
+        // An open stream then holds the relay's state alone, not the plan, the extra
+        // headers and the attempts' state as well.
+        Handoff::Then(Last::stage(|| {
+            relay_stage(w, g, client, record, relaying, idle)
+        }))
+    }
+}
 
+/// Relays an answered AI request's response while its usage is watched, then settles it:
+/// reservations reconciled (a client that left is charged what was streamed), the record
+/// completed, the upstream connection kept or closed.
+///
+/// A plain `fn` around an `async move` block, so its arguments are held once; the
+/// relay's fields are used in place.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn relay_stage<'a>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    mut record: Record<'a>,
+    mut r: Relaying,
+    idle: std::time::Duration,
+) -> impl std::future::Future<Output = Next> + 'a {
+    async move {
         let relayed = ai::relay::relay(
             g,
             w.ring.get(),
             client,
-            conn.stream(),
-            ubuf,
-            &rp,
-            &mut ctx,
+            r.conn.stream(),
+            r.ubuf,
+            &r.rp,
+            &mut r.ctx,
             idle,
         )
         .await;
-        // Settled on every path: a client that left is charged what was streamed.
-        if let Some(u) = ctx.settle() {
-            if ctx.answered() {
+        // The whole record is moved in, not only the fields set here (copies: the record
+        // itself would then be dropped, and its access-log line written, before the relay).
+        let record = &mut record;
+        if let Some(u) = r.ctx.settle() {
+            if r.ctx.answered() {
                 record.tokens = Some((
                     u.input,
                     u.output,
@@ -101,11 +114,11 @@ pub(super) fn exchange<'a>(
                 ));
             }
         }
-        record.overhead = Some(own + ctx.busy);
+        record.overhead = Some(r.ctx.busy);
         match relayed {
             Ok((bytes, clean)) => {
                 record.bytes_out = bytes;
-                failover::after_relay(conn, &rp, clean, pipelined)
+                failover::after_relay(r.conn, &r.rp, clean, r.pipelined)
             }
             Err(_) => Next::Close,
         }
@@ -129,15 +142,13 @@ struct Prepared {
 }
 
 /// What the relay of an answered AI request needs.
-struct Relaying {
+pub(super) struct Relaying {
     ctx: AiCtx,
     conn: UpConn,
     rp: RespPlan,
     ubuf: PoolBuf,
     /// Bytes the client sent after this request.
     pipelined: Option<PoolBuf>,
-    /// Ringway's own time up to the answer's head (the relay's is added after it).
-    own: std::time::Duration,
 }
 
 /// Books an answered request (the record; the price and the model it is charged under) and
@@ -179,14 +190,14 @@ fn answered(g: &Generation, plan: &Plan, record: &mut Record<'_>, p: Prepared) -
     record.status = rp.status;
     record.upstream_time = Some(ctx.sent_at.elapsed());
     ctx.status = rp.status;
-    let own = own_before + first_sent_at.saturating_duration_since(captured_at) + rp.head_time;
+    // Ringway's own time up to the answer's head; the relay adds its own.
+    ctx.busy = own_before + first_sent_at.saturating_duration_since(captured_at) + rp.head_time;
     Relaying {
         ctx,
         conn,
         rp,
         ubuf,
         pipelined,
-        own,
     }
 }
 

@@ -6,14 +6,23 @@
 
 use crate::runtime::deadline;
 use crate::transport::Stream;
-use std::{io, ops::Range, os::fd::AsRawFd, time::Duration};
+use std::{
+    future::Future,
+    io,
+    ops::Range,
+    os::fd::AsRawFd,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use monoio::{
-    buf::{IoBuf, IoBufMut},
+    buf::{IoBuf, IoBufMut, Slice},
     io::{
         splice::{SpliceDestination, SpliceSource},
         AsyncReadRent, AsyncWriteRentExt, Splitable,
     },
+    BufResult,
 };
 
 use crate::{
@@ -173,20 +182,78 @@ pub async fn wait_bare(
 }
 
 /// Writes `buf[range]` whole.
-pub async fn write_range(
+pub fn write_range(
     stream: &mut Stream,
     buf: PoolBuf,
     range: Range<usize>,
     idle: Duration,
     side: Side,
-) -> Result<PoolBuf, XferError> {
+) -> WriteWhole<impl Future<Output = BufResult<usize, Slice<PoolBuf>>> + '_, PoolBuf> {
     if range.is_empty() {
-        return Ok(buf);
+        return WriteWhole::done(buf, side);
     }
-    match deadline::timeout(idle, stream.write_all(buf.slice(range))).await {
-        Ok((Ok(_), slice)) => Ok(slice.into_inner()),
-        Ok((Err(e), _)) => Err(XferError::Io(side, e)),
-        Err(_) => Err(XferError::Timeout(side)),
+    WriteWhole::new(stream.write_all(buf.slice(range)), idle, side)
+}
+
+pin_project_lite::pin_project! {
+    /// A whole write within a deadline, ending as a relay step ends: the buffer back, or the
+    /// error on `side`. A struct rather than an `async fn`, which would keep the buffer and
+    /// its other arguments beside the write that already holds them, in the state of every
+    /// relay awaiting one.
+    pub struct WriteWhole<F, B> {
+        #[pin]
+        step: WriteStep<F, B>,
+        side: Side,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The write, or (nothing to write, or written) its buffer.
+    #[project = WriteStepProj]
+    enum WriteStep<F, B> {
+        Writing { #[pin] write: deadline::Timeout<F> },
+        Unsent { buf: Option<B> },
+    }
+}
+
+impl<F: Future, B> WriteWhole<F, B> {
+    /// `write` (a `write_all`), abandoned after `idle`.
+    pub fn new(write: F, idle: Duration, side: Side) -> Self {
+        Self {
+            step: WriteStep::Writing {
+                write: deadline::timeout(idle, write),
+            },
+            side,
+        }
+    }
+
+    /// Nothing to write: `buf` comes back at once.
+    pub fn done(buf: B, side: Side) -> Self {
+        Self {
+            step: WriteStep::Unsent { buf: Some(buf) },
+            side,
+        }
+    }
+}
+
+impl<F, B> Future for WriteWhole<F, B>
+where
+    F: Future<Output = BufResult<usize, Slice<B>>>,
+{
+    type Output = Result<B, XferError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let side = *this.side;
+        Poll::Ready(match this.step.project() {
+            // Polled again once it ended, the buffer is gone.
+            WriteStepProj::Unsent { buf } => buf.take().ok_or(XferError::Eof(side)),
+            WriteStepProj::Writing { write } => match std::task::ready!(write.poll(cx)) {
+                Ok((Ok(_), slice)) => Ok(slice.into_inner()),
+                Ok((Err(e), _)) => Err(XferError::Io(side, e)),
+                Err(_) => Err(XferError::Timeout(side)),
+            },
+        })
     }
 }
 
