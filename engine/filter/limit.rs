@@ -154,6 +154,23 @@ impl RateLimit {
         })
     }
 
+    /// Counts one request against the check's windows at once where no Redis lease is
+    /// involved (local scope, or no window); `None`: a cluster-scope check, for
+    /// [`acquire`](Self::acquire).
+    pub fn acquire_local(&self, check: &LimitCheck, cost: u64, now: u64) -> Option<Decision> {
+        let windows = self.rules.windows(check.rule as usize);
+        if windows.is_empty() {
+            return Some(Decision::UNLIMITED);
+        }
+        if self.cluster.is_some() {
+            return None;
+        }
+        Some(
+            self.table
+                .try_acquire_all(check.key_hash, windows, cost, now),
+        )
+    }
+
     /// Counts one request against the check's windows, waiting for a Redis
     /// lease if the key has none (cluster scope).
     pub async fn acquire(

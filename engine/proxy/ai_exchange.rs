@@ -228,8 +228,10 @@ fn prepare<'a, 'r>(
         let identity = route_ai.accounts();
         let mut head = head_without_framing(&cbuf[plan.head_start..plan.head_end], identity);
         let before_capture = record.since_head(std::time::Instant::now());
-        let (mut req, pipelined) = match captured(w, g, client, cbuf, plan, route_ai, record).await
-        {
+        // Boxed: inline, the capture's state would sit beside the reservations' and the
+        // request's in this state, which every AI request keeps while waiting for its answer.
+        let capture = Box::pin(captured(w, g, client, cbuf, plan, route_ai, record));
+        let (mut req, pipelined) = match capture.await {
             Ok(v) => v,
             Err(next) => return Err(next),
         };
@@ -302,7 +304,12 @@ fn prepare<'a, 'r>(
                 .max(1);
             // Read per filter: an acquire can wait (a cluster lease), and windows follow the clock.
             let now = now_ms();
-            let d = rl.acquire(check, cost, now, redis_timeout).await;
+            // A cluster-scope acquire (which may wait for a lease) is boxed, for the same
+            // reason as the capture.
+            let d = match rl.acquire_local(check, cost, now) {
+                Some(d) => d,
+                None => Box::pin(rl.acquire(check, cost, now, redis_timeout)).await,
+            };
             let unit = usize::from(rl.cost);
             if let Some(h) = rl.headers(&d) {
                 if tightest[unit].is_none_or(|t| h.remaining < t.remaining || !d.admitted) {

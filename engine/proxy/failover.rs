@@ -82,137 +82,145 @@ pub(super) enum Unserved {
 
 /// Sends `req` until an attempt is served; `plan.upstream` and `plan.key` end as the
 /// serving attempt's.
-pub(super) async fn run(
-    w: &Worker,
-    g: &Generation,
-    client: &mut Stream,
-    plan: &mut Plan,
-    mut req: Request<'_>,
-) -> Result<Served, Unserved> {
-    // Attempts: the model's upstream (or the route's), then other keys and endpoints of it
-    // and the route's fallbacks, while attempts fail in a way `fallback_on` lists and no
-    // response byte has reached the client.
-    let route = g.shared.routes.get(plan.route);
-    let mut attempts = Attempts::new(
-        req.first,
-        &route.fallbacks,
-        &route.fallback_on,
-        route.max_attempts,
-    );
-    let mut choice = KeyChoice::Keep;
-    let mut tried = Tried::default();
-    let mut sent_at = Instant::now();
-    let mut first_sent_at = None;
-    let (conn, rp, ubuf) = loop {
-        let up = attempts.upstream();
-        let keys = g.shared.key_pools.get(up).and_then(Option::as_ref);
-        // Every key of this one cools or was refused: a later upstream may serve.
-        if keys.is_some_and(|p| !p.has_usable(now_ms())) && attempts.skip() {
-            (choice, tried) = (KeyChoice::Any, Tried::default());
-            continue;
-        }
-        let pool = g.upstream(up).clone();
-        let limit = pool.shared.conf.response_timeout;
-        // The model is renamed in place, in a pool buffer (a parked body goes back into one).
-        let body = match (&req.slot, req.body.as_mut()) {
-            (Some(_), Some(b)) => match b.in_pool(pool.shared.conf.connect_timeout).await {
-                Some(b) => Some(b),
-                None => return Err(Unserved::Reject(error::NO_BUFFER)),
-            },
-            _ => None,
-        };
-        let prepared = super::ai_creds::for_upstream(req.head, &g.shared, plan, up, choice)
-            .and_then(|()| match (&mut req.slot, body) {
-                (Some(s), Some(b)) => s.remodel(b, &pool.shared.conf.model_map),
-                _ => Ok(()),
-            });
-        attempts.begin();
-        let end = match prepared {
-            Ok(()) => {
-                let end = attempt(w, g, client, plan, &mut req, &mut tried, &mut sent_at).await;
-                first_sent_at.get_or_insert(sent_at);
-                end
+///
+/// A plain `fn` around an `async move` block, so its arguments are held once: this state is
+/// what every AI request waiting for its answer holds beside its exchange.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn run<'a, 'r>(
+    w: &'a Worker,
+    g: &'a Generation,
+    client: &'a mut Stream,
+    plan: &'a mut Plan,
+    mut req: Request<'r>,
+) -> impl std::future::Future<Output = Result<Served, Unserved>> + use<'a, 'r> {
+    async move {
+        // Attempts: the model's upstream (or the route's), then other keys and endpoints of it
+        // and the route's fallbacks, while attempts fail in a way `fallback_on` lists and no
+        // response byte has reached the client.
+        let route = g.shared.routes.get(plan.route);
+        let mut attempts = Attempts::new(
+            req.first,
+            &route.fallbacks,
+            &route.fallback_on,
+            route.max_attempts,
+        );
+        let mut choice = KeyChoice::Keep;
+        let mut tried = Tried::default();
+        let mut sent_at = Instant::now();
+        let mut first_sent_at = None;
+        let (conn, rp, ubuf) = loop {
+            let up = attempts.upstream();
+            let keys = g.shared.key_pools.get(up).and_then(Option::as_ref);
+            // Every key of this one cools or was refused: a later upstream may serve.
+            if keys.is_some_and(|p| !p.has_usable(now_ms())) && attempts.skip() {
+                (choice, tried) = (KeyChoice::Any, Tried::default());
+                continue;
             }
-            Err(rej) => Err(Failed {
-                failure: Failure::Connect,
-                reject: rej,
-                endpoint: None,
-                replayable: true,
-            }),
-        };
-        let (failure, endpoint, last) = match end {
-            Ok(Attempted::ClientGone) => return Err(Unserved::ClientGone),
-            Ok(Attempted::Answer(conn, rp, ubuf)) => {
-                if !attempts.retries_status(rp.status) {
-                    pool.stats.attempt(&route.name, "ok");
-                    break (conn, rp, ubuf);
+            let pool = g.upstream(up).clone();
+            // The model is renamed in place, in a pool buffer (a parked body goes back into one).
+            let body = match (&req.slot, req.body.as_mut()) {
+                (Some(_), Some(b)) => match b.in_pool(pool.shared.conf.connect_timeout).await {
+                    Some(b) => Some(b),
+                    None => return Err(Unserved::Reject(error::NO_BUFFER)),
+                },
+                _ => None,
+            };
+            let prepared = super::ai_creds::for_upstream(req.head, &g.shared, plan, up, choice)
+                .and_then(|()| match (&mut req.slot, body) {
+                    (Some(s), Some(b)) => s.remodel(b, &pool.shared.conf.model_map),
+                    _ => Ok(()),
+                });
+            attempts.begin();
+            let end = match prepared {
+                Ok(()) => {
+                    let end = attempt(w, g, client, plan, &mut req, &mut tried, &mut sent_at).await;
+                    first_sent_at.get_or_insert(sent_at);
+                    end
                 }
-                let failure = Failure::Status {
-                    status: rp.status,
-                    retry_after: rp.retry_after,
-                };
-                (failure, Some(conn.idx), Last::Answer(conn, rp, ubuf))
+                Err(rej) => Err(Failed {
+                    failure: Failure::Connect,
+                    reject: rej,
+                    endpoint: None,
+                    replayable: true,
+                }),
+            };
+            let (failure, endpoint, last) = match end {
+                Ok(Attempted::ClientGone) => return Err(Unserved::ClientGone),
+                Ok(Attempted::Answer(conn, rp, ubuf)) => {
+                    if !attempts.retries_status(rp.status) {
+                        pool.stats.attempt(&route.name, "ok");
+                        break (conn, rp, ubuf);
+                    }
+                    let failure = Failure::Status {
+                        status: rp.status,
+                        retry_after: rp.retry_after,
+                    };
+                    (failure, Some(conn.idx), Last::Answer(conn, rp, ubuf))
+                }
+                Err(f) => {
+                    let last = if f.replayable {
+                        Last::Reject(f.reject)
+                    } else {
+                        Last::Final(f.reject)
+                    };
+                    (f.failure, f.endpoint, last)
+                }
+            };
+            pool.stats.attempt(&route.name, failure.outcome());
+            let step = match &last {
+                Last::Final(_) => Step::Stop,
+                _ => {
+                    let left = Left {
+                        other_key: keys.is_some_and(|p| p.has_usable(now_ms())),
+                        other_endpoint: pool.shared.conf.endpoints.len() > tried.len() + 1,
+                    };
+                    // Read here, not kept from before the attempt: a local would stay in the
+                    // state of every request waiting for its answer.
+                    let limit = pool.shared.conf.response_timeout;
+                    attempts.after(failure, left, limit, next_random())
+                }
+            };
+            let Step::Retry {
+                upstream,
+                delay,
+                new_key,
+                new_endpoint,
+            } = step
+            else {
+                match last {
+                    Last::Answer(conn, rp, ubuf) => break (conn, rp, ubuf),
+                    Last::Reject(rej) | Last::Final(rej) => return Err(Unserved::Reject(rej)),
+                }
+            };
+            // The failed answer is not relayed: its connection closes with it.
+            drop(last);
+            pool.stats.retries.add(1);
+            if !delay.is_zero() {
+                // Boxed, as below: a rare wait that should not size every request's state.
+                Box::pin(monoio::time::sleep(delay)).await;
             }
-            Err(f) => {
-                let last = if f.replayable {
-                    Last::Reject(f.reject)
-                } else {
-                    Last::Final(f.reject)
-                };
-                (f.failure, f.endpoint, last)
+            if upstream != up {
+                (choice, tried) = (KeyChoice::Any, Tried::default());
+            } else if new_key {
+                choice = KeyChoice::Usable;
+            } else if new_endpoint {
+                if let Some(i) = endpoint {
+                    tried.push(i);
+                }
+                choice = KeyChoice::Keep;
+            } else {
+                (choice, tried) = (KeyChoice::Keep, Tried::default());
             }
         };
-        pool.stats.attempt(&route.name, failure.outcome());
-        let step = match &last {
-            Last::Final(_) => Step::Stop,
-            _ => {
-                let left = Left {
-                    other_key: keys.is_some_and(|p| p.has_usable(now_ms())),
-                    other_endpoint: pool.shared.conf.endpoints.len() > tried.len() + 1,
-                };
-                attempts.after(failure, left, limit, next_random())
-            }
-        };
-        let Step::Retry {
-            upstream,
-            delay,
-            new_key,
-            new_endpoint,
-        } = step
-        else {
-            match last {
-                Last::Answer(conn, rp, ubuf) => break (conn, rp, ubuf),
-                Last::Reject(rej) | Last::Final(rej) => return Err(Unserved::Reject(rej)),
-            }
-        };
-        // The failed answer is not relayed: its connection closes with it.
-        drop(last);
-        pool.stats.retries.add(1);
-        if !delay.is_zero() {
-            // Boxed, as below: a rare wait that should not size every request's state.
-            Box::pin(monoio::time::sleep(delay)).await;
-        }
-        if upstream != up {
-            (choice, tried) = (KeyChoice::Any, Tried::default());
-        } else if new_key {
-            choice = KeyChoice::Usable;
-        } else if new_endpoint {
-            if let Some(i) = endpoint {
-                tried.push(i);
-            }
-            choice = KeyChoice::Keep;
-        } else {
-            (choice, tried) = (KeyChoice::Keep, Tried::default());
-        }
-    };
-    Ok(Served {
-        conn,
-        rp,
-        ubuf,
-        sent_at,
-        first_sent_at: first_sent_at.unwrap_or(sent_at),
-        attempts: attempts.made(),
-    })
+        Ok(Served {
+            conn,
+            rp,
+            ubuf,
+            sent_at,
+            first_sent_at: first_sent_at.unwrap_or(sent_at),
+            attempts: attempts.made(),
+        })
+    }
 }
 
 /// After the served answer was relayed whole (`clean`: nothing followed it): its connection
@@ -306,8 +314,10 @@ fn answer<'a>(
         };
         match quick {
             Some(r) => Answer::Read(r),
+            // The watch's run is boxed: only an answer slower than `WATCH_AFTER` takes it,
+            // and inline it would grow the state of every AI request waiting for its answer.
             None => match EarlyWatch::on_fd(client_fd) {
-                Some(watch) => match watch.run_until_closed(read).await {
+                Some(watch) => match Box::pin(watch.run_until_closed(read)).await {
                     Watched::Done(r) => Answer::Read(r),
                     Watched::Answered => Answer::ClientGone,
                 },
