@@ -799,7 +799,8 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
-    /// The state an AI route's exchange allocates (held until its answer's head is read).
+    /// The state an AI route's exchange allocates (held until its answer's head is read), or a
+    /// fallback route's stage (its `Last` wrapper adds nothing).
     #[allow(clippy::type_complexity)]
     fn ai_exchange_size<'a, Fut>(
         _: fn(
@@ -824,22 +825,6 @@ mod tests {
             Record<'a>,
             super::super::ai_exchange::Relaying,
             Duration,
-        ) -> Fut,
-    ) -> usize {
-        std::mem::size_of::<Last<'a, Fut>>()
-    }
-
-    /// The state a fallback route's stage allocates.
-    #[allow(clippy::type_complexity)]
-    fn fallback_stage_size<'a, Fut>(
-        _: fn(
-            &'a Worker,
-            &'a Generation,
-            &'a mut Stream,
-            Plan,
-            PoolBuf,
-            Record<'a>,
-            ExtraHeaders,
         ) -> Fut,
     ) -> usize {
         std::mem::size_of::<Last<'a, Fut>>()
@@ -879,7 +864,7 @@ mod tests {
             ai_relay <= 2048,
             "an AI route's relay stage grew to {ai_relay} bytes"
         );
-        let fallback = fallback_stage_size(super::super::fallback_exchange::exchange);
+        let fallback = ai_exchange_size(super::super::fallback_exchange::exchange);
         assert!(
             fallback <= 2560,
             "a fallback route's stage grew to {fallback} bytes"
