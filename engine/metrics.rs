@@ -215,7 +215,7 @@ pub struct WorkerShard {
     pub ring_receives: Counter,
     /// Receives through the ring that found it empty (then waited for readiness), since start.
     pub ring_empty: Counter,
-    /// Reads taken after such a wait, since start.
+    /// Reads tried after such a wait, since start.
     pub ring_dry_reads: Counter,
     /// Requests Ringway answered itself, by reason.
     pub rejected: Counter,
@@ -847,7 +847,7 @@ pub struct WorkerSnapshot {
     pub ring_receives: u64,
     /// Receives through the ring that found it empty.
     pub ring_empty: u64,
-    /// Reads taken after a wait that found the ring empty.
+    /// Reads tried after a wait that found the ring empty.
     pub ring_dry_reads: u64,
     /// The receive path: "buffer_ring" or "readiness".
     pub receive: &'static str,

@@ -77,7 +77,7 @@ struct RingInner {
     received: Cell<u64>,
     /// Receives that found the ring empty (`Received::NoBuffer`), since start.
     dry: Cell<u64>,
-    /// Reads taken straight from a socket found readable after the ring ran dry, since start.
+    /// Reads tried straight on a socket found readable after the ring ran dry, since start.
     dry_reads: Cell<u64>,
     pool: BufPool,
     headroom: usize,
@@ -169,15 +169,16 @@ impl RecvRing {
     }
 
     /// Since start: receives completed with data, receives that found the ring empty, and
-    /// the reads those waits then took themselves ([`recv_now`](Self::recv_now)). Every wait
-    /// that went through the ring got its bytes by a receive or by one of those reads.
+    /// the reads those waits then tried themselves once readable ([`recv_now`](Self::recv_now),
+    /// counted whether or not bytes were there). Every wait that went through the ring ended
+    /// in a receive or in one of those reads.
     pub fn receives(&self) -> (u64, u64, u64) {
         let r = &self.inner;
         (r.received.get(), r.dry.get(), r.dry_reads.get())
     }
 
     /// The ring ran dry and the socket `fd` is readable: its bytes are taken into `buf` at
-    /// once (see [`PoolBuf::recv_now`]), and counted.
+    /// once (see [`PoolBuf::recv_now`]). Counted as tried, whether or not bytes were there.
     pub fn recv_now(&self, buf: &mut PoolBuf, fd: RawFd) -> io::Result<Option<usize>> {
         self.inner.dry_reads.set(self.inner.dry_reads.get() + 1);
         buf.recv_now(fd)

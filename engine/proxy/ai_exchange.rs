@@ -80,7 +80,9 @@ pub(super) fn exchange<'a>(
 /// completed, the upstream connection kept or closed.
 ///
 /// A plain `fn` around an `async move` block, so its arguments are held once; the
-/// relay's fields are used in place.
+/// relay's fields are used in place. The block captures only the fields of `r` it uses, so
+/// each one must be used in it: a field it never names would be dropped when this `fn`
+/// returns, before the relay runs.
 #[allow(clippy::manual_async_fn)]
 pub(super) fn relay_stage<'a>(
     w: &'a Worker,

@@ -181,7 +181,8 @@ pub async fn wait_bare(
     Ok(Waited::Empty(buf))
 }
 
-/// Writes `buf[range]` whole.
+/// Writes `buf[range]` whole. The deadline starts now, not at the first poll: await it at
+/// once.
 pub fn write_range(
     stream: &mut Stream,
     buf: PoolBuf,
@@ -217,7 +218,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<F: Future, B> WriteWhole<F, B> {
-    /// `write` (a `write_all`), abandoned after `idle`.
+    /// `write` (a `write_all`), abandoned `idle` from now (not from the first poll).
     pub fn new(write: F, idle: Duration, side: Side) -> Self {
         Self {
             step: WriteStep::Writing {

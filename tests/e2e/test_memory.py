@@ -336,9 +336,9 @@ def _buffers_in_use(admin):
 
 
 def _ring_waits(admin):
-    """Waits through the buffer ring that got their bytes, over every worker, from /stats: by a
-    receive that completed with data, or (the ring found empty, then the socket readable) by
-    the read the wait then made itself. None where a worker receives without the ring."""
+    """Waits through the buffer ring, over every worker, from /stats: those that ended in a
+    receive completed with data, or (the ring found empty, then the socket readable) in the read
+    the wait then tried itself. None where a worker receives without the ring."""
     doc = requests.get("http://127.0.0.1:%d/stats" % admin, timeout=5).json()
     if any(w["receive"] != "buffer_ring" for w in doc["workers"]):
         return None
