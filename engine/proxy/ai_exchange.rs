@@ -50,7 +50,7 @@ pub(super) fn exchange<'a>(
 ) -> impl std::future::Future<Output = Handoff<'a>> + 'a {
     async move {
         let route_ai = ai::route(&g.shared, plan.route);
-        let prepared = match prepare(
+        let prepared = prepare(
             w,
             g,
             client,
@@ -59,19 +59,27 @@ pub(super) fn exchange<'a>(
             &mut record,
             &mut extra,
             route_ai,
-        )
-        .await
-        {
-            Ok(p) => p,
-            Err(next) => return Handoff::Done(next),
+        );
+        // The refusal is taken out of the result in a statement of its own: matched where it
+        // is answered, the whole result (1 KiB) was kept across the answer's wait, beside
+        // the state of `prepare`.
+        let refusal = match prepared.await {
+            Ok(prepared) => {
+                let relaying = answered(g, &plan, &mut record, prepared);
+                let idle = g.upstream(plan.upstream).shared.conf.response_timeout;
+                // An open stream then holds the relay's state alone, not the plan, the
+                // extra headers and the attempts' state as well.
+                return Handoff::Then(Last::stage(|| {
+                    relay_stage(w, g, client, record, relaying, idle)
+                }));
+            }
+            Err(Refusal::Done(next)) => return Handoff::Done(next),
+            Err(r) => r,
         };
-        let relaying = answered(g, &plan, &mut record, prepared);
-        let idle = g.upstream(plan.upstream).shared.conf.response_timeout;
-        // An open stream then holds the relay's state alone, not the plan, the extra
-        // headers and the attempts' state as well.
-        Handoff::Then(Last::stage(|| {
-            relay_stage(w, g, client, record, relaying, idle)
-        }))
+        // Boxed, as every answer of a failure: rare, and inline it would size every
+        // request's state.
+        let answer = refuse(w, g, client, plan.is_head, &mut record, &extra, refusal);
+        Handoff::Done(Box::pin(answer).await)
     }
 }
 
@@ -221,7 +229,7 @@ fn prepare<'a, 'r>(
     record: &'a mut Record<'r>,
     extra: &'a mut ExtraHeaders,
     route_ai: &'a ai::AiRoute,
-) -> impl std::future::Future<Output = Result<Prepared, Next>> + use<'a, 'r> {
+) -> impl std::future::Future<Output = Result<Prepared, Refusal>> + use<'a, 'r> {
     async move {
         // The head goes upstream with its framing fields replaced by the body's
         // final length, known once the body is captured and edited. An accounted
@@ -233,148 +241,155 @@ fn prepare<'a, 'r>(
         // Boxed: inline, the capture's state would sit beside the reservations' and the
         // request's in this state, which every AI request keeps while waiting for its answer.
         let capture = Box::pin(captured(w, g, client, cbuf, plan, route_ai, record));
-        let (mut req, pipelined) = match capture.await {
-            Ok(v) => v,
-            Err(next) => return Err(next),
+        let (mut ctx, pipelined, captured_at, own_before);
+        // The request's scan (208 bytes) lives in this block only, so it is not kept across
+        // the waits after it (a local that was borrowed keeps its place in the state until
+        // its scope ends). What the rest needs of it leaves as the block's value: assigned
+        // inside, while the scan is alive, each part would take a place of its own beside it.
+        let (mut body, mut slot, first, input_estimate, max_tokens, asks_nothing) = {
+            let (mut req, pipe) = match capture.await {
+                Ok(v) => v,
+                Err(next) => return Err(Refusal::Done(next)),
+            };
+            pipelined = pipe;
+            // One clock read less on the common path: the scan just ended.
+            captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
+            own_before = before_capture + req.scan_time;
+            record.model = req.model.clone();
+            let consumer = plan
+                .consumer
+                .map(|c| g.shared.filters.auth.consumer_name(c as usize));
+            ctx = AiCtx::new(
+                &g.shared.routes.get(plan.route).name,
+                consumer,
+                req.model.clone(),
+                req.injected,
+                req.input_estimate,
+                route_ai.stats,
+                captured_at,
+            );
+            ctx.keepalive = route_ai.sse_keepalive;
+            (
+                req.body.take().map(Kept::Buf),
+                req.slot.take(),
+                req.upstream.unwrap_or(plan.upstream),
+                req.input_estimate,
+                req.max_tokens,
+                // Nothing was asked of a model: nothing to price (a GET of /v1/models).
+                req.model.is_none() && !req.has_body,
+            )
         };
-        // One clock read less on the common path: the scan just ended.
-        let captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
-        record.model = req.model.clone();
-        let consumer = plan
-            .consumer
-            .map(|c| g.shared.filters.auth.consumer_name(c as usize));
-        let mut ctx = AiCtx::new(
-            &g.shared.routes.get(plan.route).name,
-            consumer,
-            req.model.clone(),
-            req.injected,
-            req.input_estimate,
-            route_ai.stats,
-            captured_at,
-        );
-        ctx.keepalive = route_ai.sse_keepalive;
 
-        // Reserve tokens before anything goes upstream.
-        let redis_timeout = g
-            .shared
-            .cfg
-            .redis
-            .as_ref()
-            .map_or(std::time::Duration::from_millis(200), |r| r.timeout);
-        // A budget needs the price of the model the request names (as the first upstream will be
-        // sent it), before any budget is consulted.
-        let priced_name = req
-            .slot
-            .as_ref()
-            .map(|s| s.sent.as_str())
-            .or(req.model.as_deref());
-        let price = priced_name.and_then(|m| g.shared.cfg.prices.find(m));
-        ctx.price = price;
-        // Tightest headers per unit (requests are not reserved here; tokens and dollars are).
-        let mut tightest: [Option<LimitHeaders>; 2] = [None, None];
-        for check in plan.tokens.iter() {
-            let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
-                continue;
-            };
-            let max_output = |fallback: u64| req.max_tokens.unwrap_or(fallback);
-            let want = if rl.cost {
-                match price {
-                    Some(p) => {
-                        p.reserve_micro(req.input_estimate, max_output(rl.conf.max_output_reserve))
-                    }
-                    // Nothing was asked of a model: nothing to price (a GET of /v1/models).
-                    None if req.model.is_none() && !req.has_body => continue,
-                    None if rl.conf.unpriced == Unpriced::Allow => {
-                        unpriced_allowed(priced_name);
-                        continue;
-                    }
-                    None => {
-                        ctx.release_all();
-                        record.status = 400;
-                        let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
-                        let keep = if rej.close { None } else { pipelined };
-                        // Boxed, as every answer of a failure here.
-                        return Err(Box::pin(reject(w, g, client, rej, plan.is_head, keep)).await);
-                    }
-                }
-            } else {
-                req.input_estimate + max_output(DEFAULT_OUTPUT_RESERVE)
-            };
-            let cost = want
-                .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
-                .min(rl.max_cost(check))
-                .max(1);
-            // Read per filter: an acquire can wait (a cluster lease), and windows follow the clock.
-            let now = now_ms();
-            // A cluster-scope acquire (which may wait for a lease) is boxed, for the same
-            // reason as the capture.
-            let d = match rl.acquire_local(check, cost, now) {
-                Some(d) => d,
-                None => Box::pin(rl.acquire(check, cost, now, redis_timeout)).await,
-            };
-            let unit = usize::from(rl.cost);
-            if let Some(h) = rl.headers(&d) {
-                if tightest[unit].is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
-                    tightest[unit] = Some(h);
-                }
-            }
-            if d.admitted {
-                rl.allowed.add(1);
-                ctx.reserved(rl.clone(), *check, cost, now);
-            } else if rl.conf.shadow {
-                rl.shadow_rejected.add(1);
-            } else {
-                rl.rejected.add(1);
-                ctx.release_all();
-                for h in tightest.iter().flatten() {
-                    let _ = h.write_to(extra);
-                }
-                if let Some(h) = tightest[unit] {
-                    let _ = h.write_retry_after(extra);
-                }
-                record.status = 429;
-                let rej = if rl.cost {
-                    error::BUDGET_EXCEEDED
-                } else {
-                    error::RATE_LIMITED
+        // Reserve tokens and dollars before anything goes upstream. A budget needs the price
+        // of the model the request names (as the first upstream will be sent it), before any
+        // budget is consulted.
+        ctx.price = priced_name(&slot, &ctx.model).and_then(|m| g.shared.cfg.prices.find(m));
+        // In a block of its own, so the loop's locals are not kept across the attempts' wait.
+        {
+            // Tightest headers per unit (requests are not reserved here; tokens and dollars are).
+            let mut tightest: [Option<LimitHeaders>; 2] = [None, None];
+            for check in plan.tokens.iter() {
+                let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
+                    continue;
                 };
-                let rej = rej.closing_if(!plan.keep_alive);
-                let keep = if rej.close { None } else { pipelined };
-                let answer = reject_with(w, g, client, rej, plan.is_head, keep, extra.as_str());
-                return Err(Box::pin(answer).await);
+                let want = if rl.cost {
+                    match ctx.price {
+                        Some(p) => p.reserve_micro(
+                            input_estimate,
+                            max_tokens.unwrap_or(rl.conf.max_output_reserve),
+                        ),
+                        None if asks_nothing => continue,
+                        None if rl.conf.unpriced == Unpriced::Allow => {
+                            unpriced_allowed(priced_name(&slot, &ctx.model));
+                            continue;
+                        }
+                        None => {
+                            ctx.release_all();
+                            record.status = 400;
+                            let rej = error::MODEL_NOT_PRICED.closing_if(!plan.keep_alive);
+                            let keep = if rej.close { None } else { pipelined };
+                            return Err(Refusal::Reject {
+                                rej,
+                                keep,
+                                with_extra: false,
+                            });
+                        }
+                    }
+                } else {
+                    input_estimate + max_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVE)
+                };
+                let cost = want
+                    .min(rl.conf.max_reserve.unwrap_or(u64::MAX))
+                    .min(rl.max_cost(check))
+                    .max(1);
+                // Read per filter: an acquire can wait (a cluster lease), and windows follow the clock.
+                let now = now_ms();
+                // A cluster-scope acquire (which may wait for a lease) is boxed, for the same
+                // reason as the capture.
+                let d = match rl.acquire_local(check, cost, now) {
+                    Some(d) => d,
+                    None => Box::pin(rl.acquire(check, cost, now, redis_timeout(g))).await,
+                };
+                let unit = usize::from(rl.cost);
+                if let Some(h) = rl.headers(&d) {
+                    if tightest[unit].is_none_or(|t| h.remaining < t.remaining || !d.admitted) {
+                        tightest[unit] = Some(h);
+                    }
+                }
+                if d.admitted {
+                    rl.allowed.add(1);
+                    ctx.reserved(rl.clone(), *check, cost, now);
+                } else if rl.conf.shadow {
+                    rl.shadow_rejected.add(1);
+                } else {
+                    rl.rejected.add(1);
+                    ctx.release_all();
+                    for h in tightest.iter().flatten() {
+                        let _ = h.write_to(extra);
+                    }
+                    if let Some(h) = tightest[unit] {
+                        let _ = h.write_retry_after(extra);
+                    }
+                    record.status = 429;
+                    let rej = if rl.cost {
+                        error::BUDGET_EXCEEDED
+                    } else {
+                        error::RATE_LIMITED
+                    };
+                    let rej = rej.closing_if(!plan.keep_alive);
+                    let keep = if rej.close { None } else { pipelined };
+                    return Err(Refusal::Reject {
+                        rej,
+                        keep,
+                        with_extra: true,
+                    });
+                }
+            }
+            for h in tightest.iter().flatten() {
+                let _ = h.write_to(extra);
             }
         }
-        for h in tightest.iter().flatten() {
-            let _ = h.write_to(extra);
-        }
 
-        let own_time = |until: std::time::Instant| {
-            before_capture + req.scan_time + until.saturating_duration_since(captured_at)
-        };
         if g.shared.routes.get(plan.route).server_timing {
-            super::headers::server_timing(extra, own_time(std::time::Instant::now()));
+            let until = std::time::Instant::now();
+            let own = own_before + until.saturating_duration_since(captured_at);
+            super::headers::server_timing(extra, own);
         }
-        let mut body = req.body.take().map(Kept::Buf);
-        let mut slot = req.slot.take();
         let tries = failover::Request {
             head: &mut head,
             body: &mut body,
             slot: slot.as_mut(),
-            first: req.upstream.unwrap_or(plan.upstream),
+            first,
             identity,
             inspect_sse: ctx.injected,
             extra,
         };
-        // The attempts' state (5.5 KiB) is boxed apart and freed before the
+        // The attempts' state (1.5 KiB) is boxed apart and freed before the
         // relay, so a stream being relayed does not keep it.
         let served = super::in_place(|| failover::run(w, g, client, plan, tries)).await;
-        let head_only = plan.is_head;
         let served = match served {
             Ok(s) => s,
-            Err(_) => {
-                let answer = unserved(w, g, client, &mut ctx, record, head_only, served.err());
-                return Err(Box::pin(answer).await);
-            }
+            Err(why) => return Err(Refusal::Unserved { ctx, why }),
         };
         Ok(Prepared {
             ctx,
@@ -382,9 +397,66 @@ fn prepare<'a, 'r>(
             pipelined,
             body_len: body.as_ref().map_or(0, Kept::len),
             slot,
-            own_before: before_capture + req.scan_time,
+            own_before,
             captured_at,
         })
+    }
+}
+
+/// How long a cluster-scope acquire waits for Redis.
+fn redis_timeout(g: &Generation) -> std::time::Duration {
+    g.shared
+        .cfg
+        .redis
+        .as_ref()
+        .map_or(std::time::Duration::from_millis(200), |r| r.timeout)
+}
+
+/// The model a request is priced under: the name the first upstream will be sent (its
+/// model slot's), else the one the request named.
+fn priced_name<'s>(slot: &'s Option<ModelSlot>, model: &'s Option<String>) -> Option<&'s str> {
+    slot.as_ref().map(|s| s.sent.as_str()).or(model.as_deref())
+}
+
+/// How an AI request ends before its relay. [`prepare`] returns it and [`exchange`] answers
+/// it: awaited in `prepare`, each answer was a wait its locals (the AI context, the request's
+/// scan) were kept across, which sized every request's state while it waited for its answer.
+enum Refusal {
+    /// What happens to the connection, already decided (a capture that failed was answered).
+    Done(Next),
+    /// Answer `rej`; with the limit headers gathered in the extra headers when `with_extra`.
+    Reject {
+        rej: error::Reject,
+        keep: Option<PoolBuf>,
+        with_extra: bool,
+    },
+    /// No attempt served the request.
+    Unserved { ctx: AiCtx, why: Unserved },
+}
+
+/// Answers a [`Refusal`]; what happens to the connection then.
+async fn refuse(
+    w: &Worker,
+    g: &Generation,
+    client: &mut Stream,
+    head_only: bool,
+    record: &mut Record<'_>,
+    extra: &ExtraHeaders,
+    r: Refusal,
+) -> Next {
+    match r {
+        Refusal::Done(next) => next,
+        Refusal::Reject {
+            rej,
+            keep,
+            with_extra,
+        } => {
+            let extra = if with_extra { extra.as_str() } else { "" };
+            reject_with(w, g, client, rej, head_only, keep, extra).await
+        }
+        Refusal::Unserved { mut ctx, why } => {
+            unserved(w, g, client, &mut ctx, record, head_only, Some(why)).await
+        }
     }
 }
 

@@ -306,23 +306,28 @@ fn answer<'a>(
         let client_fd = client.socket().as_raw_fd();
         let read = read_response_head(w, g, client, conn, ubuf, plan, extra, inspect_sse);
         let mut read = std::pin::pin!(read);
-        let quick = monoio::select! {
+        // The quick answer is returned from inside the `if let`, so it is not held across
+        // the waits below (as a `let` binding, it kept 120 bytes in this state).
+        if let Some(r) = monoio::select! {
             r = &mut read => Some(r),
             // Boxed: monoio's `Sleep` is 640 bytes aligned to 128, which would pad
             // every AI request's state around it.
             _ = Box::pin(monoio::time::sleep(WATCH_AFTER)) => None,
+        } {
+            return Answer::Read(r);
+        }
+        // The watch and its run are boxed: only an answer slower than `WATCH_AFTER` takes
+        // them, and inline they would grow the state of every AI request waiting for its
+        // answer.
+        let watched = async move {
+            match EarlyWatch::on_fd(client_fd) {
+                Some(watch) => watch.run_until_closed(read).await,
+                None => Watched::Done(read.await),
+            }
         };
-        match quick {
-            Some(r) => Answer::Read(r),
-            // The watch's run is boxed: only an answer slower than `WATCH_AFTER` takes it,
-            // and inline it would grow the state of every AI request waiting for its answer.
-            None => match EarlyWatch::on_fd(client_fd) {
-                Some(watch) => match Box::pin(watch.run_until_closed(read)).await {
-                    Watched::Done(r) => Answer::Read(r),
-                    Watched::Answered => Answer::ClientGone,
-                },
-                None => Answer::Read(read.await),
-            },
+        match Box::pin(watched).await {
+            Watched::Done(r) => Answer::Read(r),
+            Watched::Answered => Answer::ClientGone,
         }
     }
 }

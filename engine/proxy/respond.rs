@@ -2,7 +2,12 @@
 //! and relaying its body to the client.
 
 use crate::transport::Stream;
-use std::time::{Duration, Instant};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::Poll,
+    time::{Duration, Instant},
+};
 
 use monoio::{buf::IoBufMut as _, io::AsyncReadRent};
 
@@ -68,9 +73,11 @@ pub(super) fn read_response_head<'a>(
                     Ok(Parsed::Complete(rp)) if rp.interim => {
                         // 100 Continue was already answered by Ringway; others
                         // (103 Early Hints) go to HTTP/1.1 clients.
+                        // Boxed: rare, and inline the write's state would size every
+                        // request's wait for its answer.
                         if rp.status != 100 && plan.version == 1 {
                             let r = rp.head_start..rp.head_end;
-                            ubuf = write_all(client, ubuf, r, g.server.body_timeout)
+                            ubuf = Box::pin(write_all(client, ubuf, r, g.server.body_timeout))
                                 .await
                                 .map_err(|()| RespError::Client)?;
                         }
@@ -160,17 +167,12 @@ enum FirstRead {
 }
 
 /// The first read of an answer into `ubuf` (which holds only the headroom). Through the
-/// worker's receive ring where it has one: the kernel picks a buffer when the answer
-/// starts, and `ubuf` goes back at once (no cancel needed). Otherwise, an answer
-/// that has not started within [`HOLD_BUFFER_FOR`] gives the buffer back to the pool
-/// while it is awaited, then takes one again when bytes are there: thousands of
-/// requests waiting on a slow upstream hold no pool memory. The read is cancelled
-/// through monoio's cancel handle, which hands back whatever the kernel completed
-/// (a plain drop could lose bytes received in the meantime).
+/// worker's receive ring where it has one ([`ring_first_read`]), else holding `ubuf` only
+/// for a tick ([`held_first_read`]).
 ///
-/// A plain `fn` around an `async move` block, so its arguments are held once (an
-/// `async fn` keeps them twice), in every request state that awaits it.
-#[allow(clippy::manual_async_fn)]
+/// Two futures behind an enum, not one `async` block with both paths: rustc laid the ring
+/// wait's locals out beside the held read's (not over them), and every request waiting for
+/// its answer, an open stream's too, carried the sum (832 bytes, now about the larger one).
 fn first_read<'a>(
     w: &'a Worker,
     tcp: &'a mut monoio::net::TcpStream,
@@ -178,70 +180,130 @@ fn first_read<'a>(
     ubuf: PoolBuf,
     deadline: Instant,
     acquire_limit: Duration,
-) -> impl std::future::Future<Output = FirstRead> + 'a {
+) -> FirstReadFut<impl Future<Output = FirstRead> + 'a, impl Future<Output = FirstRead> + 'a> {
+    // A pooled connection comes with its receive already armed; else one is armed now.
+    match armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp))) {
+        Some(recv) => FirstReadFut::Ring {
+            f: ring_first_read(w, tcp, recv, ubuf, deadline, acquire_limit),
+        },
+        None => FirstReadFut::Held {
+            f: held_first_read(w, tcp, ubuf, deadline, acquire_limit),
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`first_read`]: one of its two paths.
+    #[project = FirstReadProj]
+    enum FirstReadFut<R, H> {
+        Ring { #[pin] f: R },
+        Held { #[pin] f: H },
+    }
+}
+
+impl<R: Future<Output = FirstRead>, H: Future<Output = FirstRead>> Future for FirstReadFut<R, H> {
+    type Output = FirstRead;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<FirstRead> {
+        match self.project() {
+            FirstReadProj::Ring { f } => f.poll(cx),
+            FirstReadProj::Held { f } => f.poll(cx),
+        }
+    }
+}
+
+/// The first read through the receive ring: the kernel picks a buffer when the answer
+/// starts, and `ubuf` goes back at once (no cancel needed).
+///
+/// A plain `fn` around an `async move` block, so its arguments are held once (an
+/// `async fn` keeps them twice), in every request state that awaits it.
+#[allow(clippy::manual_async_fn)]
+fn ring_first_read<'a>(
+    w: &'a Worker,
+    tcp: &'a mut monoio::net::TcpStream,
+    recv: RingRecv,
+    ubuf: PoolBuf,
+    deadline: Instant,
+    acquire_limit: Duration,
+) -> impl Future<Output = FirstRead> + 'a {
+    async move {
+        // The kernel picks a buffer when the answer starts, so `ubuf` goes back at once
+        // (the pool's checkout already took any receive an idle connection completed):
+        // a burst of requests waiting for their answers then holds only the ring's
+        // buffers (holding `ubuf` for a tick, thousands of waiting requests touched a
+        // page each). It is kept while requests queue for buffers: an answer that finds
+        // the ring empty then reads into it, rather than wait in that queue behind
+        // requests that cannot finish without buffers.
+        let spare = if w.pool.has_waiters() {
+            Some(ubuf)
+        } else {
+            // No cancel to wait for: the receive never held this buffer.
+            drop(ubuf);
+            None
+        };
+        let got = match deadline::timeout_at(deadline, recv).await {
+            Ok(got) => got,
+            Err(_) => return FirstRead::TimedOut,
+        };
+        match (got, spare) {
+            (Received::Data(b), _) => FirstRead::Read(Ok(b.len() - HEADROOM), b),
+            (Received::Eof, _) | (Received::Failed(_), _) => FirstRead::NoAnswer,
+            // The ring was empty: read into the buffer kept, or wait for readiness and a
+            // buffer.
+            // Both waits are boxed: they are rare (the ring ran dry), and inline they would
+            // size every request's state, an open stream's too.
+            (Received::NoBuffer, Some(ubuf)) => {
+                let (len, cap) = (ubuf.len(), ubuf.capacity());
+                let read = deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap)));
+                match Box::pin(read).await {
+                    Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
+                    Err(_) => FirstRead::TimedOut,
+                }
+            }
+            (Received::NoBuffer, None) => {
+                Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
+            }
+        }
+    }
+}
+
+/// The first read without a receive ring: an answer that has not started within
+/// [`HOLD_BUFFER_FOR`] gives the buffer back to the pool while it is awaited, then takes one
+/// again when bytes are there: thousands of requests waiting on a slow upstream hold no
+/// pool memory. The read is cancelled through monoio's cancel handle, which hands back
+/// whatever the kernel completed (a plain drop could lose bytes received in the meantime).
+///
+/// A plain `fn` around an `async move` block, as [`ring_first_read`].
+#[allow(clippy::manual_async_fn)]
+fn held_first_read<'a>(
+    w: &'a Worker,
+    tcp: &'a mut monoio::net::TcpStream,
+    ubuf: PoolBuf,
+    deadline: Instant,
+    acquire_limit: Duration,
+) -> impl Future<Output = FirstRead> + 'a {
     async move {
         use monoio::io::{CancelableAsyncReadRent, Canceller};
-        // A pooled connection comes with its receive already armed; else one is armed now.
-        let recv = armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp)));
-        if let Some(recv) = recv {
-            // The kernel picks a buffer when the answer starts, so `ubuf` goes back at once
-            // (the pool's checkout already took any receive an idle connection completed):
-            // a burst of requests waiting for their answers then holds only the ring's
-            // buffers (holding `ubuf` for a tick, thousands of waiting requests touched a
-            // page each). It is kept while requests queue for buffers: an answer that finds
-            // the ring empty then reads into it, rather than wait in that queue behind
-            // requests that cannot finish without buffers.
-            let spare = if w.pool.has_waiters() {
-                Some(ubuf)
-            } else {
-                // No cancel to wait for: the receive never held this buffer.
-                drop(ubuf);
-                None
-            };
-            let got = match deadline::timeout_at(deadline, recv).await {
-                Ok(got) => got,
-                Err(_) => return FirstRead::TimedOut,
-            };
-            return match (got, spare) {
-                (Received::Data(b), _) => FirstRead::Read(Ok(b.len() - HEADROOM), b),
-                (Received::Eof, _) | (Received::Failed(_), _) => FirstRead::NoAnswer,
-                // The ring was empty: read into the buffer kept, or wait for readiness and a
-                // buffer.
-                // Both waits are boxed: they are rare (the ring ran dry), and inline they would
-                // size every request's state, an open stream's too.
-                (Received::NoBuffer, Some(ubuf)) => {
-                    let (len, cap) = (ubuf.len(), ubuf.capacity());
-                    let read = deadline::timeout_at(deadline, tcp.read(ubuf.slice_mut(len..cap)));
-                    match Box::pin(read).await {
-                        Ok((r, s)) => FirstRead::Read(r, s.into_inner()),
-                        Err(_) => FirstRead::TimedOut,
-                    }
-                }
-                (Received::NoBuffer, None) => {
-                    Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
-                }
-            };
-        }
-        let (len, cap) = (ubuf.len(), ubuf.capacity());
-        let (res, s) = {
+        // In a block of its own: what it binds is not kept in this state across the wait
+        // after it.
+        {
+            let (len, cap) = (ubuf.len(), ubuf.capacity());
             let canceller = Canceller::new();
             let read = tcp.cancelable_read(ubuf.slice_mut(len..cap), canceller.handle());
             let mut read = std::pin::pin!(read);
-            match deadline::timeout(HOLD_BUFFER_FOR, &mut read).await {
+            let (res, s) = match deadline::timeout(HOLD_BUFFER_FOR, &mut read).await {
                 Ok(done) => done,
                 Err(_) => {
                     drop(canceller.cancel());
                     read.await
                 }
+            };
+            if !matches!(&res, Err(e) if e.raw_os_error() == Some(libc::ECANCELED)) {
+                return FirstRead::Read(res, s.into_inner());
             }
-        };
-        match res {
-            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {}
-            res => return FirstRead::Read(res, s.into_inner()),
         }
-        // Cancelled with nothing read: the buffer goes back while the upstream thinks
+        // Cancelled with nothing read: the buffer went back while the upstream thinks
         // (boxed, as above: the upstream was slow, an allocation is nothing beside that).
-        drop(s);
         Box::pin(read_when_readable(w, tcp, deadline, acquire_limit)).await
     }
 }
