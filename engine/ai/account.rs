@@ -48,14 +48,15 @@ pub struct AiCtx {
     reservations: Vec<Reservation>,
     /// Usage from SSE frames.
     pub tracker: UsageTracker,
-    /// SSE framing, when the response is an event stream.
-    pub sse: Option<SseParser>,
+    /// SSE framing, when the response is an event stream (boxed: 144 bytes a JSON answer
+    /// never needs, which kept every AI relay's state a size class up).
+    pub sse: Option<Box<SseParser>>,
     /// Usage from a JSON body; made when the first non-SSE body bytes arrive (boxed: an event
     /// stream, held open for minutes, never needs its 592 bytes).
     json: Option<Box<JsonUsageScanner>>,
     /// Decodes a body the upstream compressed although asked for `identity`: the client gets
-    /// the coded bytes, the usage scanners this decoder's output.
-    pub decoder: Option<Decoder>,
+    /// the coded bytes, the usage scanners this decoder's output (boxed: rare).
+    pub decoder: Option<Box<Decoder>>,
     /// Bytes of a non-streamed body, decoded when it was coded (for an estimate when it
     /// reports no usage).
     pub json_bytes: u64,

@@ -91,12 +91,12 @@ pub fn relay<'a>(
         } else {
             ContentCoding::Identity
         };
-        ctx.decoder = coding.decoder();
+        ctx.decoder = coding.decoder().map(Box::new);
         // A coding Ringway cannot read: the body is only measured, for an estimate
         // from its length, and (being unread) never edited.
         ctx.streamed = rp.sse && coding != ContentCoding::Unsupported;
         if ctx.streamed {
-            ctx.sse = Some(SseParser::new(MAX_SSE_FRAME));
+            ctx.sse = Some(Box::new(SseParser::new(MAX_SSE_FRAME)));
         }
         let rechunk = rp.reframe && !rp.client_close_http10();
         let mut written = 0u64;

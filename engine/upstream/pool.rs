@@ -468,6 +468,11 @@ pub struct UpConn {
 }
 
 impl UpConn {
+    /// The `response_timeout` of its upstream: the longest wait for each read of an answer.
+    pub fn response_timeout(&self) -> std::time::Duration {
+        self.pool.shared.conf.response_timeout
+    }
+
     fn new(
         pool: Rc<UpstreamPool>,
         stream: Stream,
