@@ -15,6 +15,7 @@
   benchlib.py report RESULTS.tsv META.txt     markdown report on stdout
 """
 import os
+import random
 import re
 import resource
 import select
@@ -30,15 +31,36 @@ PROXIES = ["ringway", "nginx", "haproxy"]
 
 # ---------------------------------------------------------------- free ports
 def freeports(n):
+    """Prints n free loopback ports below the kernel's ephemeral range: a port from that
+    range can be taken, between runs, by a client or upstream connection's local end (2,000
+    streams open thousands of them), and a gateway restarted on it then fails to bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
     socks, ports = [], []
+    for _ in range(1000):
+        if len(ports) == n:
+            break
+        p = rng.randrange(10000, max(low, 10001))
+        if p in ports or p in (8080, 9901, 6379):
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+        ports.append(p)
+    # Fallback: whatever the kernel hands out.
     while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
-        p = s.getsockname()[1]
         socks.append(s)
-        if p in (8080, 9901, 6379):
-            continue
-        ports.append(p)
+        ports.append(s.getsockname()[1])
     for s in socks:
         s.close()
     print(" ".join(map(str, ports)))
