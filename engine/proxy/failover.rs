@@ -33,7 +33,8 @@ use crate::{
 };
 
 /// How long a response head may keep a client waiting before Ringway watches for the client
-/// leaving (well under the 200 ms in which an abandoned request's upstream must be closed).
+/// leaving. On the deadline wheel, the watch starts at the first tick past it: 50 to 150 ms
+/// in, under the 200 ms in which an abandoned request's upstream must be closed.
 const WATCH_AFTER: Duration = Duration::from_millis(50);
 
 /// The request every attempt sends.
@@ -307,13 +308,10 @@ fn answer<'a>(
         let read = read_response_head(w, g, client, conn, ubuf, plan, extra, inspect_sse);
         let mut read = std::pin::pin!(read);
         // The quick answer is returned from inside the `if let`, so it is not held across
-        // the waits below (as a `let` binding, it kept 120 bytes in this state).
-        if let Some(r) = monoio::select! {
-            r = &mut read => Some(r),
-            // Boxed: monoio's `Sleep` is 640 bytes aligned to 128, which would pad
-            // every AI request's state around it.
-            _ = Box::pin(monoio::time::sleep(WATCH_AFTER)) => None,
-        } {
+        // the waits below (as a `let` binding, it kept 120 bytes in this state). Timed on the
+        // worker's deadline wheel (40 bytes, in place): monoio's `Sleep` is 640 bytes aligned
+        // to 128, an allocation beside every AI request waiting for its answer.
+        if let Ok(r) = deadline::timeout(WATCH_AFTER, &mut read).await {
             return Answer::Read(r);
         }
         // The watch and its run are boxed: only an answer slower than `WATCH_AFTER` takes

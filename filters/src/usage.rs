@@ -267,7 +267,10 @@ impl Counts {
     /// JSON tree: the same fields, with the same tolerance for values of another type (they
     /// count as absent). `None` where the bytes are not one JSON object.
     fn from_usage_json(bytes: &[u8]) -> Option<Counts> {
-        Self::from_raw(serde_json::from_slice(bytes).ok()?)
+        // Checked as UTF-8 once, whole: `from_slice` checks each string (every key) again.
+        // The same documents fail either way (JSON outside strings is ASCII).
+        let text = std::str::from_utf8(bytes).ok()?;
+        Self::from_raw(serde_json::from_str(text).ok()?)
     }
 
     /// [`from_usage`](Self::from_usage) of a usage object read into a [`RawUsage`].

@@ -159,18 +159,9 @@ impl ResetDuration {
         f.write_str(n.format(s))?;
         if frac > 0 {
             // Three digits, then drop trailing zeros: 500 → ".5", 040 → ".04".
-            let mut digits = [
-                b'0' + (frac / 100) as u8,
-                b'0' + (frac / 10 % 10) as u8,
-                b'0' + (frac % 10) as u8,
-            ];
-            let mut len = 3;
-            while len > 0 && digits[len - 1] == b'0' {
-                len -= 1;
-            }
-            let digits = &mut digits[..len];
-            f.write_str(".")?;
-            f.write_str(std::str::from_utf8(digits).map_err(|_| fmt::Error)?)?;
+            let digits = n.format(frac);
+            f.write_str(&".00"[..4 - digits.len()])?;
+            f.write_str(digits.trim_end_matches('0'))?;
         }
         f.write_str("s")
     }
