@@ -387,7 +387,12 @@ fn prepare<'a, 'r>(
         let served = super::in_place(|| failover::run(w, g, client, plan, tries)).await;
         let served = match served {
             Ok(s) => s,
-            Err(why) => return Err(Refusal::Unserved { ctx, why }),
+            Err(why) => {
+                return Err(Refusal::Unserved {
+                    ctx: Box::new(ctx),
+                    why,
+                })
+            }
         };
         Ok(Prepared {
             ctx,
@@ -428,8 +433,9 @@ enum Refusal {
         keep: Option<PoolBuf>,
         with_extra: bool,
     },
-    /// No attempt served the request.
-    Unserved { ctx: AiCtx, why: Unserved },
+    /// No attempt served the request (the context boxed: a rare path, and inline it would
+    /// make every refusal as large).
+    Unserved { ctx: Box<AiCtx>, why: Unserved },
 }
 
 /// Answers a [`Refusal`]; what happens to the connection then.
