@@ -5,8 +5,9 @@ use crate::config;
 /// A route compiled for matching: lowercased host, method list, header pairs.
 #[derive(Debug)]
 pub struct Route {
-    /// The route's name, for logs and metrics.
-    pub name: String,
+    /// The route's name, for logs and metrics (shared: every AI request's context holds it
+    /// without a copy).
+    pub name: std::sync::Arc<str>,
     /// Index into the listener list, or `None` for every listener.
     pub listener: Option<usize>,
     /// Lowercased host without port.
@@ -105,7 +106,7 @@ impl RouteTable {
                 fallback_on: r.fallback_on.clone(),
                 max_attempts: r.max_attempts,
                 server_timing: r.server_timing,
-                name: r.name.clone(),
+                name: r.name.as_str().into(),
                 listener,
                 host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 path,

@@ -31,10 +31,10 @@ type Reservation = (Arc<RateLimit>, LimitCheck, u64, u64);
 
 /// One AI request's accounting state.
 pub struct AiCtx {
-    /// Route name (metrics label).
-    pub route: String,
-    /// Consumer name, if authenticated.
-    pub consumer: Option<String>,
+    /// Route name (metrics label), shared with the route.
+    pub route: Arc<str>,
+    /// Consumer name, if authenticated (shared with the key table).
+    pub consumer: Option<Arc<str>>,
     /// The model the client asked for.
     pub model: Option<String>,
     /// Ringway added `include_usage`: the usage-only chunk is removed.
@@ -85,8 +85,8 @@ pub struct AiCtx {
 impl AiCtx {
     /// A context for a request on `route`.
     pub fn new(
-        route: &str,
-        consumer: Option<&str>,
+        route: &Arc<str>,
+        consumer: Option<&Arc<str>>,
         model: Option<String>,
         injected: bool,
         input_estimate: u64,
@@ -94,8 +94,8 @@ impl AiCtx {
         sent_at: Instant,
     ) -> Self {
         Self {
-            route: route.to_string(),
-            consumer: consumer.map(str::to_string),
+            route: route.clone(),
+            consumer: consumer.cloned(),
             model,
             injected,
             input_estimate,
@@ -334,7 +334,7 @@ fn record(ctx: &AiCtx, u: &Usage) {
         Some(s) => s,
         None => {
             let key = if map.len() >= MAX_SERIES {
-                (ctx.route.as_str(), "other", "other")
+                (&*ctx.route, "other", "other")
             } else {
                 key
             };

@@ -253,14 +253,17 @@ fn prepare<'a, 'r>(
             // One clock read less on the common path: the scan just ended.
             captured_at = req.scanned_at.unwrap_or_else(std::time::Instant::now);
             own_before = before_capture + req.scan_time;
-            record.model = req.model.clone();
+            // Nothing was asked of a model: nothing to price (a GET of /v1/models).
+            let asks_nothing = req.model.is_none() && !req.has_body;
+            let model = req.model.take();
+            record.model = model.clone();
             let consumer = plan
                 .consumer
-                .map(|c| g.shared.filters.auth.consumer_name(c as usize));
+                .and_then(|c| g.shared.filters.auth.consumer_shared(c as usize));
             ctx = AiCtx::new(
                 &g.shared.routes.get(plan.route).name,
                 consumer,
-                req.model.clone(),
+                model,
                 req.injected,
                 req.input_estimate,
                 route_ai.stats,
@@ -273,8 +276,7 @@ fn prepare<'a, 'r>(
                 req.upstream.unwrap_or(plan.upstream),
                 req.input_estimate,
                 req.max_tokens,
-                // Nothing was asked of a model: nothing to price (a GET of /v1/models).
-                req.model.is_none() && !req.has_body,
+                asks_nothing,
             )
         };
 
@@ -343,7 +345,7 @@ fn prepare<'a, 'r>(
                     rl.rejected.add(1);
                     ctx.release_all();
                     for h in tightest.iter().flatten() {
-                        let _ = h.write_to(extra);
+                        let _ = extra.push_limit(h);
                     }
                     if let Some(h) = tightest[unit] {
                         let _ = h.write_retry_after(extra);
@@ -364,7 +366,7 @@ fn prepare<'a, 'r>(
                 }
             }
             for h in tightest.iter().flatten() {
-                let _ = h.write_to(extra);
+                let _ = extra.push_limit(h);
             }
         }
 

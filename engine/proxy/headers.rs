@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use ringway_filters::limit::window::LimitHeaders;
+
 /// Most bytes of added lines (a few headers).
 const CAP: usize = 512;
 
@@ -28,6 +30,24 @@ impl ExtraHeaders {
     pub fn clear(&mut self) {
         self.buf.clear();
     }
+
+    /// Adds a limit's three header lines. They are built from text, so taken as bytes:
+    /// through `fmt::Write` they were checked as UTF-8 again on every limited request.
+    pub fn push_limit(&mut self, h: &LimitHeaders) -> fmt::Result {
+        self.push(h.lines()?.as_bytes())
+    }
+
+    fn push(&mut self, b: &[u8]) -> fmt::Result {
+        if self.buf.len() + b.len() > CAP {
+            return Err(fmt::Error);
+        }
+        if self.buf.capacity() == 0 {
+            // One allocation for the usual few lines (limit headers: ~100-250 bytes).
+            self.buf.reserve_exact(b.len().max(256));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(())
+    }
 }
 
 /// Adds `server-timing: ringway;dur=<ms>` (Ringway's time before the request went upstream).
@@ -42,15 +62,6 @@ pub fn server_timing(extra: &mut ExtraHeaders, d: std::time::Duration) {
 
 impl fmt::Write for ExtraHeaders {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        let b = s.as_bytes();
-        if self.buf.len() + b.len() > CAP {
-            return Err(fmt::Error);
-        }
-        if self.buf.capacity() == 0 {
-            // One allocation for the usual few lines (limit headers: ~100-250 bytes).
-            self.buf.reserve_exact(b.len().max(256));
-        }
-        self.buf.extend_from_slice(b);
-        Ok(())
+        self.push(s.as_bytes())
     }
 }

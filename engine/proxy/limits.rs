@@ -48,7 +48,7 @@ pub(super) async fn check_limits(
         }
     }
     if let Some(h) = tightest {
-        let _ = h.write_to(extra);
+        let _ = extra.push_limit(&h);
         if refused {
             let _ = h.write_retry_after(extra);
         }

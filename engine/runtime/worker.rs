@@ -207,7 +207,7 @@ impl Generation {
 
     fn route_shard_by_name(&self, name: &str) -> Option<Arc<RouteShard>> {
         (0..self.shared.routes.len())
-            .find(|&i| self.shared.routes.get(i).name == name)
+            .find(|&i| *self.shared.routes.get(i).name == *name)
             .map(|i| self.routes[i].clone())
     }
 

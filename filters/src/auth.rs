@@ -18,7 +18,7 @@ use std::hash::{BuildHasher, RandomState};
 #[derive(Debug)]
 pub struct KeyAuth {
     /// Consumer names, indexed by the consumer index that [`KeyAuth::lookup`] returns.
-    names: Vec<String>,
+    names: Vec<std::sync::Arc<str>>,
     /// Every key with the index of its consumer; `by_hash` points into this.
     keys: Vec<(Box<[u8]>, usize)>,
     /// Keyed hash of a key → indexes into `keys`. A `Vec` per hash because two keys may share a
@@ -43,7 +43,7 @@ impl KeyAuth {
         };
         for (name, keys) in consumers {
             let idx = auth.names.len();
-            auth.names.push(name);
+            auth.names.push(name.into());
             for key in keys {
                 let key = key.into_bytes().into_boxed_slice();
                 if key.is_empty() || auth.lookup(&key).is_some() {
@@ -82,7 +82,13 @@ impl KeyAuth {
     /// The name of consumer `idx` as configured; `""` for an index that did not come from this
     /// table's [`KeyAuth::lookup`] (a stale index kept across a reload, say).
     pub fn consumer_name(&self, idx: usize) -> &str {
-        self.names.get(idx).map_or("", String::as_str)
+        self.names.get(idx).map_or("", |n| n)
+    }
+
+    /// [`consumer_name`](Self::consumer_name), shared: held without a copy (every AI
+    /// request's context keeps its consumer's name for its metrics).
+    pub fn consumer_shared(&self, idx: usize) -> Option<&std::sync::Arc<str>> {
+        self.names.get(idx)
     }
 
     /// How many consumers the table was built from.

@@ -232,6 +232,16 @@ impl Usd {
 /// (a `u64`, or dollars with six decimals), a reset about 20 characters.
 const LINES_CAP: usize = 192;
 
+/// The limit header lines of one [`LimitHeaders`] (see [`LimitHeaders::lines`]).
+pub struct HeaderLines(StackLines);
+
+impl HeaderLines {
+    /// The lines, each `name: value\r\n`.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 /// ASCII text built on the stack; a write past its room fails (`fmt::Error`).
 struct StackLines {
     buf: [u8; LINES_CAP],
@@ -248,6 +258,10 @@ impl Default for StackLines {
 }
 
 impl StackLines {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
     fn as_str(&self) -> &str {
         // Only `&str`s are ever copied in, whole.
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
@@ -284,6 +298,12 @@ impl LimitHeaders {
     /// usually a growable header list, and some twenty small writes cost more than the
     /// formatting itself (every limited request writes these).
     pub fn write_to(&self, out: &mut impl fmt::Write) -> fmt::Result {
+        out.write_str(self.lines()?.0.as_str())
+    }
+
+    /// The three header lines of [`write_to`](Self::write_to), as ASCII bytes: for a sink
+    /// that takes bytes, with no check that they are text (they are built from `&str`s).
+    pub fn lines(&self) -> Result<HeaderLines, fmt::Error> {
         use fmt::Write as _;
         let mut lines = StackLines::default();
         let mut n = itoa::Buffer::new();
@@ -304,7 +324,7 @@ impl LimitHeaders {
         lines.write_str(": ")?;
         ResetDuration(self.reset_ms).write_to(&mut lines)?;
         lines.write_str("\r\n")?;
-        out.write_str(lines.as_str())
+        Ok(HeaderLines(lines))
     }
 
     /// Writes `retry-after: <seconds>\r\n` for a limited response ([`retry_after_secs`]).
