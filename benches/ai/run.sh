@@ -192,6 +192,20 @@ start_target() { # name
   esac
   TPID=$!; TPORT="$PORT_GW"; LIVE[$TPID]=1
   local limit=10; [ "$t" = litellm ] && limit=90
+  # Right after a 2,000-stream round, the previous gateway's listening socket can outlive its
+  # process for a moment (seen: "cannot bind ... Address already in use" once in a few runs,
+  # with no process left on the port): such a start is retried, and noted as an anomaly.
+  local tries=0
+  case "$t" in ringway*) sleep 0.2 ;; esac
+  while case "$t" in ringway*) true ;; *) false ;; esac && [ $tries -lt 5 ] &&
+        ! kill -0 "$TPID" 2>/dev/null && tail -1 "$d/log" 2>/dev/null | grep -q "cannot bind"; do
+    tries=$((tries + 1))
+    echo "- $t could not bind port $PORT_GW at start ($SCEN), retried after 1 s" >> "$WORK/anomalies"
+    sleep 1
+    "${PIN_GW[@]}" "$RINGWAY" --conf "$d/ringway.toml" >> "$d/log" 2>&1 &
+    TPID=$!; LIVE[$TPID]=1
+    sleep 0.2
+  done
   if ! wait_http "http://127.0.0.1:$PORT_GW/v1/models" "$limit"; then
     tail -20 "$d/log" "$d/error.log" >&2 2>/dev/null || true
     die "$t did not answer 200 on /v1/models"
