@@ -21,7 +21,10 @@ use std::{
 };
 
 /// Resolution of every deadline.
-pub const TICK: Duration = Duration::from_millis(100);
+pub const TICK: Duration = Duration::from_millis(TICK_MS);
+
+/// [`TICK`] in milliseconds.
+const TICK_MS: u64 = 100;
 
 /// Buckets in the ring: deadlines further out than this many ticks park in
 /// the last bucket and re-register when it fires.
@@ -67,7 +70,11 @@ pub fn install() -> impl Future<Output = ()> {
     WHEEL.with(|w| *w.borrow_mut() = Some(wheel.clone()));
     async move {
         loop {
-            monoio::time::sleep(TICK).await;
+            // Woken at the tick boundaries themselves: sleeping a TICK after each wake
+            // drifted by every wake's lateness, so a deadline fired up to a further tick late.
+            let next = wheel.now.get().saturating_add(1);
+            let at = wheel.start + Duration::from_millis(next.saturating_mul(TICK_MS));
+            monoio::time::sleep_until(monoio::time::Instant::from_std(at)).await;
             if !wheel.draining.get() && super::shutdown::is_draining() {
                 // Wake every waiter: idle ones see the flag and give up.
                 wheel.draining.set(true);
@@ -76,7 +83,9 @@ pub fn install() -> impl Future<Output = ()> {
                 }
             }
             // Catch up on ticks missed while the worker was busy.
+            // At least the tick slept for: the turn clock may have been read just before it.
             let target = (super::clock::since(wheel.start).as_millis() / TICK.as_millis()) as u64;
+            let target = target.max(next);
             while wheel.now.get() < target {
                 let t = wheel.now.get() + 1;
                 wheel.now.set(t);
@@ -284,6 +293,31 @@ pub(crate) mod tests {
                 assert_eq!(res, Err(Elapsed));
                 assert!(took >= limit, "fired after {took:?}, limit {limit:?}");
                 assert!(took < limit + 4 * TICK, "fired after {took:?}");
+            }
+        });
+    }
+
+    /// The ticks stay on their boundaries after turns that ran late: a short timeout ends
+    /// within a tick of its limit (the early watch's 50 ms relies on it), where a ticker
+    /// that slept a tick after each late wake had drifted by the delays.
+    #[test]
+    fn ticks_stay_on_their_boundaries_after_late_turns() {
+        run(async {
+            for _ in 0..10 {
+                monoio::time::sleep(TICK).await;
+                // The worker's turn runs 35 ms: the ticker's wake waits behind it.
+                std::thread::sleep(Duration::from_millis(35));
+            }
+            let limit = Duration::from_millis(50);
+            for offset_ms in [0u64, 30, 60, 90] {
+                monoio::time::sleep(Duration::from_millis(offset_ms)).await;
+                let t0 = Instant::now();
+                let res = timeout(limit, std::future::pending::<()>()).await;
+                let took = t0.elapsed();
+                assert_eq!(res, Err(Elapsed));
+                assert!(took >= limit, "fired after {took:?}, limit {limit:?}");
+                let most = limit + TICK + Duration::from_millis(40);
+                assert!(took < most, "fired after {took:?}, at most {most:?}");
             }
         });
     }

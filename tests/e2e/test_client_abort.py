@@ -72,6 +72,22 @@ def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw,
         assert r.status == 200, "the aborted requests' reservations were not released: %r" % r
 
 
+def test_client_leaving_just_after_its_request_closes_the_upstream_within_200_ms(gw, ai_up):
+    """A client that leaves 20 ms after sending, before Ringway watches for that (it starts to
+    once an answer keeps the client waiting 50 ms, at the deadline wheel's next tick): the
+    upstream still sees its connection closed within 200 ms of the client leaving."""
+    tag = "abort-early-%f" % time.time()
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall(request(tag, b"x-test-delay-ms: 3000\r\n"))
+    time.sleep(0.02)
+    left_at = time.time()
+    s.close()
+    e = entry(ai_up, tag)
+    assert e.get("closed_at"), e
+    assert e["closed_at"] - left_at < 0.2, "upstream closed %.3fs after the client left" % (
+        e["closed_at"] - left_at)
+
+
 def test_client_leaving_mid_stream_is_charged_what_it_got(gw, ai_up):
     """A stream of 300 words, one event per 20 ms; the client reads a few events and leaves: the
     upstream's connection is cut within 200 ms, and the budget is released but for what was
