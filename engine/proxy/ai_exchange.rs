@@ -210,8 +210,8 @@ fn answered(g: &Generation, plan: &Plan, record: &mut Record<'_>, p: Prepared) -
 }
 
 /// An AI request up to its upstream's answer: body captured and edited, tokens and dollars
-/// reserved, attempts made. A failure is answered here; the error is what happens to the
-/// connection then.
+/// reserved, attempts made. A failure is returned as a [`Refusal`], which [`exchange`]
+/// answers.
 ///
 /// Its own future, awaited once by [`exchange`]: its locals (the request's scan, 208
 /// bytes; the reservations' headers; the attempt's head and body) are borrowed on the way,

@@ -4,7 +4,9 @@
 //! Buffers: an idle connection holds none. A request holds the client buffer
 //! (its head, the first body bytes, pipelined bytes after it) and, while the
 //! response is read, the upstream buffer (not while an answer slow to start is
-//! awaited: `respond::first_read`). Nothing else is allocated per request.
+//! awaited: `respond::first_read`). Beside the buffers, a request allocates its stages'
+//! states (a route's exchange, an AI request's attempts and relay) and only what it uses
+//! (an event stream's parser, a TLS connection's log facts).
 
 use crate::transport::Stream;
 use std::{

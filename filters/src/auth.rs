@@ -85,8 +85,9 @@ impl KeyAuth {
         self.names.get(idx).map_or("", |n| n)
     }
 
-    /// [`consumer_name`](Self::consumer_name), shared: held without a copy (every AI
-    /// request's context keeps its consumer's name for its metrics).
+    /// The name of consumer `idx`, shared: held without a copy (every AI request's context
+    /// keeps its consumer's name for its metrics). `None` for an index not from this table,
+    /// where [`consumer_name`](Self::consumer_name) gives `""`.
     pub fn consumer_shared(&self, idx: usize) -> Option<&std::sync::Arc<str>> {
         self.names.get(idx)
     }

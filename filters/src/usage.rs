@@ -267,8 +267,9 @@ impl Counts {
     /// JSON tree: the same fields, with the same tolerance for values of another type (they
     /// count as absent). `None` where the bytes are not one JSON object.
     fn from_usage_json(bytes: &[u8]) -> Option<Counts> {
-        // Checked as UTF-8 once, whole: `from_slice` checks each string (every key) again.
-        // The same documents fail either way (JSON outside strings is ASCII).
+        // Checked as UTF-8 once, whole: `from_slice` checks each key it reads again. A value
+        // it skips is not checked there, so an object with invalid UTF-8 in a skipped value
+        // is now refused (its usage estimated), as the JSON-tree path refuses it.
         let text = std::str::from_utf8(bytes).ok()?;
         Self::from_raw(serde_json::from_str(text).ok()?)
     }
