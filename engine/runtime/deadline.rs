@@ -279,22 +279,30 @@ pub(crate) mod tests {
         })
     }
 
+    /// Starts a timeout of `limit` at each of `offsets` (ms, after the previous one ended),
+    /// and checks that it ends no sooner than `limit` and before `most`.
+    async fn timeouts_end_between(limit: Duration, most: Duration, offsets: &[u64]) {
+        for &offset_ms in offsets {
+            monoio::time::sleep(Duration::from_millis(offset_ms)).await;
+            let t0 = Instant::now();
+            let res = timeout(limit, std::future::pending::<()>()).await;
+            let took = t0.elapsed();
+            assert_eq!(res, Err(Elapsed));
+            assert!(took >= limit, "fired after {took:?}, limit {limit:?}");
+            assert!(took < most, "fired after {took:?}, at most {most:?}");
+        }
+    }
+
     /// A timeout started anywhere within a tick never ends before its limit
     /// (and ends within about a tick after it).
     #[test]
     fn a_timeout_never_fires_early() {
-        run(async {
-            let limit = Duration::from_millis(200);
-            for offset_ms in [0u64, 25, 50, 75, 95] {
-                monoio::time::sleep(Duration::from_millis(offset_ms)).await;
-                let t0 = Instant::now();
-                let res = timeout(limit, std::future::pending::<()>()).await;
-                let took = t0.elapsed();
-                assert_eq!(res, Err(Elapsed));
-                assert!(took >= limit, "fired after {took:?}, limit {limit:?}");
-                assert!(took < limit + 4 * TICK, "fired after {took:?}");
-            }
-        });
+        let limit = Duration::from_millis(200);
+        run(timeouts_end_between(
+            limit,
+            limit + 4 * TICK,
+            &[0, 25, 50, 75, 95],
+        ));
     }
 
     /// The ticks stay on their boundaries after turns that ran late: a short timeout ends
@@ -309,16 +317,8 @@ pub(crate) mod tests {
                 std::thread::sleep(Duration::from_millis(35));
             }
             let limit = Duration::from_millis(50);
-            for offset_ms in [0u64, 30, 60, 90] {
-                monoio::time::sleep(Duration::from_millis(offset_ms)).await;
-                let t0 = Instant::now();
-                let res = timeout(limit, std::future::pending::<()>()).await;
-                let took = t0.elapsed();
-                assert_eq!(res, Err(Elapsed));
-                assert!(took >= limit, "fired after {took:?}, limit {limit:?}");
-                let most = limit + TICK + Duration::from_millis(40);
-                assert!(took < most, "fired after {took:?}, at most {most:?}");
-            }
+            let most = limit + TICK + Duration::from_millis(40);
+            timeouts_end_between(limit, most, &[0, 30, 60, 90]).await;
         });
     }
 }

@@ -51,21 +51,31 @@ def entry(ai_up, tag, timeout=5.0):
     raise AssertionError("the upstream recorded nothing for %s" % tag)
 
 
+def leave_while_the_model_thinks(gw, ai_up, tag, after):
+    """Sends a request the model 'thinks' about for 3 s, leaves `after` seconds later, and
+    checks that the upstream saw its connection closed within 200 ms of that."""
+    s = socket.create_connection(("127.0.0.1", gw.port))
+    s.sendall(request(tag, b"x-test-delay-ms: 3000\r\n"))
+    time.sleep(after)
+    left_at = time.time()
+    s.close()
+    closed_within_200_ms(ai_up, tag, left_at)
+
+
+def closed_within_200_ms(ai_up, tag, left_at):
+    """The upstream saw the connection of request `tag` closed within 200 ms of `left_at`."""
+    e = entry(ai_up, tag)
+    assert e.get("closed_at"), e
+    assert e["closed_at"] - left_at < 0.2, "upstream closed %.3fs after the client left" % (
+        e["closed_at"] - left_at)
+
+
 def test_client_leaving_before_the_response_head_closes_the_upstream_at_once(gw, ai_up):
     """The model 'thinks' for 3 s; the client leaves after 0.3 s: the upstream sees its
     connection closed within 200 ms of that, and the reservation is back (a request that needs
     most of the budget is allowed right after, twice in a row)."""
     for i in range(2):
-        tag = "abort-head-%d-%f" % (i, time.time())
-        s = socket.create_connection(("127.0.0.1", gw.port))
-        s.sendall(request(tag, b"x-test-delay-ms: 3000\r\n"))
-        time.sleep(0.3)
-        left_at = time.time()
-        s.close()
-        e = entry(ai_up, tag)
-        assert e.get("closed_at"), e
-        assert e["closed_at"] - left_at < 0.2, "upstream closed %.3fs after the client left" % (
-            e["closed_at"] - left_at)
+        leave_while_the_model_thinks(gw, ai_up, "abort-head-%d-%f" % (i, time.time()), 0.3)
     with RawConn(gw.port, timeout=10) as c:
         c.send(request("abort-after-%f" % time.time(), stream=False, words=3))
         r = c.read_response()
@@ -76,16 +86,7 @@ def test_client_leaving_just_after_its_request_closes_the_upstream_within_200_ms
     """A client that leaves 20 ms after sending, before Ringway watches for that (it starts to
     once an answer keeps the client waiting 50 ms, at the deadline wheel's next tick): the
     upstream still sees its connection closed within 200 ms of the client leaving."""
-    tag = "abort-early-%f" % time.time()
-    s = socket.create_connection(("127.0.0.1", gw.port))
-    s.sendall(request(tag, b"x-test-delay-ms: 3000\r\n"))
-    time.sleep(0.02)
-    left_at = time.time()
-    s.close()
-    e = entry(ai_up, tag)
-    assert e.get("closed_at"), e
-    assert e["closed_at"] - left_at < 0.2, "upstream closed %.3fs after the client left" % (
-        e["closed_at"] - left_at)
+    leave_while_the_model_thinks(gw, ai_up, "abort-early-%f" % time.time(), 0.02)
 
 
 def test_client_leaving_mid_stream_is_charged_what_it_got(gw, ai_up):
@@ -102,10 +103,7 @@ def test_client_leaving_mid_stream_is_charged_what_it_got(gw, ai_up):
         got += d
     left_at = time.time()
     s.close()
-    e = entry(ai_up, tag)
-    assert e.get("closed_at"), e
-    assert e["closed_at"] - left_at < 0.2, "upstream cut %.3fs after the client left" % (
-        e["closed_at"] - left_at)
+    closed_within_200_ms(ai_up, tag, left_at)
     time.sleep(0.1)
     with RawConn(gw.port, timeout=10) as c:
         c.send(request("abort-mid-after-%f" % time.time(), stream=False, words=3))
