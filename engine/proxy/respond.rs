@@ -4,8 +4,6 @@
 use crate::transport::Stream;
 use std::{
     future::Future,
-    pin::Pin,
-    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -18,7 +16,7 @@ use super::{
     response::{plan_response, RespPlan},
     transfer::{self, Route, Side, XferError},
 };
-use crate::runtime::clock;
+use crate::runtime::{clock, either::Either};
 use crate::{
     buf::{PoolBuf, Received, RecvRing, RingRecv},
     h1::{BodyKind, ChunkedDecoder, Parsed},
@@ -170,7 +168,7 @@ enum FirstRead {
 /// worker's receive ring where it has one ([`ring_first_read`]), else holding `ubuf` only
 /// for a tick ([`held_first_read`]).
 ///
-/// Two futures behind an enum, not one `async` block with both paths: rustc laid the ring
+/// Two futures behind [`Either`], not one `async` block with both paths: rustc laid the ring
 /// wait's locals out beside the held read's (not over them), and every request waiting for
 /// its answer, an open stream's too, carried the sum (832 bytes, now about the larger one).
 fn first_read<'a>(
@@ -180,35 +178,15 @@ fn first_read<'a>(
     ubuf: PoolBuf,
     deadline: Instant,
     acquire_limit: Duration,
-) -> FirstReadFut<impl Future<Output = FirstRead> + 'a, impl Future<Output = FirstRead> + 'a> {
+) -> Either<impl Future<Output = FirstRead> + 'a, impl Future<Output = FirstRead> + 'a> {
     // A pooled connection comes with its receive already armed; else one is armed now.
     match armed.or_else(|| w.ring.get().map(|ring| ring.recv(tcp))) {
-        Some(recv) => FirstReadFut::Ring {
+        Some(recv) => Either::Left {
             f: ring_first_read(w, tcp, recv, ubuf, deadline, acquire_limit),
         },
-        None => FirstReadFut::Held {
+        None => Either::Right {
             f: held_first_read(w, tcp, ubuf, deadline, acquire_limit),
         },
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// The future of [`first_read`]: one of its two paths.
-    #[project = FirstReadProj]
-    enum FirstReadFut<R, H> {
-        Ring { #[pin] f: R },
-        Held { #[pin] f: H },
-    }
-}
-
-impl<R: Future<Output = FirstRead>, H: Future<Output = FirstRead>> Future for FirstReadFut<R, H> {
-    type Output = FirstRead;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<FirstRead> {
-        match self.project() {
-            FirstReadProj::Ring { f } => f.poll(cx),
-            FirstReadProj::Held { f } => f.poll(cx),
-        }
     }
 }
 

@@ -5,6 +5,7 @@ mod accept;
 pub mod clock;
 pub mod deadline;
 pub mod driver;
+pub mod either;
 pub mod hugepages;
 pub mod listen;
 pub mod nofile;

@@ -12,7 +12,10 @@ use std::{
     os::fd::{AsRawFd, RawFd},
 };
 
-use crate::{runtime::deadline, tls::TlsStream};
+use crate::{
+    runtime::{deadline, either::Either},
+    tls::TlsStream,
+};
 use monoio::{
     buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut},
     io::{AsyncReadRent, AsyncWriteRent},
@@ -139,29 +142,7 @@ impl Stream {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// The future of an operation on a plain or a TLS stream.
-    #[project = EitherProj]
-    enum Either<P, T> {
-        Plain { #[pin] f: P },
-        Tls { #[pin] f: T },
-    }
-}
-
-impl<P: Future, T: Future<Output = P::Output>> Future for Either<P, T> {
-    type Output = P::Output;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<P::Output> {
-        match self.project() {
-            EitherProj::Plain { f } => f.poll(cx),
-            EitherProj::Tls { f } => f.poll(cx),
-        }
-    }
-}
-
+// A plain stream's operation is the `Left` future, a TLS stream's the `Right` one.
 // The TLS operations are boxed: inline, their state (about 900 bytes: rustls's
 // record step) would size every read and write future of a plain stream too, and
 // so every request's state that holds one across an await, open streams included.
@@ -171,8 +152,8 @@ impl AsyncReadRent for Stream {
     // owns it, in every future awaiting a read.
     fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => Either::Plain { f: s.read(buf) },
-            Stream::Tls(t) => Either::Tls {
+            Stream::Plain(s) => Either::Left { f: s.read(buf) },
+            Stream::Tls(t) => Either::Right {
                 f: Box::pin(async move {
                     let (res, buf) = t.read_buf(buf).await;
                     (res.map_err(io::Error::from), buf)
@@ -196,8 +177,8 @@ impl AsyncWriteRent for Stream {
     // Not an `async fn`, as `read`.
     fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
         match self {
-            Stream::Plain(s) => Either::Plain { f: s.write(buf) },
-            Stream::Tls(t) => Either::Tls {
+            Stream::Plain(s) => Either::Left { f: s.write(buf) },
+            Stream::Tls(t) => Either::Right {
                 f: Box::pin(async move {
                     // SAFETY: an IoBuf's first `bytes_init` bytes at `read_ptr` are
                     // initialised and stay put while we own `buf`.
