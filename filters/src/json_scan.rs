@@ -8,6 +8,9 @@
 //! It validates strictly (RFC 8259 grammar, control characters in strings, one top-level value,
 //! nesting bounded by [`MAX_DEPTH`]) so that a scanner never reports a field out of a body the
 //! upstream would reject or read differently. It does not validate UTF-8: bytes pass through.
+//! A sink may ask for an object or array to be skipped ([`Sink::skips`]): its end is found by
+//! matching strings and brackets alone, without events and without validating what it holds
+//! (the response scanner, which reads a response the client gets as it is, uses this).
 
 use memchr::memchr2;
 
@@ -54,6 +57,11 @@ pub(crate) trait Sink {
     fn string_bytes(&mut self, _key: bool, _bytes: &[u8]) {}
     /// Raw bytes of the current number or literal, in pieces of any size.
     fn scalar_bytes(&mut self, _bytes: &[u8]) {}
+    /// Asked just after `value_start` of an object or array at `depth`: true to skip it. Its
+    /// `value_end` still comes, but nothing in between, and what it holds is not validated.
+    fn skips(&mut self, _depth: usize) -> bool {
+        false
+    }
 }
 
 /// Two sinks fed from one pass: every event goes to the first, then the second.
@@ -82,6 +90,11 @@ impl<A: Sink + ?Sized, B: Sink + ?Sized> Sink for (&mut A, &mut B) {
         self.0.scalar_bytes(bytes);
         self.1.scalar_bytes(bytes);
     }
+    fn skips(&mut self, depth: usize) -> bool {
+        // Both must agree, and both are asked.
+        let first = self.0.skips(depth);
+        self.1.skips(depth) && first
+    }
 }
 
 /// Number grammar states (RFC 8259 §6); `Zero`, `Int`, `Frac`, `ExpDigits` may end a number.
@@ -95,6 +108,14 @@ enum Num {
     Exp,
     ExpSign,
     ExpDigits,
+}
+
+/// Where a skip is: between tokens, in a string, or just after a backslash in one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Skipping {
+    Out,
+    Str,
+    Esc,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +151,12 @@ enum St {
     Lit {
         kind: Kind,
         i: u8,
+    },
+    /// Inside an object or array being skipped: `nest` brackets open, `object` its kind.
+    Skip {
+        nest: u64,
+        object: bool,
+        at: Skipping,
     },
     /// The top-level value is complete: only whitespace may follow.
     Done,
@@ -254,15 +281,24 @@ impl Scanner {
     fn start_value<S: Sink>(&mut self, b: u8, at: u64, sink: &mut S) -> Result<(), JsonError> {
         let depth = self.depth;
         match b {
-            b'{' => {
-                sink.value_start(Kind::Object, depth, at);
-                self.push(true, at)?;
-                self.st = St::ObjectFirst;
-            }
-            b'[' => {
-                sink.value_start(Kind::Array, depth, at);
-                self.push(false, at)?;
-                self.st = St::ArrayFirst;
+            b'{' | b'[' => {
+                let object = b == b'{';
+                let kind = if object { Kind::Object } else { Kind::Array };
+                sink.value_start(kind, depth, at);
+                if sink.skips(depth) {
+                    self.st = St::Skip {
+                        nest: 1,
+                        object,
+                        at: Skipping::Out,
+                    };
+                } else {
+                    self.push(object, at)?;
+                    self.st = if object {
+                        St::ObjectFirst
+                    } else {
+                        St::ArrayFirst
+                    };
+                }
             }
             b'"' => {
                 sink.value_start(Kind::String, depth, at);
@@ -323,6 +359,10 @@ impl Scanner {
             let b = input[i];
             let at = base + i as u64;
             match self.st {
+                St::Skip { .. } => {
+                    i = self.skip(input, i, base, sink);
+                    continue;
+                }
                 St::Str { key } => {
                     // Bulk path: most of a large body is string content (base64 images, text).
                     let rest = &input[i..];
@@ -399,37 +439,22 @@ impl Scanner {
                     i += run;
                     continue;
                 }
-                St::Num(n) => {
-                    let next = match (n, b) {
-                        (Num::Minus, b'0') => Some(Num::Zero),
-                        (Num::Minus, b'1'..=b'9') => Some(Num::Int),
-                        (Num::Int, b'0'..=b'9') => Some(Num::Int),
-                        (Num::Zero | Num::Int, b'.') => Some(Num::Dot),
-                        (Num::Dot | Num::Frac, b'0'..=b'9') => Some(Num::Frac),
-                        (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Some(Num::Exp),
-                        (Num::Exp, b'+' | b'-') => Some(Num::ExpSign),
-                        (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => {
-                            Some(Num::ExpDigits)
-                        }
-                        _ => None,
-                    };
-                    match next {
-                        Some(s) => {
-                            sink.scalar_bytes(&[b]);
-                            self.st = St::Num(s);
-                        }
-                        None => {
-                            if !matches!(n, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits) {
-                                return self.fail(base, input, at);
-                            }
-                            // The number ended at the previous byte; this byte is reread in the
-                            // state that follows a value.
-                            sink.value_end(Kind::Number, self.depth, at);
-                            self.after_value();
-                            continue;
-                        }
+                St::Num(n) => match num_next(n, b) {
+                    Some(s) => {
+                        sink.scalar_bytes(&[b]);
+                        self.st = St::Num(s);
                     }
-                }
+                    None => {
+                        if !num_can_end(n) {
+                            return self.fail(base, input, at);
+                        }
+                        // The number ended at the previous byte; this byte is reread in the
+                        // state that follows a value.
+                        sink.value_end(Kind::Number, self.depth, at);
+                        self.after_value();
+                        continue;
+                    }
+                },
                 St::Lit { kind, i: k } => {
                     let lit = literal(kind);
                     if lit.get(usize::from(k)) != Some(&b) {
@@ -443,69 +468,225 @@ impl Scanner {
                         self.st = St::Lit { kind, i: k + 1 };
                     }
                 }
-                _ if is_ws(b) => {}
-                St::Value => {
-                    if let Err(e) = self.start_value(b, at, sink) {
-                        self.pos = base + input.len() as u64;
-                        return Err(e);
-                    }
-                }
-                St::ArrayFirst => {
-                    let r = if b == b']' {
-                        self.close(false, at, sink)
-                    } else {
-                        self.start_value(b, at, sink)
-                    };
-                    if let Err(e) = r {
-                        self.pos = base + input.len() as u64;
-                        return Err(e);
-                    }
-                }
-                St::ObjectFirst | St::Key => {
-                    if b == b'"' {
-                        sink.key_start(self.depth);
-                        self.st = St::Str { key: true };
-                    } else if b == b'}' && self.st == St::ObjectFirst {
-                        if let Err(e) = self.close(true, at, sink) {
-                            self.pos = base + input.len() as u64;
-                            return Err(e);
-                        }
-                    } else {
-                        return self.fail(base, input, at);
-                    }
-                }
-                St::Colon => {
-                    if b != b':' {
-                        return self.fail(base, input, at);
-                    }
-                    self.st = St::Value;
-                }
-                St::AfterValue => {
-                    let r = match b {
-                        b',' => {
-                            self.st = if self.top_is_object() {
-                                St::Key
-                            } else {
-                                St::Value
-                            };
-                            Ok(())
-                        }
-                        b'}' => self.close(true, at, sink),
-                        b']' => self.close(false, at, sink),
-                        _ => Err(JsonError::Syntax { at }),
-                    };
-                    if let Err(e) = r {
-                        self.pos = base + input.len() as u64;
-                        return Err(e);
-                    }
-                }
-                St::Done => return self.fail(base, input, at),
                 St::Failed(e) => return Err(e),
+                _ => match self.tokens(input, i, base, sink) {
+                    Ok(next) => {
+                        i = next;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.pos = base + input.len() as u64;
+                        return Err(e);
+                    }
+                },
             }
             i += 1;
         }
         self.pos = base + input.len() as u64;
         Ok(())
+    }
+
+    /// The states between tokens, a token at a time: whitespace, punctuation, and every key,
+    /// string, number or literal that ends inside `input`, without a trip through the byte loop
+    /// for each of its bytes. Returns where the byte loop goes on: the end of `input`, or inside
+    /// a token that runs past it or holds an escape (`self.st` then says which). Events and
+    /// errors are the byte loop's, so split points change nothing.
+    fn tokens<S: Sink>(
+        &mut self,
+        input: &[u8],
+        mut i: usize,
+        base: u64,
+        sink: &mut S,
+    ) -> Result<usize, JsonError> {
+        loop {
+            // Compact JSON has none; one compare rules whitespace out.
+            while i < input.len() && input[i] <= b' ' && is_ws(input[i]) {
+                i += 1;
+            }
+            let Some(&b) = input.get(i) else {
+                return Ok(i);
+            };
+            let at = base + i as u64;
+            match self.st {
+                St::Colon if b == b':' => {
+                    self.st = St::Value;
+                    i += 1;
+                }
+                St::AfterValue => {
+                    match b {
+                        b',' if self.top_is_object() => self.st = St::Key,
+                        b',' => self.st = St::Value,
+                        b'}' => self.close(true, at, sink)?,
+                        b']' => self.close(false, at, sink)?,
+                        _ => return Err(JsonError::Syntax { at }),
+                    }
+                    i += 1;
+                }
+                St::ObjectFirst | St::Key if b == b'"' => {
+                    sink.key_start(self.depth);
+                    i = self.string(input, i + 1, true, base, sink);
+                    if self.st != St::Colon {
+                        return Ok(i);
+                    }
+                    // Compact JSON: the colon comes next.
+                    if input.get(i) == Some(&b':') {
+                        self.st = St::Value;
+                        i += 1;
+                    }
+                }
+                St::ObjectFirst if b == b'}' => {
+                    self.close(true, at, sink)?;
+                    i += 1;
+                }
+                St::ArrayFirst if b == b']' => {
+                    self.close(false, at, sink)?;
+                    i += 1;
+                }
+                St::Value | St::ArrayFirst => match b {
+                    b'"' => {
+                        sink.value_start(Kind::String, self.depth, at);
+                        i = self.string(input, i + 1, false, base, sink);
+                        if matches!(self.st, St::Str { .. }) {
+                            return Ok(i);
+                        }
+                    }
+                    b'-' | b'0'..=b'9' => match number(&input[i..]) {
+                        Some((len, last)) => {
+                            let end = i + len;
+                            sink.value_start(Kind::Number, self.depth, at);
+                            sink.scalar_bytes(&input[i..end]);
+                            if !num_can_end(last) {
+                                return Err(JsonError::Syntax {
+                                    at: base + end as u64,
+                                });
+                            }
+                            sink.value_end(Kind::Number, self.depth, base + end as u64);
+                            self.after_value();
+                            i = end;
+                        }
+                        // It runs to the end of the input: the byte loop follows it.
+                        None => {
+                            self.start_value(b, at, sink)?;
+                            return Ok(i + 1);
+                        }
+                    },
+                    b't' | b'f' | b'n' => {
+                        let kind = match b {
+                            b't' => Kind::True,
+                            b'f' => Kind::False,
+                            _ => Kind::Null,
+                        };
+                        let lit = literal(kind);
+                        if input.get(i..i + lit.len()) != Some(lit) {
+                            // Split, or wrong: the byte loop finds which, and where.
+                            self.start_value(b, at, sink)?;
+                            return Ok(i + 1);
+                        }
+                        sink.value_start(kind, self.depth, at);
+                        sink.scalar_bytes(lit);
+                        sink.value_end(kind, self.depth, at + lit.len() as u64);
+                        self.after_value();
+                        i += lit.len();
+                    }
+                    _ => {
+                        self.start_value(b, at, sink)?;
+                        i += 1;
+                    }
+                },
+                // Done, or a byte no state here allows.
+                St::Done | St::Colon | St::ObjectFirst | St::Key => {
+                    return Err(JsonError::Syntax { at })
+                }
+                // A token's state: the byte loop carries it on.
+                _ => return Ok(i),
+            }
+        }
+    }
+
+    /// A key's or string value's bytes from `from` (just past its opening quote). When its
+    /// closing quote is in `input`, ends it (as the byte loop would) and returns the index past
+    /// the quote; otherwise leaves `self.st` inside the string and returns where its bytes stop
+    /// (an escape, a control byte or the end of `input`), for the byte loop to go on from.
+    fn string<S: Sink>(
+        &mut self,
+        input: &[u8],
+        from: usize,
+        key: bool,
+        base: u64,
+        sink: &mut S,
+    ) -> usize {
+        let rest = input.get(from..).unwrap_or_default();
+        let j = string_run(rest);
+        if j > 0 {
+            sink.string_bytes(key, &rest[..j]);
+        }
+        if rest.get(j) != Some(&b'"') {
+            self.st = St::Str { key };
+            return from + j;
+        }
+        if key {
+            sink.key_end(self.depth);
+            self.st = St::Colon;
+        } else {
+            sink.value_end(Kind::String, self.depth, base + (from + j + 1) as u64);
+            self.after_value();
+        }
+        from + j + 1
+    }
+
+    /// Goes on skipping from `input[i..]`: strings (with their escapes) and brackets are
+    /// followed, nothing else is looked at. Ends the skipped value when its bracket closes and
+    /// returns the index past it, or the end of `input`.
+    fn skip<S: Sink>(&mut self, input: &[u8], mut i: usize, base: u64, sink: &mut S) -> usize {
+        let St::Skip {
+            mut nest,
+            object,
+            mut at,
+        } = self.st
+        else {
+            return i;
+        };
+        while i < input.len() {
+            match at {
+                Skipping::Str => {
+                    // Control bytes are not looked for here.
+                    let Some(j) = memchr2(b'"', b'\\', &input[i..]) else {
+                        break;
+                    };
+                    i += j;
+                    at = if input[i] == b'"' {
+                        Skipping::Out
+                    } else {
+                        Skipping::Esc
+                    };
+                    i += 1;
+                }
+                Skipping::Esc => {
+                    at = Skipping::Str;
+                    i += 1;
+                }
+                Skipping::Out => {
+                    let b = input[i];
+                    i += 1;
+                    match b {
+                        b'"' => at = Skipping::Str,
+                        b'{' | b'[' => nest += 1,
+                        b'}' | b']' => {
+                            nest -= 1;
+                            if nest == 0 {
+                                let kind = if object { Kind::Object } else { Kind::Array };
+                                sink.value_end(kind, self.depth, base + i as u64);
+                                self.after_value();
+                                return i;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.st = St::Skip { nest, object, at };
+        input.len()
     }
 
     fn fail(&mut self, base: u64, input: &[u8], at: u64) -> Result<(), JsonError> {
@@ -570,6 +751,43 @@ impl<const N: usize> SmallBuf<N> {
     pub(crate) fn get(&self) -> Option<&[u8]> {
         (!self.overflow).then(|| &self.buf[..self.len])
     }
+}
+
+/// The number state after byte `b`, or None where `b` cannot continue a number in state `n`.
+#[inline(always)]
+fn num_next(n: Num, b: u8) -> Option<Num> {
+    match (n, b) {
+        (Num::Minus, b'0') => Some(Num::Zero),
+        (Num::Minus | Num::Int, b'1'..=b'9') | (Num::Int, b'0') => Some(Num::Int),
+        (Num::Zero | Num::Int, b'.') => Some(Num::Dot),
+        (Num::Dot | Num::Frac, b'0'..=b'9') => Some(Num::Frac),
+        (Num::Zero | Num::Int | Num::Frac, b'e' | b'E') => Some(Num::Exp),
+        (Num::Exp, b'+' | b'-') => Some(Num::ExpSign),
+        (Num::Exp | Num::ExpSign | Num::ExpDigits, b'0'..=b'9') => Some(Num::ExpDigits),
+        _ => None,
+    }
+}
+
+/// Whether a number may end in state `n`.
+fn num_can_end(n: Num) -> bool {
+    matches!(n, Num::Zero | Num::Int | Num::Frac | Num::ExpDigits)
+}
+
+/// The length of the number that starts `s` (with `-` or a digit) and its last state, when a
+/// byte that cannot continue it follows inside `s`; None when it runs to the end of `s`.
+fn number(s: &[u8]) -> Option<(usize, Num)> {
+    let mut n = match s.first()? {
+        b'-' => Num::Minus,
+        b'0' => Num::Zero,
+        _ => Num::Int,
+    };
+    for (k, &b) in s.iter().enumerate().skip(1) {
+        match num_next(n, b) {
+            Some(next) => n = next,
+            None => return Some((k, n)),
+        }
+    }
+    None
 }
 
 /// How many bytes of `rest` (inside a string) come before its closing quote, its next escape or
@@ -650,7 +868,8 @@ pub(crate) mod tests {
         fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
             // Merge adjacent pieces so that split points do not change the log.
             let tag = if key { "k:" } else { "s:" };
-            let s = String::from_utf8_lossy(bytes).into_owned();
+            // Byte by byte, so that a character split between pieces shows the same.
+            let s = bytes.escape_ascii().to_string();
             if let Some(last) = self.0.last_mut() {
                 if last.starts_with(tag) {
                     last.push_str(&s);
@@ -660,7 +879,7 @@ pub(crate) mod tests {
             self.0.push(format!("{tag}{s}"));
         }
         fn scalar_bytes(&mut self, bytes: &[u8]) {
-            let s = String::from_utf8_lossy(bytes).into_owned();
+            let s = bytes.escape_ascii().to_string();
             if let Some(last) = self.0.last_mut() {
                 if last.starts_with("v:") {
                     last.push_str(&s);
@@ -714,8 +933,9 @@ pub(crate) mod tests {
     fn escapes_decode_including_surrogate_pairs() {
         let (log, r) = check_splits(br#"["\u00e9\ud83d\ude00\n\/", "\udc00"]"#);
         assert_eq!(r, Ok(()));
-        assert!(log.0.contains(&"s:é😀\n/".to_string()), "{log:?}");
-        assert!(log.0.contains(&"s:\u{FFFD}".to_string()), "{log:?}");
+        let decoded = |text: &str| format!("s:{}", text.as_bytes().escape_ascii());
+        assert!(log.0.contains(&decoded("é😀\n/")), "{log:?}");
+        assert!(log.0.contains(&decoded("\u{FFFD}")), "{log:?}");
     }
 
     #[test]
@@ -785,6 +1005,204 @@ pub(crate) mod tests {
         assert!(s.feed(b"[x", &mut log).is_err());
         assert!(s.feed(b"]", &mut log).is_err());
         assert!(s.finish(&mut log).is_err());
+    }
+
+    /// A small deterministic generator (xorshift), so failures reproduce.
+    struct Gen(u64);
+
+    impl Gen {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+            from[self.below(from.len())]
+        }
+
+        fn ws(&mut self, out: &mut String) {
+            if self.below(4) == 0 {
+                out.push_str(self.pick(&[" ", "\n", "\t ", "\r\n  "]));
+            }
+        }
+
+        /// A valid document, with escapes, numbers of every shape and nesting.
+        fn value(&mut self, depth: usize, out: &mut String) {
+            let leaf = depth > 4 || self.below(3) == 0;
+            match if leaf {
+                2 + self.below(3)
+            } else {
+                self.below(2)
+            } {
+                0 => {
+                    out.push('{');
+                    for k in 0..self.below(4) {
+                        if k > 0 {
+                            out.push(',');
+                        }
+                        self.ws(out);
+                        self.string(out);
+                        self.ws(out);
+                        out.push(':');
+                        self.ws(out);
+                        self.value(depth + 1, out);
+                        self.ws(out);
+                    }
+                    out.push('}');
+                }
+                1 => {
+                    out.push('[');
+                    for k in 0..self.below(4) {
+                        if k > 0 {
+                            out.push(',');
+                        }
+                        self.ws(out);
+                        self.value(depth + 1, out);
+                        self.ws(out);
+                    }
+                    out.push(']');
+                }
+                2 => self.string(out),
+                3 => out.push_str(self.pick(&[
+                    "0",
+                    "-0",
+                    "12",
+                    "-3.25",
+                    "1e9",
+                    "2E+3",
+                    "7.5e-2",
+                    "1700000000",
+                ])),
+                _ => out.push_str(self.pick(&["true", "false", "null"])),
+            }
+        }
+
+        fn string(&mut self, out: &mut String) {
+            out.push('"');
+            for _ in 0..self.below(6) {
+                out.push_str(self.pick(&[
+                    "a",
+                    "usage",
+                    "x y z",
+                    "\\\"",
+                    "\\\\",
+                    "\\n",
+                    "\\u00e9",
+                    "\\ud83d\\ude00",
+                    "\u{e9}",
+                    "{[",
+                    "]}",
+                    ",:",
+                    "0123456789abcdefghij0123456789abcdefghij",
+                ]));
+            }
+            out.push('"');
+        }
+    }
+
+    /// The [`Log`] of a sink that skips containers from `depth` down.
+    struct Skipper(Log, usize);
+
+    impl Sink for Skipper {
+        fn value_start(&mut self, kind: Kind, depth: usize, at: u64) {
+            self.0.value_start(kind, depth, at);
+        }
+        fn value_end(&mut self, kind: Kind, depth: usize, end: u64) {
+            self.0.value_end(kind, depth, end);
+        }
+        fn key_start(&mut self, depth: usize) {
+            self.0.key_start(depth);
+        }
+        fn key_end(&mut self, depth: usize) {
+            self.0.key_end(depth);
+        }
+        fn string_bytes(&mut self, key: bool, bytes: &[u8]) {
+            self.0.string_bytes(key, bytes);
+        }
+        fn scalar_bytes(&mut self, bytes: &[u8]) {
+            self.0.scalar_bytes(bytes);
+        }
+        fn skips(&mut self, depth: usize) -> bool {
+            depth >= self.1
+        }
+    }
+
+    fn scan_cuts<S: Sink>(doc: &[u8], cuts: &[usize], sink: &mut S) -> Result<(), JsonError> {
+        let mut s = Scanner::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&doc.len())) {
+            s.feed(&doc[prev..c], sink)?;
+            prev = c;
+        }
+        s.finish(sink)
+    }
+
+    /// The token path (whole tokens in one slice) and the byte loop (one byte at a time) give
+    /// the same events and the same verdict, as do random splits, with and without skipping;
+    /// the verdict is serde_json's wherever a document has no `\u` escape (lone surrogates are
+    /// a matter of policy) and is not skipped.
+    #[test]
+    fn token_path_and_byte_loop_agree_on_generated_documents() {
+        const BYTES: &[u8] = b"{}[]:,\"\\ \n0159-+.eEtrufalsn\x01\xc3";
+        let mut g = Gen(0x2545_F491_4F6C_DD1D);
+        for round in 0..20_000 {
+            let mut text = String::new();
+            g.ws(&mut text);
+            g.value(0, &mut text);
+            g.ws(&mut text);
+            let mut doc = text.into_bytes();
+            let valid = round % 3 != 0;
+            if !valid {
+                for _ in 0..=g.below(3) {
+                    let at = g.below(doc.len() + 1);
+                    let b = BYTES[g.below(BYTES.len())];
+                    match g.below(3) {
+                        0 if at < doc.len() => doc[at] = b,
+                        1 if at < doc.len() => {
+                            doc.remove(at);
+                        }
+                        _ => doc.insert(at, b),
+                    }
+                }
+            }
+            let bytes: Vec<usize> = (1..doc.len()).collect();
+            let mut cuts: Vec<usize> = (0..3).map(|_| g.below(doc.len() + 1)).collect();
+            cuts.sort_unstable();
+            let shown = String::from_utf8_lossy(&doc).into_owned();
+
+            let mut whole = Log::default();
+            let verdict = scan_cuts(&doc, &[], &mut whole);
+            for split in [&bytes, &cuts] {
+                let mut log = Log::default();
+                let r = scan_cuts(&doc, split, &mut log);
+                assert_eq!((&log, r), (&whole, verdict), "{shown} cut at {split:?}");
+            }
+            if valid {
+                assert_eq!(verdict, Ok(()), "{shown}");
+            }
+            if !doc.windows(2).any(|w| w == b"\\u") {
+                let serde = serde_json::from_slice::<serde::de::IgnoredAny>(&doc).is_ok();
+                assert_eq!(verdict.is_ok(), serde, "{shown}");
+            }
+
+            let from = 1 + g.below(3);
+            let mut skipped = Skipper(Log::default(), from);
+            let verdict = scan_cuts(&doc, &[], &mut skipped);
+            for split in [&bytes, &cuts] {
+                let mut log = Skipper(Log::default(), from);
+                let r = scan_cuts(&doc, split, &mut log);
+                assert_eq!(
+                    (&log.0, r),
+                    (&skipped.0, verdict),
+                    "{shown} skip {from} cut at {split:?}"
+                );
+            }
+            if valid {
+                assert_eq!(verdict, Ok(()), "{shown} skip {from}");
+            }
+        }
     }
 
     /// A string's run ends at the first quote, backslash or control byte wherever it sits (in

@@ -1248,6 +1248,11 @@ impl Sink for RespSink {
             }
         }
     }
+    fn skips(&mut self, depth: usize) -> bool {
+        // Only the top level (and an SSE event's envelope) holds what is wanted; the usage
+        // object's place is all the capture needs, and serde_json reads (and checks) it whole.
+        depth >= 2 || (depth == 1 && !(self.nested && self.cur == RespKey::Envelope))
+    }
     fn value_end(&mut self, _kind: Kind, depth: usize, end: u64) {
         if self.usage_start.is_some() && self.usage_end.is_none() && depth == self.usage_depth {
             self.usage_end = Some(end);
