@@ -1,9 +1,7 @@
 //! The `ringway` command.
 
-use mimalloc::MiMalloc;
-
 #[global_allocator]
-static GLOBAL: MiMalloc = MiMalloc;
+static GLOBAL: ringway::runtime::alloc::Allocator = ringway::runtime::alloc::Allocator;
 
 fn main() {
     std::process::exit(ringway::cli::main(std::env::args().skip(1).collect()));

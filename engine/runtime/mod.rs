@@ -2,6 +2,7 @@
 //! with its own listeners, buffer pool, pipes and upstream pools.
 
 mod accept;
+pub mod alloc;
 pub mod clock;
 pub mod deadline;
 pub mod driver;
