@@ -2307,6 +2307,41 @@ mod tests {
     }
 
     /// Tiny xorshift so the fuzz inputs are the same on every run.
+    /// `json_string` counts what `str::chars` counts of the decoded string, and finds its end,
+    /// whatever mix of ASCII, multi-byte UTF-8 and escapes it holds.
+    #[test]
+    fn json_string_counts_decoded_characters() {
+        let parts = [
+            "a",
+            "é",
+            "中",
+            "😀",
+            "\\n",
+            "\\\"",
+            "\\u00e9",
+            "\\ud83d\\ude00",
+            "xxxxxxxxx",
+            " ",
+        ];
+        let mut rng = Rng(0x0DDB_1A5E_5BAD_5EED);
+        for _ in 0..5_000 {
+            let text: String = (0..rng.below(12))
+                .map(|_| parts[rng.below(parts.len())])
+                .collect();
+            let decoded: String = serde_json::from_str(&format!("\"{text}\"")).unwrap_or_default();
+            let body = format!("{text}\",\"next\":1}}");
+            assert_eq!(
+                json_string(body.as_bytes()),
+                Some((decoded.chars().count() as u64, text.len())),
+                "{text}"
+            );
+            // Unterminated, or with a control byte: no string.
+            assert_eq!(json_string(text.as_bytes()), None, "{text}");
+            let broken = format!("{text}\u{1}\"");
+            assert_eq!(json_string(broken.as_bytes()), None, "{text}");
+        }
+    }
+
     struct Rng(u64);
 
     impl Rng {
