@@ -83,7 +83,7 @@ fn serve(mut s: TcpStream) -> std::io::Result<()> {
             let mut out = String::with_capacity(16 * 1024);
             registry().render(&mut out);
             crate::filter::render_metrics(&mut out);
-            crate::ai::account::render_metrics(&mut out);
+            crate::ai::series::render_metrics(&mut out);
             respond(
                 &mut s,
                 200,

@@ -5,8 +5,7 @@
 //! streamed.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, OnceLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,8 +15,9 @@ use ringway_filters::{
     usage::{estimate_tokens_from_chars, JsonUsageScanner, Usage, UsageSource, UsageTracker},
 };
 
-use ringway_filters::{limit::window::Usd, price::Price};
+use ringway_filters::price::Price;
 
+use super::series;
 use crate::filter::{ledger::Totals, LimitCheck, RateLimit};
 
 /// Bytes of a JSON completion that are not generated text, for estimates.
@@ -233,7 +233,17 @@ impl AiCtx {
             }
         }
         if self.stats && self.answered() {
-            record(self, &usage);
+            let key = (
+                &*self.route,
+                self.model.as_deref().unwrap_or("unknown"),
+                self.consumer.as_deref().unwrap_or("anonymous"),
+            );
+            let timing = series::Timing {
+                sent_at: self.sent_at,
+                first_token: self.first_token,
+                done_at: self.done_at,
+            };
+            series::record(key, self.status, &usage, cost, &timing);
         }
         self.settled = Some(usage);
         self.settled
@@ -243,300 +253,5 @@ impl AiCtx {
 impl Drop for AiCtx {
     fn drop(&mut self) {
         let _ = self.settle();
-    }
-}
-
-/// Most (route, model, consumer) series kept; later ones share "other".
-const MAX_SERIES: usize = 10_000;
-
-/// Upper bounds of the time-to-first-token histogram, in seconds.
-const TTFT_BUCKETS: [f64; 12] = [
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0,
-];
-
-/// Most distinct statuses counted per series (there are only a few in
-/// practice); later ones are counted under the last slot's status.
-const MAX_STATUSES: usize = 16;
-
-#[derive(Default)]
-struct Series {
-    /// Requests by the upstream's status, in order of first appearance.
-    requests: Vec<(u16, u64)>,
-    input: [u64; 2],
-    output: [u64; 2],
-    cache_read: u64,
-    /// Spend in micro-dollars, at the prices in force when each request settled.
-    cost_micro: u64,
-    ttft: [u64; TTFT_BUCKETS.len() + 1],
-    ttft_sum: f64,
-    ttft_count: u64,
-    tps_sum: f64,
-    tps_count: u64,
-}
-
-/// (route, model, consumer).
-type SeriesKey = (String, String, String);
-
-/// A series key looked up by borrowed parts, so a request whose series
-/// exists allocates nothing (see [`record`]).
-trait KeyParts {
-    fn parts(&self) -> (&str, &str, &str);
-}
-
-impl KeyParts for SeriesKey {
-    fn parts(&self) -> (&str, &str, &str) {
-        (&self.0, &self.1, &self.2)
-    }
-}
-
-impl KeyParts for (&str, &str, &str) {
-    fn parts(&self) -> (&str, &str, &str) {
-        *self
-    }
-}
-
-impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for SeriesKey {
-    fn borrow(&self) -> &(dyn KeyParts + 'a) {
-        self
-    }
-}
-
-// Hashes as the owned tuple does (`(A, B, C)` hashes its fields in order),
-// which `Borrow` requires.
-impl std::hash::Hash for dyn KeyParts + '_ {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.parts().hash(h);
-    }
-}
-
-impl PartialEq for dyn KeyParts + '_ {
-    fn eq(&self, o: &Self) -> bool {
-        self.parts() == o.parts()
-    }
-}
-
-impl Eq for dyn KeyParts + '_ {}
-
-fn store() -> &'static Mutex<HashMap<SeriesKey, Series>> {
-    static S: OnceLock<Mutex<HashMap<SeriesKey, Series>>> = OnceLock::new();
-    S.get_or_init(|| Mutex::new(HashMap::new()))
-}
-
-/// Adds one settled request to the `ai-stats` series (one lock per AI
-/// request, which is tiny next to the request itself).
-fn record(ctx: &AiCtx, u: &Usage) {
-    let Ok(mut map) = store().lock() else { return };
-    let model = ctx.model.as_deref().unwrap_or("unknown");
-    let consumer = ctx.consumer.as_deref().unwrap_or("anonymous");
-    let key: (&str, &str, &str) = (&ctx.route, model, consumer);
-    // One hash of the key on the common path (its series exists).
-    let s = match map.get_mut(&key as &dyn KeyParts) {
-        Some(s) => s,
-        None => {
-            let key = if map.len() >= MAX_SERIES {
-                (&*ctx.route, "other", "other")
-            } else {
-                key
-            };
-            // Owned strings only for a series not seen yet: past the cap, a stream of new
-            // model names all land in "other" without allocating.
-            if !map.contains_key(&key as &dyn KeyParts) {
-                map.insert(
-                    (key.0.into(), key.1.into(), key.2.into()),
-                    Series::default(),
-                );
-            }
-            let Some(s) = map.get_mut(&key as &dyn KeyParts) else {
-                return;
-            };
-            s
-        }
-    };
-    let est = usize::from(u.source == UsageSource::Estimated);
-    match s.requests.iter().position(|(st, _)| *st == ctx.status) {
-        Some(i) => s.requests[i].1 += 1,
-        None if s.requests.len() < MAX_STATUSES => s.requests.push((ctx.status, 1)),
-        None => {
-            if let Some((_, n)) = s.requests.last_mut() {
-                *n += 1;
-            }
-        }
-    }
-    s.input[est] += u.input;
-    s.output[est] += u.output;
-    s.cache_read += u.cache_read;
-    s.cost_micro += ctx.cost_micro(u);
-    if let Some(first) = ctx.first_token {
-        let ttft = first.saturating_duration_since(ctx.sent_at).as_secs_f64();
-        let b = TTFT_BUCKETS
-            .iter()
-            .position(|&le| ttft <= le)
-            .unwrap_or(TTFT_BUCKETS.len());
-        s.ttft[b] += 1;
-        s.ttft_sum += ttft;
-        s.ttft_count += 1;
-        if let Some(done) = ctx.done_at {
-            let gen = done
-                .saturating_duration_since(first)
-                .max(Duration::from_millis(1));
-            s.tps_sum += u.output as f64 / gen.as_secs_f64();
-            s.tps_count += 1;
-        }
-    }
-}
-
-/// The `ai-stats` metrics, in Prometheus text.
-pub fn render_metrics(out: &mut String) {
-    use std::fmt::Write;
-    let Ok(map) = store().lock() else { return };
-    let mut keys: Vec<&SeriesKey> = map.keys().collect();
-    keys.sort();
-    let lbl = |k: &SeriesKey| {
-        format!(
-            "route=\"{}\",model=\"{}\",consumer=\"{}\"",
-            esc(&k.0),
-            esc(&k.1),
-            esc(&k.2)
-        )
-    };
-    let _ = writeln!(
-        out,
-        "# HELP ringway_ai_requests_total AI requests the upstream answered, by route, model, consumer and the upstream's status."
-    );
-    let _ = writeln!(out, "# TYPE ringway_ai_requests_total counter");
-    for k in &keys {
-        let mut by_status = map[*k].requests.clone();
-        by_status.sort_unstable();
-        for (status, n) in by_status {
-            let _ = writeln!(
-                out,
-                "ringway_ai_requests_total{{{},status=\"{status}\"}} {n}",
-                lbl(k)
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP ringway_ai_tokens_total Tokens by route, model, consumer and direction; estimated=\"true\" when the upstream reported none.");
-    let _ = writeln!(out, "# TYPE ringway_ai_tokens_total counter");
-    for k in &keys {
-        let s = &map[*k];
-        for (dir, v) in [("input", s.input), ("output", s.output)] {
-            for (e, n) in [("false", v[0]), ("true", v[1])] {
-                if n > 0 || e == "false" {
-                    let _ = writeln!(
-                        out,
-                        "ringway_ai_tokens_total{{{},direction=\"{dir}\",estimated=\"{e}\"}} {n}",
-                        lbl(k)
-                    );
-                }
-            }
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ringway_ai_cost_usd_total Spend in US dollars by route, model and consumer, at the [[prices]] of the model each request was sent (unpriced models count 0)."
-    );
-    let _ = writeln!(out, "# TYPE ringway_ai_cost_usd_total counter");
-    for k in &keys {
-        let _ = writeln!(
-            out,
-            "ringway_ai_cost_usd_total{{{}}} {}",
-            lbl(k),
-            Usd(map[*k].cost_micro)
-        );
-    }
-    let _ = writeln!(out, "# HELP ringway_ai_cache_read_tokens_total Input tokens served from the provider's prompt cache.");
-    let _ = writeln!(out, "# TYPE ringway_ai_cache_read_tokens_total counter");
-    for k in &keys {
-        let _ = writeln!(
-            out,
-            "ringway_ai_cache_read_tokens_total{{{}}} {}",
-            lbl(k),
-            map[*k].cache_read
-        );
-    }
-    let _ = writeln!(out, "# HELP ringway_ai_time_to_first_token_seconds Time from sending the request to the first generated content.");
-    let _ = writeln!(
-        out,
-        "# TYPE ringway_ai_time_to_first_token_seconds histogram"
-    );
-    for k in &keys {
-        let s = &map[*k];
-        let mut cum = 0;
-        for (i, le) in TTFT_BUCKETS.iter().enumerate() {
-            cum += s.ttft[i];
-            let _ = writeln!(
-                out,
-                "ringway_ai_time_to_first_token_seconds_bucket{{{},le=\"{le}\"}} {cum}",
-                lbl(k)
-            );
-        }
-        cum += s.ttft[TTFT_BUCKETS.len()];
-        let _ = writeln!(
-            out,
-            "ringway_ai_time_to_first_token_seconds_bucket{{{},le=\"+Inf\"}} {cum}",
-            lbl(k)
-        );
-        let _ = writeln!(
-            out,
-            "ringway_ai_time_to_first_token_seconds_sum{{{}}} {}",
-            lbl(k),
-            s.ttft_sum
-        );
-        let _ = writeln!(
-            out,
-            "ringway_ai_time_to_first_token_seconds_count{{{}}} {}",
-            lbl(k),
-            s.ttft_count
-        );
-    }
-    let _ = writeln!(out, "# HELP ringway_ai_output_tokens_per_second Output tokens per second of generation, summed over streamed requests (divide by _count).");
-    let _ = writeln!(out, "# TYPE ringway_ai_output_tokens_per_second summary");
-    for k in &keys {
-        let s = &map[*k];
-        let _ = writeln!(
-            out,
-            "ringway_ai_output_tokens_per_second_sum{{{}}} {}",
-            lbl(k),
-            s.tps_sum
-        );
-        let _ = writeln!(
-            out,
-            "ringway_ai_output_tokens_per_second_count{{{}}} {}",
-            lbl(k),
-            s.tps_count
-        );
-    }
-}
-
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{KeyParts, SeriesKey};
-    use std::collections::HashMap;
-
-    /// A series inserted under its owned key is found by borrowed parts (the
-    /// two hash alike), and only the exact parts match.
-    #[test]
-    fn series_found_by_borrowed_parts() {
-        let mut map: HashMap<SeriesKey, u32> = HashMap::new();
-        for (i, (r, m, c)) in [("chat", "gpt-4o", "alice"), ("chat", "gpt-4o", "bob")]
-            .into_iter()
-            .enumerate()
-        {
-            map.insert((r.into(), m.into(), c.into()), i as u32);
-        }
-        let key = ("chat", "gpt-4o", "bob");
-        assert_eq!(map.get(&key as &dyn KeyParts), Some(&1));
-        let other = ("chat", "gpt-4o", "carol");
-        assert_eq!(map.get(&other as &dyn KeyParts), None);
-        // Field boundaries count: ("ab", "c") is not ("a", "bc").
-        map.insert(("r".into(), "ab".into(), "c".into()), 7);
-        let shifted = ("r", "a", "bc");
-        assert_eq!(map.get(&shifted as &dyn KeyParts), None);
     }
 }

@@ -13,6 +13,7 @@
 pub mod account;
 pub mod relay;
 pub mod request;
+pub mod series;
 
 use crate::{
     config,
