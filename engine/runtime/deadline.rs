@@ -26,6 +26,9 @@ pub const TICK: Duration = Duration::from_millis(TICK_MS);
 /// [`TICK`] in milliseconds.
 const TICK_MS: u64 = 100;
 
+/// [`TICK`] in nanoseconds.
+const TICK_NS: u64 = TICK_MS * 1_000_000;
+
 /// Buckets in the ring: deadlines further out than this many ticks park in
 /// the last bucket and re-register when it fires.
 const SLOTS: u64 = 128;
@@ -44,7 +47,25 @@ struct Wheel {
     start: Instant,
     /// Ticks fired so far.
     now: Cell<u64>,
+    /// The turn clock's last reading and its nanoseconds since `start`: a turn arms several
+    /// deadlines, and an `Instant` subtraction costs more than comparing two.
+    since_start: Cell<(Instant, u64)>,
     buckets: RefCell<Vec<Bucket>>,
+}
+
+impl Wheel {
+    /// Nanoseconds from `start` to the turn clock's now (see `since_start`).
+    fn nanos_now(&self) -> u64 {
+        let now = super::clock::now();
+        let (at, ns) = self.since_start.get();
+        if at == now {
+            return ns;
+        }
+        // u64 nanoseconds last 584 years.
+        let ns = now.saturating_duration_since(self.start).as_nanos() as u64;
+        self.since_start.set((now, ns));
+        ns
+    }
 }
 
 thread_local! {
@@ -53,10 +74,12 @@ thread_local! {
 
 /// Installs this thread's wheel and returns the ticker to spawn on its runtime.
 pub fn install() -> impl Future<Output = ()> {
+    let start = Instant::now();
     let wheel = Rc::new(Wheel {
         draining: Cell::new(false),
-        start: Instant::now(),
+        start,
         now: Cell::new(0),
+        since_start: Cell::new((start, 0)),
         buckets: RefCell::new(
             (0..SLOTS)
                 .map(|_| Bucket {
@@ -134,8 +157,8 @@ impl Expire {
                 // is early by at most the time this turn has run (the clock
                 // is read once per turn). Counting from `now`, the last tick
                 // fired, was up to one tick early when called late in a tick.
-                let at = super::clock::since(w.start) + after;
-                let due = at.as_nanos().div_ceil(TICK.as_nanos()) as u64;
+                let after = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+                let due = w.nanos_now().saturating_add(after).div_ceil(TICK_NS);
                 due.max(w.now.get() + 1)
             }
             None => u64::MAX,
