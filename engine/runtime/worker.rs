@@ -277,7 +277,8 @@ pub struct Worker {
     /// Access-log lines not yet handed to the log thread.
     pub access: RefCell<Vec<u8>>,
     listeners: RefCell<Vec<(SocketAddr, Rc<Stop>)>>,
-    request_id_seed: u64,
+    /// The first half of every request id of this worker, in hex, formatted once.
+    request_id_seed: [u8; 16],
     request_seq: Cell<u64>,
 }
 
@@ -301,7 +302,7 @@ impl Worker {
             stats,
             access: RefCell::new(Vec::new()),
             listeners: RefCell::new(Vec::new()),
-            request_id_seed: seed(id),
+            request_id_seed: hex16(seed(id)),
             request_seq: Cell::new(0),
         }
     }
@@ -316,10 +317,8 @@ impl Worker {
     pub fn next_request_id(&self, out: &mut Vec<u8>) {
         let seq = self.request_seq.get().wrapping_add(1);
         self.request_seq.set(seq);
-        let mut hex = [0u8; 32];
-        write_hex(&mut hex[..16], self.request_id_seed);
-        write_hex(&mut hex[16..], seq);
-        out.extend_from_slice(&hex);
+        out.extend_from_slice(&self.request_id_seed);
+        out.extend_from_slice(&hex16(seq));
     }
 
     /// Hands a batch of access-log lines to the log thread (never blocks;
@@ -580,11 +579,14 @@ fn serve_accepted(
     }
 }
 
-fn write_hex(out: &mut [u8], v: u64) {
+/// `v` as sixteen lowercase hex digits.
+fn hex16(v: u64) -> [u8; 16] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
     for (i, b) in out.iter_mut().enumerate() {
         *b = DIGITS[((v >> (60 - 4 * i)) & 0xf) as usize];
     }
+    out
 }
 
 fn seed(id: usize) -> u64 {
