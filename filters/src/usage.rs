@@ -1026,6 +1026,7 @@ impl<'de> serde::Deserialize<'de> for SeqLen {
 /// its closing quote, as `str::chars` counts the decoded text (an escape is
 /// one character, a `\uD83D\uDE00` surrogate pair too), and the offset of
 /// its closing quote. `None` if the string does not end in `body`.
+#[inline]
 fn json_string(body: &[u8]) -> Option<(u64, usize)> {
     let mut n = 0u64;
     let mut i = 0;
