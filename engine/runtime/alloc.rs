@@ -4,11 +4,12 @@
 //! The `mimalloc` crate sends every Rust allocation to `mi_malloc_aligned`. mimalloc v3 takes
 //! that call's fast path only for blocks up to 1 KiB, and above that only when the size rounds
 //! to a power of two; any other size (a request's 1.5 KiB state, say) is over-allocated by
-//! `align - 1` bytes and aligned by hand: about 200 more instructions per allocation, and often
-//! the next size class (1,536 B becomes 1,792 B). A plain `mi_malloc` block is aligned to 16
-//! bytes once it is that large, and to its size class below (as C's `malloc` must be), so a
-//! layout whose alignment is at most 16 and at most its size needs nothing more; the rest
-//! (cache-line-aligned types) keep the aligned calls. The same rule as std's `System` on Unix.
+//! `align - 1` bytes and aligned by hand: about 200 more instructions per allocation, and a
+//! block within 7 bytes of its size class takes the next one (1,536 B becomes 1,792 B). A
+//! plain `mi_malloc` block is aligned to 16 bytes once it is that large, and to its size class
+//! below (as C's `malloc` must be), so a layout whose alignment is at most 16 and at most its
+//! size needs nothing more; the rest (cache-line-aligned types) keep the aligned calls. The same
+//! rule as std's `System` on Unix.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;

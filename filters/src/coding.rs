@@ -726,8 +726,13 @@ mod tests {
         use crate::sse::SseParser;
         use crate::usage::{JsonUsageScanner, UsageSource, UsageTracker};
 
+        /// A coding and the encoder that makes a body in it.
+        type Codec = (ContentCoding, fn(&[u8]) -> Vec<u8>);
+        /// Hands the bytes of a stream, in pieces, to the sink it is given.
+        type Feeder<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&[u8]));
+
         let json = body();
-        let codecs: [(ContentCoding, fn(&[u8]) -> Vec<u8>); 4] = [
+        let codecs: [Codec; 4] = [
             (ContentCoding::Gzip, gzip),
             (ContentCoding::Deflate, zlib),
             (ContentCoding::Deflate, raw_deflate),
@@ -753,7 +758,7 @@ mod tests {
             }
             // The plain tracker's answer for each stream is what the decoded copy must give.
             for stream in [OPENAI_INCLUDE_USAGE, RESPONSES, ANTHROPIC] {
-                let track = |feed: &mut dyn FnMut(&mut dyn FnMut(&[u8]))| {
+                let track = |feed: Feeder<'_>| {
                     let mut p = SseParser::new(64 * 1024);
                     let mut t = UsageTracker::new();
                     feed(&mut |b: &[u8]| {
