@@ -1374,7 +1374,9 @@ impl JsonUsageScanner {
             .and_then(|m| std::str::from_utf8(m).ok())
     }
 
-    /// The body is not valid JSON (a `usage` that passed before the error is still reported).
+    /// The body is not valid JSON where it was read: its top level (and an SSE event's
+    /// envelope); values below are skipped, not checked. A `usage` that passed before the error
+    /// is still reported.
     pub fn is_invalid(&self) -> bool {
         self.invalid
     }
