@@ -23,18 +23,7 @@ WORK="$(mktemp -d)"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEP:-}" ] && cp "$WORK"/cg.* "$KEEP"/ 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-
-case "$VARIANT" in
-  off) tmpl="$ROOT/benches/proxies/ringway-sse-off.toml" ;;
-  on) tmpl="$ROOT/benches/proxies/ringway-budget-on.toml" ;;
-  *) echo "instructions: VARIANT is off or on" >&2; exit 2 ;;
-esac
-up=$(free_port) port=$(free_port)
-python3 "$ROOT/benches/backend/sse_backend.py" "$up" 200 150 > "$WORK/origin.log" 2>&1 &
-pids+=($!)
-wait_port "$up"
+. "$ROOT/benches/ab_route.sh"
 sed -e "s/@WORKERS@/1/; s/@PORT@/$port/; s/@UPSTREAM_PORT@/$up/" \
     -e 's/^\[server\]/[server]\ndriver = "epoll"/' "$tmpl" > "$WORK/ringway.toml"
 valgrind --tool=callgrind ${CG_OPTS:-} --compress-strings=no --callgrind-out-file="$WORK/cg.%p" "$BIN" --conf "$WORK/ringway.toml" \
