@@ -7,8 +7,8 @@
 //! names, without hashing them.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, LazyLock, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -24,7 +24,7 @@ pub(super) struct Timing {
     pub done_at: Option<Instant>,
 }
 
-/// Most (route, model, consumer) series a thread keeps; later ones share "other".
+/// Most (route, model, consumer) series kept; later ones share "other".
 const MAX_SERIES: usize = 10_000;
 
 /// Upper bounds of the time-to-first-token histogram, in seconds.
@@ -141,7 +141,11 @@ struct Shard {
 
 impl Shard {
     /// The series of `key`, created if new (past [`MAX_SERIES`], the route's "other").
-    fn series(&mut self, key: (&str, &str, &str)) -> Option<&mut Series> {
+    fn series(
+        &mut self,
+        key: (&str, &str, &str),
+        admitted: &Mutex<HashSet<SeriesKey>>,
+    ) -> Option<&mut Series> {
         let i = match self.entries.get(self.last) {
             Some((k, _)) if k.parts() == key => self.last,
             _ => match self.index.get(&key as &dyn KeyParts) {
@@ -149,10 +153,10 @@ impl Shard {
                 None => {
                     // Owned strings only for a series not seen yet: past the cap, a stream
                     // of new model names all land in "other" without allocating.
-                    let key = if self.entries.len() >= MAX_SERIES {
-                        (key.0, "other", "other")
-                    } else {
+                    let key = if admit(admitted, key) {
                         key
+                    } else {
+                        (key.0, "other", "other")
                     };
                     match self.index.get(&key as &dyn KeyParts) {
                         Some(&i) => i,
@@ -174,13 +178,33 @@ impl Shard {
 /// Every thread's shard, for the metrics page.
 static SHARDS: Mutex<Vec<Arc<Mutex<Shard>>>> = Mutex::new(Vec::new());
 
+/// The series admitted in the whole process: [`MAX_SERIES`] counts distinct keys, as when one map
+/// held them all, and a key admitted is counted under its own labels on every thread. Asked
+/// only the first time a thread meets a series.
+static ADMITTED: LazyLock<Mutex<HashSet<SeriesKey>>> = LazyLock::new(Mutex::default);
+
+/// Whether `key` has (or now gets) a series of its own; false past the cap.
+fn admit(admitted: &Mutex<HashSet<SeriesKey>>, key: (&str, &str, &str)) -> bool {
+    let mut set = locked(admitted);
+    if set.contains(&key as &dyn KeyParts) {
+        return true;
+    }
+    if set.len() >= MAX_SERIES {
+        return false;
+    }
+    set.insert((key.0.into(), key.1.into(), key.2.into()))
+}
+
+/// A lock's guard, also after a panic elsewhere poisoned it: counters stay usable.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 thread_local! {
     /// This thread's shard, registered on its first record.
     static MINE: Arc<Mutex<Shard>> = {
         let shard = Arc::new(Mutex::new(Shard::default()));
-        if let Ok(mut all) = SHARDS.lock() {
-            all.push(Arc::clone(&shard));
-        }
+        locked(&SHARDS).push(Arc::clone(&shard));
         shard
     };
 }
@@ -194,9 +218,13 @@ pub(super) fn record(
     cost_micro: u64,
     timing: &Timing,
 ) {
-    MINE.with(|shard| {
-        let Ok(mut shard) = shard.lock() else { return };
-        let Some(s) = shard.series(key) else { return };
+    // `try_with`: a request context dropped while this thread's locals are torn down is not
+    // counted, rather than a panic in a destructor.
+    let _ = MINE.try_with(|shard| {
+        let mut shard = locked(shard);
+        let Some(s) = shard.series(key, &ADMITTED) else {
+            return;
+        };
         s.count_status(status, 1);
         let est = usize::from(u.source == UsageSource::Estimated);
         s.input[est] += u.input;
@@ -228,11 +256,9 @@ pub(super) fn record(
 /// Every thread's series summed, by key.
 fn merged() -> BTreeMap<SeriesKey, Series> {
     let mut all = BTreeMap::new();
-    let Ok(shards) = SHARDS.lock() else {
-        return all;
-    };
+    let shards = locked(&SHARDS);
     for shard in shards.iter() {
-        let Ok(shard) = shard.lock() else { continue };
+        let shard = locked(shard);
         for (k, s) in &shard.entries {
             match all.get_mut(k) {
                 Some(sum) => Series::merge(sum, s),
@@ -453,20 +479,21 @@ mod tests {
     }
 
     /// The series recorded last is found again by its names; others by the index; past the
-    /// cap a new one is the route's "other".
+    /// process's cap a new one is the route's "other", on every thread.
     #[test]
     fn a_shard_finds_its_series_and_caps_them() {
         let mut shard = Shard::default();
+        let admitted = Mutex::default();
         for i in 0..MAX_SERIES {
             let model = format!("m{i}");
-            if let Some(s) = shard.series(("r", &model, "c")) {
+            if let Some(s) = shard.series(("r", &model, "c"), &admitted) {
                 s.cost_micro += 1;
             }
         }
         assert_eq!(shard.entries.len(), MAX_SERIES);
         // The last one, then an earlier one, then one past the cap.
         for key in [("r", "m9999", "c"), ("r", "m3", "c"), ("r", "new", "c")] {
-            if let Some(s) = shard.series(key) {
+            if let Some(s) = shard.series(key, &admitted) {
                 s.cost_micro += 10;
             }
         }
@@ -481,5 +508,21 @@ mod tests {
         assert_eq!(cost(("r", "m3", "c")), Some(11));
         assert_eq!(cost(("r", "new", "c")), None);
         assert_eq!(cost(("r", "other", "other")), Some(10));
+        // The cap is the process's: another thread's shard counts a key admitted here under
+        // its own labels, and a new one under "other".
+        let mut other_thread = Shard::default();
+        for key in [("r", "m3", "c"), ("r", "newer", "c")] {
+            if let Some(s) = other_thread.series(key, &admitted) {
+                s.cost_micro += 5;
+            }
+        }
+        let names: Vec<&SeriesKey> = other_thread.entries.iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            names,
+            [
+                &("r".into(), "m3".into(), "c".into()),
+                &("r".into(), "other".into(), "other".into())
+            ]
+        );
     }
 }
