@@ -1149,6 +1149,35 @@ pub(crate) mod tests {
         }
     }
 
+    /// `log` less the events inside objects and arrays at `from` or deeper (their own start and
+    /// end kept): what a sink skipping from `from` should see.
+    fn without_skipped(log: &Log, from: usize) -> Log {
+        let depth = |line: &str| line.split(' ').nth(2).and_then(|d| d.parse::<usize>().ok());
+        let container = |line: &str, what: &str| {
+            line.starts_with(&format!("{what} Object"))
+                || line.starts_with(&format!("{what} Array"))
+        };
+        let mut out = Vec::new();
+        let mut inside: Option<usize> = None;
+        for line in &log.0 {
+            match inside {
+                Some(d) => {
+                    if container(line, "end") && depth(line) == Some(d) {
+                        out.push(line.clone());
+                        inside = None;
+                    }
+                }
+                None => {
+                    out.push(line.clone());
+                    if container(line, "start") && depth(line).is_some_and(|d| d >= from) {
+                        inside = depth(line);
+                    }
+                }
+            }
+        }
+        Log(out)
+    }
+
     fn scan_cuts<S: Sink>(doc: &[u8], cuts: &[usize], sink: &mut S) -> Result<(), JsonError> {
         let mut s = Scanner::new();
         let mut prev = 0;
@@ -1221,6 +1250,13 @@ pub(crate) mod tests {
             }
             if valid {
                 assert_eq!(verdict, Ok(()), "{shown} skip {from}");
+                // What a skip reports is the full scan's events with those inside each skipped
+                // container taken out: the same starts, and the same ends at the same offsets.
+                assert_eq!(
+                    skipped.0,
+                    without_skipped(&whole, from),
+                    "{shown} skip {from}"
+                );
             }
         }
     }
