@@ -278,8 +278,18 @@ impl PoolBuf {
     /// For a socket found readable: its bytes are in this buffer at once, rather than a
     /// loop turn later through a queued read holding it meanwhile.
     pub fn recv_now(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<Option<usize>> {
+        self.recv_now_max(fd, usize::MAX)
+    }
+
+    /// [`PoolBuf::recv_now`], taking at most `max` bytes: what follows them in the socket
+    /// (the next request) stays there.
+    pub fn recv_now_max(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        max: usize,
+    ) -> std::io::Result<Option<usize>> {
         let len = self.data.len();
-        let spare = self.data.capacity() - len;
+        let spare = (self.data.capacity() - len).min(max);
         loop {
             // SAFETY: the kernel writes at most `spare` bytes into the vector's spare
             // capacity, which it owns for the call.
