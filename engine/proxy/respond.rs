@@ -377,15 +377,22 @@ pub(super) fn relay_response<'a>(
             }
             BodyKind::Length(n) => {
                 let first = n.min(in_buf as u64) as usize;
-                ubuf = write_all(
-                    client,
-                    ubuf,
-                    rp.head_start..rp.head_end + first,
-                    client_idle,
-                )
-                .await
-                .map_err(write_err)?;
-                let remaining = n - first as u64;
+                let mut remaining = n - first as u64;
+                let (mut start, mut end) = (rp.head_start, rp.head_end + first);
+                // A body a little larger than the first read (a 16 KiB answer) leaves with its
+                // head in one write when the rest is already there.
+                if remaining > 0 && remaining < g.splice_min {
+                    if let Some((whole, got)) =
+                        transfer::gather(conn.stream(), &ubuf, start..end, remaining)
+                    {
+                        let len = whole.len();
+                        (ubuf, start, end) = (whole, 0, len);
+                        remaining -= got;
+                    }
+                }
+                ubuf = write_all(client, ubuf, start..end, client_idle)
+                    .await
+                    .map_err(write_err)?;
                 let relayed = Relayed {
                     bytes: head_len + n,
                     upstream_clean: in_buf as u64 <= n,

@@ -192,7 +192,9 @@ pub(super) async fn send_request(
             let mut remaining = n - first as u64;
             let (mut start, mut end, mut gathered) = (plan.head_start, end, false);
             if !watching && !plan.expect_continue && !plan.upgrade && remaining > 0 {
-                if let Some((whole, got)) = gather(client, &cbuf, plan.head_start..end, remaining) {
+                if let Some((whole, got)) =
+                    transfer::gather(client, &cbuf, plan.head_start..end, remaining)
+                {
                     let len = whole.len();
                     (cbuf, start, end, gathered) = (whole, 0, len, true);
                     remaining -= got;
@@ -274,34 +276,6 @@ pub(super) async fn send_request(
             };
             watched(watch.as_ref(), body).await
         }
-    }
-}
-
-/// Most bytes (head and body) [`gather`] puts in one buffer.
-const GATHER_MAX: usize = 128 * 1024;
-
-/// A Content-Length body that did not all come with its head, when the rest is already in
-/// the client's socket: `cbuf[sent]` (head and the body's first part) and that rest, taken
-/// without waiting, go into one bulk buffer, so the upstream gets the request in one write
-/// rather than two (and its process is woken once). The buffer and how many body bytes it
-/// took; `None` leaves the request to the usual path: a TLS client, a request over
-/// [`GATHER_MAX`], no bulk buffer to spare, nothing waiting in the socket yet.
-fn gather(
-    client: &Stream,
-    cbuf: &PoolBuf,
-    sent: std::ops::Range<usize>,
-    remaining: u64,
-) -> Option<(PoolBuf, u64)> {
-    use std::os::fd::AsRawFd;
-    let tcp = client.tcp()?;
-    let rest = usize::try_from(remaining).ok()?;
-    let total = sent.len().checked_add(rest).filter(|&t| t <= GATHER_MAX)?;
-    let mut whole = cbuf.try_bulk(total)?;
-    whole.put(cbuf.get(sent)?).ok()?;
-    match whole.recv_now_max(tcp.as_raw_fd(), rest) {
-        Ok(Some(got)) if got > 0 => Some((whole, got as u64)),
-        // Nothing there yet, the client gone or failed: the usual path sees it too.
-        _ => None,
     }
 }
 

@@ -258,6 +258,34 @@ where
     }
 }
 
+/// Most bytes (head and body) [`gather`] puts in one buffer.
+const GATHER_MAX: usize = 128 * 1024;
+
+/// A message whose Content-Length body did not all come with its head, when the rest is
+/// already in the socket of `src`: `buf[sent]` (the head and the body's first part) and that
+/// rest, taken without waiting, go into one bulk buffer, so the message leaves in one write
+/// rather than two (and its reader is woken once). The buffer and how many body bytes it
+/// took; `None` leaves the message to the usual path: a TLS source, a message over
+/// [`GATHER_MAX`], no bulk buffer to spare, nothing waiting in the socket yet.
+pub fn gather(
+    src: &Stream,
+    buf: &PoolBuf,
+    sent: Range<usize>,
+    remaining: u64,
+) -> Option<(PoolBuf, u64)> {
+    let tcp = src.tcp()?;
+    let rest = usize::try_from(remaining).ok()?;
+    let total = sent.len().checked_add(rest).filter(|&t| t <= GATHER_MAX)?;
+    let mut whole = buf.try_bulk(total)?;
+    whole.put(buf.get(sent)?).ok()?;
+    // Capped at the body: what follows it (a pipelined request) stays in the socket.
+    match whole.recv_now_max(tcp.as_raw_fd(), rest) {
+        Ok(Some(got)) if got > 0 => Some((whole, got as u64)),
+        // Nothing there yet, the peer gone or failed: the usual path sees it too.
+        _ => None,
+    }
+}
+
 /// Most slots one bulk transfer takes (64 KiB with 16 KiB slots).
 const BULK_SLOTS: usize = 4;
 

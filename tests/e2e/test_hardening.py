@@ -610,6 +610,38 @@ def test_idle_connection_closed_by_upstream_keepalive_timeout_is_not_used(ringwa
         up.stop()
 
 
+GATHER_BODY = bytes(range(256)) * 160  # 40,960 bytes: more than one 16 KiB buffer
+
+
+def _split_answer_handler(sock, req, state):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(GATHER_BODY)
+    if req["target"] == "/split":
+        # The rest of the body is not there when the head and its first part are read.
+        sock.sendall(head + GATHER_BODY[:20_000])
+        time.sleep(0.05)
+        sock.sendall(GATHER_BODY[20_000:])
+    else:
+        sock.sendall(head + GATHER_BODY)
+    return True
+
+
+def test_answers_larger_than_a_buffer_arrive_whole_on_one_connection(ringway_fn):
+    """Answers of 40,960 bytes, written at once or with a pause after 20,000 body bytes, reach
+    the client byte for byte, and the upstream connection stays usable: a body whose rest is
+    already there leaves with its head in one write, the rest of one that is not follows."""
+    up = ScriptedUpstream(_split_answer_handler).start()
+    try:
+        rw = start(ringway_fn, up.addr, server={"workers": 1})
+        with RawConn(rw.port, timeout=10) as c:
+            for target in ("/whole", "/split", "/whole", "/split"):
+                c.send(request_bytes("GET", target))
+                r = c.read_response()
+                assert r.status == 200 and r.body == GATHER_BODY, (target, r.status, len(r.body))
+        assert up.accepts == 1, "the upstream connection was not kept: %d accepts" % up.accepts
+    finally:
+        up.stop()
+
+
 def _stray_response_handler(sock, req, state):
     body = json.dumps({"target": req["target"]}).encode()
     sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
