@@ -50,28 +50,66 @@ pub enum BodyKind {
 }
 
 /// The tokens of all Connection fields of a head, in order, without duplicates.
+///
+/// It borrows the head's fields rather than holding a table of tokens: a table (32 slices,
+/// 520 bytes) was copied with every head through the parse and the proxy's plan, five times
+/// per request head and again per response head. The tokens are read again from the fields
+/// when asked; a head carries one or two.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ConnTokens<'b> {
-    /// Token slices borrowed from the head; only `..len` are meaningful.
-    tokens: [&'b [u8]; MAX_CONNECTION_TOKENS],
-    /// How many of `tokens` are set.
-    len: usize,
+pub struct ConnTokens<'b, 'h> {
+    /// The head's fields from its first Connection field to its last (empty when it has
+    /// none).
+    fields: &'h [Header<'b>],
+    /// How many distinct tokens they hold, at most [`MAX_CONNECTION_TOKENS`].
+    len: u8,
 }
 
-impl<'b> ConnTokens<'b> {
-    /// The tokens as byte slices, in the order they appeared.
-    pub fn as_slice(&self) -> &[&'b [u8]] {
-        &self.tokens[..self.len]
+impl<'b, 'h> ConnTokens<'b, 'h> {
+    /// Every token of `fields`' Connection fields, duplicates included, in order.
+    fn all(fields: &'h [Header<'b>]) -> impl Iterator<Item = &'b [u8]> + 'h {
+        fields
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .map(trim_ows)
+            // RFC 9110 §5.6.1: recipients accept empty list elements.
+            .filter(|t| !t.is_empty())
     }
 
-    /// Iterates over the tokens.
-    pub fn iter(&self) -> impl Iterator<Item = &'b [u8]> + '_ {
-        self.as_slice().iter().copied()
+    /// Counts the distinct tokens of `fields` (checked to be tokens by the caller). The
+    /// distinct ones are kept in a table on this call's stack only, so a field repeating
+    /// one token many times costs one compare per token and table entry.
+    fn count(fields: &'h [Header<'b>]) -> Result<Self, HeadError> {
+        let mut seen: [&[u8]; MAX_CONNECTION_TOKENS] = [&[]; MAX_CONNECTION_TOKENS];
+        let mut len = 0usize;
+        for token in Self::all(fields) {
+            if seen[..len].iter().any(|t| t.eq_ignore_ascii_case(token)) {
+                continue;
+            }
+            *seen
+                .get_mut(len)
+                .ok_or(HeadError::TooManyConnectionTokens)? = token;
+            len += 1;
+        }
+        Ok(ConnTokens {
+            fields,
+            // At most MAX_CONNECTION_TOKENS (32), so it fits.
+            len: u8::try_from(len).unwrap_or(u8::MAX),
+        })
+    }
+
+    /// Iterates over the distinct tokens, in the order they first appeared.
+    pub fn iter(&self) -> impl Iterator<Item = &'b [u8]> + 'h {
+        let fields = self.fields;
+        Self::all(fields).enumerate().filter_map(move |(i, t)| {
+            let first = !Self::all(fields).take(i).any(|u| u.eq_ignore_ascii_case(t));
+            first.then_some(t)
+        })
     }
 
     /// The number of distinct tokens.
     pub fn len(&self) -> usize {
-        self.len
+        usize::from(self.len)
     }
 
     /// True when no Connection field (or only empty ones) was present.
@@ -82,21 +120,7 @@ impl<'b> ConnTokens<'b> {
     /// True when `name` is one of the tokens (ASCII case-insensitive); a proxy
     /// drops the header fields so named.
     pub fn contains(&self, name: &str) -> bool {
-        self.iter().any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-    }
-
-    /// Adds a token unless already present.
-    fn push(&mut self, token: &'b [u8]) -> Result<(), HeadError> {
-        if self.iter().any(|t| t.eq_ignore_ascii_case(token)) {
-            return Ok(());
-        }
-        let slot = self
-            .tokens
-            .get_mut(self.len)
-            .ok_or(HeadError::TooManyConnectionTokens)?;
-        *slot = token;
-        self.len += 1;
-        Ok(())
+        self.len != 0 && Self::all(self.fields).any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     }
 }
 
@@ -125,7 +149,7 @@ pub struct RequestHead<'b, 'h> {
     /// The Host value, syntax-checked; `None` only on HTTP/1.0 without Host.
     pub host: Option<&'b [u8]>,
     /// The Connection tokens, so the proxy can drop the fields they name.
-    pub connection_tokens: ConnTokens<'b>,
+    pub connection_tokens: ConnTokens<'b, 'h>,
 }
 
 /// A parsed response head borrowing the read buffer (`'b`) and header storage (`'h`).
@@ -146,7 +170,7 @@ pub struct ResponseHead<'b, 'h> {
     /// Whether the upstream connection may be reused; false for close-delimited bodies.
     pub keep_alive: bool,
     /// The Connection tokens, so the proxy can drop the fields they name.
-    pub connection_tokens: ConnTokens<'b>,
+    pub connection_tokens: ConnTokens<'b, 'h>,
 }
 
 /// The outcome of parsing a possibly incomplete head.
@@ -319,7 +343,7 @@ enum Role {
 
 /// What one pass over the header fields learned.
 #[derive(Default)]
-struct Facts<'b> {
+struct Facts<'b, 'h> {
     /// The single Content-Length value, if any.
     content_length: Option<u64>,
     /// A Transfer-Encoding field was present (and its list was exactly `chunked`).
@@ -331,13 +355,15 @@ struct Facts<'b> {
     /// `Expect: 100-continue` was present (requests only).
     expect_continue: bool,
     /// All Connection tokens.
-    conn: ConnTokens<'b>,
+    conn: ConnTokens<'b, 'h>,
 }
 
-impl<'b> Facts<'b> {
+impl<'b, 'h> Facts<'b, 'h> {
     /// Checks every framing-relevant field in one pass.
-    fn scan(headers: &[Header<'b>], role: Role) -> Result<Self, HeadError> {
+    fn scan(headers: &'h [Header<'b>], role: Role) -> Result<Self, HeadError> {
         let mut facts = Facts::default();
+        // The indexes of the first and last Connection fields, if any.
+        let mut conn_fields: Option<(usize, usize)> = None;
         // Elements of the combined Transfer-Encoding list across all fields.
         let mut te_elements = 0usize;
         // How many of them are `chunked`, whether the last one is, and
@@ -345,7 +371,7 @@ impl<'b> Facts<'b> {
         let mut te_chunked = 0usize;
         let mut te_last_chunked = false;
         let mut te_other = false;
-        for h in headers {
+        for (i, h) in headers.iter().enumerate() {
             let name = h.name;
             if name.eq_ignore_ascii_case("content-length") {
                 if facts.content_length.is_some() {
@@ -369,16 +395,11 @@ impl<'b> Facts<'b> {
                 }
             } else if name.eq_ignore_ascii_case("connection") {
                 for element in h.value.split(|&b| b == b',') {
-                    let token = trim_ows(element);
-                    // RFC 9110 §5.6.1: recipients accept empty list elements.
-                    if token.is_empty() {
-                        continue;
-                    }
-                    if !token.iter().all(|&b| is_token_byte(b)) {
+                    if !trim_ows(element).iter().all(|&b| is_token_byte(b)) {
                         return Err(HeadError::InvalidConnection);
                     }
-                    facts.conn.push(token)?;
                 }
+                conn_fields = Some((conn_fields.map_or(i, |(first, _)| first), i));
             } else if name.eq_ignore_ascii_case("upgrade") {
                 facts.upgrade_field = true;
             } else if role == Role::Request && is_underscore_framing(name) {
@@ -403,6 +424,9 @@ impl<'b> Facts<'b> {
                 return Err(HeadError::UnimplementedTransferCoding);
             }
             return Err(HeadError::UnsupportedTransferEncoding);
+        }
+        if let Some((first, last)) = conn_fields {
+            facts.conn = ConnTokens::count(&headers[first..=last])?;
         }
         Ok(facts)
     }
