@@ -50,6 +50,10 @@ pub(super) fn exchange<'a>(
 ) -> impl std::future::Future<Output = Handoff<'a>> + 'a {
     async move {
         let route_ai = ai::route(&g.shared, plan.route);
+        // The request's accounting, written here once by `prepare`: returned inside its
+        // result, it was copied with that result at every step to the relay (456 bytes, eight
+        // times per request).
+        let mut ctx = None;
         let prepared = prepare(
             w,
             g,
@@ -59,13 +63,18 @@ pub(super) fn exchange<'a>(
             &mut record,
             &mut extra,
             route_ai,
+            &mut ctx,
         );
         // The refusal is taken out of the result in a statement of its own: matched where it
         // is answered, the whole result (1 KiB) was kept across the answer's wait, beside
         // the state of `prepare`.
         let refusal = match prepared.await {
             Ok(prepared) => {
-                let relaying = answered(g, &plan, &mut record, prepared);
+                // `prepare` sets the context before it can succeed.
+                let Some(ctx) = ctx.take() else {
+                    return Handoff::Done(Next::Close);
+                };
+                let relaying = answered(g, &plan, &mut record, prepared, ctx);
                 // An open stream then holds the relay's state alone, not the plan, the
                 // extra headers and the attempts' state as well.
                 return Handoff::Then(Last::stage(|| relay_stage(w, g, client, record, relaying)));
@@ -75,7 +84,16 @@ pub(super) fn exchange<'a>(
         };
         // Boxed, as every answer of a failure: rare, and inline it would size every
         // request's state.
-        let answer = refuse(w, g, client, plan.is_head, &mut record, &extra, refusal);
+        let answer = refuse(
+            w,
+            g,
+            client,
+            plan.is_head,
+            &mut record,
+            &extra,
+            refusal,
+            ctx.take(),
+        );
         Handoff::Done(Box::pin(answer).await)
     }
 }
@@ -132,9 +150,9 @@ pub(super) fn relay_stage<'a>(
     }
 }
 
-/// What an AI request holds once an upstream answered: all its relay needs.
+/// What an AI request holds once an upstream answered: all its relay needs but its
+/// accounting context.
 struct Prepared {
-    ctx: AiCtx,
     served: Served,
     /// Bytes the client sent after this request.
     pipelined: Option<PoolBuf>,
@@ -162,9 +180,14 @@ pub(super) struct Relaying {
 /// Books an answered request (the record; the price and the model it is charged under) and
 /// keeps only what its relay needs. Bound in the exchange, the rest of [`Prepared`] (the model
 /// slot, the times) stayed in its state for the whole relay, an open stream's too.
-fn answered(g: &Generation, plan: &Plan, record: &mut Record<'_>, p: Prepared) -> Relaying {
+fn answered(
+    g: &Generation,
+    plan: &Plan,
+    record: &mut Record<'_>,
+    p: Prepared,
+    mut ctx: AiCtx,
+) -> Relaying {
     let Prepared {
-        mut ctx,
         served:
             Served {
                 conn,
@@ -227,6 +250,7 @@ fn prepare<'a, 'r>(
     record: &'a mut Record<'r>,
     extra: &'a mut ExtraHeaders,
     route_ai: &'a ai::AiRoute,
+    ctx_out: &'a mut Option<AiCtx>,
 ) -> impl std::future::Future<Output = Result<Prepared, Refusal>> + use<'a, 'r> {
     async move {
         // The head goes upstream with its framing fields replaced by the body's
@@ -239,7 +263,7 @@ fn prepare<'a, 'r>(
         // Boxed: inline, the capture's state would sit beside the reservations' and the
         // request's in this state, which every AI request keeps while waiting for its answer.
         let capture = Box::pin(captured(w, g, client, cbuf, plan, route_ai, record));
-        let (mut ctx, pipelined, captured_at, own_before);
+        let (ctx, pipelined, captured_at, own_before);
         // The request's scan (208 bytes) lives in this block only, so it is not kept across
         // the waits after it (a local that was borrowed keeps its place in the state until
         // its scope ends). What the rest needs of it leaves as the block's value: assigned
@@ -260,7 +284,7 @@ fn prepare<'a, 'r>(
             let consumer = plan
                 .consumer
                 .and_then(|c| g.shared.filters.auth.consumer_shared(c as usize));
-            ctx = AiCtx::new(
+            ctx = ctx_out.insert(AiCtx::new(
                 &g.shared.routes.get(plan.route).name,
                 consumer,
                 model,
@@ -268,7 +292,7 @@ fn prepare<'a, 'r>(
                 req.input_estimate,
                 route_ai.stats,
                 captured_at,
-            );
+            ));
             ctx.keepalive = route_ai.sse_keepalive;
             (
                 req.body.take().map(Kept::Buf),
@@ -389,15 +413,9 @@ fn prepare<'a, 'r>(
         let served = super::in_place(|| failover::run(w, g, client, plan, tries)).await;
         let served = match served {
             Ok(s) => s,
-            Err(why) => {
-                return Err(Refusal::Unserved {
-                    ctx: Box::new(ctx),
-                    why,
-                })
-            }
+            Err(why) => return Err(Refusal::Unserved(why)),
         };
         Ok(Prepared {
-            ctx,
             served,
             pipelined,
             body_len: body.as_ref().map_or(0, Kept::len),
@@ -435,12 +453,13 @@ enum Refusal {
         keep: Option<PoolBuf>,
         with_extra: bool,
     },
-    /// No attempt served the request (the context boxed: a rare path, and inline it would
-    /// make every refusal as large).
-    Unserved { ctx: Box<AiCtx>, why: Unserved },
+    /// No attempt served the request.
+    Unserved(Unserved),
 }
 
-/// Answers a [`Refusal`]; what happens to the connection then.
+/// Answers a [`Refusal`] (`ctx`: the request's accounting, once `prepare` made it); what
+/// happens to the connection then.
+#[allow(clippy::too_many_arguments)]
 async fn refuse(
     w: &Worker,
     g: &Generation,
@@ -449,6 +468,7 @@ async fn refuse(
     record: &mut Record<'_>,
     extra: &ExtraHeaders,
     r: Refusal,
+    ctx: Option<AiCtx>,
 ) -> Next {
     match r {
         Refusal::Done(next) => next,
@@ -460,9 +480,11 @@ async fn refuse(
             let extra = if with_extra { extra.as_str() } else { "" };
             reject_with(w, g, client, rej, head_only, keep, extra).await
         }
-        Refusal::Unserved { mut ctx, why } => {
-            unserved(w, g, client, &mut ctx, record, head_only, Some(why)).await
-        }
+        Refusal::Unserved(why) => match ctx {
+            Some(mut ctx) => unserved(w, g, client, &mut ctx, record, head_only, Some(why)).await,
+            // `prepare` sets the context before any attempt.
+            None => Next::Close,
+        },
     }
 }
 
