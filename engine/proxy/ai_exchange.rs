@@ -312,6 +312,7 @@ fn prepare<'a, 'r>(
         {
             // Tightest headers per unit (requests are not reserved here; tokens and dollars are).
             let mut tightest: [Option<LimitHeaders>; 2] = [None, None];
+            ctx.expect_reservations(plan.tokens.iter().count());
             for check in plan.tokens.iter() {
                 let Filter::TokenLimit(rl) = &g.shared.filters.list[check.filter as usize] else {
                     continue;
